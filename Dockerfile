@@ -1,0 +1,50 @@
+# northstar serving, the production (gpu) target.
+#
+# `retrieval` runs on Triton's own onnxruntime backend on the GPU; `recommend` is a
+# Python-backend model (BLS). Export for this target first, then build:
+#
+#   northstar export --run runs/demo --repo model_repository --target gpu
+#   docker build -t northstar-serving .
+#   docker run --gpus all --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 northstar-serving
+#
+# The Python backend passes tensors through /dev/shm: Docker's default 64 MB is too small
+# for several model instances, hence --shm-size.
+
+# 24.10 ships Triton server 2.51.0: the same server as the nvidia-pytriton 0.7.0 binary the
+# tests run, so what passes there (configs, BLS, repository API) behaves the same here.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+# Only what the Python models import: numpy < 2 (the backend stub breaks on numpy 2) and
+# pandas (models.features). `retrieval` needs no Python packages on this target.
+RUN python3 -m pip install --no-cache-dir "numpy==1.26.4" "pandas==2.3.3"
+
+# The project modules the Python models import, and nothing else (no torch, no training).
+WORKDIR /opt/northstar
+COPY models/__init__.py models/features.py models/
+COPY training/__init__.py training/schema.py training/snapshot.py training/
+COPY serving/__init__.py serving/backend.py serving/recommender.py serving/repository.py \
+     serving/routing.py serving/
+# A .pth file rather than PYTHONPATH: the backend stub imports from the interpreter's own
+# site-packages, which is what a .pth extends.
+RUN python3 -c "import site; print(site.getsitepackages()[0])" \
+    | xargs -I{} sh -c 'echo /opt/northstar > {}/northstar.pth' \
+    && python3 -c "import serving.recommender, serving.backend"
+
+COPY model_repository/ /models/
+RUN grep -q 'platform: "onnxruntime_onnx"' /models/retrieval/config.pbtxt \
+    || (echo "model_repository was not exported with --target gpu" >&2 && exit 1)
+
+# Never run the server as root. The image's triton-server user exists in recent releases;
+# create it where it does not.
+RUN id -u triton-server >/dev/null 2>&1 || useradd --create-home --uid 1000 triton-server
+USER triton-server
+
+EXPOSE 8000 8001 8002
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD python3 -c "import sys, urllib.request; \
+sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"
+
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
+     "--load-model=retrieval", "--load-model=recommend", "--strict-readiness=true", \
+     "--exit-timeout-secs=10"]

@@ -1,0 +1,43 @@
+# Human entry points. Each target creates .venv and installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NS := $(VENV)/bin/northstar
+STAMP := $(VENV)/.installed-stamp
+DEMO ?= demo
+PRESET ?= demo
+
+.PHONY: venv demo test test-fast lint format loadtest bench soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode: a plain .pth to the repo root, so new packages need no reinstall
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip check
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: synthetic world -> train -> evaluate -> export -> serve -> recommend (gRPC + HTTP)
+demo: venv
+	$(NS) demo --dir $(DEMO) --preset $(PRESET)
+
+## test: everything that runs on a CPU machine (unit + integration + slow)
+test: venv
+	$(PY) -m pytest -m "not gpu" -q
+
+test-fast: venv
+	$(PY) -m pytest -m "not gpu and not integration and not slow" -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

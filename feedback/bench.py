@@ -1,0 +1,196 @@
+"""Measure the two feedback figures: ingest rate into the embedded log, and join time.
+
+    northstar feedback bench [--events 1000000] [--impressions 1000000] [--dir DIR]
+
+Targets (issue #4): ingest >= 50k events/s with batched appends; the join of 1M
+impressions with their clicks < 20 s. Figures vary with machine load, so the script prints
+what it measured and the targets side by side and never asserts; tests do not time things.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from feedback.ids import uuid7_batch
+from feedback.join import JoinConfig, run_join
+from feedback.sink import impression_rows, open_sink
+
+INGEST_TARGET_EPS = 50_000
+JOIN_TARGET_S = 20.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    events: int = 1_000_000  # interactions appended in the ingest figure
+    batch: int = 5_000  # rows per append: about one dynamic batch of a busy ingest model
+    random_ids: int = 300_000  # events for the UUIDv4 (random id) comparison; 0 = skip
+    writers: int = 4  # processes for the concurrent-writer figure; 0 = skip
+    impressions: int = 1_000_000  # impressions in the join figure
+    k: int = 10  # items per request in the join figure
+    click_rate: float = 0.05
+    seed: int = 0
+    dir: str | None = None  # default: a temp folder, removed afterwards
+
+
+def _interaction_batch(rng: np.random.Generator, n: int, ts: float, ids: np.ndarray) -> dict:
+    return {
+        "event_id": ids,
+        "user_id": rng.integers(1, 100_000, n),
+        "item_id": rng.integers(1, 10_000, n),
+        "type": np.full(n, "click", dtype=object),
+        "value": np.ones(n),
+        "ts": np.full(n, ts),
+        "request_id": np.full(n, "", dtype=object),
+    }
+
+
+def bench_ingest(path: Path, *, events: int, batch: int, random_ids: bool, seed: int) -> dict:
+    """Append `events` interactions in batches; rate over the whole run (log grows)."""
+    rng = np.random.default_rng(seed)
+    now = time.time()
+    elapsed = 0.0
+    with open_sink(path) as sink:
+        for start in range(0, events, batch):
+            n = min(batch, events - start)
+            if random_ids:
+                ids = np.asarray([str(uuid.uuid4()) for _ in range(n)], dtype=object)
+            else:
+                ids = uuid7_batch(n, rng=rng)
+            rows = _interaction_batch(rng, n, now, ids)
+            t = time.perf_counter()
+            res = sink.write_interactions(rows)
+            elapsed += time.perf_counter() - t
+            assert res.inserted == n, res
+    return {"events": events, "batch": batch, "seconds": elapsed, "events_per_s": events / elapsed,
+            "ids": "uuid4 (random)" if random_ids else "uuid7 (time-ordered)"}
+
+
+def _writer(path: str, events: int, batch: int, seed: int, q: mp.Queue) -> None:
+    q.put(bench_ingest(Path(path), events=events, batch=batch, random_ids=False, seed=seed))
+
+
+def bench_concurrent(path: Path, *, writers: int, events: int, batch: int) -> dict:
+    """`writers` processes append to one log at once (Triton instances + ingest)."""
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    per = events // writers
+    open_sink(path).close()  # create the schema once, before the race
+    t = time.perf_counter()
+    procs = [ctx.Process(target=_writer, args=(str(path), per, batch, 100 + i, q))
+             for i in range(writers)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t
+    with open_sink(path) as s:
+        stored = s.count("interaction")
+    return {"writers": writers, "events": per * writers, "stored": stored, "seconds": wall,
+            "events_per_s": per * writers / wall,
+            "per_writer_events_per_s": [round(r["events_per_s"]) for r in results]}
+
+
+def bench_join(root: Path, *, impressions: int, k: int, click_rate: float, seed: int) -> dict:
+    """Log `impressions` (requests of k items over 2 h) and their clicks, then join them."""
+    rng = np.random.default_rng(seed)
+    log = root / "join-events.db"
+    n_req = impressions // k
+    t0 = 1_750_000_000.0
+    req_ts = np.sort(t0 + rng.uniform(0, 7200, n_req))
+    users = rng.integers(1, 200_000, n_req)
+    request_ids = uuid7_batch(n_req, ts=req_ts, rng=rng)
+    items = rng.integers(1, 20_000, (n_req, k))
+    t = time.perf_counter()
+    clicks = 0
+    with open_sink(log) as sink:
+        step = 5_000
+        for s in range(0, n_req, step):
+            sl = slice(s, s + step)
+            sink.write_impressions(impression_rows(
+                request_ids=request_ids[sl], user_ids=users[sl], item_ids=items[sl],
+                scores=rng.random(items[sl].shape), model_version=1,
+                propensity=np.ones(items[sl].shape), ts=req_ts[sl]))
+            click = rng.random(items[sl].shape) < click_rate  # (b, k)
+            r, p = np.nonzero(click)
+            n = len(r)
+            delay = rng.lognormal(np.log(120), 1.5, n)  # some land after the window
+            keep_req = rng.random(n) < 0.7  # the rest are attributed by (user, item)
+            ts = req_ts[sl][r] + delay
+            sink.write_interactions({
+                "event_id": uuid7_batch(n, ts=ts, rng=rng),
+                "user_id": users[sl][r], "item_id": items[sl][r, p],
+                "type": np.full(n, "click", dtype=object), "value": np.ones(n), "ts": ts,
+                "request_id": np.where(keep_req, request_ids[sl][r], "").astype(object),
+            })
+            clicks += n
+    load_s = time.perf_counter() - t
+    out = root / "labels"
+    rep = run_join(JoinConfig(log=str(log), out=str(out), window_s=1800, as_of=float("inf")))
+    rerun = run_join(JoinConfig(log=str(log), out=str(out), window_s=1800, as_of=float("inf")))
+    return {"impressions": n_req * k, "clicks": clicks, "load_seconds": load_s,
+            "join_seconds": rep.seconds, "labels": rep.labels_written,
+            "statuses": rep.statuses, "rerun_noop": rerun.noop, "rerun_seconds": rerun.seconds}
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    root = Path(cfg.dir) if cfg.dir else Path(tempfile.mkdtemp(prefix="northstar-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        res: dict = {"config": asdict(cfg)}
+        res["ingest"] = bench_ingest(root / "ingest.db", events=cfg.events, batch=cfg.batch,
+                                     random_ids=False, seed=cfg.seed)
+        if cfg.random_ids:
+            res["ingest_random_ids"] = bench_ingest(
+                root / "ingest-random.db", events=cfg.random_ids, batch=cfg.batch,
+                random_ids=True, seed=cfg.seed)
+        if cfg.writers:
+            res["ingest_concurrent"] = bench_concurrent(
+                root / "ingest-concurrent.db", writers=cfg.writers,
+                events=min(cfg.events, 400_000), batch=cfg.batch)
+        if cfg.impressions:
+            res["join"] = bench_join(root, impressions=cfg.impressions, k=cfg.k,
+                                     click_rate=cfg.click_rate, seed=cfg.seed)
+        return res
+    finally:
+        if not cfg.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def format_bench(res: dict) -> str:
+    lines = ["figure                                   measured        target"]
+    ing = res["ingest"]
+    lines.append(f"ingest, {ing['ids']:<24} {ing['events_per_s']:>10,.0f} ev/s   "
+                 f">= {INGEST_TARGET_EPS:,} ev/s  ({ing['events']:,} events, batch {ing['batch']})")
+    if "ingest_random_ids" in res:
+        r = res["ingest_random_ids"]
+        lines.append(f"ingest, {r['ids']:<24} {r['events_per_s']:>10,.0f} ev/s   "
+                     f"(comparison; {r['events']:,} events)")
+    if "ingest_concurrent" in res:
+        c = res["ingest_concurrent"]
+        lines.append(f"ingest, {c['writers']} writer processes       "
+                     f"{c['events_per_s']:>10,.0f} ev/s   (all {c['stored']:,} stored once)")
+    if "join" in res:
+        j = res["join"]
+        lines.append(f"join {j['impressions']:,} impressions + {j['clicks']:,} clicks "
+                     f"{j['join_seconds']:>6.1f} s      < {JOIN_TARGET_S:.0f} s")
+        lines.append(f"join re-run (nothing new)             {j['rerun_seconds']:>6.2f} s      "
+                     f"noop={j['rerun_noop']}")
+    return "\n".join(lines)
+
+
+def main(cfg: BenchConfig, out: str | None = None) -> dict:
+    res = run_bench(cfg)
+    print(format_bench(res))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1, default=str))
+    return res

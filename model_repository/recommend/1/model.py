@@ -1,0 +1,107 @@
+"""`recommend`: the front door. Online features -> routing -> BLS to `retrieval` -> unseen top-k.
+
+All logic lives in serving/recommender.py (tested without Triton); this file
+only converts between Triton tensors and numpy and makes the BLS calls.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from serving.backend import RETRIEVAL_INPUTS, RETRIEVAL_OUTPUTS, InputError
+from serving.recommender import ImpressionSink, Recommender, RequestResult
+
+
+def _input(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def _error(message, code=None):
+    # INVALID_ARG (HTTP 400) for bad requests; backends without error codes get a plain error.
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        model_dir = Path(args["model_repository"])  # .../recommend
+        self.retrieval_model = params.get("retrieval_model", "retrieval")
+        self.recommender = Recommender(model_dir.parent, default_k=int(params.get("default_k", 10)))
+        self.impressions = ImpressionSink()
+        self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+
+    def execute(self, requests):
+        try:
+            max_k = self.recommender.begin()
+        except Exception as exc:  # no routing state or metadata: every request gets the reason
+            return [
+                pb_utils.InferenceResponse(output_tensors=[], error=_error(str(exc)))
+                for _ in requests
+            ]
+        parsed = []
+        for request in requests:
+            try:
+                parsed.append(
+                    self.recommender.parse(_input(request, "user_id"), _input(request, "k"), max_k)
+                )
+            except InputError as exc:
+                parsed.append(exc)
+        batch = self.recommender.run(parsed, self._retrieve)
+
+        # ---- impression-log hook ------------------------------------------------------
+        # Once per batch: every served (request_id, user_id, item_id, position, score,
+        # model_version) row. The event-log issue swaps ImpressionSink for the durable log.
+        if len(batch.impressions):
+            self.impressions.write(batch.impressions)
+
+        return [self._response(r) for r in batch.results]
+
+    def _response(self, result):
+        if isinstance(result, InputError):
+            return pb_utils.InferenceResponse(
+                output_tensors=[], error=_error(str(result), self.invalid_arg)
+            )
+        if not isinstance(result, RequestResult):
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error(str(result)))
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor("item_ids", result.item_ids),
+                pb_utils.Tensor("scores", result.scores),
+                pb_utils.Tensor("model_version", result.model_version),
+                pb_utils.Tensor("request_id", result.request_id),
+                pb_utils.Tensor("cold_start", result.cold_start),
+            ]
+        )
+
+    def _retrieve(self, version, features):
+        """One BLS request per chunk of retrieval's max batch (one chunk in practice)."""
+        max_batch = int(self.recommender.state.meta(version)["max_batch_size"])
+        feeds = dict(
+            zip(
+                RETRIEVAL_INPUTS,
+                (features.user_index, features.user_cats, features.history),
+                strict=True,
+            )
+        )
+        n = len(features.user_index)
+        ids, scores = [], []
+        for start in range(0, n, max_batch):
+            inputs = [
+                pb_utils.Tensor(name, np.ascontiguousarray(arr[start : start + max_batch]))
+                for name, arr in feeds.items()
+            ]
+            response = pb_utils.InferenceRequest(
+                model_name=self.retrieval_model,
+                model_version=int(version),
+                requested_output_names=list(RETRIEVAL_OUTPUTS),
+                inputs=inputs,
+            ).exec()
+            if response.has_error():
+                raise RuntimeError(response.error().message())
+            ids.append(pb_utils.get_output_tensor_by_name(response, "item_ids").as_numpy())
+            scores.append(pb_utils.get_output_tensor_by_name(response, "scores").as_numpy())
+        return np.concatenate(ids), np.concatenate(scores)

@@ -1,0 +1,1 @@
+"""Two-tower recommender: towers, training loss, retrieval wrapper, ONNX export."""

@@ -1,0 +1,3 @@
+"""northstar: a closed-loop two-tower recommender served on Triton Inference Server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,166 @@
+"""Code the Triton Python models run, kept out of model_repository/ so it is tested in-process.
+
+Nothing here imports `triton_python_backend_utils`: the model.py files adapt
+Triton tensors to numpy and errors to `pb_utils.TritonError`, and call this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from models.features import (
+    INPUT_HISTORY,
+    INPUT_USER_CATS,
+    INPUT_USER_INDEX,
+    OUTPUT_ITEM_IDS,
+    OUTPUT_SCORES,
+)
+
+RETRIEVAL_INPUTS = (INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY)
+RETRIEVAL_OUTPUTS = (OUTPUT_ITEM_IDS, OUTPUT_SCORES)
+
+
+class InputError(ValueError):
+    """A bad request. The message names the input and what was expected."""
+
+
+def check_int_matrix(
+    name: str,
+    arr: np.ndarray | None,
+    *,
+    width: int,
+    dtype: type = np.int64,
+    low: int | np.ndarray = 0,
+    high: int | np.ndarray | None = None,
+    what: str = "",
+    rows: int | None = None,
+) -> np.ndarray:
+    """Check presence, dtype, shape (B, width) and value range [low, high); return the array.
+
+    `low`/`high` may be per-column arrays (one bound per categorical attribute).
+    """
+    dtype_name = np.dtype(dtype).name.upper()
+    expect = f"{dtype_name} [B, {width}]" + (f" ({what})" if what else "")
+    if arr is None:
+        raise InputError(f"missing required input '{name}': expected {expect}")
+    if arr.dtype != np.dtype(dtype):
+        raise InputError(f"input '{name}' has dtype {arr.dtype}: expected {expect}")
+    if arr.ndim != 2 or arr.shape[1] != width:
+        raise InputError(f"input '{name}' has shape {list(arr.shape)}: expected {expect}")
+    if arr.shape[0] == 0:
+        raise InputError(f"input '{name}' is an empty batch: expected {expect} with B >= 1")
+    if rows is not None and arr.shape[0] != rows:
+        raise InputError(f"input '{name}' has {arr.shape[0]} rows: expected {rows} like the others")
+    lo = np.broadcast_to(np.asarray(low), (width,))
+    bad = arr < lo
+    if high is not None:
+        bad |= arr >= np.broadcast_to(np.asarray(high), (width,))
+    if bad.any():
+        r, c = (int(x[0]) for x in np.nonzero(bad))
+        where = f"row {r}" if width == 1 else f"row {r}, column {c}"
+        if high is None:
+            allowed = f">= {int(lo[c])}"
+        else:
+            allowed = f"in {int(lo[c])}..{int(np.broadcast_to(np.asarray(high), (width,))[c]) - 1}"
+        raise InputError(
+            f"input '{name}' has value {int(arr[r, c])} at {where}: expected values {allowed}"
+            + (f" ({what})" if what else "")
+        )
+    return arr
+
+
+def onnxruntime_providers(prefer_gpu: bool) -> list[str]:
+    """CUDA only when asked for, built in, and a GPU is actually visible; else the CPU."""
+    import onnxruntime as ort
+
+    if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_visible():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _gpu_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x") in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
+
+
+def onnx_session(
+    path: str | Path,
+    *,
+    intra_op_threads: int = 0,
+    allow_spinning: bool = False,
+    prefer_gpu: bool = False,
+):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(intra_op_threads)
+    so.inter_op_num_threads = 1  # the graph is one chain: no parallel branches to run
+    so.add_session_config_entry("session.intra_op.allow_spinning", str(int(allow_spinning)))
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=onnxruntime_providers(prefer_gpu))
+
+
+class RetrievalRunner:
+    """One onnxruntime session over a version's model.onnx; many requests, one run."""
+
+    def __init__(
+        self, version_dir: str | Path, *, intra_op_threads: int = 0, allow_spinning: bool = False
+    ):
+        version_dir = Path(version_dir)
+        self.meta = json.loads((version_dir / "meta.json").read_text())
+        self.session = onnx_session(
+            version_dir / "model.onnx",
+            intra_op_threads=intra_op_threads,
+            allow_spinning=allow_spinning,
+        )
+        b = self.meta["bounds"]
+        d = self.meta["dims"]
+        self.widths = {
+            INPUT_USER_INDEX: 1,
+            INPUT_USER_CATS: int(d["n_user_cats"]),
+            INPUT_HISTORY: int(d["history_len"]),
+        }
+        self.high = {
+            INPUT_USER_INDEX: int(b["user_rows"]),
+            INPUT_USER_CATS: np.asarray(b["user_cat_cardinalities"], dtype=np.int64),
+            INPUT_HISTORY: int(b["n_items"]) + 1,
+        }
+        self.what = {
+            INPUT_USER_INDEX: "dense user row",
+            INPUT_USER_CATS: "category codes, 0 = unknown",
+            INPUT_HISTORY: "item index + 1, 0 = padding",
+        }
+
+    def validate(self, feeds: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        rows = None
+        for name in RETRIEVAL_INPUTS:
+            out[name] = check_int_matrix(
+                name,
+                feeds.get(name),
+                width=self.widths[name],
+                high=self.high[name],
+                what=self.what[name],
+                rows=rows,
+            )
+            rows = out[name].shape[0]
+        return out
+
+    def run(self, batch: list[dict[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Concatenate the requests of a dynamic batch, run the graph once, split the result."""
+        if not batch:
+            return []
+        sizes = [f[INPUT_USER_INDEX].shape[0] for f in batch]
+        feeds = {
+            n: np.concatenate([f[n] for f in batch]) if len(batch) > 1 else batch[0][n]
+            for n in RETRIEVAL_INPUTS
+        }
+        ids, scores = self.session.run(list(RETRIEVAL_OUTPUTS), feeds)  # (ΣB, K) each
+        cuts = np.cumsum(sizes)[:-1]
+        return list(zip(np.split(ids, cuts), np.split(scores, cuts), strict=True))

@@ -1,0 +1,164 @@
+"""`northstar export`, `northstar serve`, `northstar recommend`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from northstar import config as config_mod
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run to the Triton model repository (new version)")
+    p.add_argument("--run", required=True, help="run directory written by `northstar train`")
+    p.add_argument("--repo", default="model_repository")
+    p.add_argument(
+        "--target",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="cpu: Python backend + onnxruntime; gpu: Triton's onnxruntime backend",
+    )
+    p.add_argument("--k", type=int, default=None, help="largest k `recommend` serves (100)")
+    p.add_argument(
+        "--no-promote",
+        action="store_true",
+        help="write the version but leave routing.json as it is",
+    )
+    p.add_argument(
+        "--url", default=None, help="gRPC address of a running server: load the version there first"
+    )
+    p.add_argument("--config", help="ExportConfig as .toml/.yaml/.json")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override ExportConfig fields, e.g. overfetch=50 retrieval.instances=2",
+    )
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="run tritonserver on the model repository until Ctrl-C")
+    p.add_argument("--repo", default="model_repository")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0: all)")
+    p.add_argument("--http-port", type=int, default=8000, help="0 = pick a free port")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", default=None, help="server log (default: a temp file)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("recommend", help="ask the running server for recommendations")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, action="append", help="raw user id (repeatable)")
+    who.add_argument(
+        "--all-users",
+        action="store_true",
+        help="every user of the production snapshot, via `retrieval`, to --out",
+    )
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--url", default=None, help="host:port (default localhost:8001 / :8000)")
+    p.add_argument("--out", default=None, help="Parquet file for --all-users")
+    p.add_argument("--batch-size", type=int, default=1024, help="users per --all-users request")
+    p.add_argument("--repo", default="model_repository", help="where --all-users finds users")
+    p.add_argument("--version", type=int, default=None, help="--all-users: retrieval version")
+    p.add_argument("--keep-seen", action="store_true", help="--all-users: keep seen items")
+    p.set_defaults(func=_recommend)
+
+
+def _export(args) -> int:
+    from models.export import ExportConfig, export
+
+    flags = [f"run={args.run}", f"repo={args.repo}"]
+    flags += [
+        f"{key}={val}"
+        for key, val in (("target", args.target), ("k", args.k), ("url", args.url))
+        if val is not None
+    ]
+    if args.no_promote:
+        flags.append("promote=false")
+    # File first, then these flags, then --set: the most specific wins.
+    cfg = config_mod.load(ExportConfig, args.config, flags + list(args.set))
+    res = export(cfg)
+    p = res.parity
+    print(f"wrote {res.path} (version {res.version}, {cfg.target} target, {res.exporter} exporter)")
+    print(
+        f"  k={res.k} (graph top-{res.graph_k}); parity on {p.users} users "
+        f"({p.cold_users} cold): max |Δscore| {p.max_score_diff:.2e}, "
+        f"{p.tie_swaps} tie swaps"
+    )
+    r = res.routing
+    canary = f", canary {r.canary} at {r.canary_percent}%" if r.canary else ""
+    print(f"  routing: production {r.production}{canary}")
+    return 0
+
+
+def _serve(args) -> int:
+    from serving.server import ServerConfig, ServerError, TritonServer, serve_forever
+
+    cfg = ServerConfig(
+        repo=args.repo,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+        log_verbose=args.log_verbose,
+    )
+    try:
+        server = TritonServer(cfg).start()
+    except ServerError as exc:  # the message carries the reason and the server log's tail
+        print(f"northstar serve: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tritonserver ready (pid {server.process.pid}); Ctrl-C to stop")
+    print(f"  HTTP    http://{server.http_url}")
+    print(f"  gRPC    {server.grpc_url}")
+    print(f"  metrics {server.metrics_url}")
+    print(f"  log     {server.log_path}")
+    sys.stdout.flush()
+    return serve_forever(server)
+
+
+def _recommend(args) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return _recommend_inner(args)
+    except InferenceServerException as exc:  # the server's message names the bad input
+        raise ValueError(f"{exc.message()} (server {args.url or 'default'})") from exc
+
+
+def _recommend_inner(args) -> int:
+    from serving.client import RecommenderClient, recommend_all_users
+
+    with RecommenderClient(args.url, args.protocol) as client:
+        if args.all_users:
+            if not args.out:
+                raise ValueError("--all-users needs --out FILE.parquet")
+            df = recommend_all_users(
+                client,
+                args.repo,
+                k=args.k,
+                batch_size=args.batch_size,
+                version=args.version,
+                keep_seen=args.keep_seen,
+            )
+            df.to_parquet(args.out, index=False)
+            print(f"wrote {len(df)} rows for {df['user_id'].nunique()} users to {args.out}")
+            return 0
+        recs = client.recommend(args.user, k=args.k)
+    print(f"{'user':>10} {'rank':>4} {'item':>10} {'score':>8}  version  cold  request")
+    for r in recs:
+        if len(r.item_ids) == 0:
+            print(
+                f"{r.user_id:>10}    -          -        -  {r.model_version:>7}  "
+                f"{'yes' if r.cold_start else 'no':>4}  {r.request_id}"
+            )
+        for i, (item, score) in enumerate(zip(r.item_ids, r.scores, strict=True)):
+            tail = (
+                f"  {r.model_version:>7}  {'yes' if r.cold_start else 'no':>4}  {r.request_id}"
+                if i == 0
+                else ""
+            )
+            print(f"{r.user_id if i == 0 else '':>10} {i + 1:>4} {item:>10} {score:>8.4f}{tail}")
+    return 0

@@ -1,0 +1,397 @@
+"""Clients for the served models, on tritonclient: gRPC or HTTP, sync or asyncio.
+
+    with RecommenderClient("localhost:8001") as c:          # gRPC (default)
+        recs = c.recommend([1001, 1002], k=10)
+    async with AsyncRecommenderClient("localhost:8000", protocol="http") as c:
+        recs = await c.recommend([1001], k=10)
+
+The CLI, the load tests and the simulator all go through these classes. A
+sync HTTP client is not thread-safe (geventhttpclient): use one per thread;
+the gRPC client can be shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from models.features import (
+    INPUT_HISTORY,
+    INPUT_USER_CATS,
+    INPUT_USER_INDEX,
+    OUTPUT_ITEM_IDS,
+    OUTPUT_SCORES,
+)
+from serving import repository as layout
+
+Protocol = Literal["grpc", "http"]
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+_REC_OUTPUTS = (
+    layout.REC_ITEM_IDS,
+    layout.REC_SCORES,
+    layout.REC_MODEL_VERSION,
+    layout.REC_REQUEST_ID,
+    layout.REC_COLD_START,
+)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: int
+    item_ids: np.ndarray  # (k,) int64 raw item ids, best first; padding removed
+    scores: np.ndarray  # (k,) float32
+    model_version: int  # the retrieval version that answered
+    request_id: str  # one per user slate; impressions carry it
+    cold_start: bool  # the user had no online features
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    name: str
+    version: str
+    inference_count: int  # requests' batch rows inferred
+    execution_count: int  # model executions: < inference_count when batching happened
+    success_count: int
+    fail_count: int
+    queue_ns: int  # total time requests waited in the queue
+    compute_ns: int  # total compute_infer time
+
+
+def _module(protocol: str, aio: bool = False):
+    if protocol == "grpc":
+        if aio:
+            import tritonclient.grpc.aio as mod
+        else:
+            import tritonclient.grpc as mod
+    elif protocol == "http":
+        if aio:
+            import tritonclient.http.aio as mod
+        else:
+            import tritonclient.http as mod
+    else:
+        raise ValueError(f"protocol={protocol!r}; expected 'grpc' or 'http'")
+    return mod
+
+
+def _input(mod, name: str, arr: np.ndarray, dtype: str):
+    t = mod.InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def _recommend_request(mod, user_ids, k) -> tuple[np.ndarray, list, list]:
+    uid = np.asarray(user_ids, dtype=np.int64).reshape(-1, 1)
+    ks = np.broadcast_to(np.asarray(k, dtype=np.int32).reshape(-1, 1), uid.shape).copy()
+    inputs = [_input(mod, layout.REC_USER_ID, uid, "INT64"), _input(mod, layout.REC_K, ks, "INT32")]
+    return uid[:, 0], inputs, [mod.InferRequestedOutput(n) for n in _REC_OUTPUTS]
+
+
+def _parse_recommendations(result, user_ids: np.ndarray) -> list[Recommendation]:
+    ids = result.as_numpy(layout.REC_ITEM_IDS)  # (B, W)
+    scores = result.as_numpy(layout.REC_SCORES)
+    versions = result.as_numpy(layout.REC_MODEL_VERSION).reshape(-1)
+    request_ids = result.as_numpy(layout.REC_REQUEST_ID).reshape(-1)
+    cold = result.as_numpy(layout.REC_COLD_START).reshape(-1)
+    out = []
+    for i, uid in enumerate(user_ids):
+        keep = ids[i] != layout.PAD_ITEM
+        rid = request_ids[i]
+        out.append(
+            Recommendation(
+                user_id=int(uid),
+                item_ids=ids[i][keep],
+                scores=scores[i][keep],
+                model_version=int(versions[i]),
+                request_id=rid.decode() if isinstance(rid, bytes) else str(rid),
+                cold_start=bool(cold[i]),
+            )
+        )
+    return out
+
+
+def _retrieve_request(mod, user_index, user_cats, history) -> tuple[list, list]:
+    arrays = {
+        INPUT_USER_INDEX: np.ascontiguousarray(user_index, dtype=np.int64).reshape(-1, 1),
+        INPUT_USER_CATS: np.ascontiguousarray(user_cats, dtype=np.int64),
+        INPUT_HISTORY: np.ascontiguousarray(history, dtype=np.int64),
+    }
+    inputs = [_input(mod, n, a, "INT64") for n, a in arrays.items()]
+    return inputs, [mod.InferRequestedOutput(n) for n in (OUTPUT_ITEM_IDS, OUTPUT_SCORES)]
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _stats(raw: dict) -> dict[str, ModelStats]:
+    """Model statistics from either protocol (gRPC's JSON writes int64 as strings)."""
+    out = {}
+    for m in raw.get("model_stats", []):
+        s = m.get("inference_stats", {})
+
+        def ns(key, s=s):
+            return int(s.get(key, {}).get("ns", 0))
+
+        def cnt(key, s=s):
+            return int(s.get(key, {}).get("count", 0))
+
+        out[str(m.get("version", ""))] = ModelStats(
+            name=m["name"],
+            version=str(m.get("version", "")),
+            inference_count=int(m.get("inference_count", 0)),
+            execution_count=int(m.get("execution_count", 0)),
+            success_count=cnt("success"),
+            fail_count=cnt("fail"),
+            queue_ns=ns("queue"),
+            compute_ns=ns("compute_infer"),
+        )
+    return out
+
+
+class RecommenderClient:
+    """Sync client. `recommend` calls the `recommend` model; `retrieve` calls `retrieval`."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: Protocol = "grpc",
+        *,
+        timeout_s: float = 30.0,
+        max_batch_size: int = 256,
+        retrieval_batch_size: int = 1024,
+        verbose: bool = False,
+    ):
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self._mod = _module(protocol)
+        self.timeout_s = timeout_s
+        self.max_batch_size = max_batch_size  # recommend's max_batch_size
+        self.retrieval_batch_size = retrieval_batch_size
+        if protocol == "grpc":
+            self._client = self._mod.InferenceServerClient(self.url, verbose=verbose)
+        else:
+            self._client = self._mod.InferenceServerClient(
+                self.url, verbose=verbose, connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+
+    def _infer(self, model: str, inputs, outputs, version: int | None = None):
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        return self._client.infer(
+            model,
+            inputs,
+            outputs=outputs,
+            model_version="" if version is None else str(version),
+            **kwargs,
+        )
+
+    def recommend(
+        self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10
+    ) -> list[Recommendation]:
+        """Top-k unseen items per user, in order. Sends max_batch_size users per request."""
+        uid = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
+        ks = np.broadcast_to(np.asarray(k, dtype=np.int32), uid.shape)
+        out: list[Recommendation] = []
+        for sl in _chunks(len(uid), self.max_batch_size):
+            ids, inputs, outputs = _recommend_request(self._mod, uid[sl], ks[sl])
+            out += _parse_recommendations(self._infer(layout.RECOMMEND, inputs, outputs), ids)
+        return out
+
+    def retrieve(
+        self,
+        user_index: np.ndarray,
+        user_cats: np.ndarray,
+        history: np.ndarray,
+        *,
+        version: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw `retrieval`: (item_ids (B, K), scores (B, K)), seen items included."""
+        n = len(user_index)
+        ids, scores = [], []
+        for sl in _chunks(n, self.retrieval_batch_size):
+            inputs, outputs = _retrieve_request(
+                self._mod, user_index[sl], user_cats[sl], history[sl]
+            )
+            r = self._infer(layout.RETRIEVAL, inputs, outputs, version)
+            ids.append(r.as_numpy(OUTPUT_ITEM_IDS))
+            scores.append(r.as_numpy(OUTPUT_SCORES))
+        return np.concatenate(ids), np.concatenate(scores)
+
+    def is_live(self) -> bool:
+        return self._client.is_server_live()
+
+    def is_ready(self) -> bool:
+        return self._client.is_server_ready()
+
+    def model_ready(self, name: str = layout.RECOMMEND, version: int | None = None) -> bool:
+        return self._client.is_model_ready(name, "" if version is None else str(version))
+
+    def statistics(self, model: str = layout.RECOMMEND) -> dict[str, ModelStats]:
+        """Per-version Triton statistics (inference_count, execution_count, queue time, ...)."""
+        if self.protocol == "grpc":
+            return _stats(self._client.get_inference_statistics(model, as_json=True))
+        return _stats(self._client.get_inference_statistics(model))
+
+    def model_config(self, model: str) -> dict:
+        if self.protocol == "grpc":
+            return self._client.get_model_config(model, as_json=True)["config"]
+        return self._client.get_model_config(model)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRecommenderClient:
+    """asyncio client (tritonclient.grpc.aio / tritonclient.http.aio); same methods, awaited."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: Protocol = "grpc",
+        *,
+        timeout_s: float = 30.0,
+        max_batch_size: int = 256,
+        retrieval_batch_size: int = 1024,
+        verbose: bool = False,
+    ):
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self._mod = _module(protocol, aio=True)
+        self.timeout_s = timeout_s
+        self.max_batch_size = max_batch_size
+        self.retrieval_batch_size = retrieval_batch_size
+        self._client = self._mod.InferenceServerClient(self.url, verbose=verbose)
+
+    async def _infer(self, model: str, inputs, outputs, version: int | None = None):
+        kwargs = (
+            {"client_timeout": self.timeout_s}
+            if self.protocol == "grpc"
+            else {"timeout": int(self.timeout_s)}
+        )
+        return await self._client.infer(
+            model,
+            inputs,
+            outputs=outputs,
+            model_version="" if version is None else str(version),
+            **kwargs,
+        )
+
+    async def recommend(
+        self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10
+    ) -> list[Recommendation]:
+        uid = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
+        ks = np.broadcast_to(np.asarray(k, dtype=np.int32), uid.shape)
+        out: list[Recommendation] = []
+        for sl in _chunks(len(uid), self.max_batch_size):
+            ids, inputs, outputs = _recommend_request(self._mod, uid[sl], ks[sl])
+            out += _parse_recommendations(await self._infer(layout.RECOMMEND, inputs, outputs), ids)
+        return out
+
+    async def retrieve(
+        self,
+        user_index: np.ndarray,
+        user_cats: np.ndarray,
+        history: np.ndarray,
+        *,
+        version: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        ids, scores = [], []
+        for sl in _chunks(len(user_index), self.retrieval_batch_size):
+            inputs, outputs = _retrieve_request(
+                self._mod, user_index[sl], user_cats[sl], history[sl]
+            )
+            r = await self._infer(layout.RETRIEVAL, inputs, outputs, version)
+            ids.append(r.as_numpy(OUTPUT_ITEM_IDS))
+            scores.append(r.as_numpy(OUTPUT_SCORES))
+        return np.concatenate(ids), np.concatenate(scores)
+
+    async def is_live(self) -> bool:
+        return await self._client.is_server_live()
+
+    async def is_ready(self) -> bool:
+        return await self._client.is_server_ready()
+
+    async def model_ready(self, name: str = layout.RECOMMEND, version: int | None = None) -> bool:
+        return await self._client.is_model_ready(name, "" if version is None else str(version))
+
+    async def statistics(self, model: str = layout.RECOMMEND) -> dict[str, ModelStats]:
+        if self.protocol == "grpc":
+            return _stats(await self._client.get_inference_statistics(model, as_json=True))
+        return _stats(await self._client.get_inference_statistics(model))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncRecommenderClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def recommend_all_users(
+    client: RecommenderClient,
+    repo: str,
+    *,
+    k: int = 10,
+    batch_size: int = 1024,
+    version: int | None = None,
+    keep_seen: bool = False,
+    progress: bool = True,
+):
+    """Top-k for every user in a version's online snapshot, through `retrieval` in big batches.
+
+    Returns a DataFrame (user_id, rank (1-based), item_id, score). Seen items are removed
+    as `recommend` does, unless keep_seen.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from serving.recommender import select_unseen
+    from serving.routing import RoutingState
+    from training.snapshot import FeatureSnapshot
+
+    if version is None:
+        version = RoutingState.load(layout.routing_path(repo)).production
+    meta = layout.read_meta(repo, version)
+    k = min(int(k), int(meta["graph_k"]))
+    snap = FeatureSnapshot.load(layout.features_path(repo, version))
+    client.retrieval_batch_size = batch_size
+    frames = []
+    with tqdm(
+        total=len(snap.user_ids), unit="user", disable=not progress, desc=f"retrieval v{version}"
+    ) as bar:
+        for sl in _chunks(len(snap.user_ids), batch_size):
+            feats = snap.lookup(snap.user_ids[sl])
+            ids, scores = client.retrieve(
+                feats.user_index, feats.user_cats, feats.history, version=version
+            )
+            seen = [np.zeros(0, np.int64)] * len(ids) if keep_seen else feats.seen
+            ks = np.full(len(ids), k, dtype=np.int64)
+            ids, scores, counts = select_unseen(ids, scores, seen, ks)
+            rows, pos = np.nonzero(np.arange(ids.shape[1])[None, :] < counts[:, None])
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "user_id": snap.user_ids[sl][rows],
+                        "rank": (pos + 1).astype(np.int32),
+                        "item_id": ids[rows, pos],
+                        "score": scores[rows, pos],
+                    }
+                )
+            )
+            bar.update(len(ids))
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []})
+    )

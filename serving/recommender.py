@@ -1,0 +1,339 @@
+"""What `recommend` does for one dynamic batch, without Triton in the way.
+
+The Triton model (model_repository/recommend/1/model.py) only converts tensors
+and passes a `retrieve(version, features)` callable that makes the BLS call.
+Tests pass one that runs onnxruntime in-process, so the logic below is tested
+without a server and the same code runs inside one.
+
+Per batch:
+  1. refresh routing and online features from disk (at most once a second);
+  2. route every user to production or canary by a hash of the user id;
+  3. one retrieval call per version for all its users (never one per user);
+  4. drop already-seen items from the over-fetched candidates, keep the first k;
+  5. hand the served rows to the impression hook, build per-request answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving import repository as layout
+from serving.backend import InputError, check_int_matrix
+from serving.routing import RoutingState
+from training.snapshot import FeatureSnapshot, UserFeatures
+
+log = logging.getLogger(__name__)
+
+# retrieve(version, features) -> (item_ids (n, K), scores (n, K)) from `retrieval`.
+Retrieve = Callable[[int, UserFeatures], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Watched:
+    """A file's parsed content, re-read when its mtime or size changes."""
+
+    path: Path
+    load: Callable[[Path], object]
+    value: object = None
+    stamp: tuple[int, int] | None = None
+
+    def get(self) -> object:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.value, self.stamp = None, None
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self.stamp:
+            self.value = self.load(self.path)
+            self.stamp = stamp
+        return self.value
+
+
+class OnlineState:
+    """Routing, per-version feature snapshots and version metadata, as the server sees them."""
+
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        check_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.repo = Path(repo)
+        self.check_interval_s = check_interval_s
+        self.clock = clock
+        self._routing = _Watched(layout.routing_path(self.repo), RoutingState.load)
+        self._features: dict[int, _Watched] = {}
+        self._meta: dict[int, dict] = {}
+        self._checked = -float("inf")
+
+    def refresh(self, force: bool = False) -> None:
+        """stat() the files we depend on, at most once per `check_interval_s`."""
+        now = self.clock()
+        if not force and now - self._checked < self.check_interval_s:
+            return
+        self._checked = now
+        self._routing.get()
+        for w in self._features.values():
+            w.get()
+
+    @property
+    def routing(self) -> RoutingState:
+        r = self._routing.value or self._routing.get()
+        if r is None:
+            raise RuntimeError(
+                f"{self._routing.path}: no routing state; run `northstar export` first"
+            )
+        return r
+
+    def features(self, version: int) -> FeatureSnapshot:
+        w = self._features.get(version)
+        if w is None:
+            w = self._features[version] = _Watched(
+                layout.features_path(self.repo, version), FeatureSnapshot.load
+            )
+        snap = w.value if w.stamp is not None else w.get()
+        if snap is None:
+            raise RuntimeError(f"{w.path}: no online features for retrieval version {version}")
+        return snap
+
+    def meta(self, version: int) -> dict:
+        if version not in self._meta:  # a published version never changes
+            self._meta[version] = layout.read_meta(self.repo, version)
+        return self._meta[version]
+
+    def max_k(self) -> int:
+        """The largest k every routed version can answer.
+
+        A canary without metadata (not exported here) does not block production: its
+        users fall back to production at request time.
+        """
+        routing = self.routing
+        ks = [int(self.meta(routing.production)["k"])]
+        for v in routing.versions[1:]:
+            try:
+                ks.append(int(self.meta(v)["k"]))
+            except (FileNotFoundError, KeyError, ValueError):
+                log.warning("retrieval version %d has no readable meta.json", v)
+        return min(ks)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    user_ids: np.ndarray  # (B,) int64
+    ks: np.ndarray  # (B,) int64
+
+
+@dataclass
+class RequestResult:
+    item_ids: np.ndarray  # (B, W) int64, W = max k of the request, PAD_ITEM where short
+    scores: np.ndarray  # (B, W) float32
+    model_version: np.ndarray  # (B, 1) int64
+    request_id: np.ndarray  # (B, 1) object (bytes)
+    cold_start: np.ndarray  # (B, 1) bool
+
+
+@dataclass
+class Impressions:
+    """The rows served in one batch, one per (slate, position): what the event log records."""
+
+    request_id: np.ndarray  # (n,) object: str
+    user_id: np.ndarray  # (n,) int64
+    item_id: np.ndarray  # (n,) int64
+    position: np.ndarray  # (n,) int32, 0-based
+    score: np.ndarray  # (n,) float32
+    model_version: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+
+@dataclass
+class BatchResult:
+    results: list[RequestResult | InputError | RuntimeError]
+    impressions: Impressions
+    versions: dict[int, int] = field(default_factory=dict)  # version -> users served
+
+
+def select_unseen(
+    item_ids: np.ndarray, scores: np.ndarray, seen: list[np.ndarray], ks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop seen items and keep the first k per row, vectorised over the batch.
+
+    item_ids/scores (n, K) in rank order; seen: n arrays of raw ids; ks (n,).
+    Returns (ids (n, W), scores (n, W), counts (n,)) with W = max(ks); short rows padded.
+    """
+    n, K = item_ids.shape
+    lens = np.fromiter((len(s) for s in seen), dtype=np.int64, count=n)
+    width = int(ks.max()) if n else 0
+    keep = np.ones((n, K), dtype=bool)
+    if lens.sum():
+        # Same (row, item) pair on both sides <=> seen: code items densely, then one isin.
+        seen_items = np.concatenate(seen)
+        seen_rows = np.repeat(np.arange(n), lens)
+        uniq, codes = np.unique(np.concatenate([item_ids.ravel(), seen_items]), return_inverse=True)
+        m = np.int64(len(uniq))
+        cand_key = np.repeat(np.arange(n), K) * m + codes[: n * K]
+        seen_key = seen_rows * m + codes[n * K :]
+        keep = ~np.isin(cand_key, seen_key).reshape(n, K)
+    rank = np.cumsum(keep, axis=1) - 1  # position among kept items
+    take = keep & (rank < ks[:, None])
+    rows, cols = np.nonzero(take)
+    out_ids = np.full((n, width), layout.PAD_ITEM, dtype=np.int64)
+    out_scores = np.full((n, width), layout.PAD_SCORE, dtype=np.float32)
+    out_ids[rows, rank[rows, cols]] = item_ids[rows, cols]
+    out_scores[rows, rank[rows, cols]] = scores[rows, cols]
+    return out_ids, out_scores, take.sum(axis=1)
+
+
+class Recommender:
+    def __init__(self, repo: str | Path, *, default_k: int = 10, check_interval_s: float = 1.0):
+        self.state = OnlineState(repo, check_interval_s=check_interval_s)
+        self.default_k = int(default_k)
+        # The last production version that answered: where users go if their version fails
+        # (e.g. routing.json names a version Triton has not loaded yet).
+        self.last_good: int | None = None
+
+    def begin(self) -> int:
+        """Refresh state for a new batch; returns the largest k requests may ask for."""
+        self.state.refresh()
+        return self.state.max_k()
+
+    def parse(self, user_id: np.ndarray | None, k: np.ndarray | None, max_k: int) -> ParsedRequest:
+        uid = check_int_matrix(
+            "user_id", user_id, width=1, low=np.iinfo(np.int64).min, what="raw user ids"
+        )
+        b = uid.shape[0]
+        if k is None:
+            ks = np.full(b, self.default_k, dtype=np.int64)
+        else:
+            ks = check_int_matrix(
+                "k",
+                k,
+                width=1,
+                dtype=np.int32,
+                low=1,
+                high=max_k + 1,
+                what="items per user",
+                rows=b,
+            )[:, 0].astype(np.int64)
+        return ParsedRequest(uid[:, 0], ks)
+
+    def run(self, parsed: list[ParsedRequest | InputError], retrieve: Retrieve) -> BatchResult:
+        """Answer every parsed request of a batch; InputErrors pass through in place."""
+        ok = [p for p in parsed if isinstance(p, ParsedRequest)]
+        if not ok:
+            return BatchResult(list(parsed), _empty_impressions())
+        user_ids = np.concatenate([p.user_ids for p in ok])  # (N,)
+        ks = np.concatenate([p.ks for p in ok])
+        n = len(user_ids)
+        width = int(ks.max())
+        ids = np.full((n, width), layout.PAD_ITEM, dtype=np.int64)
+        scores = np.full((n, width), layout.PAD_SCORE, dtype=np.float32)
+        counts = np.zeros(n, dtype=np.int64)
+        served_by = np.zeros(n, dtype=np.int64)
+        cold = np.zeros(n, dtype=bool)
+        failed: dict[int, str] = {}  # row -> message
+
+        routing = self.state.routing
+        routed = routing.version_for(user_ids)
+        for version in np.unique(routed):
+            rows = np.flatnonzero(routed == version)
+            error = self._serve(
+                int(version), rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold
+            )
+            fb = self.last_good
+            if error and fb is not None and fb != version:
+                log.warning(
+                    "retrieval version %d failed (%s); answering with %d", version, error, fb
+                )
+                error = self._serve(
+                    fb, rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold
+                )
+            if error:
+                failed.update(dict.fromkeys(rows.tolist(), error))
+            elif version == routing.production:
+                self.last_good = int(version)
+
+        request_ids = np.array([uuid.uuid4().hex for _ in range(n)], dtype=object)
+        results: list[RequestResult | InputError | RuntimeError] = []
+        start = 0
+        for p in parsed:
+            if not isinstance(p, ParsedRequest):
+                results.append(p)
+                continue
+            sl = slice(start, start + len(p.user_ids))
+            start = sl.stop
+            errs = [failed[r] for r in range(sl.start, sl.stop) if r in failed]
+            if errs:
+                results.append(RuntimeError(errs[0]))
+                continue
+            w = int(p.ks.max())
+            results.append(
+                RequestResult(
+                    item_ids=ids[sl, :w].copy(),
+                    scores=scores[sl, :w].copy(),
+                    model_version=served_by[sl, None].copy(),
+                    request_id=np.array([r.encode() for r in request_ids[sl]], dtype=object)[
+                        :, None
+                    ],
+                    cold_start=cold[sl, None].copy(),
+                )
+            )
+        good = np.ones(n, dtype=bool)
+        good[list(failed)] = False
+        imp = _impressions(request_ids, user_ids, ids, scores, counts, served_by, good)
+        versions = {
+            int(v): int(c)
+            for v, c in zip(*np.unique(served_by[good], return_counts=True), strict=True)
+        }
+        return BatchResult(results, imp, versions)
+
+    def _serve(self, version, rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold):
+        """Fill `rows` from one retrieval version; returns an error message or None."""
+        try:
+            feats = self.state.features(version).lookup(user_ids[rows])
+            cand_ids, cand_scores = retrieve(version, feats)  # (n, K) each
+        except Exception as exc:  # the caller decides: fall back or fail these requests
+            return f"retrieval version {version}: {exc}"
+        sel_ids, sel_scores, cnt = select_unseen(cand_ids, cand_scores, feats.seen, ks[rows])
+        ids[rows, : sel_ids.shape[1]] = sel_ids
+        scores[rows, : sel_scores.shape[1]] = sel_scores
+        counts[rows] = cnt
+        served_by[rows] = version
+        cold[rows] = ~feats.known
+        return None
+
+
+def _impressions(request_ids, user_ids, ids, scores, counts, served_by, good) -> Impressions:
+    w = ids.shape[1]
+    mask = (np.arange(w)[None, :] < counts[:, None]) & good[:, None]  # (n, W) served cells
+    rows, pos = np.nonzero(mask)
+    return Impressions(
+        request_id=request_ids[rows],
+        user_id=user_ids[rows],
+        item_id=ids[rows, pos],
+        position=pos.astype(np.int32),
+        score=scores[rows, pos],
+        model_version=served_by[rows],
+    )
+
+
+def _empty_impressions() -> Impressions:
+    e = np.zeros(0, dtype=np.int64)
+    return Impressions(np.zeros(0, dtype=object), e, e, e.astype(np.int32), e.astype(np.float32), e)
+
+
+class ImpressionSink:
+    """Where served rows go. The event-log issue replaces this no-op with the durable log."""
+
+    def write(self, impressions: Impressions) -> None:
+        """Called once per batch with every served row; the default drops them."""

@@ -1,0 +1,406 @@
+"""Run the real `tritonserver` from the nvidia-pytriton wheel, and manage what it serves.
+
+The wheel ships the binary, the Python backend and one backend stub per Python
+version. Running it directly needs three things (DESIGN.md, measured here):
+  - a backend folder holding `python/` plus the stub for *this* Python;
+  - LD_LIBRARY_PATH with the wheel's `nvidia_pytriton.libs`;
+  - this interpreter's bin folder first on PATH: the stub imports numpy and the
+    project from the first `python3` it finds there.
+
+The server runs in explicit model-control mode: it loads `retrieval` and
+`recommend` at start, and after that only what the repository API asks for
+(`load_versions`, `deploy`), so a half-exported version never goes live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving import repository as layout
+from serving.routing import RoutingState
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """tritonserver failed to start or to load something; the message carries its log tail."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repo: str = "model_repository"
+    # 127.0.0.1 keeps a development server private; the Docker image listens on 0.0.0.0.
+    host: str = "127.0.0.1"
+    http_port: int | None = 8000  # 0 or None: pick a free port
+    grpc_port: int | None = 8001
+    metrics_port: int | None = 8002
+    models: tuple[str, ...] = (layout.RETRIEVAL, layout.RECOMMEND)
+    # Cold start on 2 cores: a few seconds per Python model (imports onnxruntime, pandas).
+    startup_timeout_s: float = 120.0
+    # Triton's own wait for in-flight requests on shutdown; stop() kills after this + 10 s.
+    exit_timeout_s: int = 5
+    log_file: str | None = None  # default: a fresh file under the system temp folder
+    log_verbose: int = 0
+    backend_dir: str | None = None  # default: prepared from the wheel (prepare_backends)
+
+
+# ---------------------------------------------------------------------------- the binary
+
+
+def _pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def tritonserver_binary() -> Path:
+    path = _pytriton_root() / "bin" / "tritonserver"
+    if not path.exists():
+        raise ServerError(f"{path}: not found; install the `nvidia-pytriton` wheel")
+    return path
+
+
+def _libs_dir() -> Path:
+    return _pytriton_root().parents[1] / "nvidia_pytriton.libs"
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("NORTHSTAR_TRITON_CACHE")
+    if env:
+        return Path(env)
+    home = Path.home() / ".cache" / "northstar" / "triton"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:  # read-only home (some CI runners): fall back to the temp folder
+        return Path(tempfile.gettempdir()) / "northstar-triton"
+
+
+def prepare_backends(cache_dir: str | Path | None = None) -> Path:
+    """A backend folder: the wheel's `backends/python` plus the stub for this Python.
+
+    Built once per (wheel version, Python version) and reused; built in a staging
+    folder and renamed, so two servers starting at once never see half of it.
+    """
+    from importlib.metadata import version
+
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    root = _pytriton_root()
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"{stub}: nvidia-pytriton has no Python backend stub for Python {py}")
+    base = Path(cache_dir) if cache_dir else _cache_root()
+    target = base / f"pytriton-{version('nvidia-pytriton')}-py{py}" / "backends"
+    if (target / "python" / stub.name).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".backends-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(root / "backends", staging, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, staging / "python" / stub.name)
+    os.chmod(staging / "python" / stub.name, 0o755)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process built it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    libs = str(_libs_dir())
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
+    # The Python models import from the first python3 on PATH: make it this one.
+    env["PATH"] = os.pathsep.join(
+        p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
+    )
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class TritonServer:
+    """`with TritonServer(cfg) as server:` starts tritonserver, waits for ready, stops it.
+
+    Readiness is polled while checking that the process is alive; if it dies, the
+    error carries the tail of its log.
+    """
+
+    def __init__(self, cfg: ServerConfig = ServerConfig()):
+        self.cfg = cfg
+        self.repo = Path(cfg.repo).resolve()
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self._log = None
+        bind_host = cfg.host
+        self.http_port = cfg.http_port or free_port(bind_host)
+        self.grpc_port = cfg.grpc_port or free_port(bind_host)
+        self.metrics_port = cfg.metrics_port or free_port(bind_host)
+        # Clients on this machine reach a 0.0.0.0 server through the loopback address.
+        self.client_host = "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.client_host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        backends = str(self.cfg.backend_dir or prepare_backends())
+        cmd = [
+            str(tritonserver_binary()),
+            f"--model-repository={self.repo}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.cfg.models),
+            f"--backend-directory={backends}",
+            f"--http-address={self.cfg.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.cfg.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.cfg.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.cfg.exit_timeout_s}",
+            f"--log-verbose={self.cfg.log_verbose}",
+            "--strict-readiness=true",
+            "--allow-gpu-metrics=false",
+        ]
+        return cmd
+
+    def start(self) -> TritonServer:
+        if not self.repo.is_dir():
+            raise FileNotFoundError(f"{self.repo}: no model repository; run `northstar export`")
+        for model in self.cfg.models:
+            if not (self.repo / model / layout.CONFIG_FILE).exists():
+                raise FileNotFoundError(
+                    f"{self.repo / model / layout.CONFIG_FILE}: missing; run `northstar export`"
+                )
+        backends = Path(self.cfg.backend_dir or prepare_backends())
+        for model in self.cfg.models:
+            cfg = layout.read_config(self.repo / model / layout.CONFIG_FILE)
+            backend = cfg.backend or ("onnxruntime" if cfg.platform.startswith("onnx") else "")
+            if backend and not (backends / backend).is_dir():
+                raise ServerError(
+                    f"{self.repo / model / layout.CONFIG_FILE} needs the {backend!r} backend, "
+                    f"which {backends} does not have (nvidia-pytriton ships only 'python'); "
+                    "re-export with --target cpu, or serve the gpu target with the Dockerfile"
+                )
+        if self.cfg.log_file:
+            self.log_path = Path(self.cfg.log_file)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            fd, name = tempfile.mkstemp(prefix=f"tritonserver-{self.http_port}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.command(),
+            env=server_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Its own process group: Ctrl-C reaches us, and we shut the server down in order.
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        urls = [f"http://{self.http_url}/v2/health/ready"] + [
+            f"http://{self.http_url}/v2/models/{m}/ready" for m in self.cfg.models
+        ]
+        while time.monotonic() < deadline:
+            rc = self.process.poll()
+            if rc is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {rc} while starting; log {self.log_path}:\n"
+                    + self.log_tail()
+                )
+            if all(_http_ok(u) for u in urls):
+                return
+            time.sleep(0.1)
+        raise ServerError(
+            f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f} s; log "
+            f"{self.log_path}:\n" + self.log_tail()
+        )
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL the group if it hangs."""
+        proc, self.process = self.process, None
+        rc = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    rc = proc.wait(timeout=self.cfg.exit_timeout_s + 10)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop in time; killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    rc = proc.wait()
+            else:
+                rc = proc.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return rc
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def serve_forever(server: TritonServer) -> int:
+    """Block until SIGINT/SIGTERM or until the server dies; always stop it."""
+
+    def _term(_signum, _frame):
+        raise KeyboardInterrupt
+
+    # SIGINT too: a server started in the background of a script inherits SIGINT ignored.
+    previous = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while server.is_alive():
+            time.sleep(0.5)
+        print(
+            f"tritonserver exited; last lines of {server.log_path}:\n{server.log_tail()}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------- repository API (explicit)
+
+
+def _grpc(url: str):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(url)
+
+
+def load_model(url: str, name: str, *, config=None) -> None:
+    """(Re)load `name`; with `config` (a ModelConfig) it overrides config.pbtxt for this load.
+
+    A failed reload leaves the model as it was: Triton keeps serving the old versions.
+    """
+    from tritonclient.utils import InferenceServerException
+
+    client = _grpc(url)
+    try:
+        client.load_model(name, config=None if config is None else layout.to_json(config))
+    except InferenceServerException as exc:
+        raise ServerError(f"loading {name!r} failed: {exc.message()}") from exc
+    finally:
+        client.close()
+
+
+def unload_model(url: str, name: str) -> None:
+    client = _grpc(url)
+    try:
+        client.unload_model(name)
+    finally:
+        client.close()
+
+
+def ready_versions(url: str, name: str = layout.RETRIEVAL) -> list[int]:
+    """Versions of `name` Triton reports READY (repository index)."""
+    client = _grpc(url)
+    try:
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+    finally:
+        client.close()
+    return sorted(
+        int(m["version"])
+        for m in index
+        if m.get("name") == name and m.get("state") == "READY" and m.get("version")
+    )
+
+
+def load_versions(url: str, repo: str | Path, versions: Iterable[int], *, base_config=None) -> None:
+    """Serve exactly `versions` of `retrieval` (version_policy: specific), all or nothing.
+
+    The config override only changes the version set; if any version fails to load
+    (a corrupt model.onnx, say) the call raises and the previous set keeps serving.
+    """
+    versions = sorted({int(v) for v in versions})
+    base = base_config or layout.read_config(Path(repo) / layout.RETRIEVAL / layout.CONFIG_FILE)
+    load_model(url, layout.RETRIEVAL, config=layout.with_versions(base, versions))
+    missing = set(versions) - set(ready_versions(url))
+    if missing:
+        raise ServerError(f"retrieval versions {sorted(missing)} are not ready after loading")
+
+
+def deploy(url: str, repo: str | Path, routing: RoutingState, *, retrieval_cfg=None) -> None:
+    """Move traffic to `routing` on a live server, safely.
+
+    1. load every version the new routing needs, keeping the ones the current routing
+       still sends users to (in-flight requests must not lose their version);
+    2. only then write routing.json: `recommend` picks it up within a second;
+    3. persist config.pbtxt with just the new routing's versions, for the next restart.
+    """
+    repo = Path(repo)
+    path = layout.routing_path(repo)
+    current = RoutingState.load(path) if path.exists() else None
+    base = retrieval_cfg or layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
+    keep = set(routing.versions) | set(current.versions if current else ())
+    load_versions(url, repo, keep, base_config=base)
+    routing.save(path)
+    layout.write_config(repo, layout.with_versions(base, routing.versions))

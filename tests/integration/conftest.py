@@ -1,0 +1,59 @@
+"""A real tritonserver for the serving tests: one per session, on free ports.
+
+Like Merlin Systems' `run_triton_server`: export a tiny run into a temporary
+model repository, start the server, poll readiness while checking
+the process is alive, and stop it in `finally`. Nothing about Triton is mocked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from models.export import ExportResult
+from serving.server import ServerConfig, TritonServer
+from serving.testing import tiny_export
+
+# Small K so the tiny catalogue (80 items) still leaves room for over-fetching.
+K = 10
+OVERFETCH = 10
+
+
+@dataclass(frozen=True)
+class Served:
+    repo: Path
+    run: Path
+    grpc_url: str
+    http_url: str
+    metrics_url: str
+    server: TritonServer
+    exported: ExportResult
+
+    @property
+    def version(self) -> int:
+        return self.exported.version
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Served:
+    root = tmp_path_factory.mktemp("serving")
+    # A copy of the process-wide tiny export (dynamo exporter, k=10 + 10 over-fetched).
+    run, repo, exported = tiny_export(root / "model_repository", k=K, overfetch=OVERFETCH)
+    server = TritonServer(
+        ServerConfig(
+            repo=str(repo),
+            http_port=0,
+            grpc_port=0,
+            metrics_port=0,
+            log_file=str(root / "tritonserver.log"),
+        )
+    )
+    server.start()  # raises with the log tail if the server dies or never gets ready
+    try:
+        yield Served(
+            repo, run, server.grpc_url, server.http_url, server.metrics_url, server, exported
+        )
+    finally:
+        server.stop()

@@ -1,0 +1,112 @@
+"""Ingest logic of the `feedback` model, its config contract, and the recommend-side hook."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from feedback.events import INTERACTION, EventError
+from feedback.hook import EVENT_LOG_PARAM, ImpressionLogger, event_log_location, impression_logger
+from feedback.ingest import INPUTS, OUTPUTS, RequestOutcome, ingest, parse_request
+from feedback.ingest_client import _tensor_array, as_columns
+from feedback.sink import EVENT_LOG_ENV, open_sink
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "model_repository" / "feedback" / "config.pbtxt"
+NOW = time.time()
+_TRITON = {"BYTES": mc.TYPE_STRING, "INT64": mc.TYPE_INT64, "FP32": mc.TYPE_FP32,
+           "FP64": mc.TYPE_FP64, "BOOL": mc.TYPE_BOOL}
+
+
+def test_config_parses_and_matches_the_ingest_contract():
+    cfg = text_format.Parse(CONFIG.read_text(), mc.ModelConfig())
+    assert cfg.name == "feedback" and cfg.backend == "python"
+    assert cfg.max_batch_size > 0 and cfg.HasField("dynamic_batching")
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        (n, _TRITON[t], [1]) for n, t in INPUTS.items()]
+    assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
+        (n, _TRITON[t], [1]) for n, t in OUTPUTS.items()]
+    assert EVENT_LOG_PARAM in cfg.parameters
+
+
+def _request(n=2, **over):
+    cols = {name: _tensor_array(name, np.asarray(v)) for name, v in {
+        "event_id": [f"e{i}" for i in range(n)], "user_id": np.arange(n) + 1,
+        "item_id": np.arange(n) + 5, "type": ["click"] * n, "value": np.ones(n),
+        "ts": np.full(n, NOW), "request_id": [""] * n}.items()}
+    cols.update(over)
+    return cols
+
+
+def test_parse_request_names_the_missing_or_inconsistent_input():
+    req = _request()
+    del req["ts"]
+    with pytest.raises(EventError, match="input 'ts' is missing"):
+        parse_request(req.get)
+    req = _request()
+    req["item_id"] = np.array([[1], [2], [3]])
+    with pytest.raises(EventError, match="input 'item_id' has 3 rows"):
+        parse_request(req.get)
+
+
+def test_one_write_per_batch_and_results_split_per_request(tmp_path):
+    log = open_sink(tmp_path / "events.db")
+    calls = []
+    real = log.write_interactions
+    log.write_interactions = lambda cols: calls.append(len(cols["event_id"])) or real(cols)
+    a = parse_request(_request(2).get)
+    b = parse_request(_request(3, type=_tensor_array("type", np.array(
+        ["like", "buy", "watch"], dtype=object))).get)
+    b["event_id"] = np.array([b"x0", b"x1", b"x2"], dtype=object)
+    bad = EventError("input 'ts' is missing")
+    out = ingest(log, [a, bad, b])
+    assert calls == [5]  # the dynamic batch is written once
+    assert out[1] is bad
+    assert isinstance(out[0], RequestOutcome) and out[0].accepted.shape == (2, 1)
+    assert out[2].accepted[:, 0].tolist() == [True, False, True]
+    assert out[2].reason[:, 0].tolist() == [b"", b"type: not one of click|watch|like", b""]
+    assert log.count(INTERACTION) == 4
+
+
+def test_client_columns_fill_ids_and_request_ids():
+    cols = as_columns({"user_id": [1, 2], "item_id": [3, 4], "type": ["click", "like"],
+                       "value": [1.0, 1.0], "ts": [NOW, NOW + 1]})
+    assert len(set(cols["event_id"])) == 2 and list(cols["request_id"]) == ["", ""]
+    assert _tensor_array("event_id", cols["event_id"]).shape == (2, 1)
+
+
+@dataclass
+class ServedRows:  # the shape of serving.recommender.Impressions
+    request_id: np.ndarray
+    user_id: np.ndarray
+    item_id: np.ndarray
+    position: np.ndarray
+    score: np.ndarray
+    model_version: np.ndarray
+
+
+def test_impression_logger_is_a_drop_in_for_the_serving_hook(tmp_path):
+    log = open_sink(tmp_path / "events.db")
+    logger = ImpressionLogger(log, clock=lambda: NOW)
+    rows = ServedRows(np.array(["ab", "ab", "cd"], dtype=object), np.array([1, 1, 2]),
+                      np.array([7, 8, 7]), np.array([0, 1, 0], dtype=np.int32),
+                      np.array([.9, .8, .7], dtype=np.float32), np.array([3, 3, 4]))
+    assert logger.write(rows).inserted == 3
+    assert logger.write(rows).duplicates == 3  # the same batch logged twice: stored once
+    df = log.read("impression")
+    assert df["event_id"].tolist() == ["ab:0", "ab:1", "cd:0"]
+    assert df["propensity"].tolist() == [1.0] * 3  # no exploration: deterministic policy
+    assert (df["ts"] == NOW).all()
+
+
+def test_event_log_location_prefers_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(EVENT_LOG_ENV, raising=False)
+    assert event_log_location({}) is None and impression_logger({}) is None
+    assert event_log_location({"event_log": "/x.db"}) == "/x.db"
+    monkeypatch.setenv(EVENT_LOG_ENV, str(tmp_path / "env.db"))
+    assert event_log_location({"event_log": "/x.db"}) == str(tmp_path / "env.db")
+    assert impression_logger({}).sink.path == tmp_path / "env.db"

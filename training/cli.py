@@ -1,0 +1,114 @@
+"""`northstar data …`, `northstar train`, `northstar evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from northstar import config as config_mod
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="make or import a dataset").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("synth", help="generate a synthetic streaming world with ground truth")
+    p.add_argument("--out", required=True, help="output folder for the Parquet tables + world")
+    p.add_argument("--preset", default="demo", help="tiny | small | demo | large")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override SynthConfig fields, e.g. n_users=5000",
+    )
+    p.set_defaults(func=_synth)
+
+    p = data.add_parser("movielens", help="convert MovieLens files into the northstar schema")
+    p.add_argument("--path", required=True, help="folder with ML-100K, ML-1M or CSV files")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_movielens)
+
+    p = sub.add_parser("train", help="train a two-tower model and evaluate it")
+    p.add_argument("--data", help="dataset folder (Parquet tables)")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--config", help="TrainConfig as .toml/.yaml/.json")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields, e.g. epochs=5 tower.out_dim=32",
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.set_defaults(func=_evaluate)
+
+
+def _synth(args) -> int:
+    import dataclasses
+
+    from training.synth import SynthConfig, generate_dataset, save_world
+
+    cfg = SynthConfig.preset(args.preset)
+    values = dataclasses.asdict(cfg)
+    if args.seed is not None:
+        values["seed"] = args.seed
+    for item in args.set:
+        key, _, val = item.partition("=")
+        values[key] = val
+    cfg = config_mod.build(SynthConfig, values)
+    world, ds = generate_dataset(cfg, progress=True)
+    ds.save(args.out)
+    save_world(world, args.out)
+    print(
+        f"wrote {len(ds.users)} users, {len(ds.items)} items, "
+        f"{len(ds.interactions)} interactions to {args.out}"
+    )
+    return 0
+
+
+def _movielens(args) -> int:
+    from training.movielens import load_movielens
+
+    ds = load_movielens(args.path)
+    ds.save(args.out)
+    print(
+        f"wrote {len(ds.users)} users, {len(ds.items)} items, "
+        f"{len(ds.interactions)} interactions to {args.out}"
+    )
+    return 0
+
+
+def _train(args) -> int:
+    from training.train import TrainConfig, train
+
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"data={args.data}")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = config_mod.load(TrainConfig, args.config, overrides)
+    train(cfg)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from training.evaluate import format_table
+    from training.run import METRICS_FILE, atomic_write_text, load_run
+    from training.train import TrainConfig, load_training_data, evaluate_splits
+
+    run = load_run(args.run)
+    cfg = config_mod.build(TrainConfig, {**run.meta["train"], "data": args.data})
+    ds, sp, train_df = load_training_data(cfg)
+    metrics = evaluate_splits(run.model, run.vocab, ds, sp, train_df)
+    path = Path(args.run) / METRICS_FILE
+    old = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_text(path, json.dumps({**old, **metrics}, indent=1))
+    print(format_table(metrics))
+    return 0

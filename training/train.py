@@ -1,0 +1,316 @@
+"""`train(cfg)`: data -> time split -> vocab -> two-tower training -> evaluation -> run dir.
+
+Runs as one process, or under `torchrun` (DDP; gloo on CPU, nccl on GPU).
+Every epoch writes a resumable checkpoint; the best epoch by validation
+NDCG@10 is kept, and training stops after `patience` epochs without gain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models.features import FeatureVocab
+from models.loss import StreamingFrequencyEstimator
+from models.task import TwoTowerTrainTask
+from models.towers import TowerConfig, TwoTower
+from training.data import TrainingExamples
+from training.evaluate import evaluate, format_table
+from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, atomic_write_text, save_run
+from training.schema import Dataset
+from training.snapshot import FeatureSnapshot
+from training.split import SplitConfig, split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "data/demo"
+    out: str = "runs/demo"
+    seed: int = 0
+    epochs: int = 12  # the demo world converges in ~6-10 epochs; early stopping trims the rest
+    batch_size: int = 1024  # in-batch negatives: a bigger batch is a harder, better softmax
+    lr: float = 0.003  # Adam; sparse id embeddings need a larger step than the MLPs
+    weight_decay: float = 1e-6
+    temperature: float = 0.05  # cosine scores in [-1, 1] need sharpening to separate items
+    n_random_negatives: int = 0  # extra uniform negatives help tail items; off by default
+    logq_alpha: float = 0.05  # estimator step size (Yi et al. use ~0.01-0.1)
+    history_len: int = 20  # recent items in the user tower; tails off beyond ~20
+    n_hash_buckets: int = 256  # shared rows for unknown and cold users
+    min_user_interactions: int = 2  # below this a user's own row is noise: use the hashed row
+    cold_user_rate: float = 0.05  # share of examples trained through the hashed row
+    patience: int = 2  # epochs without val NDCG@10 gain before stopping
+    val_users: int = 4000  # val users scored per epoch; the final evaluation uses all
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    resume: bool = True  # continue from RUN_DIR/checkpoint.pt when its config matches
+    progress: bool = True
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # Extra labelled interactions (feedback joins) appended to the training split.
+    extra_interactions: str | None = None
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _device(d: _Dist) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", d.rank)))
+    return torch.device("cpu")
+
+
+def load_training_data(cfg: TrainConfig):
+    """(dataset, split, training interactions incl. any extra feedback labels)."""
+    ds = Dataset.load(cfg.data)
+    sp = split(ds.interactions, cfg.split)
+    train_df = sp.train
+    if cfg.extra_interactions:
+        extra = pd.read_parquet(cfg.extra_interactions)
+        train_df = pd.concat([train_df, extra[train_df.columns]], ignore_index=True)
+        train_df = train_df.sort_values("timestamp", kind="stable")
+    return ds, sp, train_df
+
+
+def train(cfg: TrainConfig) -> dict:
+    d = _init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(d)
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    ds, sp, train_df = load_training_data(cfg)
+    vocab = FeatureVocab.fit(
+        ds.users,
+        ds.items,
+        train_df,
+        n_hash_buckets=cfg.n_hash_buckets,
+        history_len=cfg.history_len,
+        min_user_interactions=cfg.min_user_interactions,
+    )
+    examples = TrainingExamples.build(vocab, ds.users, train_df)
+    item_cats = torch.from_numpy(
+        vocab.encode_item_cats(ds.items.set_index("item_id").loc[vocab.item_ids].reset_index())
+    )
+    torch.manual_seed(cfg.seed)
+    model = TwoTower(vocab.spec, cfg.tower, item_cats).to(device)
+    task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives)
+    estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
+    opt = torch.optim.Adam(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    wrapped = DistributedDataParallel(task) if d.world > 1 else task
+
+    state = _Resume(out, cfg)
+    start_epoch, best, best_state, bad_epochs = (
+        state.load(model, estimator, opt) if cfg.resume else (0, -1.0, None, 0)
+    )
+    val_target = _subsample_users(sp.val, cfg.val_users, cfg.seed)
+    history: list[dict] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        loss = _train_epoch(cfg, d, device, examples, wrapped, estimator, opt, epoch)
+        stop = torch.zeros(1)
+        if d.main:
+            res = evaluate(
+                model=model.cpu(), vocab=vocab, users=ds.users, known=train_df, target=val_target
+            )
+            model.to(device)
+            ndcg = res["model"].summary["ndcg@10"]
+            history.append({"epoch": epoch, "loss": loss, "val_ndcg@10": ndcg})
+            log.info(
+                "epoch %d loss %.4f val ndcg@10 %.4f (toppop %.4f)",
+                epoch,
+                loss,
+                ndcg,
+                res["toppop"].summary["ndcg@10"],
+            )
+            if ndcg > best:
+                best, bad_epochs = ndcg, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            state.save(epoch + 1, model, estimator, opt, best, best_state, bad_epochs)
+            stop[0] = float(bad_epochs >= cfg.patience)
+        if d.world > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            log.info("early stop after epoch %d (best val ndcg@10 %.4f)", epoch, best)
+            break
+
+    metrics = {}
+    if d.main:
+        model = model.cpu()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        metrics = _final(
+            cfg, out, model, vocab, ds, sp, train_df, history, time.perf_counter() - t0
+        )
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def _subsample_users(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    users = df["user_id"].unique()
+    if len(users) <= n:
+        return df
+    keep = np.random.default_rng(seed).choice(users, n, replace=False)
+    return df[df["user_id"].isin(keep)]
+
+
+def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> float:
+    # Seeded per epoch: a resumed run replays exactly the batches it would have seen.
+    rng = np.random.default_rng([cfg.seed, epoch])
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+    perm = rng.permutation(len(examples))
+    cold = rng.random(len(examples)) < cfg.cold_user_rate
+    n_batches = len(perm) // (cfg.batch_size * d.world)  # equal batches on every rank
+    n_batches = max(n_batches, 1)
+    task.train()
+    total = 0.0
+    bar = tqdm(
+        range(n_batches),
+        desc=f"epoch {epoch}",
+        disable=not (cfg.progress and d.main),
+        leave=False,
+        mininterval=1.0,
+    )
+    for b in bar:
+        start = (b * d.world + d.rank) * cfg.batch_size
+        rows = perm[start : start + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in examples.batch(rows, cold_mask=cold[rows]).items()}
+        items = batch["item_index"]
+        # Every rank sees the global batch's items so all estimators stay identical.
+        global_items = items
+        if d.world > 1:
+            gathered = [torch.empty_like(items) for _ in range(d.world)]
+            dist.all_gather(gathered, items)
+            global_items = torch.cat(gathered)
+        estimator.update(global_items)
+        log_q = torch.log(estimator.probability(items))
+        neg = None
+        if cfg.n_random_negatives:
+            neg = torch.randint(0, estimator.gap.numel(), (cfg.n_random_negatives,), device=device)
+        loss = task(batch, log_q, neg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        if b % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return total / n_batches
+
+
+class _Resume:
+    """Per-epoch checkpoint: tensors and plain numbers only, so `weights_only=True` loads it."""
+
+    def __init__(self, out: Path, cfg: TrainConfig):
+        self.path = out / CHECKPOINT_FILE
+        self.fingerprint = json.dumps(
+            asdict(cfg) | {"out": None, "resume": None, "progress": None, "epochs": None},
+            sort_keys=True,
+            default=str,
+        )
+
+    def load(self, model, estimator, opt):
+        if not self.path.exists():
+            return 0, -1.0, None, 0
+        ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        if ck["fingerprint"] != self.fingerprint:
+            log.warning("%s was written with another config; starting from scratch", self.path)
+            return 0, -1.0, None, 0
+        model.load_state_dict(ck["model"])
+        estimator.load_state_dict(ck["estimator"])
+        opt.load_state_dict(ck["opt"])
+        log.info("resuming from %s at epoch %d", self.path, ck["epoch"])
+        return ck["epoch"], ck["best"], ck["best_state"], ck["bad_epochs"]
+
+    def save(self, epoch, model, estimator, opt, best, best_state, bad_epochs) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "estimator": estimator.state_dict(),
+                "opt": opt.state_dict(),
+                "best": best,
+                "best_state": best_state,
+                "bad_epochs": bad_epochs,
+                "fingerprint": self.fingerprint,
+            },
+            tmp,
+        )
+        os.replace(tmp, self.path)
+
+
+def evaluate_splits(model, vocab, ds, sp, train_df) -> dict:
+    """val: history = train; test: history = train + val (they happened before the test)."""
+    val = evaluate(model=model, vocab=vocab, users=ds.users, known=train_df, target=sp.val)
+    known_test = pd.concat([train_df, sp.val], ignore_index=True).sort_values(
+        "timestamp", kind="stable"
+    )
+    test = evaluate(model=model, vocab=vocab, users=ds.users, known=known_test, target=sp.test)
+    return {
+        "val": {k: r.summary for k, r in val.items()},
+        "test": {k: r.summary for k, r in test.items()},
+    }
+
+
+def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds) -> dict:
+    metrics = evaluate_splits(model, vocab, ds, sp, train_df)
+    metrics["train_seconds"] = round(seconds, 1)
+    metrics["epochs"] = history
+    save_run(
+        out,
+        model,
+        vocab,
+        {
+            "train": asdict(cfg),
+            "data_dir": str(Path(cfg.data).resolve()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "cutoffs": {"t_val": sp.t_val, "t_test": sp.t_test},
+        },
+    )
+    # Serving starts from everything known at training time, test period included.
+    all_known = pd.concat([train_df, sp.val, sp.test], ignore_index=True).sort_values(
+        "timestamp", kind="stable"
+    )
+    FeatureSnapshot.build(vocab, ds.users, all_known).save(out / FEATURES_FILE)
+    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=1))
+    log.info(
+        "wrote %s in %.1fs\n%s",
+        out,
+        seconds,
+        format_table({s: metrics[s] for s in ("val", "test")}),
+    )
+    if not math.isfinite(metrics["test"]["model"]["ndcg@10"]):
+        raise RuntimeError("test NDCG is not finite: training diverged")
+    return metrics
