@@ -1,1 +1,4 @@
-"""feedback"""
+"""feedback: event log, join into labels, north-star metrics, closed-loop simulator.
+
+See feedback/README.md.
+"""

@@ -16,14 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", required=True, help="event log (events.db or sqlite:///path)")
     p.add_argument("--out", required=True, help="labels folder (date=YYYY-MM-DD/part-*.parquet)")
     p.add_argument("--window", default="30m", help="attribution window, e.g. 30m, 2h (default 30m)")
-    p.add_argument("--as-of", default=None,
-                   help="watermark: 'log' (default: the log's max event ts), 'now', 'end' "
-                        "(close every window), unix seconds or an ISO time")
-    p.add_argument("--lookback", default="7d",
-                   help="how far back written labels are searched to classify late clicks")
-    p.add_argument("--positives", default=None, metavar="PATH",
-                   help="also export all positives in the interactions schema to PATH "
-                        "(for `northstar train --set extra_interactions=PATH`)")
+    p.add_argument(
+        "--as-of",
+        default=None,
+        help="watermark: 'log' (default: the log's max event ts), 'now', 'end' "
+        "(close every window), unix seconds or an ISO time",
+    )
+    p.add_argument(
+        "--lookback",
+        default="7d",
+        help="how far back written labels are searched to classify late clicks",
+    )
+    p.add_argument(
+        "--positives",
+        default=None,
+        metavar="PATH",
+        help="also export all positives in the interactions schema to PATH "
+        "(for `northstar train --set extra_interactions=PATH`)",
+    )
     p.set_defaults(func=_join)
 
     p = fsub.add_parser("metrics", help="north-star metric per model version, day, user group")
@@ -45,8 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = fsub.add_parser("bench", help="measure ingest rate and join time")
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=5_000)
-    p.add_argument("--random-ids", type=int, default=300_000,
-                   help="events for the random-id comparison (0 = skip)")
+    p.add_argument(
+        "--random-ids",
+        type=int,
+        default=300_000,
+        help="events for the random-id comparison (0 = skip)",
+    )
     p.add_argument("--writers", type=int, default=4, help="concurrent writer processes")
     p.add_argument("--impressions", type=int, default=1_000_000)
     p.add_argument("--dir", default=None, help="keep the files here (default: temp, removed)")
@@ -67,10 +81,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resend-share", type=float, default=0.01)
     p.add_argument("--malformed-share", type=float, default=0.0)
     p.add_argument("--orphan-share", type=float, default=0.0)
-    p.add_argument("--local-log", default=None, metavar="PATH",
-                   help="no server: an in-process recommender and ingest on this log")
-    p.add_argument("--reconcile", default=None, metavar="LABELS_DIR",
-                   help="afterwards, join --log into LABELS_DIR and check the counts")
+    p.add_argument(
+        "--local-log",
+        default=None,
+        metavar="PATH",
+        help="no server: an in-process recommender and ingest on this log",
+    )
+    p.add_argument(
+        "--reconcile",
+        default=None,
+        metavar="LABELS_DIR",
+        help="afterwards, join --log into LABELS_DIR and check the counts",
+    )
     p.add_argument("--log", default=None, help="the server's event log, for --reconcile")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.set_defaults(func=_simulate)
@@ -79,21 +101,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _join(args) -> int:
     from feedback.join import JoinConfig, export_positives, parse_as_of, parse_duration, run_join
 
-    cfg = JoinConfig(log=args.log, out=args.out, window_s=parse_duration(args.window),
-                     as_of=parse_as_of(args.as_of),
-                     late_lookback_s=parse_duration(args.lookback))
+    cfg = JoinConfig(
+        log=args.log,
+        out=args.out,
+        window_s=parse_duration(args.window),
+        as_of=parse_as_of(args.as_of),
+        late_lookback_s=parse_duration(args.lookback),
+    )
     rep = run_join(cfg)
-    wm = "none" if rep.watermark is None else (
-        "end" if math.isinf(rep.watermark) else f"{rep.watermark:.3f}")
+    wm = (
+        "none"
+        if rep.watermark is None
+        else ("end" if math.isinf(rep.watermark) else f"{rep.watermark:.3f}")
+    )
     if rep.noop:
         print(f"up to date: nothing new in {args.log} (watermark {wm}, {rep.pending} pending)")
     else:
-        print(f"run {rep.run}: read {rep.new_impressions:,} impressions and "
-              f"{rep.new_interactions:,} interactions; wrote {rep.labels_written:,} labels "
-              f"({rep.positives_written:,} positive); {rep.pending:,} pending; watermark {wm}; "
-              f"{rep.seconds:.1f} s")
-        print("  interactions: " + ", ".join(f"{k} {v:,}" for k, v in rep.statuses.items()))
-        print("  reasons:      " + ", ".join(f"{k} {v:,}" for k, v in rep.reasons.items()))
+        print(
+            f"run {rep.run}: read {rep.new_impressions:,} impressions and "
+            f"{rep.new_interactions:,} interactions; wrote {rep.labels_written:,} labels "
+            f"({rep.positives_written:,} positive); {rep.pending:,} pending; watermark {wm}; "
+            f"{rep.seconds:.1f} s"
+        )
+        if rep.statuses:
+            print("  interactions: " + ", ".join(f"{k} {v:,}" for k, v in rep.statuses.items()))
+            print("  reasons:      " + ", ".join(f"{k} {v:,}" for k, v in rep.reasons.items()))
     if args.positives:
         n = export_positives(args.out, args.positives)
         print(f"wrote {n:,} positives to {args.positives}")
@@ -142,9 +174,17 @@ def _quarantine(args) -> int:
 def _bench(args) -> int:
     from feedback.bench import BenchConfig, main
 
-    main(BenchConfig(events=args.events, batch=args.batch, random_ids=args.random_ids,
-                     writers=args.writers, impressions=args.impressions, dir=args.dir),
-         out=args.out)
+    main(
+        BenchConfig(
+            events=args.events,
+            batch=args.batch,
+            random_ids=args.random_ids,
+            writers=args.writers,
+            impressions=args.impressions,
+            dir=args.dir,
+        ),
+        out=args.out,
+    )
     return 0
 
 
@@ -160,10 +200,18 @@ def _simulate(args) -> int:
     from feedback.sink import open_sink
 
     cfg = SimulateConfig(
-        world=args.world, users=args.users, requests=args.requests, url=args.url,
-        protocol=args.protocol, seed=args.seed, k=args.k, concurrency=args.concurrency,
-        window_s=parse_duration(args.window), request_id_share=args.request_id_share,
-        resend_share=args.resend_share, malformed_share=args.malformed_share,
+        world=args.world,
+        users=args.users,
+        requests=args.requests,
+        url=args.url,
+        protocol=args.protocol,
+        seed=args.seed,
+        k=args.k,
+        concurrency=args.concurrency,
+        window_s=parse_duration(args.window),
+        request_id_share=args.request_id_share,
+        resend_share=args.resend_share,
+        malformed_share=args.malformed_share,
         orphan_share=args.orphan_share,
     )
     kwargs = {}
@@ -180,8 +228,7 @@ def _simulate(args) -> int:
     if args.reconcile:
         if not log_path:
             raise ValueError("--reconcile needs --log (the server's NORTHSTAR_EVENT_LOG)")
-        rec = reconcile(rep, log_path=log_path, labels_dir=args.reconcile,
-                        window_s=cfg.window_s)
+        rec = reconcile(rep, log_path=log_path, labels_dir=args.reconcile, window_s=cfg.window_s)
         print(json.dumps(rec, indent=1))
         result["reconcile"] = rec
     if args.out:

@@ -115,7 +115,7 @@ class Validated:
     n: int  # rows in the input batch
 
     def reason_per_row(self) -> list[str]:
-        """"" for rows that passed, the reason for rows that did not; input order."""
+        """ "" for rows that passed, the reason for rows that did not; input order."""
         out = [""] * self.n
         for i, r in zip(self.bad.tolist(), self.reasons, strict=True):
             out[i] = r
@@ -208,8 +208,11 @@ def _mark(reason: np.ndarray, marked: np.ndarray, mask: np.ndarray, text: str) -
 
 def _is_missing(a: np.ndarray) -> np.ndarray:
     if a.dtype == object:
-        return np.fromiter((v is None or (isinstance(v, float) and math.isnan(v)) for v in a),
-                           dtype=bool, count=len(a))
+        return np.fromiter(
+            (v is None or (isinstance(v, float) and math.isnan(v)) for v in a),
+            dtype=bool,
+            count=len(a),
+        )
     if a.dtype.kind == "f":
         return np.isnan(a)
     return np.zeros(len(a), dtype=bool)
@@ -256,8 +259,11 @@ def _coerce_float(a: np.ndarray):
             out[i] = float(v)
         else:
             not_num[i] = True
-    return out, [("missing", missing), ("not a number", not_num),
-                 ("not finite", ~missing & ~not_num & ~np.isfinite(out))]
+    return out, [
+        ("missing", missing),
+        ("not a number", not_num),
+        ("not finite", ~missing & ~not_num & ~np.isfinite(out)),
+    ]
 
 
 def _coerce_str(a: np.ndarray):

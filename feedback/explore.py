@@ -98,7 +98,8 @@ def rank_with_exploration(
     out_scores = np.where(shown, np.take_along_axis(scores, order, axis=1), pad_score)
     greedy_items = np.where(
         np.take_along_axis(valid, greedy_order, axis=1) & in_k,
-        np.take_along_axis(item_ids, greedy_order, axis=1), pad_item,
+        np.take_along_axis(item_ids, greedy_order, axis=1),
+        pad_item,
     )
     p_random = epsilon / np.maximum(n_valid, 1)  # (B,)
     same = out_items == greedy_items  # (B, W)

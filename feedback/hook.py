@@ -38,8 +38,9 @@ def event_log_location(params: Mapping[str, str] | None = None) -> str | None:
 
 def impression_event_ids(request_id: np.ndarray, position: np.ndarray) -> np.ndarray:
     """event_id = "<request_id>:<position>": logging one response twice stores it once."""
-    req = np.asarray([r.decode() if isinstance(r, bytes) else str(r) for r in request_id],
-                     dtype=object)
+    req = np.asarray(
+        [r.decode() if isinstance(r, bytes) else str(r) for r in request_id], dtype=object
+    )
     return req + ":" + np.asarray(position).astype(str).astype(object)
 
 
@@ -62,7 +63,8 @@ class ImpressionLogger:
             "event_id": impression_event_ids(impressions.request_id, position),
             "request_id": np.asarray(
                 [r.decode() if isinstance(r, bytes) else str(r) for r in impressions.request_id],
-                dtype=object),
+                dtype=object,
+            ),
             "user_id": np.asarray(impressions.user_id, dtype=np.int64),
             "item_id": np.asarray(impressions.item_id, dtype=np.int64),
             "position": position,

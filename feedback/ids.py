@@ -26,8 +26,9 @@ def uuid7(ts: float | None = None) -> str:
     return f"{value:032x}"
 
 
-def uuid7_batch(n: int, ts: float | np.ndarray | None = None,
-                rng: np.random.Generator | None = None) -> np.ndarray:
+def uuid7_batch(
+    n: int, ts: float | np.ndarray | None = None, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """(n,) object array of UUIDv7 hex strings; `ts` scalar or (n,) unix seconds.
 
     Pass a seeded `rng` for reproducible ids (the simulator does); the default draws from

@@ -62,8 +62,10 @@ def as_columns(events: Any) -> dict[str, np.ndarray]:
     elif isinstance(events, Sequence) and events and isinstance(events[0], Interaction):
         cols = to_columns(events)
     else:
-        raise TypeError("events: expected a DataFrame, a dict of columns or a list of "
-                        f"Interaction, got {type(events).__name__}")
+        raise TypeError(
+            "events: expected a DataFrame, a dict of columns or a list of "
+            f"Interaction, got {type(events).__name__}"
+        )
     n = len(next(iter(cols.values()))) if cols else 0
     if "event_id" not in cols:
         cols["event_id"] = uuid7_batch(n, ts=np.asarray(cols.get("ts", time.time()), float))
@@ -76,8 +78,9 @@ def _tensor_array(name: str, values: np.ndarray) -> np.ndarray:
     dtype = INPUTS[name]
     if dtype == "BYTES":
         out = np.empty((len(values), 1), dtype=object)
-        out[:, 0] = [v if isinstance(v, bytes) else ("" if v is None else str(v)).encode()
-                     for v in values]
+        out[:, 0] = [
+            v if isinstance(v, bytes) else ("" if v is None else str(v)).encode() for v in values
+        ]
         return out
     return np.asarray(values, dtype=_NUMPY[dtype]).reshape(-1, 1)
 
@@ -96,8 +99,11 @@ class _Client:
         inner = getattr(client_or_url, "_client", None)  # serving.client.RecommenderClient
         if isinstance(client_or_url, str) or client_or_url is None:
             url = client_or_url or DEFAULT_URLS[protocol]
-            kwargs = ({} if protocol == "grpc"
-                      else {"connection_timeout": timeout_s, "network_timeout": timeout_s})
+            kwargs = (
+                {}
+                if protocol == "grpc"
+                else {"connection_timeout": timeout_s, "network_timeout": timeout_s}
+            )
             self.client, self.owned = mod.InferenceServerClient(url, **kwargs), True
         elif hasattr(client_or_url, "infer"):
             self.client, self.owned = client_or_url, False
@@ -148,8 +154,11 @@ def send_interactions(
     try:
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
-            arrays = {name: _tensor_array(name, np.asarray(cols[name])[sl]) for name in INPUTS
-                      if name in cols}
+            arrays = {
+                name: _tensor_array(name, np.asarray(cols[name])[sl])
+                for name in INPUTS
+                if name in cols
+            }
             res.batches += 1
             for attempt in range(retries + 1):
                 try:
@@ -180,6 +189,6 @@ def _message(exc: Exception) -> str:
 
 def _is_input_error(message: str) -> bool:
     # parse_request's errors name an input: resending the same tensors cannot succeed.
-    return "input '" in message and ("missing" in message or "rows" in message
-                                     or "shape" in message)
-
+    return "input '" in message and (
+        "missing" in message or "rows" in message or "shape" in message
+    )

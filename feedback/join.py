@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feedback.events import IMPRESSION, INTERACTION
@@ -79,35 +80,39 @@ REASONS = {
 # When several interactions hit one impression, the label's event_type is the strongest.
 _TYPE_RANK = {"click": 1, "watch": 2, "like": 3}
 
-LABEL_SCHEMA = pa.schema([
-    ("event_id", pa.string()),  # the impression's event_id
-    ("request_id", pa.string()),
-    ("user_id", pa.int64()),
-    ("item_id", pa.int64()),
-    ("position", pa.int64()),
-    ("score", pa.float64()),
-    ("model_version", pa.int64()),
-    ("propensity", pa.float64()),
-    ("impression_ts", pa.float64()),  # unix seconds, server clock
-    ("clicked", pa.bool_()),  # any attributed interaction (click, watch or like)
-    ("liked", pa.bool_()),
-    ("value", pa.float64()),  # engaged value: max attributed watch seconds, 0 if none
-    ("label_ts", pa.float64()),  # first attributed interaction, else impression_ts + W
-    ("event_type", pa.string()),  # strongest attributed type; null for negatives
-    ("n_interactions", pa.int64()),  # attributed interactions, duplicates of a click included
-])
-STATUS_SCHEMA = pa.schema([
-    ("event_id", pa.string()),
-    ("user_id", pa.int64()),
-    ("item_id", pa.int64()),
-    ("type", pa.string()),
-    ("value", pa.float64()),
-    ("ts", pa.float64()),
-    ("request_id", pa.string()),
-    ("status", pa.string()),  # joined | late | unattributed
-    ("reason", pa.string()),  # a key of REASONS
-    ("impression_event_id", pa.string()),  # null when unattributed
-])
+LABEL_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),  # the impression's event_id
+        ("request_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("position", pa.int64()),
+        ("score", pa.float64()),
+        ("model_version", pa.int64()),
+        ("propensity", pa.float64()),
+        ("impression_ts", pa.float64()),  # unix seconds, server clock
+        ("clicked", pa.bool_()),  # any attributed interaction (click, watch or like)
+        ("liked", pa.bool_()),
+        ("value", pa.float64()),  # engaged value: max attributed watch seconds, 0 if none
+        ("label_ts", pa.float64()),  # first attributed interaction, else impression_ts + W
+        ("event_type", pa.string()),  # strongest attributed type; null for negatives
+        ("n_interactions", pa.int64()),  # attributed interactions, duplicates of a click included
+    ]
+)
+STATUS_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("type", pa.string()),
+        ("value", pa.float64()),
+        ("ts", pa.float64()),
+        ("request_id", pa.string()),
+        ("status", pa.string()),  # joined | late | unattributed
+        ("reason", pa.string()),  # a key of REASONS
+        ("impression_event_id", pa.string()),  # null when unattributed
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -175,8 +180,9 @@ def parse_as_of(text: str | None) -> float | None:
     try:
         dt = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ValueError(f"--as-of {text!r}: expected log, now, end, unix seconds or ISO time") \
-            from exc
+        raise ValueError(
+            f"--as-of {text!r}: expected log, now, end, unix seconds or ISO time"
+        ) from exc
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
@@ -197,12 +203,20 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
         imps = src.read(IMPRESSION, after=cur[IMPRESSION], upto=snap[IMPRESSION])
         inter = src.read(INTERACTION, after=cur[INTERACTION], upto=snap[INTERACTION])
 
-        max_ts = _nanmax(state["max_event_ts"], imps["ts"].max() if len(imps) else None,
-                         inter["ts"].max() if len(inter) else None)
+        max_ts = _nanmax(
+            state["max_event_ts"],
+            imps["ts"].max() if len(imps) else None,
+            inter["ts"].max() if len(inter) else None,
+        )
         watermark = max_ts if cfg.as_of is None else cfg.as_of
         watermark = _nanmax(state["watermark"], watermark)
-        report = JoinReport(run=run, new_impressions=len(imps), new_interactions=len(inter),
-                            watermark=watermark, totals=dict(state["totals"]))
+        report = JoinReport(
+            run=run,
+            new_impressions=len(imps),
+            new_interactions=len(inter),
+            watermark=watermark,
+            totals=dict(state["totals"]),
+        )
         if not len(imps) and not len(inter) and watermark == state["watermark"]:
             report.noop, report.pending = True, state["pending_count"]
             report.seconds = time.perf_counter() - t0
@@ -210,16 +224,26 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
 
         _remove_run_files(out, run)  # leftovers of a crashed attempt at this same run
         pending, new = _read_pending(out, state), _new_labels(imps)
-        labels = (pd.concat([pending, new], ignore_index=True) if len(pending) and len(new)
-                  else new if len(new) else pending)
-        status = attribute(inter, labels, window_s=cfg.window_s,
-                           finalized=lambda ts: _finalized(out, ts, cfg.late_lookback_s))
+        labels = (
+            pd.concat([pending, new], ignore_index=True)
+            if len(pending) and len(new)
+            else new
+            if len(new)
+            else pending
+        )
+        status = attribute(
+            inter,
+            labels,
+            window_s=cfg.window_s,
+            finalized=lambda x: _finalized(out, x, cfg.late_lookback_s),
+        )
 
         final = (labels["impression_ts"] + cfg.window_s < watermark).to_numpy()
         done, still = labels[final], labels[~final]
         if len(done):
-            done = done.assign(label_ts=done["label_ts"].fillna(
-                done["impression_ts"] + cfg.window_s))
+            done = done.assign(
+                label_ts=done["label_ts"].fillna(done["impression_ts"] + cfg.window_s)
+            )
         _write_partitioned(out, done, "impression_ts", LABEL_SCHEMA, run)
         _write_partitioned(out / STATUS_DIR, status, "ts", STATUS_SCHEMA, run)
         pending_file = None
@@ -233,10 +257,14 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
         report.statuses = status["status"].value_counts().to_dict() if len(status) else {}
         report.reasons = status["reason"].value_counts().to_dict() if len(status) else {}
         totals = report.totals
-        for key, n in [("impressions", len(imps)), ("interactions", len(inter)),
-                       ("labels", len(done)), ("positives", report.positives_written),
-                       *report.statuses.items(),
-                       *((f"reason:{k}", v) for k, v in report.reasons.items())]:
+        for key, n in [
+            ("impressions", len(imps)),
+            ("interactions", len(inter)),
+            ("labels", len(done)),
+            ("positives", report.positives_written),
+            *report.statuses.items(),
+            *((f"reason:{k}", v) for k, v in report.reasons.items()),
+        ]:
             totals[key] = int(totals.get(key, 0) + n)
         new_state = {
             **state,
@@ -256,13 +284,14 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
         return report
 
 
-def attribute(inter: pd.DataFrame, labels: pd.DataFrame, *, window_s: float,
-              finalized=None) -> pd.DataFrame:
+def attribute(
+    inter: pd.DataFrame, labels: pd.DataFrame, *, window_s: float, finalized=None
+) -> pd.DataFrame:
     """Give every interaction a status; fold the joined ones into `labels` (in place).
 
-    `labels`: pending + new impressions (label columns). `finalized(ts_array)` returns
-    already-written impressions that might explain the interactions at those times (for
-    late detection); None means there are none.
+    `labels`: pending + new impressions (label columns). `finalized(interactions)` returns
+    already-written impressions that might explain those interactions (for late
+    detection); None means there are none.
     """
     n = len(inter)
     match = np.full(n, -1, dtype=np.int64)  # row in `labels`
@@ -278,7 +307,7 @@ def attribute(inter: pd.DataFrame, labels: pd.DataFrame, *, window_s: float,
     # --- pass 2: what pass 1 could not place, against written labels (only to classify)
     old = np.flatnonzero(match < 0)
     old_match = np.full(n, -1, dtype=np.int64)
-    fin = finalized(its[old]) if len(old) and finalized is not None else None
+    fin = finalized(inter.iloc[old]) if len(old) and finalized is not None else None
     if fin is not None and len(fin):
         sub = inter.iloc[old].reset_index(drop=True)
         sub_match = np.full(len(old), -1, dtype=np.int64)
@@ -321,43 +350,69 @@ def attribute(inter: pd.DataFrame, labels: pd.DataFrame, *, window_s: float,
     return _status_frame(inter, reason, imp_id)
 
 
-def _match(inter: pd.DataFrame, imps: pd.DataFrame, has_req: np.ndarray,
-           match: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _match(
+    inter: pd.DataFrame, imps: pd.DataFrame, has_req: np.ndarray, match: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Fill `match` (row of `imps` or -1); return the matched impression ts and user."""
     n = len(inter)
     m_ts = np.full(n, np.nan)
     m_user = np.full(n, -1, dtype=np.int64)
     if len(imps) == 0:
         return m_ts, m_user
-    cand = pd.DataFrame({
-        "request_id": imps["request_id"].to_numpy(), "item_id": imps["item_id"].to_numpy(),
-        "user_id": imps["user_id"].to_numpy(), "ts": imps["impression_ts"].to_numpy(),
-        "row": np.arange(len(imps)), "position": imps["position"].to_numpy(),
-    })
+    cand = pd.DataFrame(
+        {
+            "request_id": imps["request_id"].to_numpy(),
+            "item_id": imps["item_id"].to_numpy(),
+            "user_id": imps["user_id"].to_numpy(),
+            "ts": imps["impression_ts"].to_numpy(),
+            "row": np.arange(len(imps)),
+            "position": imps["position"].to_numpy(),
+        }
+    )
     req_rows = np.flatnonzero(has_req)
     if len(req_rows):
         # Strings hashed once into int codes; the (request, item) lookup is then on ints.
         codes, uniques = pd.factorize(cand["request_id"].to_numpy())
         q_codes = pd.Index(uniques).get_indexer(inter["request_id"].to_numpy()[req_rows])
         # A response lists an item once; if a buggy one repeats it, the top slot wins.
-        by_req = pd.DataFrame({"code": codes, "item_id": cand["item_id"].to_numpy(),
-                               "position": cand["position"].to_numpy(), "row": cand["row"]})
-        by_req = by_req.sort_values("position", kind="stable").drop_duplicates(
-            ["code", "item_id"])
-        q = pd.DataFrame({"code": q_codes, "item_id": inter["item_id"].to_numpy()[req_rows],
-                          "q": req_rows})
-        hit = q[q["code"] >= 0].merge(by_req[["code", "item_id", "row"]],
-                                      on=["code", "item_id"], how="inner")
+        by_req = pd.DataFrame(
+            {
+                "code": codes,
+                "item_id": cand["item_id"].to_numpy(),
+                "position": cand["position"].to_numpy(),
+                "row": cand["row"],
+            }
+        )
+        if by_req.duplicated(["code", "item_id"]).any():
+            by_req = by_req.sort_values("position", kind="stable").drop_duplicates(
+                ["code", "item_id"]
+            )
+        q = pd.DataFrame(
+            {"code": q_codes, "item_id": inter["item_id"].to_numpy()[req_rows], "q": req_rows}
+        )
+        hit = q[q["code"] >= 0].merge(
+            by_req[["code", "item_id", "row"]], on=["code", "item_id"], how="inner"
+        )
         match[hit["q"].to_numpy()] = hit["row"].to_numpy()
     ui_rows = np.flatnonzero(~has_req)
     if len(ui_rows):
-        q = pd.DataFrame({"ts": inter["ts"].to_numpy()[ui_rows],
-                          "user_id": inter["user_id"].to_numpy()[ui_rows],
-                          "item_id": inter["item_id"].to_numpy()[ui_rows], "q": ui_rows})
+        q = pd.DataFrame(
+            {
+                "ts": inter["ts"].to_numpy()[ui_rows],
+                "user_id": inter["user_id"].to_numpy()[ui_rows],
+                "item_id": inter["item_id"].to_numpy()[ui_rows],
+                "q": ui_rows,
+            }
+        )
         q = q.sort_values("ts", kind="stable")
-        c = cand[["ts", "user_id", "item_id", "row"]].sort_values("ts", kind="stable")
-        hit = pd.merge_asof(q, c, on="ts", by=["user_id", "item_id"], direction="backward",
-                            allow_exact_matches=True)
+        # Only this batch's users can match: filter before the (costly) sort by time.
+        c = cand.loc[
+            cand["user_id"].isin(q["user_id"].unique()), ["ts", "user_id", "item_id", "row"]
+        ]
+        c = c.sort_values("ts", kind="stable")
+        hit = pd.merge_asof(
+            q, c, on="ts", by=["user_id", "item_id"], direction="backward", allow_exact_matches=True
+        )
         hit = hit[hit["row"].notna()]
         match[hit["q"].to_numpy()] = hit["row"].to_numpy(np.int64)
     ok = match >= 0
@@ -377,17 +432,24 @@ def _fold(labels: pd.DataFrame, inter: pd.DataFrame, rows: np.ndarray, match: np
     """Accumulate joined interactions into their impressions' labels."""
     if len(rows) == 0:
         return
-    j = pd.DataFrame({
-        "row": match[rows],
-        "ts": inter["ts"].to_numpy()[rows],
-        "watch": np.where(inter["type"].to_numpy()[rows] == "watch",
-                          inter["value"].to_numpy()[rows], 0.0),
-        "like": inter["type"].to_numpy()[rows] == "like",
-        "rank": inter["type"].map(_TYPE_RANK).to_numpy()[rows],
-    })
-    g = j.groupby("row", sort=False).agg(ts=("ts", "min"), watch=("watch", "max"),
-                                         like=("like", "any"), rank=("rank", "max"),
-                                         n=("ts", "size"))
+    j = pd.DataFrame(
+        {
+            "row": match[rows],
+            "ts": inter["ts"].to_numpy()[rows],
+            "watch": np.where(
+                inter["type"].to_numpy()[rows] == "watch", inter["value"].to_numpy()[rows], 0.0
+            ),
+            "like": inter["type"].to_numpy()[rows] == "like",
+            "rank": inter["type"].map(_TYPE_RANK).to_numpy()[rows],
+        }
+    )
+    g = j.groupby("row", sort=False).agg(
+        ts=("ts", "min"),
+        watch=("watch", "max"),
+        like=("like", "any"),
+        rank=("rank", "max"),
+        n=("ts", "size"),
+    )
     r = g.index.to_numpy()
     lab_ts = labels["label_ts"].to_numpy(copy=True)
     lab_ts[r] = np.fmin(lab_ts[r], g["ts"].to_numpy())
@@ -410,27 +472,43 @@ def _fold(labels: pd.DataFrame, inter: pd.DataFrame, rows: np.ndarray, match: np
 
 def _status_frame(inter: pd.DataFrame, reason: np.ndarray, imp_id: np.ndarray) -> pd.DataFrame:
     status = np.asarray([REASONS[r] for r in reason], dtype=object) if len(reason) else reason
-    return pd.DataFrame({
-        "event_id": inter["event_id"].to_numpy(), "user_id": inter["user_id"].to_numpy(),
-        "item_id": inter["item_id"].to_numpy(), "type": inter["type"].to_numpy(),
-        "value": inter["value"].to_numpy(), "ts": inter["ts"].to_numpy(),
-        "request_id": inter["request_id"].to_numpy(), "status": status, "reason": reason,
-        "impression_event_id": imp_id,
-    })
+    return pd.DataFrame(
+        {
+            "event_id": inter["event_id"].to_numpy(),
+            "user_id": inter["user_id"].to_numpy(),
+            "item_id": inter["item_id"].to_numpy(),
+            "type": inter["type"].to_numpy(),
+            "value": inter["value"].to_numpy(),
+            "ts": inter["ts"].to_numpy(),
+            "request_id": inter["request_id"].to_numpy(),
+            "status": status,
+            "reason": reason,
+            "impression_event_id": imp_id,
+        }
+    )
 
 
 def _new_labels(imps: pd.DataFrame) -> pd.DataFrame:
     n = len(imps)
-    return pd.DataFrame({
-        "event_id": imps["event_id"].to_numpy(), "request_id": imps["request_id"].to_numpy(),
-        "user_id": imps["user_id"].to_numpy(), "item_id": imps["item_id"].to_numpy(),
-        "position": imps["position"].to_numpy(), "score": imps["score"].to_numpy(),
-        "model_version": imps["model_version"].to_numpy(),
-        "propensity": imps["propensity"].to_numpy(), "impression_ts": imps["ts"].to_numpy(),
-        "clicked": np.zeros(n, bool), "liked": np.zeros(n, bool), "value": np.zeros(n),
-        "label_ts": np.full(n, np.nan), "event_type": np.full(n, None, dtype=object),
-        "n_interactions": np.zeros(n, np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "event_id": imps["event_id"].to_numpy(),
+            "request_id": imps["request_id"].to_numpy(),
+            "user_id": imps["user_id"].to_numpy(),
+            "item_id": imps["item_id"].to_numpy(),
+            "position": imps["position"].to_numpy(),
+            "score": imps["score"].to_numpy(),
+            "model_version": imps["model_version"].to_numpy(),
+            "propensity": imps["propensity"].to_numpy(),
+            "impression_ts": imps["ts"].to_numpy(),
+            "clicked": np.zeros(n, bool),
+            "liked": np.zeros(n, bool),
+            "value": np.zeros(n),
+            "label_ts": np.full(n, np.nan),
+            "event_type": np.full(n, None, dtype=object),
+            "n_interactions": np.zeros(n, np.int64),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- files and state
@@ -439,16 +517,26 @@ def _new_labels(imps: pd.DataFrame) -> pd.DataFrame:
 def _load_state(out: Path, cfg: JoinConfig) -> dict:
     path = out / STATE_DIR / STATE_FILE
     if not path.exists():
-        return {"format": _FORMAT, "log": str(cfg.log), "window_s": cfg.window_s, "run": 0,
-                "cursor": {IMPRESSION: 0, INTERACTION: 0}, "watermark": None,
-                "max_event_ts": None, "pending_file": None, "pending_count": 0, "totals": {}}
+        return {
+            "format": _FORMAT,
+            "log": str(cfg.log),
+            "window_s": cfg.window_s,
+            "run": 0,
+            "cursor": {IMPRESSION: 0, INTERACTION: 0},
+            "watermark": None,
+            "max_event_ts": None,
+            "pending_file": None,
+            "pending_count": 0,
+            "totals": {},
+        }
     state = json.loads(path.read_text())
     if state.get("format") != _FORMAT:
         raise ValueError(f"{path}: format {state.get('format')!r}, expected {_FORMAT}")
     if state["window_s"] != cfg.window_s:
         raise ValueError(
             f"{path}: these labels were built with window_s={state['window_s']}, not "
-            f"{cfg.window_s}; a window change needs a fresh --out (labels would mix windows)")
+            f"{cfg.window_s}; a window change needs a fresh --out (labels would mix windows)"
+        )
     return state
 
 
@@ -460,22 +548,42 @@ def _read_pending(out: Path, state: dict) -> pd.DataFrame:
 
 
 def _empty_impressions() -> pd.DataFrame:
-    cols = {"event_id": object, "request_id": object, "user_id": np.int64, "item_id": np.int64,
-            "position": np.int64, "score": np.float64, "model_version": np.int64,
-            "propensity": np.float64, "ts": np.float64}
+    cols = {
+        "event_id": object,
+        "request_id": object,
+        "user_id": np.int64,
+        "item_id": np.int64,
+        "position": np.int64,
+        "score": np.float64,
+        "model_version": np.int64,
+        "propensity": np.float64,
+        "ts": np.float64,
+    }
     return pd.DataFrame({k: np.zeros(0, dtype=v) for k, v in cols.items()})
 
 
-def _finalized(out: Path, ts: np.ndarray, lookback_s: float) -> pd.DataFrame | None:
-    """Written labels from the days that could hold the impressions behind `ts`."""
+def _finalized(out: Path, inter: pd.DataFrame, lookback_s: float) -> pd.DataFrame | None:
+    """Written labels that could explain `inter`: from the days in [min ts - lookback,
+    max ts], and only rows with one of their request ids or users."""
+    ts = inter["ts"].to_numpy()
     lo, hi = float(np.nanmin(ts)) - lookback_s, float(np.nanmax(ts))
     days = utc_dates(np.array([lo, hi]))
-    files = [f for d in sorted(out.glob("date=*")) if days[0] <= d.name[5:] <= days[1]
-             for f in sorted(d.glob("part-*.parquet"))]
+    files = [
+        f
+        for d in sorted(out.glob("date=*"))
+        if days[0] <= d.name[5:] <= days[1]
+        for f in sorted(d.glob("part-*.parquet"))
+    ]
     if not files:
         return None
     cols = ["event_id", "request_id", "user_id", "item_id", "position", "impression_ts"]
-    return pa.concat_tables([pq.read_table(f, columns=cols) for f in files]).to_pandas()
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    users = pa.array(np.unique(inter["user_id"].to_numpy()), pa.int64())
+    reqs = pa.array([r for r in pd.unique(inter["request_id"]) if r], pa.string())
+    keep = pc.or_(
+        pc.is_in(table["user_id"], value_set=users), pc.is_in(table["request_id"], value_set=reqs)
+    )
+    return table.filter(keep).to_pandas()
 
 
 def utc_dates(ts: np.ndarray) -> np.ndarray:
@@ -486,8 +594,9 @@ def utc_dates(ts: np.ndarray) -> np.ndarray:
     return names[inv]
 
 
-def _write_partitioned(root: Path, df: pd.DataFrame, ts_col: str, schema: pa.Schema,
-                       run: int) -> None:
+def _write_partitioned(
+    root: Path, df: pd.DataFrame, ts_col: str, schema: pa.Schema, run: int
+) -> None:
     if not len(df):
         return
     dates = utc_dates(df[ts_col].to_numpy())
@@ -508,8 +617,11 @@ def _write_table(path: Path, df: pd.DataFrame, schema: pa.Schema) -> None:
 
 def _remove_run_files(out: Path, run: int) -> None:
     name = f"part-{run:08d}.parquet"
-    for f in [*out.glob(f"date=*/{name}"), *out.glob(f"{STATUS_DIR}/date=*/{name}"),
-              out / STATE_DIR / f"pending-{run:08d}.parquet"]:
+    for f in [
+        *out.glob(f"date=*/{name}"),
+        *out.glob(f"{STATUS_DIR}/date=*/{name}"),
+        out / STATE_DIR / f"pending-{run:08d}.parquet",
+    ]:
         if f.exists():
             log.warning("removing %s, left by an interrupted join run", f)
             f.unlink()
@@ -594,13 +706,15 @@ def export_positives(labels_dir: str | Path, out_path: str | Path) -> int:
     lab = read_labels(labels_dir)
     pos = lab[lab["clicked"]].sort_values("label_ts", kind="stable")
     pos = pos.drop_duplicates(["user_id", "item_id"], keep="first")
-    df = pd.DataFrame({
-        "user_id": pos["user_id"].to_numpy(np.int64),
-        "item_id": pos["item_id"].to_numpy(np.int64),
-        "timestamp": np.floor(pos["label_ts"].to_numpy()).astype(np.int64),
-        "event_type": pos["event_type"].fillna("click").astype(str).to_numpy(),
-        "value": pos["value"].to_numpy(np.float32),
-    })
+    df = pd.DataFrame(
+        {
+            "user_id": pos["user_id"].to_numpy(np.int64),
+            "item_id": pos["item_id"].to_numpy(np.int64),
+            "timestamp": np.floor(pos["label_ts"].to_numpy()).astype(np.int64),
+            "event_type": pos["event_type"].fillna("click").astype(str).to_numpy(),
+            "value": pos["value"].to_numpy(np.float32),
+        }
+    )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")

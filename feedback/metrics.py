@@ -100,19 +100,33 @@ def north_star_table(
     frame = labels[by].assign(
         _clicked=labels["clicked"].to_numpy(np.int64), _value=value, _value_sq=value * value
     )
-    g = frame.groupby(by, sort=True, dropna=False, observed=True).agg(
-        impressions=("_clicked", "size"), clicks=("_clicked", "sum"),
-        value_sum=("_value", "sum"), value_sq=("_value_sq", "sum"),
-    ).reset_index()
+    g = (
+        frame.groupby(by, sort=True, dropna=False, observed=True)
+        .agg(
+            impressions=("_clicked", "size"),
+            clicks=("_clicked", "sum"),
+            value_sum=("_value", "sum"),
+            value_sq=("_value_sq", "sum"),
+        )
+        .reset_index()
+    )
     n, c = g["impressions"].to_numpy(), g["clicks"].to_numpy()
     low, high = wilson_interval(successes=c, trials=n, confidence=confidence)
-    mean, v_low, v_high = mean_interval(total=g["value_sum"].to_numpy(),
-                                        total_sq=g["value_sq"].to_numpy(), n=n,
-                                        confidence=confidence)
+    mean, v_low, v_high = mean_interval(
+        total=g["value_sum"].to_numpy(),
+        total_sq=g["value_sq"].to_numpy(),
+        n=n,
+        confidence=confidence,
+    )
     return g[by].assign(
-        impressions=n.astype(np.int64), clicks=c.astype(np.int64),
-        ctr=ctr(clicks=c, impressions=n), ctr_low=low, ctr_high=high,
-        value_per_impression=mean, value_low=v_low, value_high=v_high,
+        impressions=n.astype(np.int64),
+        clicks=c.astype(np.int64),
+        ctr=ctr(clicks=c, impressions=n),
+        ctr_low=low,
+        ctr_high=high,
+        value_per_impression=mean,
+        value_low=v_low,
+        value_high=v_high,
     )
 
 
@@ -146,13 +160,12 @@ def compute_metrics(
     report = {
         "confidence": confidence,
         "impressions": len(lab),
-        "by_version": _records(north_star_table(lab, by=["model_version"],
-                                                confidence=confidence)),
-        "by_version_day": _records(north_star_table(lab, by=["model_version", "date"],
-                                                    confidence=confidence)),
+        "by_version": _records(north_star_table(lab, by=["model_version"], confidence=confidence)),
+        "by_version_day": _records(
+            north_star_table(lab, by=["model_version", "date"], confidence=confidence)
+        ),
         "by_version_group": {
-            col: _records(north_star_table(lab, by=["model_version", col],
-                                           confidence=confidence))
+            col: _records(north_star_table(lab, by=["model_version", col], confidence=confidence))
             for col in GROUP_COLUMNS
         },
     }
@@ -181,8 +194,9 @@ def format_metrics(report: dict) -> str:
     def table(title: str, rows: list[dict], keys: list[str]) -> None:
         lines.append(title)
         head = "".join(f"{k:>14}" for k in keys)
-        lines.append(f"{head}{'impressions':>12}{'clicks':>9}{'CTR [95% CI]':>26}"
-                     f"{'value/imp [CI]':>28}")
+        lines.append(
+            f"{head}{'impressions':>12}{'clicks':>9}{'CTR [95% CI]':>26}{'value/imp [CI]':>28}"
+        )
         for r in rows:
             key = "".join(f"{r[k]!s:>14}" for k in keys)
             lines.append(

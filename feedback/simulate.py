@@ -239,19 +239,42 @@ def _interactions(cfg, world, slates, rng, report) -> tuple[pd.DataFrame, pd.Dat
     rows = []
     for rec, t_sent, t_resp in slates:
         n = len(rec.item_ids)
-        rows.append(pd.DataFrame({
-            "request_id": rec.request_id, "user_id": int(rec.user_id),
-            "item_id": np.asarray(rec.item_ids, np.int64), "position": np.arange(n),
-            "model_version": int(rec.model_version), "t_sent": t_sent, "t_resp": t_resp,
-        }))
-    imps = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-        columns=["request_id", "user_id", "item_id", "position", "model_version", "t_sent",
-                 "t_resp"])
-    in_world = (imps["item_id"].between(1, world.n_items)
-                & imps["user_id"].between(1, world.n_users)).to_numpy()
+        rows.append(
+            pd.DataFrame(
+                {
+                    "request_id": rec.request_id,
+                    "user_id": int(rec.user_id),
+                    "item_id": np.asarray(rec.item_ids, np.int64),
+                    "position": np.arange(n),
+                    "model_version": int(rec.model_version),
+                    "t_sent": t_sent,
+                    "t_resp": t_resp,
+                }
+            )
+        )
+    imps = (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(
+            columns=[
+                "request_id",
+                "user_id",
+                "item_id",
+                "position",
+                "model_version",
+                "t_sent",
+                "t_resp",
+            ]
+        )
+    )
+    in_world = (
+        imps["item_id"].between(1, world.n_items) & imps["user_id"].between(1, world.n_users)
+    ).to_numpy()
     if not in_world.all():
-        log.warning("%d returned items or users are not in the world; they get no clicks",
-                    int((~in_world).sum()))
+        log.warning(
+            "%d returned items or users are not in the world; they get no clicks",
+            int((~in_world).sum()),
+        )
     u = world.user_index(imps["user_id"].to_numpy()[in_world])
     i = world.item_index(imps["item_id"].to_numpy()[in_world])
     pos = imps["position"].to_numpy()[in_world]
@@ -265,12 +288,14 @@ def _interactions(cfg, world, slates, rng, report) -> tuple[pd.DataFrame, pd.Dat
         return imps, _empty_interactions()
 
     latency = (c["t_resp"] - c["t_sent"]).to_numpy()
-    delay = np.minimum(rng.lognormal(math.log(cfg.delay_median_s), cfg.delay_sigma, len(c)),
-                       cfg.max_delay_s)
+    delay = np.minimum(
+        rng.lognormal(math.log(cfg.delay_median_s), cfg.delay_sigma, len(c)), cfg.max_delay_s
+    )
     click_off = _off_the_edge(delay, latency, cfg.window_s)
     report.delay_after_window = int((click_off > cfg.window_s).sum())
-    rel = world.relevance(world.user_index(c["user_id"].to_numpy()),
-                          world.item_index(c["item_id"].to_numpy()), now_w)
+    rel = world.relevance(
+        world.user_index(c["user_id"].to_numpy()), world.item_index(c["item_id"].to_numpy()), now_w
+    )
     completion = np.clip(rel + 0.2 * rng.standard_normal(len(c)), 0.01, 1.0)
     duration = world.item_duration_s[world.item_index(c["item_id"].to_numpy())]
     watch_s = completion * duration
@@ -290,11 +315,18 @@ def _interactions(cfg, world, slates, rng, report) -> tuple[pd.DataFrame, pd.Dat
         ("watch", watched, watch_off, watch_s),
         ("like", liked, like_off, np.ones(len(c))),
     ):
-        parts.append(pd.DataFrame({
-            "user_id": c["user_id"].to_numpy()[mask], "item_id": c["item_id"].to_numpy()[mask],
-            "type": kind, "value": value[mask], "ts": t0[mask] + off[mask],
-            "request_id": np.where(keep_req, c["request_id"].to_numpy(), "")[mask],
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "user_id": c["user_id"].to_numpy()[mask],
+                    "item_id": c["item_id"].to_numpy()[mask],
+                    "type": kind,
+                    "value": value[mask],
+                    "ts": t0[mask] + off[mask],
+                    "request_id": np.where(keep_req, c["request_id"].to_numpy(), "")[mask],
+                }
+            )
+        )
     inter = pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable")
     inter = inter.reset_index(drop=True)
     inter.insert(0, "event_id", uuid7_batch(len(inter), ts=inter["ts"].to_numpy(), rng=rng))
@@ -321,17 +353,25 @@ def _with_noise(cfg, world, inter, imps, rng, report):
         items = world.item_id_of(rng.integers(0, world.n_items, n_orphan))
         ok = np.array([(u, i) not in shown for u, i in zip(users, items, strict=True)], bool)
         t = time.time() + rng.uniform(0, cfg.window_s, ok.sum())
-        orphans = pd.DataFrame({
-            "event_id": uuid7_batch(int(ok.sum()), ts=t, rng=rng), "user_id": users[ok],
-            "item_id": items[ok], "type": "click", "value": 1.0, "ts": t, "request_id": "",
-        })
+        orphans = pd.DataFrame(
+            {
+                "event_id": uuid7_batch(int(ok.sum()), ts=t, rng=rng),
+                "user_id": users[ok],
+                "item_id": items[ok],
+                "type": "click",
+                "value": 1.0,
+                "ts": t,
+                "request_id": "",
+            }
+        )
         inter = pd.concat([inter, orphans], ignore_index=True)
         frames = [inter.assign(_kind="valid")]
         report.orphans_sent = len(orphans)
     n_dup = round(cfg.resend_share * len(inter))
     if n_dup:
-        frames.append(inter.sample(n=n_dup, random_state=rng.integers(2**31))
-                      .assign(_kind="resend"))
+        frames.append(
+            inter.sample(n=n_dup, random_state=rng.integers(2**31)).assign(_kind="resend")
+        )
         report.resent = n_dup
     n_bad = round(cfg.malformed_share * len(inter))
     if n_bad and len(inter):
@@ -339,7 +379,7 @@ def _with_noise(cfg, world, inter, imps, rng, report):
         bad["event_id"] = uuid7_batch(n_bad, ts=bad["ts"].to_numpy(), rng=rng)
         bad = bad.astype({"item_id": np.int64, "ts": np.float64, "type": object})
         for j, (col, value, _reason) in enumerate(MALFORMED):
-            bad.iloc[j::len(MALFORMED), bad.columns.get_loc(col)] = value
+            bad.iloc[j :: len(MALFORMED), bad.columns.get_loc(col)] = value
         frames.append(bad.assign(_kind="malformed"))
         report.malformed_sent = n_bad
     sent = pd.concat(frames, ignore_index=True)
@@ -347,8 +387,10 @@ def _with_noise(cfg, world, inter, imps, rng, report):
     order_key = sent["ts"].fillna(0).to_numpy() + np.where(sent["_kind"] == "resend", 60.0, 0)
     sent = sent.iloc[np.argsort(order_key, kind="stable")].reset_index(drop=True)
     report.events_sent = len(sent)
-    cols = {c: sent[c].to_numpy() for c in
-            ("event_id", "user_id", "item_id", "type", "value", "ts", "request_id")}
+    cols = {
+        c: sent[c].to_numpy()
+        for c in ("event_id", "user_id", "item_id", "type", "value", "ts", "request_id")
+    }
     cols["value"] = cols["value"].astype(np.float64)
     # `inter` now holds every valid event, orphans included (unattributed by design).
     return cols, sent["_kind"].to_numpy(), inter
@@ -357,25 +399,41 @@ def _with_noise(cfg, world, inter, imps, rng, report):
 def _labels_view(imps: pd.DataFrame) -> pd.DataFrame:
     """The simulator's impressions in the join's label layout (impression ts = response)."""
     n = len(imps)
-    return pd.DataFrame({
-        "event_id": (imps["request_id"].astype(str) + ":" + imps["position"].astype(str)
-                     ).to_numpy(dtype=object),
-        "request_id": imps["request_id"].to_numpy(dtype=object),
-        "user_id": imps["user_id"].to_numpy(np.int64), "item_id": imps["item_id"].to_numpy(),
-        "position": imps["position"].to_numpy(np.int64), "score": np.zeros(n),
-        "model_version": imps["model_version"].to_numpy(np.int64), "propensity": np.ones(n),
-        "impression_ts": imps["t_resp"].to_numpy(np.float64),
-        "clicked": np.zeros(n, bool), "liked": np.zeros(n, bool), "value": np.zeros(n),
-        "label_ts": np.full(n, np.nan), "event_type": np.full(n, None, dtype=object),
-        "n_interactions": np.zeros(n, np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "event_id": (
+                imps["request_id"].astype(str) + ":" + imps["position"].astype(str)
+            ).to_numpy(dtype=object),
+            "request_id": imps["request_id"].to_numpy(dtype=object),
+            "user_id": imps["user_id"].to_numpy(np.int64),
+            "item_id": imps["item_id"].to_numpy(),
+            "position": imps["position"].to_numpy(np.int64),
+            "score": np.zeros(n),
+            "model_version": imps["model_version"].to_numpy(np.int64),
+            "propensity": np.ones(n),
+            "impression_ts": imps["t_resp"].to_numpy(np.float64),
+            "clicked": np.zeros(n, bool),
+            "liked": np.zeros(n, bool),
+            "value": np.zeros(n),
+            "label_ts": np.full(n, np.nan),
+            "event_type": np.full(n, None, dtype=object),
+            "n_interactions": np.zeros(n, np.int64),
+        }
+    )
 
 
 def _empty_interactions() -> pd.DataFrame:
-    return pd.DataFrame({"event_id": np.zeros(0, object), "user_id": np.zeros(0, np.int64),
-                         "item_id": np.zeros(0, np.int64), "type": np.zeros(0, object),
-                         "value": np.zeros(0), "ts": np.zeros(0),
-                         "request_id": np.zeros(0, object)})
+    return pd.DataFrame(
+        {
+            "event_id": np.zeros(0, object),
+            "user_id": np.zeros(0, np.int64),
+            "item_id": np.zeros(0, np.int64),
+            "type": np.zeros(0, object),
+            "value": np.zeros(0),
+            "ts": np.zeros(0),
+            "request_id": np.zeros(0, object),
+        }
+    )
 
 
 def _default_client_factory(cfg: SimulateConfig):
@@ -386,9 +444,16 @@ def _default_client_factory(cfg: SimulateConfig):
 
 def _default_sender(cfg: SimulateConfig) -> Sender:
     def send(columns: dict[str, np.ndarray]) -> IngestResult:
-        return send_interactions(cfg.url, columns, protocol=cfg.protocol,
-                                 batch_size=cfg.send_batch, retries=cfg.retries,
-                                 backoff_s=cfg.backoff_s, timeout_s=cfg.timeout_s)
+        return send_interactions(
+            cfg.url,
+            columns,
+            protocol=cfg.protocol,
+            batch_size=cfg.send_batch,
+            retries=cfg.retries,
+            backoff_s=cfg.backoff_s,
+            timeout_s=cfg.timeout_s,
+        )
+
     return send
 
 
@@ -427,9 +492,17 @@ class LocalRecommender:
     """An in-process stand-in for `recommend`: ranks by the world's noisy truth, explores
     with ε, logs impressions through the same ImpressionLogger. For tests and dry runs."""
 
-    def __init__(self, world_dir: str | Path, sink: EventSink, *, epsilon: float = 0.1,
-                 overfetch: int = 30, noise: float = 1.0, seed: int = 0,
-                 model_version: int = 1) -> None:
+    def __init__(
+        self,
+        world_dir: str | Path,
+        sink: EventSink,
+        *,
+        epsilon: float = 0.1,
+        overfetch: int = 30,
+        noise: float = 1.0,
+        seed: int = 0,
+        model_version: int = 1,
+    ) -> None:
         from training.synth import World
 
         self.world = World.load(world_dir)
@@ -451,14 +524,27 @@ class LocalRecommender:
             r = rank_with_exploration(cand, scores, k, epsilon=self.epsilon, rng=self.rng)
             req = uuid7_batch(len(uid), rng=self.rng)
             rows, pos = np.nonzero(r.item_ids >= 0)
-            self.logger.write(_Served(
-                request_id=req[rows], user_id=uid[rows], item_id=r.item_ids[rows, pos],
-                position=pos, score=r.scores[rows, pos],
-                model_version=np.full(len(rows), self.model_version),
-                propensity=r.propensity[rows, pos]))
-        return [LocalSlate(int(uid[b]), r.item_ids[b][r.item_ids[b] >= 0],
-                           r.scores[b][r.item_ids[b] >= 0], self.model_version, str(req[b]))
-                for b in range(len(uid))]
+            self.logger.write(
+                _Served(
+                    request_id=req[rows],
+                    user_id=uid[rows],
+                    item_id=r.item_ids[rows, pos],
+                    position=pos,
+                    score=r.scores[rows, pos],
+                    model_version=np.full(len(rows), self.model_version),
+                    propensity=r.propensity[rows, pos],
+                )
+            )
+        return [
+            LocalSlate(
+                int(uid[b]),
+                r.item_ids[b][r.item_ids[b] >= 0],
+                r.scores[b][r.item_ids[b] >= 0],
+                self.model_version,
+                str(req[b]),
+            )
+            for b in range(len(uid))
+        ]
 
     def close(self) -> None:
         pass
@@ -478,8 +564,9 @@ class _Served:
 # ---------------------------------------------------------------------------- reconciliation
 
 
-def reconcile(report: SimReport, *, log_path: str, labels_dir: str,
-              window_s: float | None = None) -> dict:
+def reconcile(
+    report: SimReport, *, log_path: str, labels_dir: str, window_s: float | None = None
+) -> dict:
     """Join the log (closing every window) and check the simulator's counts against it.
 
     Checks: impressions logged for the simulator's requests == items returned; every
@@ -490,8 +577,9 @@ def reconcile(report: SimReport, *, log_path: str, labels_dir: str,
     from feedback.sink import open_source
 
     src = open_source(log_path)
-    cfg = JoinConfig(log=log_path, out=labels_dir, as_of=math.inf,
-                     window_s=window_s or SimulateConfig.window_s)
+    cfg = JoinConfig(
+        log=log_path, out=labels_dir, as_of=math.inf, window_s=window_s or SimulateConfig.window_s
+    )
     run_join(cfg, source=src)
     req = set(report.request_ids)
     imps = src.read("impression")
@@ -506,8 +594,9 @@ def reconcile(report: SimReport, *, log_path: str, labels_dir: str,
         "items_returned": report.items_returned,
         "impressions_logged": logged,
         "interactions_accepted": report.accepted,
-        "interactions_in_log": int(src.read(INTERACTION)["event_id"]
-                                   .isin(set(report.event_ids)).sum()),
+        "interactions_in_log": int(
+            src.read(INTERACTION)["event_id"].isin(set(report.event_ids)).sum()
+        ),
         "statuses": got,
         "statuses_expected": report.expected,
         "status_mismatches": mismatched,

@@ -49,8 +49,7 @@ from feedback.events import (
 EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"
 
 _TABLES = {IMPRESSION: "impressions", INTERACTION: "interactions"}
-_SQL_TYPES = {"id": "TEXT", "optional_id": "TEXT", "str": "TEXT", "int": "INTEGER",
-              "float": "REAL"}
+_SQL_TYPES = {"id": "TEXT", "optional_id": "TEXT", "str": "TEXT", "int": "INTEGER", "float": "REAL"}
 _SCHEMA_VERSION = 1
 
 
@@ -105,7 +104,7 @@ def open_sink(path_or_url: str | os.PathLike[str], **options: Any) -> SqliteEven
             "producer keyed by event_id (see feedback/README.md)"
         )
     if s.startswith("sqlite://"):
-        s = s[len("sqlite://"):]
+        s = s[len("sqlite://") :]
     if not s:
         raise ValueError(f"event log: empty path; set {EVENT_LOG_ENV} or pass a path")
     return SqliteEventLog(s, **options)
@@ -154,7 +153,9 @@ class SqliteEventLog:
             return self._conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False,
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
             timeout=self.busy_timeout_ms / 1000,
         )
         conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
@@ -175,8 +176,7 @@ class SqliteEventLog:
         try:
             for kind, table in _TABLES.items():
                 cols = ",\n".join(
-                    f"  {f} {_SQL_TYPES[k]} NOT NULL"
-                    + (" UNIQUE" if f == "event_id" else "")
+                    f"  {f} {_SQL_TYPES[k]} NOT NULL" + (" UNIQUE" if f == "event_id" else "")
                     for f, k in SCHEMAS[kind].items()
                 )
                 conn.execute(
@@ -221,8 +221,10 @@ class SqliteEventLog:
         names = list(SCHEMAS[kind])
         good = list(zip(*(v.columns[f].tolist() for f in names), [now] * len(v.ok), strict=True))
         bad = [(kind, r, p, now) for r, p in zip(v.reasons, v.payloads, strict=True)]
-        sql = (f"INSERT OR IGNORE INTO {table} ({', '.join(names)}, received_ts) "
-               f"VALUES ({', '.join('?' * (len(names) + 1))})")
+        sql = (
+            f"INSERT OR IGNORE INTO {table} ({', '.join(names)}, received_ts) "
+            f"VALUES ({', '.join('?' * (len(names) + 1))})"
+        )
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
@@ -231,7 +233,9 @@ class SqliteEventLog:
                 if bad:
                     conn.executemany(
                         "INSERT INTO quarantine (kind, reason, payload, received_ts) "
-                        "VALUES (?, ?, ?, ?)", bad)
+                        "VALUES (?, ?, ?, ?)",
+                        bad,
+                    )
                 conn.execute("COMMIT")  # durable here: this is the acknowledgement
             except BaseException:
                 if conn.in_transaction:
@@ -248,28 +252,39 @@ class SqliteEventLog:
     # ------------------------------------------------------------------ reading
 
     def snapshot(self) -> dict[str, int]:
+        """Highest committed seq per kind, read in ONE transaction: a consistent cut.
+
+        Two separate reads could see an interaction but not the impression committed just
+        before it, and the join would call that click unattributed.
+        """
         with self._lock:
             conn = self._connect()
-            return {
-                kind: conn.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {t}").fetchone()[0]
-                for kind, t in _TABLES.items()
-            }
+            conn.execute("BEGIN")
+            try:
+                return {
+                    kind: conn.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {t}").fetchone()[0]
+                    for kind, t in _TABLES.items()
+                }
+            finally:
+                conn.execute("COMMIT")
 
-    def read(self, kind: str, *, after: int = 0, upto: int | None = None,
-             with_meta: bool = False) -> pd.DataFrame:
+    def read(
+        self, kind: str, *, after: int = 0, upto: int | None = None, with_meta: bool = False
+    ) -> pd.DataFrame:
         """Rows with after < seq <= upto, in seq order, with canonical dtypes.
 
         `with_meta` adds `seq` and `received_ts` (the commit time of the row's batch).
         """
         schema = SCHEMAS[kind]
-        names = [*(["seq"] if with_meta else []), *schema,
-                 *(["received_ts"] if with_meta else [])]
+        names = [*(["seq"] if with_meta else []), *schema, *(["received_ts"] if with_meta else [])]
         upto = 2**63 - 1 if upto is None else upto
         with self._lock:
             conn = self._connect()
             rows = conn.execute(
                 f"SELECT {', '.join(names)} FROM {_TABLES[kind]} "
-                "WHERE seq > ? AND seq <= ? ORDER BY seq", (after, upto)).fetchall()
+                "WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (after, upto),
+            ).fetchall()
         kinds = {"seq": "int", **schema, "received_ts": "float"}
         dtypes = {n: _DTYPES[kinds[n]] for n in names}
         if not rows:
@@ -287,7 +302,8 @@ class SqliteEventLog:
             conn = self._connect()
             rows = conn.execute(
                 "SELECT kind, reason, COUNT(*) FROM quarantine GROUP BY kind, reason "
-                "ORDER BY kind, COUNT(*) DESC, reason").fetchall()
+                "ORDER BY kind, COUNT(*) DESC, reason"
+            ).fetchall()
         out: dict[str, dict[str, int]] = {}
         for kind, reason, n in rows:
             out.setdefault(kind, {})[reason] = n
@@ -297,12 +313,11 @@ class SqliteEventLog:
         with self._lock:
             conn = self._connect()
             return pd.read_sql_query(
-                "SELECT seq, kind, reason, payload, received_ts FROM quarantine ORDER BY seq",
-                conn)
+                "SELECT seq, kind, reason, payload, received_ts FROM quarantine ORDER BY seq", conn
+            )
 
 
-_DTYPES = {"int": np.int64, "float": np.float64, "str": object, "id": object,
-           "optional_id": object}
+_DTYPES = {"int": np.int64, "float": np.float64, "str": object, "id": object, "optional_id": object}
 
 
 # ---------------------------------------------------------------------------- serving helper

@@ -45,6 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log-file", default=None, help="server log (default: a temp file)")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument(
+        "--event-log",
+        default=None,
+        help="event log for impressions and interactions (default: $NORTHSTAR_EVENT_LOG)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("recommend", help="ask the running server for recommendations")
@@ -104,6 +109,7 @@ def _serve(args) -> int:
         metrics_port=args.metrics_port,
         log_file=args.log_file,
         log_verbose=args.log_verbose,
+        event_log=args.event_log,
     )
     try:
         server = TritonServer(cfg).start()

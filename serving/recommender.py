@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from feedback.explore import rank_with_exploration
+from feedback.ids import uuid7_batch
 from serving import repository as layout
 from serving.backend import InputError, check_int_matrix
 from serving.routing import RoutingState
@@ -151,6 +152,7 @@ class Impressions:
     position: np.ndarray  # (n,) int32, 0-based
     score: np.ndarray  # (n,) float32
     model_version: np.ndarray  # (n,) int64
+    propensity: np.ndarray  # (n,) float64, P(item at position | policy)
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -195,9 +197,21 @@ def select_unseen(
 
 
 class Recommender:
-    def __init__(self, repo: str | Path, *, default_k: int = 10, check_interval_s: float = 1.0):
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        default_k: int = 10,
+        check_interval_s: float = 1.0,
+        epsilon: float = 0.0,
+        seed: int | None = None,
+    ):
         self.state = OnlineState(repo, check_interval_s=check_interval_s)
         self.default_k = int(default_k)
+        # ε-greedy exploration (feedback/explore.py): the share of slates served a random
+        # ranking of the unseen candidates, so the log supports off-policy evaluation.
+        self.epsilon = float(epsilon)
+        self.rng = np.random.default_rng(seed)
         # The last production version that answered: where users go if their version fails
         # (e.g. routing.json names a version Triton has not loaded yet).
         self.last_good: int | None = None
@@ -239,6 +253,7 @@ class Recommender:
         ids = np.full((n, width), layout.PAD_ITEM, dtype=np.int64)
         scores = np.full((n, width), layout.PAD_SCORE, dtype=np.float32)
         counts = np.zeros(n, dtype=np.int64)
+        propensity = np.zeros((n, width), dtype=np.float64)
         served_by = np.zeros(n, dtype=np.int64)
         cold = np.zeros(n, dtype=bool)
         failed: dict[int, str] = {}  # row -> message
@@ -248,7 +263,17 @@ class Recommender:
         for version in np.unique(routed):
             rows = np.flatnonzero(routed == version)
             error = self._serve(
-                int(version), rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold
+                int(version),
+                rows,
+                user_ids,
+                ks,
+                retrieve,
+                ids,
+                scores,
+                counts,
+                served_by,
+                cold,
+                propensity,
             )
             fb = self.last_good
             if error and fb is not None and fb != version:
@@ -256,14 +281,26 @@ class Recommender:
                     "retrieval version %d failed (%s); answering with %d", version, error, fb
                 )
                 error = self._serve(
-                    fb, rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold
+                    fb,
+                    rows,
+                    user_ids,
+                    ks,
+                    retrieve,
+                    ids,
+                    scores,
+                    counts,
+                    served_by,
+                    cold,
+                    propensity,
                 )
             if error:
                 failed.update(dict.fromkeys(rows.tolist(), error))
             elif version == routing.production:
                 self.last_good = int(version)
 
-        request_ids = np.array([uuid.uuid4().hex for _ in range(n)], dtype=object)
+        # Time-ordered ids (UUIDv7 as 32 hex digits): impression event ids start with them,
+        # and the log's unique index stays fast when new keys land at its end.
+        request_ids = uuid7_batch(n)
         results: list[RequestResult | InputError | RuntimeError] = []
         start = 0
         for p in parsed:
@@ -290,21 +327,42 @@ class Recommender:
             )
         good = np.ones(n, dtype=bool)
         good[list(failed)] = False
-        imp = _impressions(request_ids, user_ids, ids, scores, counts, served_by, good)
+        imp = _impressions(request_ids, user_ids, ids, scores, counts, served_by, good, propensity)
         versions = {
             int(v): int(c)
             for v, c in zip(*np.unique(served_by[good], return_counts=True), strict=True)
         }
         return BatchResult(results, imp, versions)
 
-    def _serve(self, version, rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold):
+    def _serve(
+        self, version, rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold, prop
+    ):
         """Fill `rows` from one retrieval version; returns an error message or None."""
         try:
             feats = self.state.features(version).lookup(user_ids[rows])
             cand_ids, cand_scores = retrieve(version, feats)  # (n, K) each
         except Exception as exc:  # the caller decides: fall back or fail these requests
             return f"retrieval version {version}: {exc}"
-        sel_ids, sel_scores, cnt = select_unseen(cand_ids, cand_scores, feats.seen, ks[rows])
+        if self.epsilon > 0:
+            # Every unseen candidate, compacted in rank order; then the greedy k or, for an
+            # ε share of rows, a random k, with the propensity of each shown slot.
+            n_cand = np.full(len(rows), cand_ids.shape[1], dtype=np.int64)
+            all_ids, all_scores, _ = select_unseen(cand_ids, cand_scores, feats.seen, n_cand)
+            r = rank_with_exploration(
+                all_ids,
+                all_scores,
+                ks[rows],
+                epsilon=self.epsilon,
+                rng=self.rng,
+                pad_item=layout.PAD_ITEM,
+                pad_score=layout.PAD_SCORE,
+            )
+            sel_ids, sel_scores, sel_prop = r.item_ids, r.scores, r.propensity
+            cnt = (sel_ids != layout.PAD_ITEM).sum(axis=1)
+        else:
+            sel_ids, sel_scores, cnt = select_unseen(cand_ids, cand_scores, feats.seen, ks[rows])
+            sel_prop = (np.arange(sel_ids.shape[1])[None, :] < cnt[:, None]).astype(np.float64)
+        prop[rows, : sel_prop.shape[1]] = sel_prop
         ids[rows, : sel_ids.shape[1]] = sel_ids
         scores[rows, : sel_scores.shape[1]] = sel_scores
         counts[rows] = cnt
@@ -313,7 +371,9 @@ class Recommender:
         return None
 
 
-def _impressions(request_ids, user_ids, ids, scores, counts, served_by, good) -> Impressions:
+def _impressions(
+    request_ids, user_ids, ids, scores, counts, served_by, good, propensity
+) -> Impressions:
     w = ids.shape[1]
     mask = (np.arange(w)[None, :] < counts[:, None]) & good[:, None]  # (n, W) served cells
     rows, pos = np.nonzero(mask)
@@ -324,12 +384,21 @@ def _impressions(request_ids, user_ids, ids, scores, counts, served_by, good) ->
         position=pos.astype(np.int32),
         score=scores[rows, pos],
         model_version=served_by[rows],
+        propensity=propensity[rows, pos],
     )
 
 
 def _empty_impressions() -> Impressions:
     e = np.zeros(0, dtype=np.int64)
-    return Impressions(np.zeros(0, dtype=object), e, e, e.astype(np.int32), e.astype(np.float32), e)
+    return Impressions(
+        np.zeros(0, dtype=object),
+        e,
+        e,
+        e.astype(np.int32),
+        e.astype(np.float32),
+        e,
+        e.astype(np.float64),
+    )
 
 
 class ImpressionSink:

@@ -42,6 +42,7 @@ from models.features import (
 
 RETRIEVAL = "retrieval"
 RECOMMEND = "recommend"
+FEEDBACK = "feedback"  # interaction ingest (feedback/README.md); committed config
 CONFIG_FILE = "config.pbtxt"
 ONNX_FILE = "model.onnx"
 BACKEND_FILE = "model.py"
@@ -103,6 +104,8 @@ class RecommendServing:
     # Two instances: one prepares a batch while the other waits on its BLS call.
     instances: int = 2
     default_k: int = 10  # what a request without `k` gets
+    # Share of slates served a random ranking (feedback/explore.py); 0 = always greedy.
+    exploration_epsilon: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,8 @@ def init_repository(repo: str | Path) -> Path:
         for rel in (
             f"{RETRIEVAL}/{BACKEND_FILE}",
             f"{RECOMMEND}/1/{BACKEND_FILE}",
+            f"{FEEDBACK}/{CONFIG_FILE}",
+            f"{FEEDBACK}/1/{BACKEND_FILE}",
             ".gitignore",
             "README.md",
         ):
@@ -317,6 +322,7 @@ def recommend_config(serving: RecommendServing = RecommendServing()) -> mc.Model
     cfg.instance_group.add(count=serving.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     cfg.parameters["default_k"].string_value = str(serving.default_k)
     cfg.parameters["retrieval_model"].string_value = RETRIEVAL
+    cfg.parameters["exploration_epsilon"].string_value = str(serving.exploration_epsilon)
     # No model_warmup: a warmup request would go through BLS to `retrieval`, which may
     # still be loading (Triton loads models in parallel).
     return cfg

@@ -57,6 +57,12 @@ class ServerConfig:
     log_file: str | None = None  # default: a fresh file under the system temp folder
     log_verbose: int = 0
     backend_dir: str | None = None  # default: prepared from the wheel (prepare_backends)
+    # The event log (feedback/README.md). Set (here or as NORTHSTAR_EVENT_LOG): `recommend`
+    # logs impressions to it and the `feedback` ingest model is loaded as well.
+    event_log: str | None = None
+    # `--metrics-config` entries. Summary latencies add nv_inference_request_summary_us with
+    # quantiles (p50..p99.9) per model version: the canary's p99 guardrail reads them.
+    metrics_config: tuple[str, ...] = ("summary_latencies=true",)
 
 
 # ---------------------------------------------------------------------------- the binary
@@ -159,6 +165,13 @@ class TritonServer:
         self.metrics_port = cfg.metrics_port or free_port(bind_host)
         # Clients on this machine reach a 0.0.0.0 server through the loopback address.
         self.client_host = "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
+        from feedback.sink import EVENT_LOG_ENV
+
+        log_path = cfg.event_log or os.environ.get(EVENT_LOG_ENV) or None
+        self.event_log = str(Path(log_path).resolve()) if log_path else None
+        self.models = tuple(cfg.models)
+        if self.event_log and layout.FEEDBACK not in self.models:
+            self.models += (layout.FEEDBACK,)
 
     @property
     def http_url(self) -> str:
@@ -178,7 +191,7 @@ class TritonServer:
             str(tritonserver_binary()),
             f"--model-repository={self.repo}",
             "--model-control-mode=explicit",
-            *(f"--load-model={m}" for m in self.cfg.models),
+            *(f"--load-model={m}" for m in self.models),
             f"--backend-directory={backends}",
             f"--http-address={self.cfg.host}",
             f"--http-port={self.http_port}",
@@ -186,6 +199,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.cfg.host}",
             f"--metrics-port={self.metrics_port}",
+            *(f"--metrics-config={m}" for m in self.cfg.metrics_config),
             f"--exit-timeout-secs={self.cfg.exit_timeout_s}",
             f"--log-verbose={self.cfg.log_verbose}",
             "--strict-readiness=true",
@@ -196,13 +210,13 @@ class TritonServer:
     def start(self) -> TritonServer:
         if not self.repo.is_dir():
             raise FileNotFoundError(f"{self.repo}: no model repository; run `northstar export`")
-        for model in self.cfg.models:
+        for model in self.models:
             if not (self.repo / model / layout.CONFIG_FILE).exists():
                 raise FileNotFoundError(
                     f"{self.repo / model / layout.CONFIG_FILE}: missing; run `northstar export`"
                 )
         backends = Path(self.cfg.backend_dir or prepare_backends())
-        for model in self.cfg.models:
+        for model in self.models:
             cfg = layout.read_config(self.repo / model / layout.CONFIG_FILE)
             backend = cfg.backend or ("onnxruntime" if cfg.platform.startswith("onnx") else "")
             if backend and not (backends / backend).is_dir():
@@ -221,7 +235,7 @@ class TritonServer:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             self.command(),
-            env=server_env(),
+            env=self.env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -235,10 +249,18 @@ class TritonServer:
             raise
         return self
 
+    def env(self) -> dict[str, str]:
+        env = server_env()
+        if self.event_log:
+            from feedback.sink import EVENT_LOG_ENV
+
+            env[EVENT_LOG_ENV] = self.event_log
+        return env
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         urls = [f"http://{self.http_url}/v2/health/ready"] + [
-            f"http://{self.http_url}/v2/models/{m}/ready" for m in self.cfg.models
+            f"http://{self.http_url}/v2/models/{m}/ready" for m in self.models
         ]
         while time.monotonic() < deadline:
             rc = self.process.poll()

@@ -101,7 +101,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from training.evaluate import format_table
     from training.run import METRICS_FILE, atomic_write_text, load_run
-    from training.train import TrainConfig, load_training_data, evaluate_splits
+    from training.train import TrainConfig, evaluate_splits, load_training_data
 
     run = load_run(args.run)
     cfg = config_mod.build(TrainConfig, {**run.meta["train"], "data": args.data})

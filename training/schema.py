@@ -134,6 +134,12 @@ class Dataset:
                     f"{x_src}: column '{column}' has {int(unknown.sum())} rows whose id is not in "
                     f"{name}, e.g. {examples}; expected every id to exist in {name}"
                 )
+        bad_type = ~inter["event_type"].isin(EVENT_TYPES)
+        if bad_type.any():
+            examples = inter.loc[bad_type, "event_type"].unique()[:3].tolist()
+            raise SchemaError(
+                f"{x_src}: column 'event_type' has values {examples}; expected one of {EVENT_TYPES}"
+            )
         inter = inter.sort_values(["timestamp", "user_id", "item_id"], kind="stable")
         return cls(users, items, inter.reset_index(drop=True))
 

@@ -61,6 +61,10 @@ class TrainConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     # Extra labelled interactions (feedback joins) appended to the training split.
     extra_interactions: str | None = None
+    # Warm start: a run dir whose vocabulary and weights training starts from (the canary
+    # retrain passes production's run). Used only when the catalogue, categories and tower
+    # match; otherwise training starts fresh and metrics["warm_start"] says why.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +120,20 @@ def train(cfg: TrainConfig) -> dict:
         history_len=cfg.history_len,
         min_user_interactions=cfg.min_user_interactions,
     )
+    warm_state, warm = None, {"from": cfg.init_from, "used": False, "reason": "not requested"}
+    if cfg.init_from:
+        vocab, warm_state, warm["reason"] = _warm_start(cfg, vocab)
+        warm["used"] = warm_state is not None
+        log.info("warm start from %s: %s", cfg.init_from, warm["reason"])
     examples = TrainingExamples.build(vocab, ds.users, train_df)
     item_cats = torch.from_numpy(
         vocab.encode_item_cats(ds.items.set_index("item_id").loc[vocab.item_ids].reset_index())
     )
     torch.manual_seed(cfg.seed)
-    model = TwoTower(vocab.spec, cfg.tower, item_cats).to(device)
+    model = TwoTower(vocab.spec, cfg.tower, item_cats)
+    if warm_state is not None:
+        model.load_state_dict(warm_state)
+    model = model.to(device)
     task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives)
     estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
     opt = torch.optim.Adam(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -169,12 +181,50 @@ def train(cfg: TrainConfig) -> dict:
         if best_state is not None:
             model.load_state_dict(best_state)
         metrics = _final(
-            cfg, out, model, vocab, ds, sp, train_df, history, time.perf_counter() - t0
+            cfg,
+            out,
+            model,
+            vocab,
+            ds,
+            sp,
+            train_df,
+            history,
+            time.perf_counter() - t0,
+            warm if cfg.init_from else None,
         )
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
+    """(vocab, state_dict or None, reason). The prior run's vocabulary is kept, so its user
+    rows stay valid (users new since then take hashed rows, as they do in serving)."""
+    from training.run import load_run
+
+    try:
+        prior = load_run(cfg.init_from)
+    except (FileNotFoundError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        return fresh, None, f"cannot load {cfg.init_from} ({exc}); training from scratch"
+    pv = prior.vocab
+    mismatch = [
+        name
+        for name, same in (
+            ("item catalogue", np.array_equal(pv.item_ids, fresh.item_ids)),
+            ("user categories", pv.user_cats == fresh.user_cats),
+            ("item categories", pv.item_cats == fresh.item_cats),
+            ("n_hash_buckets", pv.n_hash_buckets == fresh.n_hash_buckets),
+            ("history_len", pv.history_len == fresh.history_len),
+            ("tower config", prior.tower == cfg.tower),
+        )
+        if not same
+    ]
+    if mismatch:
+        return fresh, None, f"vocabulary differs ({', '.join(mismatch)}); training from scratch"
+    state = {k: v.detach().clone() for k, v in prior.model.state_dict().items()}
+    new_users = int((~np.isin(fresh.user_ids, pv.user_ids)).sum())
+    return pv, state, f"loaded weights and vocabulary ({new_users} new users use hashed rows)"
 
 
 def _subsample_users(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -233,11 +283,10 @@ class _Resume:
 
     def __init__(self, out: Path, cfg: TrainConfig):
         self.path = out / CHECKPOINT_FILE
-        self.fingerprint = json.dumps(
-            asdict(cfg) | {"out": None, "resume": None, "progress": None, "epochs": None},
-            sort_keys=True,
-            default=str,
-        )
+        fields = asdict(cfg) | {"out": None, "resume": None, "progress": None, "epochs": None}
+        if fields["init_from"] is None:  # checkpoints written before warm starts still resume
+            del fields["init_from"]
+        self.fingerprint = json.dumps(fields, sort_keys=True, default=str)
 
     def load(self, model, estimator, opt):
         if not self.path.exists():
@@ -284,10 +333,12 @@ def evaluate_splits(model, vocab, ds, sp, train_df) -> dict:
     }
 
 
-def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds) -> dict:
+def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None) -> dict:
     metrics = evaluate_splits(model, vocab, ds, sp, train_df)
     metrics["train_seconds"] = round(seconds, 1)
     metrics["epochs"] = history
+    if warm is not None:
+        metrics["warm_start"] = warm
     save_run(
         out,
         model,

@@ -10,7 +10,6 @@ NORTHSTAR_EVENT_LOG points both `recommend` (impressions) and `feedback` at one 
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -36,10 +35,17 @@ K = 10
 
 def _random_run(ds, path: Path) -> Path:
     """A run with random weights on the world's own ids: enough to serve, in a second."""
-    vocab = FeatureVocab.fit(ds.users, ds.items, ds.interactions, n_hash_buckets=8,
-                             history_len=6, min_user_interactions=2)
-    item_cats = torch.from_numpy(vocab.encode_item_cats(
-        ds.items.set_index("item_id").loc[vocab.item_ids].reset_index()))
+    vocab = FeatureVocab.fit(
+        ds.users,
+        ds.items,
+        ds.interactions,
+        n_hash_buckets=8,
+        history_len=6,
+        min_user_interactions=2,
+    )
+    item_cats = torch.from_numpy(
+        vocab.encode_item_cats(ds.items.set_index("item_id").loc[vocab.item_ids].reset_index())
+    )
     torch.manual_seed(0)
     tower = TowerConfig(id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8, dropout=0.0)
     model = TwoTower(vocab.spec, tower, item_cats).eval()
@@ -57,14 +63,26 @@ def loop(tmp_path_factory):
     run = _random_run(ds, root / "run")
     repo = root / "model_repository"
     export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K))
-    shutil.copytree(ROOT / "model_repository" / "feedback", repo / "feedback",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    # serving may already copy it with the other Python-backend code; the same files then
+    shutil.copytree(
+        ROOT / "model_repository" / "feedback",
+        repo / "feedback",
+        ignore=shutil.ignore_patterns("__pycache__"),
+        dirs_exist_ok=True,
+    )
     log = root / "events.db"
     mp = pytest.MonkeyPatch()
     mp.setenv(EVENT_LOG_ENV, str(log))  # serving.server.server_env passes os.environ on
-    server = TritonServer(ServerConfig(
-        repo=str(repo), models=(layout.RETRIEVAL, layout.RECOMMEND, "feedback"),
-        http_port=0, grpc_port=0, metrics_port=0, log_file=str(root / "tritonserver.log")))
+    server = TritonServer(
+        ServerConfig(
+            repo=str(repo),
+            models=(layout.RETRIEVAL, layout.RECOMMEND, "feedback"),
+            http_port=0,
+            grpc_port=0,
+            metrics_port=0,
+            log_file=str(root / "tritonserver.log"),
+        )
+    )
     server.start()
     try:
         yield root, server, log
@@ -78,18 +96,30 @@ def test_closed_loop_counts_reconcile_exactly(loop):
     with RecommenderClient(server.grpc_url) as c:
         c.recommend([1], k=K)
     if open_source(log).count("impression") == 0:
-        pytest.skip("`recommend` does not log impressions yet: wire feedback.hook."
-                    "impression_logger into model_repository/recommend (feedback/README.md)")
+        pytest.skip(
+            "`recommend` does not log impressions yet: wire feedback.hook."
+            "impression_logger into model_repository/recommend (feedback/README.md)"
+        )
 
-    cfg = SimulateConfig(world=str(root / "world"), users=120, requests=400, url=server.grpc_url,
-                         protocol="grpc", seed=3, k=K, concurrency=8, request_id_share=1.0,
-                         resend_share=0.05, malformed_share=0.02, orphan_share=0.02)
+    cfg = SimulateConfig(
+        world=str(root / "world"),
+        users=120,
+        requests=400,
+        url=server.grpc_url,
+        protocol="grpc",
+        seed=3,
+        k=K,
+        concurrency=8,
+        request_id_share=1.0,
+        resend_share=0.05,
+        malformed_share=0.02,
+        orphan_share=0.02,
+    )
     rep = simulate(cfg)
     assert rep.requests_failed == 0 and rep.send_failed_batches == 0
     assert rep.clicks > 0 and rep.delay_after_window > 0
 
-    rec = reconcile(rep, log_path=str(log), labels_dir=str(root / "labels"),
-                    window_s=cfg.window_s)
+    rec = reconcile(rep, log_path=str(log), labels_dir=str(root / "labels"), window_s=cfg.window_s)
     assert rec["impressions_logged"] == rep.items_returned  # impressions logged = items returned
     assert rec["interactions_in_log"] == rep.accepted  # re-sends stored once
     got = rec["statuses"]
@@ -121,9 +151,19 @@ def test_http_protocol_round_trip(loop):
         c.recommend([1], k=K)
     if open_source(log).count("impression") == 0:
         pytest.skip("`recommend` does not log impressions yet")
-    cfg = SimulateConfig(world=str(root / "world"), users=30, requests=60, url=server.http_url,
-                         protocol="http", seed=4, k=K, concurrency=4, request_id_share=1.0)
+    cfg = SimulateConfig(
+        world=str(root / "world"),
+        users=30,
+        requests=60,
+        url=server.http_url,
+        protocol="http",
+        seed=4,
+        k=K,
+        concurrency=4,
+        request_id_share=1.0,
+    )
     rep = simulate(cfg)
-    rec = reconcile(rep, log_path=str(log), labels_dir=str(root / "labels-http"),
-                    window_s=cfg.window_s)
+    rec = reconcile(
+        rep, log_path=str(log), labels_dir=str(root / "labels-http"), window_s=cfg.window_s
+    )
     assert rec["ok"] and rec["impressions_logged"] == rep.items_returned

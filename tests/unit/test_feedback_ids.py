@@ -19,9 +19,11 @@ def test_batches_ascend_and_are_unique():
     later = uuid7_batch(10, ts=1_750_000_000.5)
     assert min(later) > max(ids)  # a later millisecond sorts after
     per_row = uuid7_batch(3, ts=np.array([3.0, 1.0, 2.0]) + 1.75e9)
-    assert [uuid.UUID(hex=x).int >> 80 for x in per_row] == [1_750_000_003_000,
-                                                              1_750_000_001_000,
-                                                              1_750_000_002_000]
+    assert [uuid.UUID(hex=x).int >> 80 for x in per_row] == [
+        1_750_000_003_000,
+        1_750_000_001_000,
+        1_750_000_002_000,
+    ]
 
 
 def test_seeded_batches_repeat():

@@ -18,8 +18,13 @@ from feedback.sink import EVENT_LOG_ENV, open_sink
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "model_repository" / "feedback" / "config.pbtxt"
 NOW = time.time()
-_TRITON = {"BYTES": mc.TYPE_STRING, "INT64": mc.TYPE_INT64, "FP32": mc.TYPE_FP32,
-           "FP64": mc.TYPE_FP64, "BOOL": mc.TYPE_BOOL}
+_TRITON = {
+    "BYTES": mc.TYPE_STRING,
+    "INT64": mc.TYPE_INT64,
+    "FP32": mc.TYPE_FP32,
+    "FP64": mc.TYPE_FP64,
+    "BOOL": mc.TYPE_BOOL,
+}
 
 
 def test_config_parses_and_matches_the_ingest_contract():
@@ -27,17 +32,27 @@ def test_config_parses_and_matches_the_ingest_contract():
     assert cfg.name == "feedback" and cfg.backend == "python"
     assert cfg.max_batch_size > 0 and cfg.HasField("dynamic_batching")
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
-        (n, _TRITON[t], [1]) for n, t in INPUTS.items()]
+        (n, _TRITON[t], [1]) for n, t in INPUTS.items()
+    ]
     assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
-        (n, _TRITON[t], [1]) for n, t in OUTPUTS.items()]
+        (n, _TRITON[t], [1]) for n, t in OUTPUTS.items()
+    ]
     assert EVENT_LOG_PARAM in cfg.parameters
 
 
 def _request(n=2, **over):
-    cols = {name: _tensor_array(name, np.asarray(v)) for name, v in {
-        "event_id": [f"e{i}" for i in range(n)], "user_id": np.arange(n) + 1,
-        "item_id": np.arange(n) + 5, "type": ["click"] * n, "value": np.ones(n),
-        "ts": np.full(n, NOW), "request_id": [""] * n}.items()}
+    cols = {
+        name: _tensor_array(name, np.asarray(v))
+        for name, v in {
+            "event_id": [f"e{i}" for i in range(n)],
+            "user_id": np.arange(n) + 1,
+            "item_id": np.arange(n) + 5,
+            "type": ["click"] * n,
+            "value": np.ones(n),
+            "ts": np.full(n, NOW),
+            "request_id": [""] * n,
+        }.items()
+    }
     cols.update(over)
     return cols
 
@@ -59,8 +74,11 @@ def test_one_write_per_batch_and_results_split_per_request(tmp_path):
     real = log.write_interactions
     log.write_interactions = lambda cols: calls.append(len(cols["event_id"])) or real(cols)
     a = parse_request(_request(2).get)
-    b = parse_request(_request(3, type=_tensor_array("type", np.array(
-        ["like", "buy", "watch"], dtype=object))).get)
+    b = parse_request(
+        _request(
+            3, type=_tensor_array("type", np.array(["like", "buy", "watch"], dtype=object))
+        ).get
+    )
     b["event_id"] = np.array([b"x0", b"x1", b"x2"], dtype=object)
     bad = EventError("input 'ts' is missing")
     out = ingest(log, [a, bad, b])
@@ -73,8 +91,15 @@ def test_one_write_per_batch_and_results_split_per_request(tmp_path):
 
 
 def test_client_columns_fill_ids_and_request_ids():
-    cols = as_columns({"user_id": [1, 2], "item_id": [3, 4], "type": ["click", "like"],
-                       "value": [1.0, 1.0], "ts": [NOW, NOW + 1]})
+    cols = as_columns(
+        {
+            "user_id": [1, 2],
+            "item_id": [3, 4],
+            "type": ["click", "like"],
+            "value": [1.0, 1.0],
+            "ts": [NOW, NOW + 1],
+        }
+    )
     assert len(set(cols["event_id"])) == 2 and list(cols["request_id"]) == ["", ""]
     assert _tensor_array("event_id", cols["event_id"]).shape == (2, 1)
 
@@ -92,9 +117,14 @@ class ServedRows:  # the shape of serving.recommender.Impressions
 def test_impression_logger_is_a_drop_in_for_the_serving_hook(tmp_path):
     log = open_sink(tmp_path / "events.db")
     logger = ImpressionLogger(log, clock=lambda: NOW)
-    rows = ServedRows(np.array(["ab", "ab", "cd"], dtype=object), np.array([1, 1, 2]),
-                      np.array([7, 8, 7]), np.array([0, 1, 0], dtype=np.int32),
-                      np.array([.9, .8, .7], dtype=np.float32), np.array([3, 3, 4]))
+    rows = ServedRows(
+        np.array(["ab", "ab", "cd"], dtype=object),
+        np.array([1, 1, 2]),
+        np.array([7, 8, 7]),
+        np.array([0, 1, 0], dtype=np.int32),
+        np.array([0.9, 0.8, 0.7], dtype=np.float32),
+        np.array([3, 3, 4]),
+    )
     assert logger.write(rows).inserted == 3
     assert logger.write(rows).duplicates == 3  # the same batch logged twice: stored once
     df = log.read("impression")

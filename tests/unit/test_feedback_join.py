@@ -31,23 +31,37 @@ def log(tmp_path):
 
 
 def show(log, request_id, user, items, ts, version=1):
-    log.write_impressions(impression_rows(
-        request_ids=[request_id], user_ids=[user], item_ids=np.array([items]),
-        scores=np.linspace(1, 0, len(items))[None], model_version=version, ts=ts))
+    log.write_impressions(
+        impression_rows(
+            request_ids=[request_id],
+            user_ids=[user],
+            item_ids=np.array([items]),
+            scores=np.linspace(1, 0, len(items))[None],
+            model_version=version,
+            ts=ts,
+        )
+    )
 
 
 def act(log, event_id, user, item, ts, request_id="", type="click", value=1.0):
-    r = log.write_interactions({
-        "event_id": np.array([event_id], dtype=object), "user_id": np.array([user]),
-        "item_id": np.array([item]), "type": np.array([type], dtype=object),
-        "value": np.array([value]), "ts": np.array([ts]),
-        "request_id": np.array([request_id], dtype=object)})
+    r = log.write_interactions(
+        {
+            "event_id": np.array([event_id], dtype=object),
+            "user_id": np.array([user]),
+            "item_id": np.array([item]),
+            "type": np.array([type], dtype=object),
+            "value": np.array([value]),
+            "ts": np.array([ts]),
+            "request_id": np.array([request_id], dtype=object),
+        }
+    )
     assert r.accepted.all(), r.reasons
 
 
 def join(log, tmp_path, as_of=None):
-    return run_join(JoinConfig(log=str(log.path), out=str(tmp_path / "labels"), window_s=W,
-                               as_of=as_of))
+    return run_join(
+        JoinConfig(log=str(log.path), out=str(tmp_path / "labels"), window_s=W, as_of=as_of)
+    )
 
 
 def statuses(tmp_path):
@@ -166,8 +180,11 @@ def test_click_after_the_label_was_final_is_late_and_changes_nothing(log, tmp_pa
 
 
 def _files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "lock"
+    }
 
 
 def _scenario(log):
@@ -276,8 +293,11 @@ def test_partitions_and_positives_export(log, tmp_path):
     assert n == 2
     validate_table(pos, INTERACTION_COLUMNS, "positives")  # what `northstar train` reads
     assert pos.to_dict("list") == {
-        "user_id": [1, 2], "item_id": [10, 10], "timestamp": [int(T + 5), int(T + day + 5)],
-        "event_type": ["like", "watch"], "value": [0.0, 120.0],
+        "user_id": [1, 2],
+        "item_id": [10, 10],
+        "timestamp": [int(T + 5), int(T + day + 5)],
+        "event_type": ["like", "watch"],
+        "value": [0.0, 120.0],
     }
 
 

@@ -26,14 +26,21 @@ def world_dir(tmp_path_factory):
 def _run(world_dir, log_path, **over):
     sink = open_sink(log_path)
     local = LocalRecommender(world_dir, sink, epsilon=0.2, seed=1)
-    cfg = SimulateConfig(world=str(world_dir), users=80, requests=150, seed=5,
-                         **{"concurrency": 3, **over})
+    cfg = SimulateConfig(
+        world=str(world_dir), users=80, requests=150, seed=5, **{"concurrency": 3, **over}
+    )
     return simulate(cfg, client_factory=lambda: local, sender=SinkSender(sink)), sink
 
 
 def test_counts_reconcile_exactly(world_dir, tmp_path):
-    rep, sink = _run(world_dir, tmp_path / "events.db", request_id_share=1.0,
-                     malformed_share=0.04, orphan_share=0.03, resend_share=0.05)
+    rep, sink = _run(
+        world_dir,
+        tmp_path / "events.db",
+        request_id_share=1.0,
+        malformed_share=0.04,
+        orphan_share=0.03,
+        resend_share=0.05,
+    )
     assert rep.requests_ok == 150 and rep.requests_failed == 0
     assert rep.items_returned == 150 * 10
     assert rep.clicks > 0 and rep.delay_after_window > 0  # some labels arrive late
@@ -76,8 +83,15 @@ def test_failed_requests_are_retried_then_counted(world_dir, tmp_path):
                 raise ConnectionError("always")
             return local.recommend(user_ids, k)
 
-    cfg = SimulateConfig(world=str(world_dir), users=80, requests=60, concurrency=1, seed=2,
-                         retries=2, backoff_s=0.001)
+    cfg = SimulateConfig(
+        world=str(world_dir),
+        users=80,
+        requests=60,
+        concurrency=1,
+        seed=2,
+        retries=2,
+        backoff_s=0.001,
+    )
     rep = simulate(cfg, client_factory=Flaky, sender=SinkSender(sink))
     assert rep.retries > 0 and rep.requests_failed > 0
     assert rep.requests_ok + rep.requests_failed == 60

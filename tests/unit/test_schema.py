@@ -118,3 +118,22 @@ def test_interaction_ids_must_exist() -> None:
     orphan_user = interactions().assign(user_id=[1, 2, 7, 1])
     with pytest.raises(SchemaError, match=r"interactions\.parquet: column 'user_id'.*\[7\]"):
         Dataset.from_frames(users(), items(), orphan_user, "src")
+
+
+def test_unknown_event_type_is_named():
+    import pandas as pd
+    import pytest
+
+    from training.schema import Dataset, SchemaError
+
+    users = pd.DataFrame(
+        {"user_id": [1], "gender": ["F"], "age_bucket": ["18-24"], "activity": ["low"]}
+    )
+    items = pd.DataFrame(
+        {"item_id": [2], "genre": ["drama"], "provider": ["indie"], "release_ts": [0]}
+    )
+    inter = pd.DataFrame(
+        {"user_id": [1], "item_id": [2], "timestamp": [5], "event_type": ["play"], "value": [1.0]}
+    )
+    with pytest.raises(SchemaError, match="event_type"):
+        Dataset.from_frames(users, items, inter)

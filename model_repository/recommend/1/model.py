@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from feedback.hook import impression_logger
 from serving.backend import RETRIEVAL_INPUTS, RETRIEVAL_OUTPUTS, InputError
 from serving.recommender import ImpressionSink, Recommender, RequestResult
 
@@ -30,8 +31,14 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"])  # .../recommend
         self.retrieval_model = params.get("retrieval_model", "retrieval")
-        self.recommender = Recommender(model_dir.parent, default_k=int(params.get("default_k", 10)))
-        self.impressions = ImpressionSink()
+        self.recommender = Recommender(
+            model_dir.parent,
+            default_k=int(params.get("default_k", 10)),
+            epsilon=float(params.get("exploration_epsilon", 0.0)),
+        )
+        # NORTHSTAR_EVENT_LOG (or the `event_log` parameter): impressions are durable before
+        # the responses go out; without either, the no-op sink keeps serving working.
+        self.impressions = impression_logger(params) or ImpressionSink()
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
 
     def execute(self, requests):

@@ -1,0 +1,479 @@
+"""`northstar bench`: the served path beside its ceilings and its peers, in ONE run.
+
+Rows, per catalogue size (queries = users scored):
+  (a) the exported model.onnx in onnxruntime in this process, batched, with the intra-op
+      threads the server's `retrieval` gets: the ceiling;
+  (b) Triton `retrieval` with batched requests;
+  (c) Triton `recommend` with single-user requests over a concurrency sweep (p50, p99);
+  (d) the naive peer (loadtest/naive.py): FastAPI + PyTorch eager, one request at a time,
+      in its own uvicorn process, over a concurrency sweep;
+  (e) faiss IndexFlatIP over the same item embeddings (search only: user embeddings are
+      computed beforehand, not timed).
+
+The machine is shared and noisy, so every figure that goes into a ratio is measured in
+the same run, one after the other, with the load average recorded beside it. The load
+generator for (b), (c) and (d) is a separate process (loadtest/loadgen.py); while one
+row runs the other servers sit idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loadtest import catalogue
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, infer_request
+from loadtest.users import UserSampler
+from models.features import INPUT_HISTORY, INPUT_USER_CATS, INPUT_USER_INDEX
+from serving import repository as layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    # Catalogue sizes; each gets its own untrained repository (catalogue.py) and server.
+    items: tuple[int, ...] = (100_000,)
+    n_users: int = 20_000  # known users in the snapshot; Zipf-sampled like the locustfile
+    out: str = "reports/bench"
+    cache: str | None = None  # where built catalogues live (default ~/.cache/northstar/bench)
+    # A trained run and its repository instead of untrained catalogues (items is ignored).
+    run: str | None = None
+    repo: str | None = None
+    # Seconds measured per row or sweep level, after a warmup that is not measured.
+    # 4 s x (7 + 4 levels + 3 rows) keeps one size near 90 s on 2 cores.
+    duration_s: float = 4.0
+    warmup_s: float = 1.0
+    batch_size: int = 256  # (a), (b), (e): DESIGN.md measured the ceiling at 256
+    # (b): two batches in flight keep the server busy while one travels.
+    retrieval_concurrency: int = 2
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # (c)
+    # (d) collapses past 16 (p99 of seconds); these levels pair with (c)'s for the ratios.
+    naive_concurrency: tuple[int, ...] = (1, 16, 32, 64)
+    k: int = 10  # items per recommend request
+    zipf_a: float = 1.1
+    unknown_share: float = 0.05
+    seed: int = 0
+    rows: tuple[str, ...] = ("a", "b", "c", "d", "e")
+    label: str = ""  # a name for this configuration (RESULTS.md steps)
+    tiny: bool = False  # smoke shapes (TINY_SHAPE) instead of the production tower
+    # Threads for the in-process rows and the naive peer; 0 = every core the machine has
+    # (what the server gets). Independent of retrieval.intra_op_threads on purpose.
+    ceiling_threads: int = 0
+    # Log impressions to an event log (out/events.db) as production does. Off by default:
+    # the naive peer logs nothing, and "the same work" is the comparison.
+    impressions: bool = False
+    retrieval: layout.RetrievalServing = field(default_factory=layout.RetrievalServing)
+    recommend: layout.RecommendServing = field(default_factory=layout.RecommendServing)
+
+
+# The smoke configuration: tiny shapes and short windows, every row present.
+TINY_SHAPE = catalogue.CatalogueShape(
+    n_items=500,
+    n_users=200,
+    n_interactions=3_000,
+    history_len=6,
+    n_hash_buckets=8,
+    k=10,
+    overfetch=10,
+    tower=dataclasses.replace(catalogue.BENCH_TOWER, id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8),
+)
+
+
+def tiny_config(out: str, cache: str | None = None) -> BenchConfig:
+    return BenchConfig(
+        items=(TINY_SHAPE.n_items,),
+        n_users=TINY_SHAPE.n_users,
+        out=out,
+        cache=cache,
+        duration_s=0.5,
+        warmup_s=0.2,
+        batch_size=32,
+        concurrency=(1, 4),
+        naive_concurrency=(1, 4),
+        label="smoke",
+        tiny=True,
+    )
+
+
+def ceiling_threads(cfg: BenchConfig) -> int:
+    """Threads for (a), (d) and (e): as many as the server has cores, whatever
+    `retrieval.intra_op_threads` says, so that a server lever never lowers the ceiling."""
+    return cfg.ceiling_threads or (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _row(name: str, what: str, n_items: int, res: LoadResult | dict, **extra) -> dict:
+    d = res.to_dict() if isinstance(res, LoadResult) else dict(res)
+    d.update(row=name, what=what, n_items=n_items, loadavg=list(os.getloadavg()), **extra)
+    return d
+
+
+def _timed_loop(fn, batches: list, duration_s: float, warmup_s: float) -> dict:
+    """Call fn(batch) round-robin; per-call latency and rows/s over the measured window."""
+    i = 0
+    t_end = time.perf_counter() + warmup_s
+    while time.perf_counter() < t_end:
+        fn(batches[i % len(batches)])
+        i += 1
+    lat, rows = [], 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    while (now := time.perf_counter()) - t0 < duration_s:
+        b = batches[i % len(batches)]
+        fn(b)
+        lat.append(time.perf_counter() - now)
+        rows += _batch_rows(b)
+        i += 1
+    window = time.perf_counter() - t0
+    ms = np.asarray(lat) * 1e3
+    return {
+        "concurrency": 1,
+        "rows_per_request": _batch_rows(batches[0]),
+        "requests": len(lat),
+        "failures": 0,
+        "window_s": window,
+        "qps": rows / window,
+        "rps": len(lat) / window,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+        "client_cpu_s": time.process_time() - cpu0,
+        "first_error": "",
+    }
+
+
+def _batch_rows(b) -> int:
+    return len(b[INPUT_USER_INDEX]) if isinstance(b, dict) else len(b)
+
+
+def measure_onnx(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
+    from serving.backend import onnx_session
+
+    session = onnx_session(
+        layout.version_dir(br.repo, br.version) / layout.ONNX_FILE,
+        intra_op_threads=ceiling_threads(cfg),
+        allow_spinning=cfg.retrieval.allow_spinning,
+    )
+    names = ["item_ids", "scores"]
+    res = _timed_loop(lambda f: session.run(names, f), batches, cfg.duration_s, cfg.warmup_s)
+    return _row(
+        "a",
+        f"ONNX in-process, batch {cfg.batch_size}, {ceiling_threads(cfg)} threads",
+        br.shape.n_items,
+        res,
+        threads=ceiling_threads(cfg),
+    )
+
+
+def measure_faiss(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
+    import faiss
+    import torch
+
+    from models.export import build_retrieval
+    from training.run import load_run
+
+    module = build_retrieval(load_run(br.run), br.graph_k)
+    items = np.ascontiguousarray(module.item_embeddings.numpy(), dtype=np.float32)  # (N, d)
+    with torch.inference_mode():
+        queries = [
+            np.ascontiguousarray(
+                module.user_tower(*(torch.from_numpy(b[n]) for n in _FEATURES)).numpy()
+            )
+            for b in batches
+        ]  # each (B, d)
+    del module
+    threads = ceiling_threads(cfg)
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    res = _timed_loop(lambda q: index.search(q, br.graph_k), queries, cfg.duration_s, cfg.warmup_s)
+    return _row(
+        "e",
+        f"faiss IndexFlatIP k={br.graph_k}, batch {cfg.batch_size}, search only",
+        br.shape.n_items,
+        res,
+        threads=threads,
+    )
+
+
+_FEATURES = (INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY)
+
+
+class _CpuWatch:
+    """CPU seconds used by a process and its children (tritonserver + its Python stubs)."""
+
+    def __init__(self, pid: int | None):
+        import psutil
+
+        self.proc = psutil.Process(pid) if pid else None
+
+    def seconds(self) -> float:
+        import psutil
+
+        if self.proc is None:
+            return 0.0
+        total = 0.0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+
+def _triton_stats(client, model: str) -> tuple[int, ...]:
+    """(inference_count, execution_count, queue_ns, compute_ns) summed over versions."""
+    stats = client.statistics(model).values()
+    return (
+        sum(s.inference_count for s in stats),
+        sum(s.execution_count for s in stats),
+        sum(s.queue_ns for s in stats),
+        sum(s.compute_ns for s in stats),
+    )
+
+
+def _run_load(gen, spec, server_cpu: _CpuWatch, client=None, models=()) -> tuple[LoadResult, dict]:
+    before = {m: _triton_stats(client, m) for m in models}
+    cpu0, t0 = server_cpu.seconds(), time.perf_counter()
+    res = gen.run(spec)
+    wall = time.perf_counter() - t0
+    extra = {"server_cpu_share": (server_cpu.seconds() - cpu0) / wall / (os.cpu_count() or 1)}
+    extra["client_cpu_share"] = res.client_cpu_s / wall / (os.cpu_count() or 1)
+    for m in models:
+        inf, exe, queue, compute = (
+            a - b for a, b in zip(_triton_stats(client, m), before[m], strict=True)
+        )
+        extra[f"{m}_avg_batch"] = inf / exe if exe else 0.0
+        # Triton's per-request queue wait and per-execution compute (BLS wait included).
+        extra[f"{m}_queue_ms"] = queue / max(inf, 1) / 1e6
+        extra[f"{m}_compute_ms"] = compute / max(exe, 1) / 1e6
+    return res, extra
+
+
+# ----------------------------------------------------------------------------- one size
+
+
+def _payloads(br: catalogue.BenchRepo, cfg: BenchConfig):
+    from loadtest.users import production_snapshot
+
+    snap = production_snapshot(br.repo)
+    sampler = UserSampler.build(
+        snap.user_ids, zipf_a=cfg.zipf_a, unknown_share=cfg.unknown_share, seed=cfg.seed
+    )
+    rng = np.random.default_rng(cfg.seed)
+    batches = []
+    for _ in range(8):
+        f = snap.lookup(sampler.sample(cfg.batch_size, rng))
+        batches.append(
+            {INPUT_USER_INDEX: f.user_index, INPUT_USER_CATS: f.user_cats, INPUT_HISTORY: f.history}
+        )
+    singles = sampler.sample(4096, rng)
+    return batches, singles
+
+
+def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dict]:
+    from loadtest.naive import NaiveServer
+    from serving.client import RecommenderClient
+    from serving.server import ServerConfig, TritonServer
+
+    catalogue.write_serving_configs(br.repo, cfg.retrieval, cfg.recommend)
+    batches, singles = _payloads(br, cfg)
+    rows: list[dict] = []
+    n = br.shape.n_items
+    need_triton = {"b", "c"} & set(cfg.rows)
+    with contextlib.ExitStack() as stack:
+        naive = None
+        if "d" in cfg.rows:  # starts in the background while tritonserver loads
+            naive = stack.enter_context(
+                NaiveServer(br.run, br.repo, threads=ceiling_threads(cfg), log_dir=out)
+            )
+        server = None
+        if need_triton:
+            event_log = None
+            if cfg.impressions:
+                event_log = out / f"events-{n}.db"
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{event_log}{suffix}").unlink(missing_ok=True)
+            server_cfg = ServerConfig(
+                repo=str(br.repo),
+                http_port=0,
+                grpc_port=0,
+                metrics_port=0,
+                log_file=str(out / f"tritonserver-{n}.log"),
+                event_log=str(event_log) if event_log else None,
+            )
+            with _without_env(_EVENT_LOG_ENV):  # an inherited event log would log anyway
+                server = stack.enter_context(TritonServer(server_cfg))
+        if naive is not None:
+            naive.wait_ready()
+        gen = stack.enter_context(LoadGenerator())
+
+        if "a" in cfg.rows:
+            rows.append(measure_onnx(br, batches, cfg))
+            log.info("(a) %s", _fmt(rows[-1]))
+        if "e" in cfg.rows:
+            rows.append(measure_faiss(br, batches, cfg))
+            log.info("(e) %s", _fmt(rows[-1]))
+        if server is not None:
+            client = stack.enter_context(RecommenderClient(server.grpc_url))
+            cpu = _CpuWatch(server.process.pid)
+            models = (layout.RECOMMEND, layout.RETRIEVAL)
+            if "b" in cfg.rows:
+                payloads = tuple(
+                    infer_request(layout.RETRIEVAL, b, ("item_ids", "scores")) for b in batches
+                )
+                spec = LoadSpec(
+                    "grpc",
+                    server.grpc_url,
+                    payloads,
+                    cfg.batch_size,
+                    cfg.retrieval_concurrency,
+                    cfg.duration_s,
+                    cfg.warmup_s,
+                )
+                res, extra = _run_load(gen, spec, cpu, client, models)
+                what = f"Triton retrieval, batch {cfg.batch_size}"
+                rows.append(_row("b", what, n, res, **extra))
+                log.info("(b) %s", _fmt(rows[-1]))
+            if "c" in cfg.rows:
+                payloads = tuple(_recommend_request(u, cfg.k) for u in singles)
+                for c in cfg.concurrency:
+                    spec = LoadSpec(
+                        "grpc", server.grpc_url, payloads, 1, c, cfg.duration_s, cfg.warmup_s
+                    )
+                    res, extra = _run_load(gen, spec, cpu, client, models)
+                    rows.append(_row("c", "Triton recommend, 1 user/request", n, res, **extra))
+                    log.info("(c) %s", _fmt(rows[-1]))
+        if naive is not None:
+            cpu = _CpuWatch(naive.process.pid)
+            paths = tuple(f"/recommend?user_id={int(u)}&k={cfg.k}" for u in singles)
+            for c in cfg.naive_concurrency:
+                spec = LoadSpec("http", naive.url, paths, 1, c, cfg.duration_s, cfg.warmup_s)
+                res, extra = _run_load(gen, spec, cpu)
+                what = "naive FastAPI + torch eager, 1 user/request"
+                rows.append(_row("d", what, n, res, **extra))
+                log.info("(d) %s", _fmt(rows[-1]))
+    return rows
+
+
+_EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"  # feedback.sink.EVENT_LOG_ENV
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
+def _recommend_request(user_id: int, k: int) -> bytes:
+    return infer_request(
+        layout.RECOMMEND,
+        {
+            layout.REC_USER_ID: np.array([[user_id]], dtype=np.int64),
+            layout.REC_K: np.array([[k]], dtype=np.int32),
+        },
+        (
+            layout.REC_ITEM_IDS,
+            layout.REC_SCORES,
+            layout.REC_MODEL_VERSION,
+            layout.REC_REQUEST_ID,
+            layout.REC_COLD_START,
+        ),
+    )
+
+
+def _fmt(r: dict) -> str:
+    return (
+        f"{r['what']} @{r['concurrency']}: {r['qps']:.0f} q/s, p50 {r['p50_ms']:.1f} ms, "
+        f"p99 {r['p99_ms']:.1f} ms, failures {r['failures']}, load {r['loadavg'][0]:.1f}"
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+
+    return {
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Measure every row for every size; write bench.json/.png/.html; return the result."""
+    from loadtest import report
+    from northstar import config as config_mod
+
+    unknown = set(cfg.rows) - set("abcde")
+    if unknown:
+        raise ValueError(f"rows: unknown {sorted(unknown)}; expected some of a, b, c, d, e")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.timezone.utc)
+    result = {
+        "label": cfg.label,
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "config": config_mod.to_dict(cfg),
+        "loadavg_start": list(os.getloadavg()),
+        "weights": "trained run" if cfg.run else "untrained (random init): throughput only",
+        "sizes": [],
+    }
+    if cfg.run:
+        repos = [catalogue.from_existing(cfg.run, cfg.repo or "model_repository")]
+    else:
+        shape = TINY_SHAPE if cfg.tiny else catalogue.CatalogueShape(n_users=cfg.n_users)
+        repos = [
+            catalogue.build(dataclasses.replace(shape, n_items=n), cfg.cache) for n in cfg.items
+        ]
+    for br in repos:
+        t0 = time.perf_counter()
+        rows = bench_size(br, cfg, out)
+        result["sizes"].append(
+            {
+                "n_items": br.shape.n_items,
+                "graph_k": br.graph_k,
+                "trained": br.trained,
+                "seconds": time.perf_counter() - t0,
+                "rows": rows,
+                "checks": report.checks(rows),
+            }
+        )
+    result["loadavg_end"] = list(os.getloadavg())
+    result["seconds"] = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    report.plot(result, out / "bench.png")
+    report.write_html(result, out / "bench.html", out / "bench.png")
+    return result

@@ -1,0 +1,73 @@
+"""`northstar bench`: the side-by-side benchmark (loadtest/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="served path vs in-process ONNX, faiss and a naive FastAPI peer, in one run",
+        description="Rows (a)-(e) for each catalogue size; prints a table with ratios and "
+        "writes bench.json, bench.png and bench.html to --out. Without --run, each size is "
+        "an untrained TwoTower exported through the real export path (throughput only).",
+    )
+    p.add_argument("--items", type=int, nargs="+", help="catalogue sizes (default 100000)")
+    p.add_argument("--out", default=None, help="report folder (default reports/bench)")
+    p.add_argument("--run", default=None, help="a trained run instead of untrained catalogues")
+    p.add_argument("--repo", default=None, help="the repository --run was exported to")
+    p.add_argument("--duration", type=float, default=None, help="seconds measured per row/level")
+    p.add_argument("--concurrency", default=None, help="(c) sweep, e.g. 1,2,4,8,16,32,64")
+    p.add_argument("--label", default=None, help="a name for this configuration")
+    p.add_argument("--tiny", action="store_true", help="smoke run: tiny shapes, short windows")
+    p.add_argument("--config", help="BenchConfig as .toml/.yaml/.json")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override BenchConfig fields, e.g. recommend.instances=1 "
+        "retrieval.max_queue_delay_us=200",
+    )
+    p.add_argument("--fail-on-targets", action="store_true", help="exit 1 if a target fails")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    from loadtest.bench import BenchConfig, run_bench, tiny_config
+    from loadtest.report import format_table
+    from northstar import config as config_mod
+
+    flags = []
+    if args.items:
+        flags.append("items=" + ",".join(str(n) for n in args.items))
+    for key, val in (
+        ("out", args.out),
+        ("run", args.run),
+        ("repo", args.repo),
+        ("duration_s", args.duration),
+        ("concurrency", args.concurrency),
+        ("label", args.label),
+    ):
+        if val is not None:
+            flags.append(f"{key}={val}")
+    # --tiny starts from the smoke configuration; a file and the flags then override it.
+    values = config_mod.to_dict(tiny_config("reports/bench")) if args.tiny else {}
+    if args.config:
+        values.update(config_mod.read_file(args.config))
+    for item in flags + list(args.set):
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        key, val = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = val
+    cfg = config_mod.build(BenchConfig, values)
+    result = run_bench(cfg)
+    print(format_table(result))
+    print(f"\nwrote {cfg.out}/bench.json, bench.png, bench.html")
+    failed = [c for s in result["sizes"] for c in s["checks"] if c["ok"] is False]
+    return 1 if failed and args.fail_on_targets else 0

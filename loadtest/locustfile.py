@@ -1,0 +1,371 @@
+"""Locust users for the Triton-served recommender, on tritonclient (gRPC and HTTP).
+
+    locust -f loadtest/locustfile.py --config loadtest/locust.conf TritonGrpcUser
+    python -m loadtest.run            # starts a server, runs this headless, writes reports
+
+Neither user is an HttpUser: each holds a tritonclient InferenceServerClient and fires
+`environment.events.request` itself, like locust's examples/grpc/grpc_user.py.
+
+Tasks, by weight:
+  recommend  one user per request, the front door clients call;
+  retrieval  a batch of users' online features straight to `retrieval`;
+  feedback   a click on an item of the user's last slate, to the `feedback` model;
+             skipped (and reported once) when the server has no `feedback` model loaded.
+
+User ids are drawn Zipf-like from the known users (the repository's production feature
+snapshot, or a users parquet) plus a share of unknown ids (cold starts), see users.py.
+
+Thresholds: when the run ends, a p99 of `recommend` above --max-p99-ms or a failure
+ratio above --max-fail-ratio sets the exit code to 1 (locust's stop_on_threshold.py).
+
+gevent (DESIGN.md, measured): tritonclient.grpc blocks the event loop unless
+`grpc.experimental.gevent.init_gevent()` runs before any channel exists, and with it the
+process hangs after the summary, deaf to SIGTERM. So an `events.quit` listener closes the
+CSV files and leaves with `os._exit(code)`. Run Locust under a hard timeout regardless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gc
+import logging
+import os
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()  # before tritonclient.grpc opens any channel
+
+import numpy as np  # noqa: E402
+from locust import User, between, events  # noqa: E402
+from locust import task as locust_task  # noqa: E402
+from locust.stats import (  # noqa: E402
+    PERCENTILES_TO_REPORT,
+    StatsCSV,
+    StatsCSVFileWriter,
+)
+
+from loadtest.thresholds import threshold_failures  # noqa: E402
+
+log = logging.getLogger("northstar.locust")
+
+RECOMMEND, RETRIEVAL, FEEDBACK = "recommend", "retrieval", "feedback"
+_REC_OUTPUTS = ("item_ids", "scores", "model_version", "request_id", "cold_start")
+# The feedback model's inputs and Triton dtypes (feedback/ingest.py INPUTS).
+_FEEDBACK_INPUTS = {
+    "event_id": "BYTES",
+    "user_id": "INT64",
+    "item_id": "INT64",
+    "type": "BYTES",
+    "value": "FP32",
+    "ts": "FP64",
+    "request_id": "BYTES",
+}
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    g = parser.add_argument_group("northstar")
+    g.add_argument("--grpc-url", default="localhost:8001", env_var="NORTHSTAR_GRPC_URL")
+    g.add_argument("--http-url", default="localhost:8000", env_var="NORTHSTAR_HTTP_URL")
+    g.add_argument(
+        "--repo",
+        default="model_repository",
+        env_var="NORTHSTAR_REPO",
+        help="model repository: known users and their features (production snapshot)",
+    )
+    g.add_argument(
+        "--users-parquet",
+        default="",
+        env_var="NORTHSTAR_USERS",
+        help="known users from a parquet with a user_id column instead of the snapshot",
+    )
+    g.add_argument("--zipf-a", type=float, default=1.1, help="P(rank r) ∝ r**-a")
+    g.add_argument("--unknown-share", type=float, default=0.05, help="share of cold-start ids")
+    g.add_argument("--k", type=int, default=10, help="items per recommend request")
+    g.add_argument("--retrieval-batch", type=int, default=64, help="users per retrieval request")
+    g.add_argument("--max-p99-ms", type=float, default=500.0, help="recommend p99 threshold")
+    g.add_argument("--max-fail-ratio", type=float, default=0.01, help="failure ratio threshold")
+    g.add_argument("--timeout-s", type=float, default=30.0, help="per-request client timeout")
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """What every simulated user shares: the id sampler and, if known, the features."""
+
+    sampler: object  # loadtest.users.UserSampler
+    snapshot: object | None  # training.snapshot.FeatureSnapshot: features for `retrieval`
+
+    @classmethod
+    def from_options(cls, options) -> Workload:
+        from loadtest.users import UserSampler, known_user_ids, production_snapshot
+
+        snapshot = None
+        try:
+            snapshot = production_snapshot(options.repo)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            log.warning(
+                "no feature snapshot in %s (%s): retrieval sends zero features", options.repo, exc
+            )
+        if options.users_parquet:
+            known = known_user_ids(users=options.users_parquet)
+        elif snapshot is not None:
+            known = snapshot.user_ids
+        else:
+            known = np.zeros(0, dtype=np.int64)
+        share = options.unknown_share if len(known) else 1.0
+        sampler = UserSampler.build(known, zipf_a=options.zipf_a, unknown_share=share)
+        return cls(sampler, snapshot)
+
+    def features(self, user_ids: np.ndarray, dims: tuple[int, int]) -> dict[str, np.ndarray]:
+        """`retrieval` inputs for these users; zeros (valid everywhere) without a snapshot."""
+        n = len(user_ids)
+        if self.snapshot is None:
+            c, h = dims
+            return {
+                "user_index": np.zeros((n, 1), np.int64),
+                "user_cats": np.zeros((n, c), np.int64),
+                "history": np.zeros((n, h), np.int64),
+            }
+        f = self.snapshot.lookup(user_ids)
+        return {"user_index": f.user_index, "user_cats": f.user_cats, "history": f.history}
+
+
+_workload: Workload | None = None
+
+
+def workload(environment) -> Workload:
+    global _workload
+    if _workload is None:
+        _workload = Workload.from_options(environment.parsed_options)
+    return _workload
+
+
+# ----------------------------------------------------------------------------- users
+
+
+class _TritonUser(User):
+    """Shared tasks; subclasses pick the tritonclient module and the URL."""
+
+    abstract = True
+    wait_time = between(0.0, 0.01)
+    protocol = ""
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        opts = environment.parsed_options
+        self.opts = opts
+        self.rng = np.random.default_rng(random.getrandbits(32))
+        self.work = workload(environment)
+        self.client = self._make_client()
+        self.last_slate: tuple[int, str, np.ndarray] | None = None  # user, request id, items
+        self.feedback_ready = False
+        self.retrieval_dims = (0, 0)
+
+    # -- protocol specifics ---------------------------------------------------------
+    def _make_client(self):
+        raise NotImplementedError
+
+    def _infer(self, model: str, inputs, outputs):
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------------
+    def on_start(self) -> None:
+        try:
+            self.feedback_ready = bool(self.client.is_model_ready(FEEDBACK))
+        except Exception:  # an old server, or no such model: same answer
+            self.feedback_ready = False
+        if not self.feedback_ready:
+            _warn_once("the server has no ready `feedback` model: the feedback task is skipped")
+            self.tasks = [t for t in self.tasks if t is not _TritonUser.feedback]
+        cfg = self._config(RETRIEVAL)
+        by_name = {i["name"]: i for i in cfg.get("input", [])}
+        self.retrieval_dims = (
+            int(by_name["user_cats"]["dims"][0]),
+            int(by_name["history"]["dims"][0]),
+        )
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    # -- tasks ---------------------------------------------------------------------
+    @locust_task(10)
+    def recommend(self) -> None:
+        uid = int(self.work.sampler.sample(1, self.rng)[0])
+        inputs = [
+            self._input("user_id", np.array([[uid]], dtype=np.int64), "INT64"),
+            self._input("k", np.array([[self.opts.k]], dtype=np.int32), "INT32"),
+        ]
+        result = self._call(RECOMMEND, RECOMMEND, inputs, _REC_OUTPUTS)
+        if result is not None:
+            items = result.as_numpy("item_ids")[0]
+            rid = result.as_numpy("request_id").reshape(-1)[0]
+            rid = rid.decode() if isinstance(rid, bytes) else str(rid)
+            self.last_slate = (uid, rid, items[items >= 0])
+
+    @locust_task(1)
+    def retrieval(self) -> None:
+        b = self.opts.retrieval_batch
+        feats = self.work.features(self.work.sampler.sample(b, self.rng), self.retrieval_dims)
+        inputs = [self._input(n, a, "INT64") for n, a in feats.items()]
+        self._call(RETRIEVAL, f"{RETRIEVAL}[{b}]", inputs, ("item_ids", "scores"))
+
+    @locust_task(3)
+    def feedback(self) -> None:
+        if not self.feedback_ready or self.last_slate is None or not len(self.last_slate[2]):
+            return
+        uid, rid, items = self.last_slate
+        item = int(items[min(int(self.rng.geometric(0.3)) - 1, len(items) - 1)])
+        row = {
+            "event_id": np.array([[uuid.uuid4().hex.encode()]], dtype=object),
+            "user_id": np.array([[uid]], dtype=np.int64),
+            "item_id": np.array([[item]], dtype=np.int64),
+            "type": np.array([[b"click"]], dtype=object),
+            "value": np.array([[1.0]], dtype=np.float32),
+            "ts": np.array([[time.time()]], dtype=np.float64),
+            "request_id": np.array([[rid.encode()]], dtype=object),
+        }
+        inputs = [self._input(n, row[n], dt) for n, dt in _FEEDBACK_INPUTS.items()]
+        result = self._call(FEEDBACK, FEEDBACK, inputs, ("accepted", "reason"))
+        if result is not None and not bool(result.as_numpy("accepted").reshape(-1)[0]):
+            reason = result.as_numpy("reason").reshape(-1)[0]
+            _warn_once(f"feedback event not accepted: {reason!r}")
+
+    # -- helpers -------------------------------------------------------------------
+    def _input(self, name: str, arr: np.ndarray, dtype: str):
+        t = self.mod.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        return t
+
+    def _call(self, model: str, name: str, inputs, outputs):
+        """One timed inference; fires the request event; the result, or None on failure."""
+        start = time.perf_counter()
+        result, exc, length = None, None, 0
+        try:
+            result = self._infer(model, inputs, [self.mod.InferRequestedOutput(o) for o in outputs])
+            length = sum(result.as_numpy(o).nbytes for o in outputs)
+        except Exception as e:  # tritonclient raises InferenceServerException and friends
+            exc, result = e, None
+        self.environment.events.request.fire(
+            request_type=self.protocol,
+            name=name,
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            exception=exc,
+            context={},
+        )
+        return result
+
+
+class TritonGrpcUser(_TritonUser):
+    protocol = "grpc"
+
+    def _make_client(self):
+        import tritonclient.grpc as mod
+
+        self.mod = mod
+        return mod.InferenceServerClient(self.opts.grpc_url)
+
+    def _infer(self, model, inputs, outputs):
+        return self.client.infer(model, inputs, outputs=outputs, client_timeout=self.opts.timeout_s)
+
+    def _config(self, model: str) -> dict:
+        return self.client.get_model_config(model, as_json=True)["config"]
+
+
+class TritonHttpUser(_TritonUser):
+    protocol = "http"
+
+    def _make_client(self):
+        import tritonclient.http as mod
+
+        self.mod = mod
+        t = self.opts.timeout_s
+        return mod.InferenceServerClient(
+            self.opts.http_url, connection_timeout=t, network_timeout=t
+        )
+
+    def _infer(self, model, inputs, outputs):
+        return self.client.infer(model, inputs, outputs=outputs)
+
+    def _config(self, model: str) -> dict:
+        return self.client.get_model_config(model)
+
+
+# ----------------------------------------------------------------------------- the end
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+@events.quitting.add_listener
+def _check_thresholds(environment, **_kwargs) -> None:
+    opts = environment.parsed_options
+    if opts is None:
+        return
+    problems = threshold_failures(
+        environment.stats, max_p99_ms=opts.max_p99_ms, max_fail_ratio=opts.max_fail_ratio
+    )
+    if problems:
+        log.error("thresholds failed: %s", "; ".join(problems))
+        environment.process_exit_code = 1
+    else:
+        log.info("thresholds passed")
+
+
+_environment = None
+
+
+@events.init.add_listener
+def _keep_environment(environment, **_kwargs) -> None:
+    global _environment
+    _environment = environment
+
+
+def write_final_csv(environment, prefix: str) -> None:
+    """Rewrite <prefix>_stats/_failures/_exceptions.csv from the final stats.
+
+    Locust's CSV writer refreshes them once a second and closes them after `quit`;
+    leaving early would otherwise keep up to a second-old copy.
+    """
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    for suffix, write in (
+        ("stats", writer.requests_csv),
+        ("failures", writer.failures_csv),
+        ("exceptions", writer.exceptions_csv),
+    ):
+        with open(f"{prefix}_{suffix}.csv", "w", newline="") as f:
+            write(csv.writer(f))
+
+
+@events.quit.add_listener
+def _exit_now(exit_code, **_kwargs) -> None:
+    # Locust closes its CSV files only after this event; close them now, then leave before
+    # grpc's gevent integration can hang the interpreter's shutdown.
+    for obj in gc.get_objects():
+        if isinstance(obj, StatsCSVFileWriter):
+            with contextlib.suppress(Exception):  # already closed, or never opened
+                obj.close_files()
+    opts = getattr(_environment, "parsed_options", None)
+    if opts is not None and getattr(opts, "csv_prefix", None):
+        try:
+            write_final_csv(_environment, opts.csv_prefix)
+        except OSError as exc:
+            log.warning("could not write the final CSV files: %s", exc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(exit_code)

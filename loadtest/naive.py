@@ -1,0 +1,182 @@
+"""The naive peer: FastAPI + PyTorch eager, one request at a time, doing `recommend`'s work.
+
+Per request: look up the user's online features, run the retrieval module eagerly
+(user tower -> scores against the whole catalogue -> top-K), drop seen items, keep k,
+and mint a request id. The handler is `async def` and computes inline, so the event
+loop serves exactly one request at a time: the way a first prototype usually looks.
+
+Run it in its own process (the benchmark does):
+
+    NAIVE_RUN=runs/x NAIVE_REPO=model_repository NAIVE_THREADS=2 \
+        uvicorn loadtest.naive:app --port 8090
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class NaiveRecommender:
+    module: object  # models.retrieval.TwoTowerRetrieval, eval mode
+    snapshot: object  # training.snapshot.FeatureSnapshot
+    version: int
+
+    @classmethod
+    def load(cls, run: str, repo: str, threads: int = 0) -> NaiveRecommender:
+        import torch
+
+        from models.export import build_retrieval
+        from serving import repository as layout
+        from serving.routing import RoutingState
+        from training.run import load_run
+        from training.snapshot import FeatureSnapshot
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        routing = RoutingState.load(layout.routing_path(repo))
+        meta = layout.read_meta(repo, routing.production)
+        module = build_retrieval(load_run(run), int(meta["graph_k"]))
+        snapshot = FeatureSnapshot.load(layout.features_path(repo, routing.production))
+        return cls(module, snapshot, routing.production)
+
+    def recommend(self, user_id: int, k: int) -> dict:
+        import torch
+
+        from serving.recommender import select_unseen
+
+        feats = self.snapshot.lookup(np.asarray([user_id], dtype=np.int64))
+        with torch.inference_mode():
+            ids, scores = self.module(
+                torch.from_numpy(feats.user_index),
+                torch.from_numpy(feats.user_cats),
+                torch.from_numpy(feats.history),
+            )  # (1, K) each
+        out_ids, out_scores, counts = select_unseen(
+            ids.numpy(), scores.numpy(), feats.seen, np.asarray([k], dtype=np.int64)
+        )
+        n = int(counts[0])
+        return {
+            "user_id": int(user_id),
+            "item_ids": out_ids[0, :n].tolist(),
+            "scores": out_scores[0, :n].tolist(),
+            "model_version": self.version,
+            "request_id": uuid.uuid4().hex,
+            "cold_start": not bool(feats.known[0]),
+        }
+
+
+def create_app(run: str, repo: str, threads: int = 0):
+    from fastapi import FastAPI
+
+    rec = NaiveRecommender.load(run, repo, threads)
+    app = FastAPI(title="northstar naive peer")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"ok": True}
+
+    @app.get("/recommend")
+    async def recommend(user_id: int, k: int = 10) -> dict:
+        # async + blocking compute: one request at a time, on purpose.
+        return rec.recommend(user_id, k)
+
+    return app
+
+
+def __getattr__(name: str):
+    # `uvicorn loadtest.naive:app` builds the app from the environment on first access.
+    if name == "app":
+        threads = int(os.environ.get("NAIVE_THREADS", 0))
+        return create_app(os.environ["NAIVE_RUN"], os.environ["NAIVE_REPO"], threads)
+    raise AttributeError(name)
+
+
+class NaiveServer:
+    """The naive peer in its own uvicorn process; `with NaiveServer(run, repo) as s: s.url`."""
+
+    def __init__(
+        self,
+        run: str | Path,
+        repo: str | Path,
+        *,
+        threads: int = 0,
+        log_dir: str | Path | None = None,
+        startup_timeout_s: float = 120.0,
+    ):
+        from serving.server import free_port
+
+        self.run, self.repo, self.threads = Path(run), Path(repo), threads
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"naive-{self.port}.log"
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> NaiveServer:
+        env = {
+            **os.environ,
+            "NAIVE_RUN": str(self.run.resolve()),
+            "NAIVE_REPO": str(self.repo.resolve()),
+            "NAIVE_THREADS": str(self.threads),
+        }
+        cmd = [sys.executable, "-m", "uvicorn", "loadtest.naive:app", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", "1", "--log-level", "warning"]
+        cmd += ["--no-access-log"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.process = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=str(Path(__file__).resolve().parents[1]),
+                start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"naive server exited with code {self.process.returncode}; log "
+                    f"{self.log_path}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"naive server not ready after {self.startup_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def __enter__(self) -> NaiveServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
