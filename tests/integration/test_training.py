@@ -113,7 +113,7 @@ def test_same_seed_same_model_and_resume_finishes_the_same(tiny_data, tmp_path):
 
 def test_movielens_format_data_beats_toppop(tmp_path):
     """Write ML-100K files (`u.data`, `u.user`, `u.item`) from a small world, import, train."""
-    world, ds = generate_dataset(
+    _world, ds = generate_dataset(
         SynthConfig.preset("small", n_users=1500, n_interactions=40_000), progress=False
     )
     ml = tmp_path / "ml-100k"
