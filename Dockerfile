@@ -24,11 +24,14 @@ COPY models/__init__.py models/features.py models/
 COPY training/__init__.py training/schema.py training/snapshot.py training/
 COPY serving/__init__.py serving/backend.py serving/recommender.py serving/repository.py \
      serving/routing.py serving/
+# Impression logging (recommend) and interaction ingest (the feedback model).
+COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
+     feedback/explore.py feedback/ids.py feedback/ingest.py feedback/
 # A .pth file rather than PYTHONPATH: the backend stub imports from the interpreter's own
 # site-packages, which is what a .pth extends.
 RUN python3 -c "import site; print(site.getsitepackages()[0])" \
     | xargs -I{} sh -c 'echo /opt/northstar > {}/northstar.pth' \
-    && python3 -c "import serving.recommender, serving.backend"
+    && python3 -c "import serving.recommender, serving.backend, feedback.hook, feedback.ingest"
 
 COPY model_repository/ /models/
 RUN grep -q 'platform: "onnxruntime_onnx"' /models/retrieval/config.pbtxt \
@@ -37,6 +40,10 @@ RUN grep -q 'platform: "onnxruntime_onnx"' /models/retrieval/config.pbtxt \
 # Never run the server as root. The image's triton-server user exists in recent releases;
 # create it where it does not.
 RUN id -u triton-server >/dev/null 2>&1 || useradd --create-home --uid 1000 triton-server
+# The event log lives on a volume: acknowledged events must outlive the container.
+RUN mkdir -p /var/lib/northstar && chown triton-server /var/lib/northstar
+ENV NORTHSTAR_EVENT_LOG=/var/lib/northstar/events.db
+VOLUME /var/lib/northstar
 USER triton-server
 
 EXPOSE 8000 8001 8002
@@ -46,5 +53,6 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
 sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"
 
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
-     "--load-model=retrieval", "--load-model=recommend", "--strict-readiness=true", \
+     "--load-model=retrieval", "--load-model=recommend", "--load-model=feedback", \
+     "--strict-readiness=true", \
      "--exit-timeout-secs=10"]
