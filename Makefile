@@ -39,5 +39,16 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+## loadtest: tritonserver + headless Locust (gRPC and HTTP users) -> reports/loadtest/
+## (LOADTEST_ARGS, e.g. "--repo model_repository --run-time 1m --users 32")
+loadtest: venv
+	$(PY) -m loadtest.run --out reports/loadtest $(LOADTEST_ARGS)
+
+## bench: (a) ONNX in-process, (b) Triton retrieval, (c) recommend sweep, (d) naive FastAPI,
+## (e) faiss, side by side -> reports/bench/ (BENCH_ITEMS, BENCH_ARGS)
+BENCH_ITEMS ?= 100000 1000000
+bench: venv
+	$(NS) bench --items $(BENCH_ITEMS) --out reports/bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -195,6 +195,9 @@ class OnlineGates:
     # + slack (ms) is a regression (the slack keeps millisecond noise from deciding).
     max_p99_ratio: float = 1.5
     p99_slack_ms: float = 25.0
+    # A p99 from fewer requests is the maximum of a handful, dominated by the first calls
+    # of a freshly loaded version; compare latencies only past this many per version.
+    min_latency_requests: int = 300
     # Online fairness: the canary's min/max CTR ratio across groups of an attribute may not
     # fall below production's by more than this; groups need min_group_impressions each.
     max_group_ratio_drop: float = 0.2
@@ -263,8 +266,9 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     1. guardrails (any time): canary error rate, canary p99 vs production -> rollback;
     2. sample-ratio mismatch of users vs the configured split -> rollback (untrusted split);
     3. fewer than min_impressions in an arm -> continue;
-    4. online fairness: a group-CTR ratio drop vs production -> rollback;
-    5. always-valid mSPRT p < alpha: canary worse -> rollback, better -> promote;
+    4. the canary significantly worse (always-valid mSPRT p < alpha) and/or a group-CTR
+       ratio drop vs production (online fairness) -> rollback, every reason listed;
+    5. the canary significantly better (mSPRT p < alpha) -> promote;
     6. both arms past max_impressions: non-inferior (CI low > -margin) -> promote, else rollback;
     7. otherwise continue.
     """
@@ -282,7 +286,13 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
                 f"{gates.max_error_rate}",
             )
         )
-    if gc is not None and gp is not None and gc.p99_ms is not None and gp.p99_ms is not None:
+    if (
+        gc is not None
+        and gp is not None
+        and gc.p99_ms is not None
+        and gp.p99_ms is not None
+        and min(gc.requests, gp.requests) >= gates.min_latency_requests
+    ):
         limit = max(gp.p99_ms * gates.max_p99_ratio, gp.p99_ms + gates.p99_slack_ms)
         checks.append(
             Check(
@@ -337,29 +347,33 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
                 f"(max drop {gates.max_group_ratio_drop})",
             )
         )
-    bad = [c.reason for c in checks if not c.passed]
-    if bad:
-        return Verdict(ROLLBACK, ("online fairness: " + "; ".join(bad),), tuple(checks))
+    unfair = [c.reason for c in checks if not c.passed]
 
     z, seq = ev.z, ev.sequential
     ctr_text = (
         f"CTR canary {ev.canary.ctr:.4f} ({ev.canary.clicks}/{n_c}) vs production "
         f"{ev.production.ctr:.4f} ({ev.production.clicks}/{n_p})"
     )
+    significant = z is not None and seq is not None and seq.p_value < gates.alpha
     if z is not None and seq is not None:
         checks.append(
             Check(
                 "msprt",
                 seq.p_value,
                 gates.alpha,
-                seq.p_value >= gates.alpha or z.diff > 0,
+                not (significant and z.diff < 0),
                 f"{ctr_text}: diff {z.diff:+.4f}, z {z.z:.2f}, p {z.p_value:.3g}, "
                 f"always-valid p {seq.p_value:.3g} (alpha {gates.alpha})",
             )
         )
-        if seq.p_value < gates.alpha:
-            if z.diff < 0:
-                return Verdict(ROLLBACK, (f"canary loses: {checks[-1].reason}",), tuple(checks))
+    # A loser and an unfair canary both roll back, with every reason that applies; a canary
+    # that wins on CTR but hurts a group is rolled back too (fairness is a guardrail).
+    losing = [f"canary loses: {checks[-1].reason}"] if significant and z.diff < 0 else []
+    if losing or unfair:
+        fair = ["online fairness: " + "; ".join(unfair)] if unfair else []
+        return Verdict(ROLLBACK, tuple(losing + fair), tuple(checks))
+    if z is not None and seq is not None:
+        if significant:
             return Verdict(PROMOTE, (f"canary wins: {checks[-1].reason}",), tuple(checks))
         if min(n_p, n_c) >= gates.max_impressions:
             ok = z.ci_low > -gates.noninferiority_margin

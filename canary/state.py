@@ -5,7 +5,8 @@ One JSON file, `STATE_DIR/state.json`, mode 0600:
     {"production": {"version": 3, "run": "...", "mlflow_version": "2", "since": ...},
      "canary": {"version": 4, "percent": 10, "started": ..., "msprt_p": 0.41, ...} | null,
      "bias": [{"version": 3, "arp": ..., "exposure_gini": ...}, ...],   # one per production
-     "last_retrain": {"id": ..., "ts": ..., "label_ts": ...} | null,
+     "last_retrain": {"id": ..., "ts": ..., "label_ts": ...} | null,   # canary or rejected
+     "last_attempt": {"id": ..., "ts": ..., "status": ...} | null,     # any outcome
      "in_progress": {"id": ..., "pid": ..., "started": ...} | null,
      "history": [{"id", "ts", "kind", "decision", "reasons": [...], "evidence": {...}}, ...]}
 
@@ -38,6 +39,7 @@ def empty_state() -> dict[str, Any]:
         "canary": None,
         "bias": [],
         "last_retrain": None,
+        "last_attempt": None,
         "in_progress": None,
         "history": [],
     }

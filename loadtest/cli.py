@@ -35,8 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args) -> int:
-    from loadtest.bench import BenchConfig, run_bench, tiny_config
+    from loadtest.bench import run_bench
     from loadtest.report import format_table
+
+    cfg = bench_config(args)
+    result = run_bench(cfg)
+    print(format_table(result))
+    print(f"\nwrote {cfg.out}/bench.json, bench.png, bench.html")
+    failed = [c for s in result["sizes"] for c in s["checks"] if c["ok"] is False]
+    return 1 if failed and args.fail_on_targets else 0
+
+
+def bench_config(args):
+    """BenchConfig from --tiny (the smoke base), then --config, then the flags and --set."""
+    from loadtest.bench import BenchConfig, tiny_config
     from northstar import config as config_mod
 
     flags = []
@@ -65,9 +77,4 @@ def _bench(args) -> int:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = val
-    cfg = config_mod.build(BenchConfig, values)
-    result = run_bench(cfg)
-    print(format_table(result))
-    print(f"\nwrote {cfg.out}/bench.json, bench.png, bench.html")
-    failed = [c for s in result["sizes"] for c in s["checks"] if c["ok"] is False]
-    return 1 if failed and args.fail_on_targets else 0
+    return config_mod.build(BenchConfig, values)

@@ -85,7 +85,7 @@ def _add_arguments(parser) -> None:
         env_var="NORTHSTAR_USERS",
         help="known users from a parquet with a user_id column instead of the snapshot",
     )
-    g.add_argument("--zipf-a", type=float, default=1.1, help="P(rank r) ∝ r**-a")
+    g.add_argument("--zipf-a", type=float, default=0.8, help="P(rank r) ∝ r**-a")
     g.add_argument("--unknown-share", type=float, default=0.05, help="share of cold-start ids")
     g.add_argument("--k", type=int, default=10, help="items per recommend request")
     g.add_argument("--retrieval-batch", type=int, default=64, help="users per retrieval request")

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "feedback.cli",
     "fairness.cli",
     "loadtest.cli",
+    "canary.cli",
     "northstar.demo",
 )
 

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from canary.demo import canary_stage
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -156,7 +158,7 @@ def audit_stage(cfg: DemoConfig, server, root: Path) -> None:
 
 
 # Stages that need the running server: (cfg, server, root) -> None. Canary appends itself.
-STAGES: list = [feedback_stage, audit_stage]
+STAGES: list = [feedback_stage, audit_stage, canary_stage]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -42,7 +42,26 @@ def check_int_matrix(
     """Check presence, dtype, shape (B, width) and value range [low, high); return the array.
 
     `low`/`high` may be per-column arrays (one bound per categorical attribute).
+    Called per request in `recommend`, so a valid input costs a few comparisons and the
+    error message is only built for a bad one.
     """
+    want = np.dtype(dtype)
+    if (
+        arr is not None
+        and arr.dtype == want
+        and arr.ndim == 2
+        and arr.shape[1] == width
+        and arr.shape[0] > 0
+        and (rows is None or arr.shape[0] == rows)
+        and not (arr < low).any()
+        and (high is None or not (arr >= high).any())
+    ):
+        return arr
+    return _raise_int_matrix_error(name, arr, width, want, low, high, what, rows)
+
+
+def _raise_int_matrix_error(name, arr, width, dtype, low, high, what, rows) -> np.ndarray:
+    """check_int_matrix's slow path: find what is wrong and say so (or return a valid arr)."""
     dtype_name = np.dtype(dtype).name.upper()
     expect = f"{dtype_name} [B, {width}]" + (f" ({what})" if what else "")
     if arr is None:

@@ -165,6 +165,15 @@ class BatchResult:
     versions: dict[int, int] = field(default_factory=dict)  # version -> users served
 
 
+# Above this many (row, candidate, seen item) comparisons the sort-based path is cheaper.
+_BROADCAST_CELLS = 1 << 20
+
+
+def _absent_id(item_ids: np.ndarray) -> int:
+    """An id no candidate has: pads the seen lists of the broadcast path."""
+    return int(item_ids.min()) - 1 if item_ids.size else 0
+
+
 def select_unseen(
     item_ids: np.ndarray, scores: np.ndarray, seen: list[np.ndarray], ks: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,7 +186,14 @@ def select_unseen(
     lens = np.fromiter((len(s) for s in seen), dtype=np.int64, count=n)
     width = int(ks.max()) if n else 0
     keep = np.ones((n, K), dtype=bool)
-    if lens.sum():
+    longest = int(lens.max()) if n else 0
+    if longest and n * K * longest <= _BROADCAST_CELLS:
+        # Short seen lists (the common case per request): compare every candidate with its
+        # row's seen items at once. 3-4x faster than sorting at a dynamic batch's sizes.
+        padded = np.full((n, longest), _absent_id(item_ids), dtype=item_ids.dtype)  # (n, L)
+        padded[np.arange(longest)[None, :] < lens[:, None]] = np.concatenate(seen)
+        keep = ~(item_ids[:, :, None] == padded[:, None, :]).any(axis=2)
+    elif longest:
         # Same (row, item) pair on both sides <=> seen: code items densely, then one isin.
         seen_items = np.concatenate(seen)
         seen_rows = np.repeat(np.arange(n), lens)
@@ -212,6 +228,9 @@ class Recommender:
         # ranking of the unseen candidates, so the log supports off-policy evaluation.
         self.epsilon = float(epsilon)
         self.rng = np.random.default_rng(seed)
+        # Request ids draw from their own OS-seeded generator, made once: a fresh one per
+        # batch cost ~50 us, and ids must not consume the (seedable) exploration stream.
+        self._id_rng = np.random.default_rng()
         # The last production version that answered: where users go if their version fails
         # (e.g. routing.json names a version Triton has not loaded yet).
         self.last_good: int | None = None
@@ -300,7 +319,7 @@ class Recommender:
 
         # Time-ordered ids (UUIDv7 as 32 hex digits): impression event ids start with them,
         # and the log's unique index stays fast when new keys land at its end.
-        request_ids = uuid7_batch(n)
+        request_ids = uuid7_batch(n, rng=self._id_rng)
         results: list[RequestResult | InputError | RuntimeError] = []
         start = 0
         for p in parsed:

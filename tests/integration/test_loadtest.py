@@ -67,9 +67,7 @@ def test_loadtest_driver_serves_feedback(tmp_path):
         pytest.skip("no feedback model in model_repository/")
     cmd = [sys.executable, "-m", "loadtest.run", "--tiny", "--protocol", "grpc"]
     cmd += ["--users", "4", "--spawn-rate", "4", "--run-time", "5s", "--out", str(tmp_path)]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
-    )
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     stats = _stats(tmp_path / "locust_stats.csv")

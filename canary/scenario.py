@@ -1,0 +1,180 @@
+"""The three-act canary scenario on a live Triton under simulated traffic (test + demo).
+
+    (a) retrain on feedback -> offline gates pass -> canary -> online test -> promote
+    (b) a broken candidate (item ids shuffled across its training interactions, trained
+        from scratch) -> the offline gates reject it -> nothing exported, Triton loads nothing
+    (c) a candidate that is fine offline but serves a permuted item table (a training/
+        serving skew: `fault="serving_skew"`) -> canary -> it loses online -> rolled back
+
+Traffic never stops: a background thread runs the closed-loop simulator (feedback.simulate)
+in small batches while versions load, routing changes, versions are promoted, rolled back
+and unloaded; every batch must see zero failed requests. Labels are joined between batches
+(the traffic pauses for the join only, so every click of a joined impression is in).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from canary.online import EvaluateConfig, evaluate_canary
+from canary.pipeline import RetrainConfig, RetrainResult, retrain
+
+log = logging.getLogger(__name__)
+
+
+class Traffic:
+    """Background closed-loop traffic: simulate() batches until stopped."""
+
+    def __init__(self, sim_cfg, *, pause_s: float = 0.0):
+        self.sim_cfg = sim_cfg
+        # Seconds between batches. The scenario slows the traffic down (never stops it)
+        # while a candidate trains, so the two share the CPU, and speeds it up for looks.
+        self.pause_s = pause_s
+        self.lock = threading.Lock()  # held for one whole batch (requests + clicks sent)
+        self.reports: list = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="traffic", daemon=True)
+
+    def _loop(self) -> None:
+        from feedback.simulate import simulate
+
+        i = 0
+        while not self._stop.is_set():
+            with self.lock:
+                try:
+                    rep = simulate(replace(self.sim_cfg, seed=self.sim_cfg.seed + i))
+                    self.reports.append(rep)
+                except Exception as exc:  # reported, and the scenario fails on it
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+            i += 1
+            time.sleep(self.pause_s)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.reports)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.requests_failed for r in self.reports) + len(self.errors)
+
+    @property
+    def retries(self) -> int:
+        return sum(r.retries for r in self.reports)
+
+    def wait_requests(self, n: int, timeout_s: float = 120.0) -> None:
+        target = self.requests + n
+        deadline = time.monotonic() + timeout_s
+        while self.requests < target and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@dataclass
+class ScenarioReport:
+    acts: dict[str, Any] = field(default_factory=dict)
+    requests: int = 0
+    failed: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+
+def _join(labels: str, event_log: str, window_s: float) -> None:
+    from feedback.join import JoinConfig, run_join
+
+    run_join(JoinConfig(log=event_log, out=labels, window_s=window_s, as_of=float("inf")))
+
+
+def run_act(
+    name: str,
+    traffic: Traffic,
+    retrain_cfg: RetrainConfig,
+    eval_cfg: EvaluateConfig,
+    *,
+    max_looks: int = 20,
+    requests_per_look: int = 300,
+    retrain_pause_s: float = 1.0,
+) -> dict[str, Any]:
+    """retrain (traffic flowing) -> while the canary is on trial: more traffic, join (paused),
+    evaluate with auto (traffic flowing while the decision is applied)."""
+    t0 = time.perf_counter()
+    with traffic.lock:
+        _join(retrain_cfg.labels, retrain_cfg.event_log, retrain_cfg.join_window_s)
+    rcfg = replace(retrain_cfg, event_log=None)
+    traffic.pause_s = retrain_pause_s
+    try:
+        res: RetrainResult = retrain(rcfg)
+    finally:
+        traffic.pause_s = 0.0
+    act: dict[str, Any] = {
+        "retrain": {
+            "status": res.status,
+            "step": res.step,
+            "version": res.version,
+            "reasons": res.reasons,
+            "offline": (res.evidence.get("offline") or {}).get("verdict"),
+        },
+        "looks": [],
+    }
+    log.info("act %s: retrain %s %s", name, res.status, res.reasons)
+    if res.status == "canary":
+        ecfg = replace(eval_cfg, event_log=None, auto=True)
+        for _ in range(max_looks):
+            traffic.wait_requests(requests_per_look)
+            with traffic.lock:
+                _join(eval_cfg.labels, retrain_cfg.event_log, eval_cfg.join_window_s)
+            ev = evaluate_canary(ecfg)
+            look = {
+                "action": ev.action,
+                "reasons": list(ev.verdict.reasons),
+                "production": ev.evidence.get("production"),
+                "canary": ev.evidence.get("canary"),
+                "z_test": ev.evidence.get("z_test"),
+                "msprt": ev.evidence.get("msprt"),
+                "srm": ev.evidence.get("srm"),
+                "guardrails": ev.evidence.get("guardrails"),
+            }
+            act["looks"].append(look)
+            log.info("act %s: look %d -> %s", name, len(act["looks"]), ev.action)
+            if ev.action != "continue":
+                act["decision"] = ev.action
+                break
+    act["seconds"] = round(time.perf_counter() - t0, 1)
+    return act
+
+
+def run_scenario(
+    *,
+    sim_cfg,
+    retrain_cfg: RetrainConfig,
+    eval_cfg: EvaluateConfig,
+    requests_per_look: int = 300,
+    retrain_pause_s: float = 1.0,
+) -> ScenarioReport:
+    t0 = time.perf_counter()
+    rep = ScenarioReport()
+    with Traffic(sim_cfg) as traffic:
+        traffic.wait_requests(requests_per_look)  # production-only feedback to learn from
+        kw = {"requests_per_look": requests_per_look, "retrain_pause_s": retrain_pause_s}
+        rep.acts["a"] = run_act("a", traffic, retrain_cfg, eval_cfg, **kw)
+        rep.acts["b"] = run_act(
+            "b", traffic, replace(retrain_cfg, fault="shuffle_labels"), eval_cfg, **kw
+        )
+        rep.acts["c"] = run_act(
+            "c", traffic, replace(retrain_cfg, fault="serving_skew"), eval_cfg, **kw
+        )
+        traffic.wait_requests(20)  # a little traffic after the last rollback
+    rep.requests, rep.failed, rep.retries = traffic.requests, traffic.failed, traffic.retries
+    rep.seconds = round(time.perf_counter() - t0, 1)
+    return rep
