@@ -66,15 +66,4 @@ def bench_config(args):
             flags.append(f"{key}={val}")
     # --tiny starts from the smoke configuration; a file and the flags then override it.
     values = config_mod.to_dict(tiny_config("reports/bench")) if args.tiny else {}
-    if args.config:
-        values.update(config_mod.read_file(args.config))
-    for item in flags + list(args.set):
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        key, val = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = val
-    return config_mod.build(BenchConfig, values)
+    return config_mod.load(BenchConfig, args.config, flags + list(args.set), base=values)

@@ -88,13 +88,15 @@ def load(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     section: str | None = None,
+    base: dict[str, Any] | None = None,
 ) -> T:
-    """File values first, then `a.b=value` overrides from the command line."""
-    values: dict[str, Any] = {}
+    """`base` first, then the file's values, then `a.b=value` overrides from the command line."""
+    values: dict[str, Any] = dict(base or {})
     if path:
-        values = read_file(path)
-        if section and section in values:
-            values = values[section]
+        loaded = read_file(path)
+        if section and section in loaded:
+            loaded = loaded[section]
+        values.update(loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")

@@ -15,6 +15,7 @@ Per batch:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -279,39 +280,28 @@ class Recommender:
 
         routing = self.state.routing
         routed = routing.version_for(user_ids)
+        # Every version fills the same output arrays, each for its own rows.
+        serve = functools.partial(
+            self._serve,
+            user_ids=user_ids,
+            ks=ks,
+            retrieve=retrieve,
+            ids=ids,
+            scores=scores,
+            counts=counts,
+            served_by=served_by,
+            cold=cold,
+            prop=propensity,
+        )
         for version in np.unique(routed):
             rows = np.flatnonzero(routed == version)
-            error = self._serve(
-                int(version),
-                rows,
-                user_ids,
-                ks,
-                retrieve,
-                ids,
-                scores,
-                counts,
-                served_by,
-                cold,
-                propensity,
-            )
+            error = serve(int(version), rows)
             fb = self.last_good
             if error and fb is not None and fb != version:
                 log.warning(
                     "retrieval version %d failed (%s); answering with %d", version, error, fb
                 )
-                error = self._serve(
-                    fb,
-                    rows,
-                    user_ids,
-                    ks,
-                    retrieve,
-                    ids,
-                    scores,
-                    counts,
-                    served_by,
-                    cold,
-                    propensity,
-                )
+                error = serve(fb, rows)
             if error:
                 failed.update(dict.fromkeys(rows.tolist(), error))
             elif version == routing.production:
