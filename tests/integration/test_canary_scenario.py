@@ -108,6 +108,11 @@ def _configs(root: Path, server: TritonServer):
             max_impressions=2500,
             noninferiority_margin=0.05,
             min_group_impressions=300,
+            # On 2 shared cores a freshly loaded version's p99 swings by tens of ms (93 vs
+            # 32 ms was seen); this scenario tests the CTR decisions, so only a gross latency
+            # regression may decide here. The p99 rule itself: tests/unit/test_canary_decide.py.
+            max_p99_ratio=4.0,
+            p99_slack_ms=250.0,
         ),
     )
     sim = SimulateConfig(
