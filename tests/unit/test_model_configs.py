@@ -58,7 +58,7 @@ def test_retrieval_config_matches_the_onnx_graph(exported, target):
         assert list(declared[name].dims) == shape[1:], name  # Triton dims exclude the batch
     assert cfg.name == "retrieval"
     assert list(cfg.version_policy.specific.versions) == [1]
-    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert cfg.HasField("dynamic_batching")  # the setting, not a latency: timing is benchmarked
     assert all(b <= cfg.max_batch_size for b in cfg.dynamic_batching.preferred_batch_size)
     assert cfg.instance_group[0].count >= 1
     for w in cfg.model_warmup:  # warmup inputs are the model's inputs, same dtype and dims
