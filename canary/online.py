@@ -228,17 +228,22 @@ def evaluate_canary(cfg: EvaluateConfig) -> Evaluation:
     return out
 
 
-def promote(
-    cfg: EvaluateConfig, *, reasons: list[str] | None = None, evidence: dict | None = None
-) -> dict:
-    """Canary becomes production; the old production version is unloaded after a drain."""
+def _trial(cfg: EvaluateConfig, verb: str):
+    """The state store, the canary on trial, production, the repo and the live routing."""
     store = StateStore(cfg.state_dir)
     state = store.load()
     canary, prod = state.get("canary"), state.get("production")
     if not canary:
-        raise ValueError("no canary to promote")
+        raise ValueError(f"no canary to {verb}")
     repo = Path(cfg.repo)
-    current = RoutingState.load(layout.routing_path(repo))
+    return store, canary, prod, repo, RoutingState.load(layout.routing_path(repo))
+
+
+def promote(
+    cfg: EvaluateConfig, *, reasons: list[str] | None = None, evidence: dict | None = None
+) -> dict:
+    """Canary becomes production; the old production version is unloaded after a drain."""
+    store, canary, prod, repo, current = _trial(cfg, "promote")
     new = RoutingState(production=canary["version"], salt=current.salt)
     _apply(cfg, repo, new)
     with store.update() as s:
@@ -271,13 +276,7 @@ def rollback(
     cfg: EvaluateConfig, *, reasons: list[str] | None = None, evidence: dict | None = None
 ) -> dict:
     """Canary removed from routing, then unloaded; production never changed."""
-    store = StateStore(cfg.state_dir)
-    state = store.load()
-    canary, prod = state.get("canary"), state.get("production")
-    if not canary:
-        raise ValueError("no canary to roll back")
-    repo = Path(cfg.repo)
-    current = RoutingState.load(layout.routing_path(repo))
+    store, canary, prod, repo, current = _trial(cfg, "roll back")
     new = RoutingState(production=current.production, salt=current.salt)
     _apply(cfg, repo, new)
     with store.update() as s:
