@@ -114,11 +114,21 @@ def test_dynamic_batching_batches_concurrent_requests(served):
             recs = await asyncio.gather(
                 *(client.recommend(users[i % len(users)], k=3) for i in range(64))
             )
-            after = {
-                m: (await client.statistics(m))[str(v)]
-                for m, v in (("recommend", 1), ("retrieval", served.version))
-            }
-            return recs, before, after
+            # Triton records a Python-backend batch's statistics after execute()
+            # returns, which can be after the client already holds its response:
+            # poll until the counters settle instead of reading them once.
+            deadline = time.monotonic() + 15.0
+            while True:
+                after = {
+                    m: (await client.statistics(m))[str(v)]
+                    for m, v in (("recommend", 1), ("retrieval", served.version))
+                }
+                settled = all(
+                    after[m].inference_count - before[m].inference_count >= 64 for m in after
+                )
+                if settled or time.monotonic() > deadline:
+                    return recs, before, after
+                await asyncio.sleep(0.1)
 
     recs, before, after = asyncio.run(fire())
     assert all(len(r) == 1 and len(r[0].item_ids) == 3 for r in recs)
