@@ -20,10 +20,11 @@ RUN python3 -m pip install --no-cache-dir "numpy==1.26.4" "pandas==2.3.3"
 
 # The project modules the Python models import, and nothing else (no torch, no training).
 WORKDIR /opt/northstar
+COPY northstar/__init__.py northstar/files.py northstar/
 COPY models/__init__.py models/features.py models/
 COPY training/__init__.py training/schema.py training/snapshot.py training/
-COPY serving/__init__.py serving/backend.py serving/recommender.py serving/repository.py \
-     serving/routing.py serving/
+COPY serving/__init__.py serving/auth.py serving/backend.py serving/recommender.py \
+     serving/repository.py serving/routing.py serving/
 # Impression logging (recommend) and interaction ingest (the feedback model).
 COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
      feedback/explore.py feedback/ids.py feedback/ingest.py feedback/
@@ -31,7 +32,8 @@ COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
 # site-packages, which is what a .pth extends.
 RUN python3 -c "import site; print(site.getsitepackages()[0])" \
     | xargs -I{} sh -c 'echo /opt/northstar > {}/northstar.pth' \
-    && python3 -c "import serving.recommender, serving.backend, feedback.hook, feedback.ingest"
+    && python3 -c "import serving.recommender, serving.backend, serving.auth, feedback.hook, \
+feedback.ingest"
 
 COPY model_repository/ /models/
 RUN grep -q 'platform: "onnxruntime_onnx"' /models/retrieval/config.pbtxt \
@@ -52,6 +54,14 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD python3 -c "import sys, urllib.request; \
 sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"
 
+# The control plane (load/unload, model config, shared memory, trace, logging) is locked
+# behind the admin key, which comes from the environment at run time, never from the
+# image: mount it as a secret file and point NORTHSTAR_ADMIN_KEY_FILE at it, e.g.
+#   docker run --mount type=bind,src=$HOME/.config/northstar/admin.key,dst=/run/secrets/admin.key,ro \
+#              -e NORTHSTAR_ADMIN_KEY_FILE=/run/secrets/admin.key ...
+# serving.auth adds the restricted-API flags and execs tritonserver; with no key it refuses
+# to start rather than serve an open control plane.
+ENTRYPOINT ["python3", "-m", "serving.auth", "exec"]
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
      "--load-model=retrieval", "--load-model=recommend", "--load-model=feedback", \
      "--strict-readiness=true", \

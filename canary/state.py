@@ -27,10 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from northstar.files import PRIVATE_FILE, private_dir, write_private
+
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 RETRAIN_LOCK_FILE = "retrain.lock"
-FILE_MODE = 0o600
+FILE_MODE = PRIVATE_FILE
 
 
 def empty_state() -> dict[str, Any]:
@@ -49,28 +51,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def write_private(path: Path, text: str) -> None:
-    """Atomic, durable, 0600: temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class Busy(RuntimeError):
     """Another process holds the lock (a retrain is already running)."""
 
@@ -78,7 +58,7 @@ class Busy(RuntimeError):
 @contextlib.contextmanager
 def file_lock(path: Path, *, blocking: bool = True) -> Iterator[None]:
     """fcntl.flock on `path`; the kernel drops it when the holder dies, even on kill -9."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         try:

@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 
 from feedback.events import IMPRESSION, INTERACTION
 from feedback.sink import EventSource, open_source
+from northstar.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
             "pending_count": len(still),
             "totals": totals,
         }
-        _atomic_write_text(out / STATE_DIR / STATE_FILE, json.dumps(new_state, indent=1))
+        atomic_write_text(out / STATE_DIR / STATE_FILE, json.dumps(new_state, indent=1))
         for f in (out / STATE_DIR).glob("pending-*.parquet"):  # superseded by the commit
             if f.name != pending_file:
                 f.unlink(missing_ok=True)
@@ -625,14 +626,6 @@ def _remove_run_files(out: Path, run: int) -> None:
         if f.exists():
             log.warning("removing %s, left by an interrupted join run", f)
             f.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def _fsync(path: Path) -> None:

@@ -44,6 +44,7 @@ from feedback.events import (
     Columns,
     validate,
 )
+from northstar.files import PRIVATE_FILE
 
 # The env var through which serving/server.py tells Triton models where the log is.
 EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"
@@ -152,6 +153,9 @@ class SqliteEventLog:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Events are user data: create the file owner-only before SQLite does (its -wal
+        # and -shm files copy the main file's mode).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
         conn = sqlite3.connect(
             self.path,
             isolation_level=None,

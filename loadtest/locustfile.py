@@ -186,11 +186,12 @@ class _TritonUser(User):
         if not self.feedback_ready:
             _warn_once("the server has no ready `feedback` model: the feedback task is skipped")
             self.tasks = [t for t in self.tasks if t is not _TritonUser.feedback]
-        cfg = self._config(RETRIEVAL)
-        by_name = {i["name"]: i for i in cfg.get("input", [])}
+        # Metadata, not the model config: the config API is for the operator (admin key).
+        meta = self._metadata(RETRIEVAL)
+        by_name = {i["name"]: i for i in meta.get("inputs", [])}
         self.retrieval_dims = (
-            int(by_name["user_cats"]["dims"][0]),
-            int(by_name["history"]["dims"][0]),
+            int(by_name["user_cats"]["shape"][-1]),
+            int(by_name["history"]["shape"][-1]),
         )
 
     def on_stop(self) -> None:
@@ -277,8 +278,8 @@ class TritonGrpcUser(_TritonUser):
     def _infer(self, model, inputs, outputs):
         return self.client.infer(model, inputs, outputs=outputs, client_timeout=self.opts.timeout_s)
 
-    def _config(self, model: str) -> dict:
-        return self.client.get_model_config(model, as_json=True)["config"]
+    def _metadata(self, model: str) -> dict:
+        return self.client.get_model_metadata(model, as_json=True)
 
 
 class TritonHttpUser(_TritonUser):
@@ -296,8 +297,8 @@ class TritonHttpUser(_TritonUser):
     def _infer(self, model, inputs, outputs):
         return self.client.infer(model, inputs, outputs=outputs)
 
-    def _config(self, model: str) -> dict:
-        return self.client.get_model_config(model)
+    def _metadata(self, model: str) -> dict:
+        return self.client.get_model_metadata(model)
 
 
 # ----------------------------------------------------------------------------- the end

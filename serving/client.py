@@ -25,6 +25,7 @@ from models.features import (
     OUTPUT_ITEM_IDS,
     OUTPUT_SCORES,
 )
+from serving import auth
 from serving import repository as layout
 
 Protocol = Literal["grpc", "http"]
@@ -236,9 +237,11 @@ class RecommenderClient:
         return _stats(self._client.get_inference_statistics(model))
 
     def model_config(self, model: str) -> dict:
+        """An operator call: the model-config API needs the admin key (serving/auth.py)."""
+        hdrs = auth.headers(self.protocol)
         if self.protocol == "grpc":
-            return self._client.get_model_config(model, as_json=True)["config"]
-        return self._client.get_model_config(model)
+            return self._client.get_model_config(model, headers=hdrs, as_json=True)["config"]
+        return self._client.get_model_config(model, headers=hdrs)
 
     def close(self) -> None:
         self._client.close()

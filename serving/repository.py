@@ -39,6 +39,7 @@ from models.features import (
     OUTPUT_ITEM_IDS,
     OUTPUT_SCORES,
 )
+from northstar.files import atomic_write_text, fsync_dir, private_dir
 
 RETRIEVAL = "retrieval"
 RECOMMEND = "recommend"
@@ -170,7 +171,8 @@ def init_repository(repo: str | Path) -> Path:
     repo = Path(repo)
     retrieval_dir(repo).mkdir(parents=True, exist_ok=True)
     (repo / RECOMMEND / "1").mkdir(parents=True, exist_ok=True)
-    state_dir(repo).mkdir(parents=True, exist_ok=True)
+    # routing.json and the feature snapshots decide what users are served: owner-only.
+    private_dir(state_dir(repo))
     if repo.resolve() != SOURCE_REPO:
         for rel in (
             f"{RETRIEVAL}/{BACKEND_FILE}",
@@ -190,16 +192,7 @@ def init_repository(repo: str | Path) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write_text(path, text)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -226,22 +219,14 @@ def publish_dir(staging: Path, target: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(staging)
+    fsync_dir(staging)
     if target.exists():
         raise FileExistsError(f"{target} already exists")
     try:
         os.rename(staging, target)
     except OSError as exc:  # ENOTEMPTY / EEXIST: lost a race for the name
         raise FileExistsError(f"{target} already exists") from exc
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -13,13 +13,13 @@ whole test, and changing `salt` reshuffles who is in the canary.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from models.features import hash_bucket
+from northstar.files import write_private
 
 ROUTING_FILE = "routing.json"
 
@@ -82,13 +82,6 @@ class RoutingState:
             raise ValueError(f"{path}: bad routing state ({exc})") from exc
 
     def save(self, path: str | Path) -> Path:
-        """Atomic: `recommend` polls this file and must never read half of it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        """Atomic (`recommend` polls this file and must never read half of it) and
+        owner-only: whoever can write it chooses the model every user sees."""
+        return write_private(path, self.to_json())

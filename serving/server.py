@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving import auth
 from serving import repository as layout
 from serving.routing import RoutingState
 
@@ -63,6 +64,9 @@ class ServerConfig:
     # `--metrics-config` entries. Summary latencies add nv_inference_request_summary_us with
     # quantiles (p50..p99.9) per model version: the canary's p99 guardrail reads them.
     metrics_config: tuple[str, ...] = ("summary_latencies=true",)
+    # Lock the control plane (model load/unload, model config, shared memory, trace,
+    # logging) behind the admin key (serving/auth.py). Off only for debugging.
+    restrict_control: bool = True
 
 
 # ---------------------------------------------------------------------------- the binary
@@ -170,6 +174,7 @@ class TritonServer:
         log_path = cfg.event_log or os.environ.get(EVENT_LOG_ENV) or None
         self.event_log = str(Path(log_path).resolve()) if log_path else None
         self.models = tuple(cfg.models)
+        self.admin_key: str | None = None  # resolved at start(): it may create the key file
         if self.event_log and layout.FEEDBACK not in self.models:
             self.models += (layout.FEEDBACK,)
 
@@ -205,6 +210,8 @@ class TritonServer:
             "--strict-readiness=true",
             "--allow-gpu-metrics=false",
         ]
+        if self.admin_key:
+            cmd += auth.restricted_flags(self.admin_key)
         return cmd
 
     def start(self) -> TritonServer:
@@ -215,6 +222,8 @@ class TritonServer:
                 raise FileNotFoundError(
                     f"{self.repo / model / layout.CONFIG_FILE}: missing; run `northstar export`"
                 )
+        if self.cfg.restrict_control:
+            self.admin_key = auth.admin_key(create=True)
         backends = Path(self.cfg.backend_dir or prepare_backends())
         for model in self.models:
             cfg = layout.read_config(self.repo / model / layout.CONFIG_FILE)
@@ -367,7 +376,11 @@ def load_model(url: str, name: str, *, config=None) -> None:
 
     client = _grpc(url)
     try:
-        client.load_model(name, config=None if config is None else layout.to_json(config))
+        client.load_model(
+            name,
+            config=None if config is None else layout.to_json(config),
+            headers=auth.headers(),
+        )
     except InferenceServerException as exc:
         raise ServerError(f"loading {name!r} failed: {exc.message()}") from exc
     finally:
@@ -377,7 +390,7 @@ def load_model(url: str, name: str, *, config=None) -> None:
 def unload_model(url: str, name: str) -> None:
     client = _grpc(url)
     try:
-        client.unload_model(name)
+        client.unload_model(name, headers=auth.headers())
     finally:
         client.close()
 
@@ -386,7 +399,8 @@ def ready_versions(url: str, name: str = layout.RETRIEVAL) -> list[int]:
     """Versions of `name` Triton reports READY (repository index)."""
     client = _grpc(url)
     try:
-        index = client.get_model_repository_index(as_json=True).get("models", [])
+        index = client.get_model_repository_index(headers=auth.headers(), as_json=True)
+        index = index.get("models", [])
     finally:
         client.close()
     return sorted(

@@ -254,16 +254,16 @@ def test_incremental_runs_equal_one_run_over_everything(tmp_path):
 
 def test_a_crash_before_the_state_commit_leaves_no_duplicates(log, tmp_path, monkeypatch):
     _scenario(log)
-    real = join_mod._atomic_write_text
+    real = join_mod.atomic_write_text
 
     def crash(path, text):
         raise OSError("disk vanished")  # after the label files, before the state
 
-    monkeypatch.setattr(join_mod, "_atomic_write_text", crash)
+    monkeypatch.setattr(join_mod, "atomic_write_text", crash)
     with pytest.raises(OSError):
         join(log, tmp_path, as_of=math.inf)
     assert read_state(tmp_path / "labels") is None
-    monkeypatch.setattr(join_mod, "_atomic_write_text", real)
+    monkeypatch.setattr(join_mod, "atomic_write_text", real)
     rep = join(log, tmp_path, as_of=math.inf)
     lab = read_labels(tmp_path / "labels")
     assert rep.labels_written == len(lab) == 150

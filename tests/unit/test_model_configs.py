@@ -199,3 +199,19 @@ def test_dockerfile_is_pinned_non_root_and_health_checked():
     for src in re.findall(r"^COPY (.+) \S+/?$", text.replace("\\\n", " "), re.M):
         for rel in src.split():
             assert (ROOT / rel).exists(), f"Dockerfile copies {rel}, which does not exist"
+
+
+def test_dockerfile_locks_the_control_plane_without_baking_a_secret():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    # The entrypoint adds the restricted-API flags from a run-time secret, or refuses.
+    assert 'ENTRYPOINT ["python3", "-m", "serving.auth", "exec"]' in lines
+    assert "serving/auth.py" in text.replace("\\\n", " ")
+    baked = [
+        ln
+        for ln in lines
+        if ln.startswith(("ENV ", "ARG ", "LABEL "))
+        and ("ADMIN_KEY=" in ln.replace(" ", "") and "ADMIN_KEY_FILE" not in ln)
+    ]
+    assert not baked, f"a secret must not be baked into the image: {baked}"
+    assert "--http-restricted-api" not in text  # never a literal key in the image
