@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from northstar.files import private_dir
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "northstar-retrain"
@@ -28,7 +30,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.state_dir = Path(state_dir).resolve()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)  # the registry decides champion/challenger: owner-only
         db = self.state_dir / "mlflow.db"
         self.uri = tracking_uri or f"sqlite:///{db}"
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)

@@ -315,3 +315,12 @@ def test_ceiling_is_the_mean_of_a_measurements():
     by = {c["name"]: c for c in report.checks(rows)}
     assert by["(b)/(a)"]["value"] == pytest.approx(950 / 1200)
     assert report.table_rows(rows)[3][6] == f"{950 / 1200:.2f}"
+
+
+def test_load_spec_travels_to_the_child_as_json_not_pickle():
+    from loadtest.loadgen import _spec_from_json, _spec_to_json
+
+    grpc = LoadSpec("grpc", "h:1", (b"\x00\xffraw", b""), 4, 8, duration_s=1.0)
+    http = LoadSpec("http", "http://h:2", ("/v2/models/x/infer",), 1, 2, duration_s=1.0)
+    for spec in (grpc, http):
+        assert _spec_from_json(_spec_to_json(spec)) == spec
