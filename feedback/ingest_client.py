@@ -12,7 +12,6 @@ once: a batch whose response was lost is re-sent and the second copy is ignored.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +23,11 @@ import pandas as pd
 from feedback.events import Interaction, to_columns
 from feedback.ids import uuid7_batch
 from feedback.ingest import INPUTS, MODEL_NAME, OUTPUTS
+from northstar.retry import RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
 
+DEFAULT_RETRY = RetryPolicy()  # frozen: safe as a shared default
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 _NUMPY = {"INT64": np.int64, "FP32": np.float32, "FP64": np.float64, "BYTES": object}
 
@@ -135,14 +136,13 @@ def send_interactions(
     protocol: str = "grpc",
     model_name: str = MODEL_NAME,
     batch_size: int = 1024,
-    retries: int = 3,
-    backoff_s: float = 0.05,
+    retry: RetryPolicy = DEFAULT_RETRY,
     timeout_s: float = 30.0,
 ) -> IngestResult:
     """Send events in batches; retry a failed batch with exponential backoff and jitter.
 
-    A batch that still fails after `retries` retries is reported (failed_batches, and
-    "send failed: ..." reasons) rather than raised, so a caller can count and move on.
+    A batch that still fails when the retry policy gives up is reported (failed_batches,
+    and "send failed: ..." reasons) rather than raised, so a caller can count and move on.
     A request the server rejects as malformed (an input error) is not retried.
     """
     cols = as_columns(events)
@@ -151,6 +151,10 @@ def send_interactions(
     reasons = [""] * n
     res = IngestResult(accepted, reasons)
     client = _Client(client_or_url, protocol, timeout_s)
+
+    def _count(_exc: BaseException, _attempt: int) -> None:
+        res.retries += 1
+
     try:
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
@@ -160,22 +164,18 @@ def send_interactions(
                 if name in cols
             }
             res.batches += 1
-            for attempt in range(retries + 1):
-                try:
-                    ok, why = client.infer(model_name, arrays)
-                    accepted[sl] = ok.astype(bool)
-                    reasons[sl] = [w.decode() if isinstance(w, bytes) else str(w) for w in why]
-                    break
-                except Exception as exc:
-                    msg = _message(exc)
-                    if attempt == retries or _is_input_error(msg):
-                        res.failed_batches += 1
-                        res.errors.append(msg)
-                        reasons[sl] = [f"send failed: {msg}"] * (sl.stop - sl.start)
-                        log.warning("feedback batch %d failed: %s", res.batches, msg)
-                        break
-                    res.retries += 1
-                    time.sleep(backoff_s * (2**attempt) * (0.5 + random.random()))
+            try:
+                for attempt in retrying(retry, retry_if=_retryable, on_retry=_count):
+                    with attempt:
+                        ok, why = client.infer(model_name, arrays)
+                accepted[sl] = ok.astype(bool)
+                reasons[sl] = [w.decode() if isinstance(w, bytes) else str(w) for w in why]
+            except Exception as exc:
+                msg = _message(exc)
+                res.failed_batches += 1
+                res.errors.append(msg)
+                reasons[sl] = [f"send failed: {msg}"] * (sl.stop - sl.start)
+                log.warning("feedback batch %d failed: %s", res.batches, msg)
     finally:
         client.close()
     return res
@@ -185,6 +185,10 @@ def _message(exc: Exception) -> str:
     m = getattr(exc, "message", None)
     text = m() if callable(m) else str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _retryable(exc: BaseException) -> bool:
+    return not _is_input_error(_message(exc))
 
 
 def _is_input_error(message: str) -> bool:

@@ -43,6 +43,7 @@ from feedback.ids import uuid7_batch
 from feedback.ingest_client import IngestResult, send_interactions
 from feedback.join import JOINED, LATE, UNATTRIBUTED, attribute
 from feedback.sink import EventSink
+from northstar.retry import RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ class SimulateConfig:
     orphan_share: float = 0.0  # extra clicks on items never shown to the user
     retries: int = 3
     backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    # Retry each request for up to this long instead of `retries` times: a client that
+    # must ride out a server restart (hardening test, soak) sets it to tens of seconds.
+    retry_deadline_s: float | None = None
     send_batch: int = 512
     timeout_s: float = 30.0
 
@@ -90,6 +95,10 @@ class SimReport:
     requests_ok: int = 0
     requests_failed: int = 0  # after retries
     retries: int = 0
+    failed_attempts: int = 0  # attempts that raised, retried or not
+    # Wall-clock span from the first failed attempt to the last one (0: none failed): how
+    # long the server was unreachable as this client saw it.
+    error_window_s: float = 0.0
     items_returned: int = 0  # = impressions the server must have logged for these requests
     users_served: int = 0
     cold_start: int = 0
@@ -209,25 +218,37 @@ def _fetch_all(cfg: SimulateConfig, user_ids: np.ndarray, factory, report: SimRe
                 clients.append(c)
         return c
 
+    policy = retry_policy(cfg)
+    failures: list[float] = []  # wall-clock time of each failed attempt
+
+    def on_retry(exc: BaseException, attempt: int) -> None:
+        with lock:
+            report.retries += 1
+        log.debug("request retry %d after: %s", attempt, exc)
+
     def one(i: int):
-        for attempt in range(cfg.retries + 1):
-            t_sent = time.time()
-            try:
-                (rec,) = client().recommend([int(user_ids[i])], cfg.k)
-                return rec, t_sent, time.time()
-            except Exception as exc:
-                if attempt == cfg.retries:
-                    log.warning("request %d failed after %d retries: %s", i, cfg.retries, exc)
-                    return None
-                with lock:
-                    report.retries += 1
-                time.sleep(cfg.backoff_s * (2**attempt) * (0.5 + np.random.random()))
-        return None
+        t_sent = time.time()
+        try:
+            for attempt in retrying(policy, on_retry=on_retry):
+                with attempt:
+                    t_sent = time.time()
+                    try:
+                        (rec,) = client().recommend([int(user_ids[i])], cfg.k)
+                    except Exception:
+                        with lock:
+                            failures.append(time.time())
+                        raise
+            return rec, t_sent, time.time()
+        except Exception as exc:
+            log.warning("request %d failed after retries: %s", i, exc)
+            return None
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
             return list(pool.map(one, range(len(user_ids))))
     finally:
+        report.failed_attempts = len(failures)
+        report.error_window_s = round(max(failures) - min(failures), 3) if failures else 0.0
         for c in clients:
             close = getattr(c, "close", None)
             if close:
@@ -436,6 +457,15 @@ def _empty_interactions() -> pd.DataFrame:
     )
 
 
+def retry_policy(cfg: SimulateConfig) -> RetryPolicy:
+    return RetryPolicy(
+        retries=cfg.retries,
+        backoff_s=cfg.backoff_s,
+        max_backoff_s=cfg.max_backoff_s,
+        deadline_s=cfg.retry_deadline_s,
+    )
+
+
 def _default_client_factory(cfg: SimulateConfig):
     from serving.client import RecommenderClient
 
@@ -449,8 +479,7 @@ def _default_sender(cfg: SimulateConfig) -> Sender:
             columns,
             protocol=cfg.protocol,
             batch_size=cfg.send_batch,
-            retries=cfg.retries,
-            backoff_s=cfg.backoff_s,
+            retry=retry_policy(cfg),
             timeout_s=cfg.timeout_s,
         )
 

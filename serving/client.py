@@ -221,6 +221,24 @@ class RecommenderClient:
             scores.append(r.as_numpy(OUTPUT_SCORES))
         return np.concatenate(ids), np.concatenate(scores)
 
+    def send_feedback(self, events, *, batch_size: int = 1024, retry=None):
+        """Interactions (click, watch, like) to the `feedback` model, on this connection.
+
+        `events`: a DataFrame, dict of columns or list of feedback.events.Interaction.
+        Returns feedback.ingest_client.IngestResult: per-event accepted flag and reason.
+        Resending is safe: the log keeps an event_id once.
+        """
+        from feedback.ingest_client import DEFAULT_RETRY, send_interactions
+
+        return send_interactions(
+            self,
+            events,
+            protocol=self.protocol,
+            batch_size=batch_size,
+            retry=retry or DEFAULT_RETRY,
+            timeout_s=self.timeout_s,
+        )
+
     def is_live(self) -> bool:
         return self._client.is_server_live()
 

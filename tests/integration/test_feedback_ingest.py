@@ -10,6 +10,7 @@ import pytest
 from feedback.events import INTERACTION
 from feedback.ingest_client import send_interactions
 from feedback.sink import EVENT_LOG_ENV, open_source
+from serving.client import RecommenderClient
 from serving.server import ServerConfig, TritonServer
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,8 @@ def test_acknowledged_events_are_in_the_log_once(ingest_server, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
     ev = _events(protocol, 300)
     first = send_interactions(url, ev, protocol=protocol, batch_size=64)
-    again = send_interactions(url, ev, protocol=protocol, batch_size=100)  # a full retry
+    with RecommenderClient(url, protocol) as client:  # a full retry, via the client method
+        again = client.send_feedback(ev, batch_size=100)
     assert first.accepted.all() and again.accepted.all()
     assert (first.batches, first.failed_batches) == (5, 0)
     stored = open_source(log).read(INTERACTION)["event_id"]

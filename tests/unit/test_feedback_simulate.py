@@ -95,6 +95,7 @@ def test_failed_requests_are_retried_then_counted(world_dir, tmp_path):
     rep = simulate(cfg, client_factory=Flaky, sender=SinkSender(sink))
     assert rep.retries > 0 and rep.requests_failed > 0
     assert rep.requests_ok + rep.requests_failed == 60
+    assert rep.failed_attempts == rep.retries + rep.requests_failed and rep.error_window_s > 0
     rec = reconcile(rep, log_path=str(sink.path), labels_dir=str(tmp_path / "labels"))
     assert rec["impressions_logged"] == rep.items_returned  # failed requests logged nothing
 
@@ -110,3 +111,34 @@ def test_exploration_shows_up_in_the_logged_propensities(world_dir, tmp_path):
 
     m = compute_metrics(read_labels(tmp_path / "labels"))
     assert m["by_version"][0]["impressions"] == rep.items_returned
+
+
+def test_a_retry_deadline_rides_out_an_outage(world_dir, tmp_path):
+    """A server that is down for 0.4 s (a restart, in miniature): with a deadline the
+    client retries through it, loses nothing, and reports how long it saw errors."""
+    sink = open_sink(tmp_path / "events.db")
+    local = LocalRecommender(world_dir, sink, seed=1)
+    t0 = {}
+
+    class Restarting:
+        def recommend(self, user_ids, k):
+            import time
+
+            t0.setdefault("t", time.monotonic())
+            if time.monotonic() - t0["t"] < 0.4:
+                raise ConnectionError("connection refused")
+            return local.recommend(user_ids, k)
+
+    cfg = SimulateConfig(
+        world=str(world_dir),
+        users=80,
+        requests=30,
+        concurrency=2,
+        backoff_s=0.01,
+        max_backoff_s=0.1,
+        retry_deadline_s=10.0,
+    )
+    rep = simulate(cfg, client_factory=Restarting, sender=SinkSender(sink))
+    assert rep.requests_failed == 0 and rep.requests_ok == 30
+    assert rep.failed_attempts == rep.retries > 0
+    assert 0.2 < rep.error_window_s < 0.6
