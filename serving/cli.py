@@ -99,6 +99,7 @@ def _export(args) -> int:
 
 
 def _serve(args) -> int:
+    from serving import repository as layout
     from serving.server import ServerConfig, ServerError, TritonServer, serve_forever
 
     cfg = ServerConfig(
@@ -121,6 +122,11 @@ def _serve(args) -> int:
     print(f"  gRPC    {server.grpc_url}")
     print(f"  metrics {server.metrics_url}")
     print(f"  log     {server.log_path}")
+    if server.routing is not None:
+        r = server.routing
+        canary = f", canary {r.canary} at {r.canary_percent}%" if len(r.versions) > 1 else ""
+        where = layout.routing_path(args.repo)
+        print(f"  routing production {r.production}{canary} (from {where})")
     sys.stdout.flush()
     return serve_forever(server)
 

@@ -175,6 +175,7 @@ class TritonServer:
         self.event_log = str(Path(log_path).resolve()) if log_path else None
         self.models = tuple(cfg.models)
         self.admin_key: str | None = None  # resolved at start(): it may create the key file
+        self.routing: RoutingState | None = None  # what start() found and restored
         if self.event_log and layout.FEEDBACK not in self.models:
             self.models += (layout.FEEDBACK,)
 
@@ -224,6 +225,8 @@ class TritonServer:
                 )
         if self.cfg.restrict_control:
             self.admin_key = auth.admin_key(create=True)
+        # A server of this repository that was killed with its wrapper leaves stubs behind.
+        reap_orphan_stubs(repo=self.repo)
         backends = Path(self.cfg.backend_dir or prepare_backends())
         for model in self.models:
             cfg = layout.read_config(self.repo / model / layout.CONFIG_FILE)
@@ -253,10 +256,29 @@ class TritonServer:
         )
         try:
             self._wait_ready()
+            self.routing = self._restore_routing()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _restore_routing(self) -> RoutingState | None:
+        """Serve what the durable routing says, whatever config.pbtxt lists.
+
+        deploy() writes routing.json before it persists the config's version list, so a
+        crash in between leaves a routed version that a restart would not load: every
+        canary user would then get errors. Load it here, before anyone is told we are up.
+        """
+        path = layout.routing_path(self.repo)
+        if layout.RETRIEVAL not in self.models or not path.exists():
+            return None
+        routing = RoutingState.load(path)
+        ready = set(ready_versions(self.grpc_url))
+        missing = set(routing.versions) - ready
+        if missing:
+            log.warning("routing.json needs retrieval versions %s; loading them", sorted(missing))
+            load_versions(self.grpc_url, self.repo, ready | set(routing.versions))
+        return routing
 
     def env(self) -> dict[str, str]:
         env = server_env()
@@ -299,7 +321,10 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL the group if it hangs."""
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL the group if it hangs.
+
+        Either way, stubs left by a server that died (kill -9, OOM) are reaped.
+        """
         proc, self.process = self.process, None
         rc = None
         if proc is not None:
@@ -314,6 +339,7 @@ class TritonServer:
                     rc = proc.wait()
             else:
                 rc = proc.returncode
+            reap_orphan_stubs(server_pid=proc.pid)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -324,6 +350,43 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+STUB_NAME = "triton_python_backend_stub"
+
+
+def reap_orphan_stubs(*, server_pid: int | None = None, repo: str | Path | None = None) -> int:
+    """Kill Python-backend stubs whose tritonserver is gone, and free their shared memory.
+
+    Triton tells its stubs to exit when it shuts down; a server killed with SIGKILL never
+    does, and its stubs live on, each holding its /dev/shm region (1 MB and up). A stub's argv is
+    `stub model.py shm_region shm_size shm_growth parent_pid backend_dir ...`.
+    Select by the dead server's pid, or by a model path inside `repo` whose parent is dead.
+    Returns the number of stubs reaped.
+    """
+    import psutil
+
+    root = str(Path(repo).resolve()) + os.sep if repo is not None else None
+    reaped = 0
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info.get("cmdline") or []
+        if len(argv) < 6 or not argv[0].endswith(STUB_NAME) or not argv[5].isdigit():
+            continue
+        parent = int(argv[5])
+        if server_pid is not None:
+            mine = parent == server_pid
+        else:
+            mine = root is not None and argv[1].startswith(root)
+        if not mine or (parent != server_pid and psutil.pid_exists(parent)):
+            continue
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+            p.wait(timeout=5)
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(f"/dev/shm/{argv[2]}")
+        reaped += 1
+        log.warning("reaped stub pid %d (%s) of dead tritonserver %d", p.pid, argv[1], parent)
+    return reaped
 
 
 def _http_ok(url: str) -> bool:

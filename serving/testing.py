@@ -84,6 +84,28 @@ def build_tiny_run(
     return path
 
 
+def world_run(ds, path: str | Path, *, seed: int = 0, tower: TowerConfig = TINY_TOWER) -> Path:
+    """A run with random weights on a synthetic world's own ids (training.synth Dataset):
+    enough to serve users the simulator knows, in a second, without training."""
+    path = Path(path)
+    vocab = FeatureVocab.fit(
+        ds.users,
+        ds.items,
+        ds.interactions,
+        n_hash_buckets=8,
+        history_len=6,
+        min_user_interactions=2,
+    )
+    item_cats = torch.from_numpy(
+        vocab.encode_item_cats(ds.items.set_index("item_id").loc[vocab.item_ids].reset_index())
+    )
+    torch.manual_seed(seed)
+    model = TwoTower(vocab.spec, tower, item_cats).eval()
+    save_run(path, model, vocab, {"data": "serving.testing.world_run", "seed": seed})
+    FeatureSnapshot.build(vocab, ds.users, ds.interactions).save(path / FEATURES_FILE)
+    return path
+
+
 @functools.cache
 def _cached_export(k: int, overfetch: int):
     from models.export import ExportConfig, export

@@ -11,20 +11,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from feedback.join import read_labels
 from feedback.metrics import compute_metrics
 from feedback.simulate import SimulateConfig, reconcile, simulate
 from feedback.sink import EVENT_LOG_ENV, open_source
 from models.export import ExportConfig, export
-from models.features import FeatureVocab
-from models.towers import TowerConfig, TwoTower
 from serving import repository as layout
 from serving.client import RecommenderClient
 from serving.server import ServerConfig, TritonServer
-from training.run import FEATURES_FILE, save_run
-from training.snapshot import FeatureSnapshot
+from serving.testing import world_run
 from training.synth import SynthConfig, generate_dataset
 
 pytestmark = pytest.mark.integration
@@ -33,34 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 K = 10
 
 
-def _random_run(ds, path: Path) -> Path:
-    """A run with random weights on the world's own ids: enough to serve, in a second."""
-    vocab = FeatureVocab.fit(
-        ds.users,
-        ds.items,
-        ds.interactions,
-        n_hash_buckets=8,
-        history_len=6,
-        min_user_interactions=2,
-    )
-    item_cats = torch.from_numpy(
-        vocab.encode_item_cats(ds.items.set_index("item_id").loc[vocab.item_ids].reset_index())
-    )
-    torch.manual_seed(0)
-    tower = TowerConfig(id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8, dropout=0.0)
-    model = TwoTower(vocab.spec, tower, item_cats).eval()
-    save_run(path, model, vocab, {"data": "tests/integration/test_simulate_e2e", "seed": 0})
-    FeatureSnapshot.build(vocab, ds.users, ds.interactions).save(path / FEATURES_FILE)
-    return path
-
-
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
     world, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
     world.save(root / "world")
     ds.save(root / "world")
-    run = _random_run(ds, root / "run")
+    run = world_run(ds, root / "run")
     repo = root / "model_repository"
     export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K))
     # serving may already copy it with the other Python-backend code; the same files then

@@ -1,0 +1,168 @@
+"""kill -9 under traffic, then `northstar serve` again: same production and canary split,
+no acknowledged event lost, and the simulator rides through on retries.
+
+The server runs as `python -m northstar serve` (the command an operator runs), on fixed
+ports so clients reconnect to the same address. The canary is set on the live server
+with `deploy` (the durable state: routing.json + the persisted version list). Traffic is
+the closed-loop simulator in a background thread, with a retry deadline long enough to
+outlast a restart; every batch it ran is reconciled against the event log afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from canary.scenario import Traffic
+from feedback.simulate import SimulateConfig, reconcile
+from models.export import ExportConfig, export
+from serving.client import RecommenderClient
+from serving.routing import RoutingState
+from serving.server import deploy, free_port, ready_versions
+from serving.testing import world_run
+from training.synth import SynthConfig, generate_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+K = 10
+READY = re.compile(r"tritonserver ready \(pid (\d+)\)")
+
+
+def _serve(cmd: list[str], timeout_s: float = 180.0) -> tuple[subprocess.Popen, int, float]:
+    """Start `northstar serve`; return (process, tritonserver pid, seconds to ready)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while time.monotonic() - t0 < timeout_s:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = READY.search(line)
+        if m:
+            return proc, int(m.group(1)), time.monotonic() - t0
+    proc.kill()
+    raise AssertionError("northstar serve did not get ready:\n" + "".join(lines))
+
+
+def _versions(url: str, users: np.ndarray) -> np.ndarray:
+    with RecommenderClient(url) as c:
+        return np.array([r.model_version for r in c.recommend(users, k=3)])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_kill_9_under_traffic_then_restart_restores_routing_and_loses_no_event(tmp_path):
+    world, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
+    world.save(tmp_path / "world")
+    ds.save(tmp_path / "world")
+    run = world_run(ds, tmp_path / "run")
+    repo = tmp_path / "model_repository"
+    export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K))  # v1: production
+    export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K, promote=False))  # v2
+    shutil.copytree(
+        ROOT / "model_repository" / "feedback",
+        repo / "feedback",
+        ignore=shutil.ignore_patterns("__pycache__"),
+        dirs_exist_ok=True,
+    )
+    events = tmp_path / "events.db"
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    url = f"127.0.0.1:{grpc}"
+
+    def cmd(n: int) -> list[str]:
+        return [
+            sys.executable, "-m", "northstar", "serve", "--repo", str(repo),
+            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+            "--event-log", str(events), "--log-file", str(tmp_path / f"tritonserver-{n}.log"),
+        ]  # fmt: skip
+
+    first, pid, _ = _serve(cmd(1))
+    second = None
+    try:
+        deploy(url, repo, RoutingState(production=1, canary=2, canary_percent=50))
+        users = ds.users["user_id"].to_numpy()[:200]
+        want = RoutingState(production=1, canary=2, canary_percent=50).version_for(users)
+        deadline = time.monotonic() + 10  # recommend re-reads routing.json within a second
+        while not np.array_equal(got := _versions(url, users), want):
+            assert time.monotonic() < deadline, "the canary split never took effect"
+            time.sleep(0.2)
+        assert set(got) == {1, 2}
+
+        sim = SimulateConfig(
+            world=str(tmp_path / "world"),
+            users=200,
+            requests=60,
+            url=url,
+            k=K,
+            concurrency=4,
+            seed=7,
+            request_id_share=1.0,
+            backoff_s=0.05,
+            max_backoff_s=1.0,
+            retry_deadline_s=180.0,  # longer than a restart on a loaded 2-core machine
+        )
+        with Traffic(sim) as traffic:
+            traffic.wait_requests(120)
+            before_kill = traffic.requests
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            assert first.wait(timeout=30) == 1  # serve noticed its server died, and says so
+            second, _, _ = _serve(cmd(2))
+            downtime_s = time.monotonic() - t_kill
+            traffic.wait_requests(120)
+        assert not traffic.errors, traffic.errors
+        assert traffic.requests - before_kill >= 120  # traffic went on after the restart
+
+        # The killed server's stubs do not outlive it (serve reaps them and their memory).
+        orphans = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if (a := p.info.get("cmdline") or []) and len(a) > 5 and a[5] == str(pid)
+        ]
+        assert not orphans, f"stubs of the killed server still run: {orphans}"
+
+        # Same production and canary split, from the durable state alone.
+        assert sorted(ready_versions(url)) == [1, 2]
+        assert np.array_equal(_versions(url, users), want)
+
+        # Nothing acknowledged was lost or counted twice, in any batch, across the crash.
+        labels = tmp_path / "labels"
+        for rep in traffic.reports:
+            rec = reconcile(rep, log_path=str(events), labels_dir=str(labels))
+            assert rec["ok"], rec
+        figures = {
+            "downtime_s": round(downtime_s, 1),
+            "requests": traffic.requests,
+            "requests_failed": traffic.failed,
+            "failed_attempts": sum(r.failed_attempts for r in traffic.reports),
+            "retries": traffic.retries,
+            "error_window_s": max(r.error_window_s for r in traffic.reports),
+            "events_acknowledged": sum(r.accepted for r in traffic.reports),
+        }
+        print("recovery:", json.dumps(figures))
+        assert traffic.failed == 0, figures  # the retry deadline outlasts the restart
+        assert figures["failed_attempts"] > 0  # the kill did land mid-traffic
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                _stop(proc)
