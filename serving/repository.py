@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -199,15 +201,52 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     write_text_atomic(dst, src.read_text())
 
 
+_STAGING = re.compile(r"^\.(?P<label>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
 def make_staging_dir(parent: Path, label: str) -> Path:
     """A hidden folder next to where the result will live (same filesystem: rename is atomic).
 
     Triton only treats numeric folders as versions, so it never looks inside this one.
+    Staging folders of writers that died (kill -9 mid-export) are removed first.
     """
     parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(parent)
     path = parent / f".{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Delete staging folders in `parent` whose writer process no longer exists."""
+    removed = []
+    for d in parent.iterdir() if parent.is_dir() else ():
+        m = _STAGING.match(d.name)
+        if m and d.is_dir() and not _alive(int(m["pid"])):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def incomplete_reasons(repo: str | Path, version: int) -> list[str]:
+    """What a version folder lacks to be served: [] when it is complete.
+
+    An export publishes the version folder, then its online features; a kill in between
+    leaves a version that `recommend` cannot serve, so nothing may load it.
+    """
+    vdir = version_dir(repo, version)
+    need = [vdir / ONNX_FILE, vdir / META_FILE, features_path(repo, version)]
+    return [f"missing {p}" for p in need if not p.exists()]
 
 
 def publish_dir(staging: Path, target: Path) -> None:

@@ -480,6 +480,12 @@ def load_versions(url: str, repo: str | Path, versions: Iterable[int], *, base_c
     (a corrupt model.onnx, say) the call raises and the previous set keeps serving.
     """
     versions = sorted({int(v) for v in versions})
+    for v in versions:
+        if why := layout.incomplete_reasons(repo, v):
+            raise ServerError(
+                f"retrieval version {v} is incomplete (a half-finished export?): "
+                f"{'; '.join(why)}; nothing was loaded"
+            )
     base = base_config or layout.read_config(Path(repo) / layout.RETRIEVAL / layout.CONFIG_FILE)
     load_model(url, layout.RETRIEVAL, config=layout.with_versions(base, versions))
     missing = set(versions) - set(ready_versions(url))

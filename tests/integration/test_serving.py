@@ -240,6 +240,11 @@ def test_corrupt_version_fails_to_load_and_previous_keeps_serving(served):
                 shutil.copyfile(f, staging / f.name)
         (staging / layout.ONNX_FILE).write_bytes(b"this is not an onnx graph" * 100)
         layout.publish_dir(staging, bad)
+        # Complete otherwise (its online features too), so that Triton is what refuses it.
+        shutil.copytree(
+            layout.features_dir(served.repo, served.version),
+            layout.features_dir(served.repo, bad_version),
+        )
         try:
             with pytest.raises(ServerError, match="retrieval"):
                 load_versions(served.grpc_url, served.repo, [served.version, bad_version])
@@ -248,6 +253,7 @@ def test_corrupt_version_fails_to_load_and_previous_keeps_serving(served):
             after = client.recommend(users, k=5)
         finally:
             shutil.rmtree(bad)
+            shutil.rmtree(layout.features_dir(served.repo, bad_version))
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(a.item_ids, b.item_ids)
         np.testing.assert_array_equal(a.scores, b.scores)

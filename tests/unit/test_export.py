@@ -363,3 +363,60 @@ def test_online_state_rereads_changed_files_at_most_once_a_second(repo_copy):
     now[0] = 1.6
     state.refresh()
     assert len(state.features(1).user_ids) == 3 and state.routing.salt == 5
+
+
+# A real `northstar export` process that dies like kill -9 at a chosen point: os._exit runs
+# no cleanup (no `finally`, no atexit), which is what SIGKILL leaves behind, at a point we
+# choose rather than a timer's luck.
+_DIE_AT = """
+import os, sys
+from serving import repository as layout
+from models.export import ExportConfig, export
+real, calls = layout.publish_dir, []
+def publish(staging, target):
+    calls.append(target)
+    if len(calls) == int(sys.argv[3]):
+        os._exit(137)
+    real(staging, target)
+layout.publish_dir = publish
+k, overfetch = int(sys.argv[4]), int(sys.argv[5])
+export(ExportConfig(run=sys.argv[1], repo=sys.argv[2], k=k, overfetch=overfetch, exporter="legacy"))
+"""
+
+
+def _export_killed_at(run, repo, publish_call: int) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIE_AT, *map(str, (run, repo, publish_call, K, OVERFETCH))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 137, proc.stderr[-2000:]
+
+
+def test_an_export_killed_before_its_rename_leaves_nothing_loadable(repo_copy, tiny_run):
+    repo, _ = repo_copy
+    _export_killed_at(tiny_run, repo, publish_call=1)  # dies with the version still staged
+    assert layout.list_versions(repo) == [1]  # Triton sees numeric folders only
+    staged = [p for p in (repo / "retrieval").iterdir() if p.name.startswith(".")]
+    assert staged and not any(p.name.isdigit() for p in staged)
+    res = export(_cfg(tiny_run, repo, exporter="legacy"))  # the next export tidies up
+    assert res.version == 2
+    assert not [p for p in (repo / "retrieval").iterdir() if p.name.startswith(".")]
+
+
+def test_an_export_killed_before_its_features_is_refused_by_load(repo_copy, tiny_run):
+    from serving.server import ServerError, load_versions
+
+    repo, _ = repo_copy
+    _export_killed_at(tiny_run, repo, publish_call=2)  # version 2 published, features not
+    assert layout.list_versions(repo) == [1, 2]
+    assert layout.incomplete_reasons(repo, 1) == []
+    assert "features.npz" in layout.incomplete_reasons(repo, 2)[0]
+    assert RoutingState.load(layout.routing_path(repo)).production == 1  # never routed
+    # Refused before Triton is asked (no server at this address is needed to prove it).
+    with pytest.raises(ServerError, match="version 2 is incomplete"):
+        load_versions("127.0.0.1:1", repo, [1, 2])
