@@ -92,6 +92,12 @@ def _add_arguments(parser) -> None:
     g.add_argument("--max-p99-ms", type=float, default=500.0, help="recommend p99 threshold")
     g.add_argument("--max-fail-ratio", type=float, default=0.01, help="failure ratio threshold")
     g.add_argument("--timeout-s", type=float, default=30.0, help="per-request client timeout")
+    g.add_argument(
+        "--request-log",
+        default="",
+        env_var="NORTHSTAR_REQUEST_LOG",
+        help="CSV of every request (ts, name, ms, ok): exact percentiles per minute (soak)",
+    )
 
 
 # ----------------------------------------------------------------------------- workload
@@ -328,6 +334,26 @@ def _check_thresholds(environment, **_kwargs) -> None:
 
 
 _environment = None
+_request_log: tuple | None = None  # (file, csv writer) when --request-log is set
+
+
+@events.test_start.add_listener
+def _open_request_log(environment, **_kwargs) -> None:
+    global _request_log
+    path = getattr(environment.parsed_options, "request_log", "")
+    if path and _request_log is None:
+        f = open(path, "w", newline="")  # noqa: SIM115 - closed in _exit_now
+        w = csv.writer(f)
+        w.writerow(["ts", "name", "ms", "ok"])
+        _request_log = (f, w)
+
+
+@events.request.add_listener
+def _log_request(name, response_time, exception=None, **_kwargs) -> None:
+    if _request_log is not None:
+        _request_log[1].writerow(
+            [f"{time.time():.3f}", name, f"{response_time:.3f}", int(exception is None)]
+        )
 
 
 @events.init.add_listener
@@ -360,6 +386,9 @@ def _exit_now(exit_code, **_kwargs) -> None:
         if isinstance(obj, StatsCSVFileWriter):
             with contextlib.suppress(Exception):  # already closed, or never opened
                 obj.close_files()
+    if _request_log is not None:
+        with contextlib.suppress(OSError):
+            _request_log[0].close()
     opts = getattr(_environment, "parsed_options", None)
     if opts is not None and getattr(opts, "csv_prefix", None):
         try:

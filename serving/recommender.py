@@ -83,7 +83,14 @@ class OnlineState:
         if not force and now - self._checked < self.check_interval_s:
             return
         self._checked = now
-        self._routing.get()
+        routing = self._routing.get()
+        if routing is not None:
+            # A version that left the routing (promoted over, rolled back) would otherwise
+            # keep its snapshot in this process forever: one more per retrain, for the life
+            # of the server. A late request for it simply loads it again.
+            for v in set(self._features) - set(routing.versions):
+                del self._features[v]
+                self._meta.pop(v, None)
         for w in self._features.values():
             w.get()
 

@@ -365,6 +365,21 @@ def test_online_state_rereads_changed_files_at_most_once_a_second(repo_copy):
     assert len(state.features(1).user_ids) == 3 and state.routing.salt == 5
 
 
+def test_online_state_forgets_versions_that_left_the_routing(repo_copy, tiny_run):
+    repo, _ = repo_copy
+    export(_cfg(tiny_run, repo, exporter="legacy", promote=False))  # version 2
+    now = [0.0]
+    state = OnlineState(repo, check_interval_s=1.0, clock=lambda: now[0])
+    RoutingState(production=1, canary=2, canary_percent=50).save(layout.routing_path(repo))
+    state.refresh()
+    state.features(1), state.features(2)
+    RoutingState(production=2).save(layout.routing_path(repo))  # 2 promoted over 1
+    now[0] = 2.0
+    state.refresh()
+    assert set(state._features) == {2}  # 1's snapshot is no longer held
+    assert state.features(1) is not None  # a straggler for 1 still gets an answer
+
+
 # A real `northstar export` process that dies like kill -9 at a chosen point: os._exit runs
 # no cleanup (no `finally`, no atexit), which is what SIGKILL leaves behind, at a point we
 # choose rather than a timer's luck.
