@@ -50,5 +50,13 @@ BENCH_ITEMS ?= 100000 1000000
 bench: venv
 	$(NS) bench --items $(BENCH_ITEMS) --out reports/bench $(BENCH_ARGS)
 
+## soak: simulator + Locust + retrain -> canary -> promote against a real server, with
+## memory sampling -> reports/soak/ (SOAK_SECONDS, default 600; SOAK_ARGS). Exit 1 on a lost
+## event, an error rate or RSS growth over threshold, or no promote. Not part of `make test`
+## (tests/integration/test_soak.py runs a 60-second one).
+SOAK_SECONDS ?= 600
+soak: venv
+	$(NS) soak --duration $(SOAK_SECONDS) --out reports/soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""`northstar bench`: the side-by-side benchmark (loadtest/bench.py)."""
+"""`northstar bench` (loadtest/bench.py) and `northstar soak` (loadtest/soak.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--fail-on-targets", action="store_true", help="exit 1 if a target fails")
     p.set_defaults(func=_bench)
+    register_soak(sub)
 
 
 def _bench(args) -> int:
@@ -67,3 +68,34 @@ def bench_config(args):
     # --tiny starts from the smoke configuration; a file and the flags then override it.
     values = config_mod.to_dict(tiny_config("reports/bench")) if args.tiny else {}
     return config_mod.load(BenchConfig, args.config, flags + list(args.set), base=values)
+
+
+def register_soak(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "soak",
+        help="simulated traffic + Locust + a canary cycle against a real server; exits 1 on loss",
+        description="Runs for --duration seconds; writes soak.json, soak.md and soak.html "
+        "(with plots) to --out. Exit 1 when an acknowledged event is lost, the error rate "
+        "or the RSS growth is above its threshold, or the canary cycle did not promote.",
+    )
+    p.add_argument("--duration", type=float, default=None, help="seconds (default 600)")
+    p.add_argument("--out", default=None, help="report folder (default reports/soak)")
+    p.add_argument("--config", help="SoakConfig as .toml/.yaml/.json")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override SoakConfig fields"
+    )
+    p.set_defaults(func=_soak)
+
+
+def _soak(args) -> int:
+    from loadtest.soak import SoakConfig, run_soak, write_reports
+    from northstar import config as config_mod
+
+    flags = [f"{k}={v}" for k, v in (("duration_s", args.duration), ("out", args.out)) if v]
+    cfg = config_mod.load(SoakConfig, args.config, [*flags, *args.set])
+    rep = run_soak(cfg)
+    paths = write_reports(rep, cfg.out)
+    for c in rep.checks:
+        print(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['name']}: {c['text']}")
+    print(f"soak {'passed' if rep.ok else 'FAILED'}; report {paths['html']}")
+    return 0 if rep.ok else 1

@@ -1,0 +1,129 @@
+"""The soak's Markdown summary and self-contained HTML page (plots inline as PNG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def _fmt(x, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}"
+
+
+def _summary_lines(rep) -> list[str]:
+    r, ev = rep.requests, rep.events
+    return [
+        f"{rep.seconds:.0f} s; simulator {r.get('simulator', 0):,} requests "
+        f"({r.get('simulator_failed', 0)} failed, {r.get('simulator_retries', 0)} retried); "
+        f"Locust {r.get('locust', 0):,} requests ({r.get('locust_failed', 0)} failed); "
+        f"error rate {rep.error_rate:.5f}",
+        f"interactions: {ev.get('sent', 0):,} sent, {ev.get('acknowledged', 0):,} acknowledged, "
+        f"{ev.get('logged', 0):,} in the log; impressions: {ev.get('impressions_returned', 0):,} "
+        f"returned, {ev.get('impressions_logged', 0):,} logged",
+    ]
+
+
+def write_markdown(rep, path: str | Path) -> Path:
+    lines = [f"# northstar soak: {'PASS' if rep.ok else 'FAIL'}", ""]
+    lines += [f"- {s}" for s in _summary_lines(rep)]
+    lines += ["", "| check | result | detail |", "| --- | --- | --- |"]
+    lines += [
+        f"| {c['name']} | {'PASS' if c['ok'] else 'FAIL'} | {c['text']} |" for c in rep.checks
+    ]
+    lines += [
+        "",
+        "| minute | requests | errors | p50 ms | p99 ms |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {m['minute']} | {m['requests']:,} | {m['errors']} | {_fmt(m['p50_ms'])} | "
+        f"{_fmt(m['p99_ms'])} |"
+        for m in rep.minutes
+    ]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _marks(ax, rep) -> None:
+    for name, t in rep.cycle.get("marks", {}).items():
+        ax.axvline(t, color="#888", lw=0.8, ls="--")
+        ax.annotate(name, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                    va="top", ha="right", fontsize=7, color="#555")  # fmt: skip
+
+
+def plot(rep) -> str:
+    fig = Figure(figsize=(10, 7))
+    ax1, ax2 = fig.subplots(2, 1)
+    mins = pd.DataFrame(rep.minutes)
+    if not mins.empty:
+        x = mins["minute"] + 0.5
+        ax1.plot(x, mins["p50_ms"], "o-", label="p50")
+        ax1.plot(x, mins["p99_ms"], "o-", label="p99")
+        ax1b = ax1.twinx()
+        ax1b.bar(x, mins["requests"], width=0.8, alpha=0.15, color="gray")
+        ax1b.set_ylabel("requests / minute")
+    ax1.set_xlabel("minute")
+    ax1.set_ylabel("latency (ms), Locust requests")
+    ax1.set_title("latency per minute")
+    ax1.legend(loc="upper left")
+    rss = pd.DataFrame(rep.rss_samples)
+    if not rss.empty:
+        ax2.plot(rss["t"], rss["server_mb"], label="tritonserver")
+        ax2.plot(rss["t"], rss["stubs_mb"], label="Python stubs")
+        ax2.plot(rss["t"], rss["total_mb"], label="total", lw=2)
+        _marks(ax2, rep)
+    ax2.set_xlabel("seconds")
+    ax2.set_ylabel("RSS (MB)")
+    ax2.set_title("memory, with the canary cycle")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def write_html(rep, path: str | Path) -> Path:
+    esc = html.escape
+    verdict = "PASS" if rep.ok else "FAIL"
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>northstar soak</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        ".PASS{color:green}.FAIL{color:#b00}</style>",
+        f"<h1>northstar soak: <span class='{verdict}'>{verdict}</span></h1>",
+        "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in _summary_lines(rep)) + "</ul>",
+        "<table><tr><th>check</th><th>result</th><th>detail</th></tr>",
+    ]
+    for c in rep.checks:
+        v = "PASS" if c["ok"] else "FAIL"
+        parts.append(
+            f"<tr><td>{esc(c['name'])}</td><td class='{v}'>{v}</td><td>{esc(c['text'])}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.append(
+        f"<img alt='latency per minute and memory' src='data:image/png;base64,{plot(rep)}'>"
+    )
+    parts.append("<h2>per minute</h2><table><tr><th>minute</th><th>requests</th><th>errors</th>"
+                 "<th>p50 ms</th><th>p99 ms</th></tr>")  # fmt: skip
+    for m in rep.minutes:
+        parts.append(
+            f"<tr><td>{m['minute']}</td><td>{m['requests']:,}</td><td>{m['errors']}</td>"
+            f"<td>{_fmt(m['p50_ms'])}</td><td>{_fmt(m['p99_ms'])}</td></tr>"
+        )
+    parts.append("</table>")
+    path = Path(path)
+    path.write_text("\n".join(parts))
+    return path
