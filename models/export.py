@@ -73,6 +73,11 @@ class ExportConfig:
     url: str | None = None
     retrieval: layout.RetrievalServing = field(default_factory=layout.RetrievalServing)
     recommend: layout.RecommendServing = field(default_factory=layout.RecommendServing)
+    # keep: config.pbtxt files already in the repository (same target and dims) keep their
+    # settings (hand tuning, exploration ε) and only their version list changes, so a
+    # scheduled retrain does not reset what an operator tuned; `retrieval`/`recommend`
+    # set to anything but their defaults still win. rewrite: always write both from them.
+    serving_configs: Literal["keep", "rewrite"] = "keep"
 
 
 class ParityError(RuntimeError):
@@ -423,8 +428,17 @@ def _route(cfg: ExportConfig, repo: Path, version: int) -> RoutingState:
         routing = RoutingState(production=version, salt=current.salt if current else 0)
     else:
         routing = current
-    retrieval_cfg = routing_config(repo, routing, cfg.target, cfg.retrieval)
-    layout.write_config(repo, layout.recommend_config(cfg.recommend))
+    keep = cfg.serving_configs == "keep"
+    retrieval_cfg = routing_config(
+        repo,
+        routing,
+        cfg.target,
+        cfg.retrieval,
+        keep_existing=keep and cfg.retrieval == layout.RetrievalServing(),
+    )
+    rec_path = repo / layout.RECOMMEND / layout.CONFIG_FILE
+    if not (keep and cfg.recommend == layout.RecommendServing() and rec_path.exists()):
+        layout.write_config(repo, layout.recommend_config(cfg.recommend))
     if cfg.url and (cfg.promote or current is None):
         from serving.server import deploy  # a client is only needed for a live server
 
@@ -436,9 +450,18 @@ def _route(cfg: ExportConfig, repo: Path, version: int) -> RoutingState:
 
 
 def routing_config(
-    repo: Path, routing: RoutingState, target: str, serving: layout.RetrievalServing
+    repo: Path,
+    routing: RoutingState,
+    target: str,
+    serving: layout.RetrievalServing,
+    *,
+    keep_existing: bool = False,
 ):
-    """The retrieval config serving `routing.versions`; they must share I/O dims."""
+    """The retrieval config serving `routing.versions`; they must share I/O dims.
+
+    With `keep_existing`, the repository's config.pbtxt is reused with the new version
+    list when it is for the same target and dims (its other settings may be tuned).
+    """
     dims = {v: layout.RetrievalDims.from_meta(layout.read_meta(repo, v)) for v in routing.versions}
     prod = dims[routing.production]
     for v, d in dims.items():
@@ -448,4 +471,10 @@ def routing_config(
                 f"{prod}; versions served side by side share one config.pbtxt, so they must "
                 "share history length, category count and K"
             )
+    path = repo / layout.RETRIEVAL / layout.CONFIG_FILE
+    if keep_existing and path.exists():
+        current = layout.read_config(path)
+        if layout.config_target(current) == target and layout.config_dims(current) == prod:
+            return layout.with_versions(current, routing.versions)
+        log.info("%s is for another target or dims: writing a fresh one", path)
     return layout.retrieval_config(prod, target=target, versions=routing.versions, serving=serving)

@@ -389,6 +389,18 @@ def config_target(cfg: mc.ModelConfig) -> Target:
     return "cpu" if cfg.backend == "python" else "gpu"
 
 
+def config_dims(cfg: mc.ModelConfig) -> RetrievalDims | None:
+    """The per-row dims a `retrieval` config serves (None if it is not one)."""
+    ins = {t.name: list(t.dims) for t in cfg.input}
+    outs = {t.name: list(t.dims) for t in cfg.output}
+    try:
+        return RetrievalDims(
+            ins[INPUT_USER_CATS][0], ins[INPUT_HISTORY][0], outs[OUTPUT_ITEM_IDS][0]
+        )
+    except (KeyError, IndexError):
+        return None
+
+
 def served_versions(cfg: mc.ModelConfig) -> list[int]:
     return sorted(int(v) for v in cfg.version_policy.specific.versions)
 

@@ -435,3 +435,26 @@ def test_an_export_killed_before_its_features_is_refused_by_load(repo_copy, tiny
     # Refused before Triton is asked (no server at this address is needed to prove it).
     with pytest.raises(ServerError, match="version 2 is incomplete"):
         load_versions("127.0.0.1:1", repo, [1, 2])
+
+
+def test_export_keeps_tuned_serving_configs_and_only_moves_versions(repo_copy, tiny_run):
+    repo, _ = repo_copy
+    tuned_ret = layout.RetrievalServing(instances=3, max_queue_delay_us=123)
+    tuned_rec = layout.RecommendServing(exploration_epsilon=0.2, instances=1)
+    export(_cfg(tiny_run, repo, exporter="legacy", retrieval=tuned_ret, recommend=tuned_rec))
+
+    def settings():
+        ret = layout.read_config(repo / "retrieval" / "config.pbtxt")
+        rec = layout.read_config(repo / "recommend" / "config.pbtxt")
+        return (
+            ret.instance_group[0].count,
+            ret.dynamic_batching.max_queue_delay_microseconds,
+            rec.parameters["exploration_epsilon"].string_value,
+            layout.served_versions(ret),
+        )
+
+    assert settings() == (3, 123, "0.2", [2])
+    export(_cfg(tiny_run, repo, exporter="legacy"))  # a retrain's export: defaults in config
+    assert settings() == (3, 123, "0.2", [3])  # tuning kept, production moved
+    export(_cfg(tiny_run, repo, exporter="legacy", serving_configs="rewrite"))
+    assert settings() == (1, 500, "0.0", [4])  # asked to rewrite: the defaults
