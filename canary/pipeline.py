@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Fault injection for the demo and the tests; each is explained where it is applied.
 FAULTS = ("none", "shuffle_labels", "serving_skew", "corrupt_export")
+WINDOW_MODES = ("sliding_window", "warm_window")  # train (and evaluate) on the newest window
+WARM_MODES = ("warm_start", "warm_window")  # start from production's weights
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,11 @@ class RetrainConfig:
     data: str | None = None  # base dataset; default: the production run's data dir
     # warm_start: production's weights and vocabulary, all data + feedback (cheap, stable).
     # sliding_window: a fresh model on the newest `window_days` (forgets stale taste).
-    mode: Literal["warm_start", "sliding_window"] = "warm_start"
+    # warm_window: production's weights fine-tuned on the newest `window_days` + feedback:
+    # the recency of a window without throwing away what the older log taught (tastes drift,
+    # so the newest weeks say most about today; a fresh model on them alone has too little
+    # data per user). Offline it is evaluated on the window's newest slice, as sliding_window.
+    mode: Literal["warm_start", "sliding_window", "warm_window"] = "warm_start"
     window_days: float = 60.0
     # Fewer new positive labels than this since the last model: skip, nothing to learn.
     min_new_labels: int = 0
@@ -239,12 +245,13 @@ def _run_steps(cfg, store, rid, run_dir: Path, result: RetrainResult, ctx) -> No
         extra_interactions=str(collected["extra"]) if collected["extra"] else None,
         # The broken candidate starts fresh: production's weights would mask the fault.
         init_from=str(prod_run_dir)
-        if cfg.mode == "warm_start" and cfg.fault != "shuffle_labels"
+        if cfg.mode in WARM_MODES and cfg.fault != "shuffle_labels"
         else None,
         progress=False,
     )
     try:
         metrics = train(train_cfg)
+        serving_features(run_dir / "run", data, collected["eval_extra"])
         cand_run = load_run(run_dir / "run")
     except Exception as exc:
         raise StepError("train", exc) from exc
@@ -429,7 +436,7 @@ def collect(cfg: RetrainConfig, state: dict, run_dir: Path, data: str, prod_run)
     new = pos if last is None else pos[pos["timestamp"] > last]
     label_ts = float(pos["timestamp"].max()) if len(pos) else last
     inter = ds.interactions
-    if cfg.mode == "sliding_window":
+    if cfg.mode in WINDOW_MODES:
         horizon = float(inter["timestamp"].max()) - cfg.window_days * 86_400
         inter = inter[inter["timestamp"] >= horizon]
         newest = float(pos["timestamp"].max()) if len(pos) else 0.0
@@ -438,7 +445,7 @@ def collect(cfg: RetrainConfig, state: dict, run_dir: Path, data: str, prod_run)
         pos.to_parquet(extra_path, index=False)
     cand_data = eval_data = Path(data)
     train_path = None
-    if cfg.mode == "sliding_window" or cfg.fault == "shuffle_labels":
+    if cfg.mode in WINDOW_MODES or cfg.fault == "shuffle_labels":
         eval_data = run_dir / "data"
         Dataset.from_frames(ds.users, ds.items, inter, source="window").save(eval_data)
         cand_data = eval_data
@@ -476,6 +483,38 @@ def collect(cfg: RetrainConfig, state: dict, run_dir: Path, data: str, prod_run)
             "fault": cfg.fault,
         },
     }
+
+
+def serving_features(run: Path, base_data: str | Path, feedback: Path | None) -> Path:
+    """Rewrite the candidate's online features (`features.npz`, what Triton looks up per user)
+    so that they differ from production's only where the model does.
+
+    - history (a model input): the whole base log + the feedback positives, in time order.
+      Training writes it from the candidate's own dataset, which for a window (or a fault
+      copy) has lost every user's older items.
+    - seen set (the serving rule "never show an item again"): the base log, the same source
+      production's snapshot was built from. If the candidate alone also filtered the items
+      clicked in the feedback period, the canary would compare two serving rules, not two
+      models: production keeps showing those items and the simulated users, who have no
+      memory, click them again (42% of production's impressions in the demo were of items the
+      user had already clicked), which cost the candidate ~0.6 CTR points whatever its
+      weights. A seen set that follows the live log for every version is serving's job.
+    """
+    from training.run import FEATURES_FILE, load_run
+    from training.schema import Dataset
+    from training.snapshot import FeatureSnapshot
+
+    ds = Dataset.load(base_data)
+    vocab = load_run(run).vocab
+    base = ds.interactions
+    known = base
+    if feedback is not None and Path(feedback).exists():
+        fb = pd.read_parquet(feedback)[base.columns]
+        known = pd.concat([base, fb], ignore_index=True).sort_values("timestamp", kind="stable")
+    snap = FeatureSnapshot.build(vocab, ds.users, known)
+    seen = FeatureSnapshot.build(vocab, ds.users, base)
+    snap = dataclasses.replace(snap, seen_indptr=seen.seen_indptr, seen_items=seen.seen_items)
+    return snap.save(run / FEATURES_FILE)
 
 
 def skew_item_table(run_dir: Path, out: Path, *, seed: str) -> Path:
