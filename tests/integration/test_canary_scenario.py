@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from models.export import ExportConfig, export
 from models.towers import TowerConfig
 from serving import repository as layout
 from serving.routing import RoutingState
-from serving.server import ServerConfig, TritonServer, ready_versions
+from serving.server import ServerConfig, ServerError, TritonServer, ready_versions
 from training.synth import SynthConfig, generate_dataset, save_world
 from training.train import TrainConfig, train
 
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 K = 10
 CLI = "import sys; from northstar.cli import main; sys.exit(main())"
+PORT_TAKEN = re.compile(r"already in use|address in use|failed to listen|failed to bind", re.I)
 TOWER = TowerConfig(id_dim=16, cat_dim=4, hidden_dim=32, out_dim=16, dropout=0.0)
 TRAIN = TrainConfig(
     epochs=3, batch_size=256, val_users=1000, threads=2, progress=False, tower=TOWER, patience=2
@@ -61,7 +63,7 @@ def loop(tmp_path_factory):
     export(
         ExportConfig(run=str(root / "run0"), repo=str(repo), k=K, overfetch=K, exporter="legacy")
     )
-    server = TritonServer(
+    server = _start_server(
         ServerConfig(
             repo=str(repo),
             http_port=0,
@@ -69,13 +71,30 @@ def loop(tmp_path_factory):
             metrics_port=0,
             log_file=str(root / "tritonserver.log"),
             event_log=str(root / "events.db"),
+            # The default 120 s assumes an idle box; this suite shares 2 cores with others.
+            startup_timeout_s=300.0,
         )
     )
-    server.start()
     try:
         yield root, server
     finally:
         server.stop()
+
+
+def _start_server(cfg: ServerConfig, attempts: int = 3) -> TritonServer:
+    """Port 0 means a port found free (bound, then released) before tritonserver binds it;
+    on a shared box another process can take it in between and the server exits with
+    "already in use". Only that race is retried, on new ports and a fresh log each time;
+    any other start error fails the test."""
+    for attempt in range(attempts):
+        log_file = Path(cfg.log_file).with_suffix(f".{attempt}.log") if attempt else cfg.log_file
+        server = TritonServer(replace(cfg, log_file=str(log_file)))
+        try:
+            return server.start()
+        except ServerError as exc:
+            if attempt == attempts - 1 or not PORT_TAKEN.search(str(exc)):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _configs(root: Path, server: TritonServer):
