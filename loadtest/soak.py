@@ -278,7 +278,7 @@ def _cycle(cfg: SoakConfig, root: Path, server, traffic, train_cfg, t0: float) -
 
 def run_soak(cfg: SoakConfig) -> SoakReport:
     from canary.scenario import Traffic
-    from feedback.simulate import SimulateConfig, reconcile
+    from feedback.simulate import SimulateConfig, reconcile_many
     from loadtest.run import locust_command
 
     root = Path(cfg.out)
@@ -344,10 +344,10 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
         rep.rss = rss_growth(mem.rows, (min(5.0, start / 2), start), (after0, rep.seconds))
 
         # Events: every simulator batch against the log.
-        rec = [
-            reconcile(r, log_path=server.event_log, labels_dir=str(root / "labels-check"))
-            for r in traffic.reports
-        ]
+        print(f"soak: reconciling {len(traffic.reports)} simulator batches", flush=True)
+        rec = reconcile_many(
+            traffic.reports, log_path=server.event_log, labels_dir=str(root / "labels-check")
+        )
         rep.events = {
             "batches": len(rec),
             "sent": sum(r.events_sent for r in traffic.reports),

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 # Modules that add subcommands. Imported lazily so `northstar --help` is fast
 # and a broken optional area cannot take the whole CLI down.
@@ -39,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    # `kill PID` (and Kubernetes stopping a pod) sends SIGTERM, whose default action ends the
+    # process at once: no `finally`, so a tritonserver we started would outlive us. Turn it
+    # into an exception that unwinds the stack and runs them.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from canary.scenario import Traffic
-from feedback.simulate import SimulateConfig, reconcile
+from feedback.simulate import SimulateConfig, reconcile_many
 from models.export import ExportConfig, export
 from serving.client import RecommenderClient
 from serving.routing import RoutingState
@@ -147,8 +147,7 @@ def test_kill_9_under_traffic_then_restart_restores_routing_and_loses_no_event(t
 
         # Nothing acknowledged was lost or counted twice, in any batch, across the crash.
         labels = tmp_path / "labels"
-        for rep in traffic.reports:
-            rec = reconcile(rep, log_path=str(events), labels_dir=str(labels))
+        for rec in reconcile_many(traffic.reports, log_path=str(events), labels_dir=str(labels)):
             assert rec["ok"], rec
         figures = {
             "downtime_s": round(downtime_s, 1),
