@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,10 @@ from serving import repository as layout
 from serving.routing import RoutingState
 
 log = logging.getLogger(__name__)
+
+
+PORT_ATTEMPTS = 3
+_PORT_TAKEN = re.compile(r"already in use|address in use|failed to listen|failed to bind", re.I)
 
 
 class ServerError(RuntimeError):
@@ -244,23 +249,50 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix=f"tritonserver-{self.http_port}-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Its own process group: Ctrl-C reaches us, and we shut the server down in order.
-            start_new_session=True,
-        )
-        try:
-            self._wait_ready()
-            self.routing = self._restore_routing()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(PORT_ATTEMPTS):
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.env(),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # Its own process group: Ctrl-C reaches us; we shut the server down in order.
+                start_new_session=True,
+            )
+            try:
+                self._wait_ready()
+                self.routing = self._restore_routing()
+                return self
+            except ServerError as exc:
+                self.stop()
+                # A port picked free (bound, then released) can be taken by another process
+                # before tritonserver binds it. Only that race is retried, on new ports.
+                if attempt + 1 == PORT_ATTEMPTS or not self._repick_ports(str(exc)):
+                    raise
+                log.warning("a picked port was taken before tritonserver bound it; retrying")
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _repick_ports(self, error: str) -> bool:
+        """New free ports for those the config left to us; False if none was ours to move
+        or the failure was not a port already in use."""
+        auto = [
+            name
+            for name, port in (
+                ("http_port", self.cfg.http_port),
+                ("grpc_port", self.cfg.grpc_port),
+                ("metrics_port", self.cfg.metrics_port),
+            )
+            if not port
+        ]
+        if not auto or not _PORT_TAKEN.search(error):
+            return False
+        for name in auto:
+            setattr(self, name, free_port(self.cfg.host))
+        return True
 
     def _restore_routing(self) -> RoutingState | None:
         """Serve what the durable routing says, whatever config.pbtxt lists.

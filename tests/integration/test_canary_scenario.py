@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from models.export import ExportConfig, export
 from models.towers import TowerConfig
 from serving import repository as layout
 from serving.routing import RoutingState
-from serving.server import ServerConfig, ServerError, TritonServer, ready_versions
+from serving.server import ServerConfig, TritonServer, ready_versions
 from training.synth import SynthConfig, generate_dataset, save_world
 from training.train import TrainConfig, train
 
@@ -44,7 +43,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 K = 10
 CLI = "import sys; from northstar.cli import main; sys.exit(main())"
-PORT_TAKEN = re.compile(r"already in use|address in use|failed to listen|failed to bind", re.I)
 TOWER = TowerConfig(id_dim=16, cat_dim=4, hidden_dim=32, out_dim=16, dropout=0.0)
 TRAIN = TrainConfig(
     epochs=3, batch_size=256, val_users=1000, threads=2, progress=False, tower=TOWER, patience=2
@@ -63,7 +61,7 @@ def loop(tmp_path_factory):
     export(
         ExportConfig(run=str(root / "run0"), repo=str(repo), k=K, overfetch=K, exporter="legacy")
     )
-    server = _start_server(
+    server = TritonServer(
         ServerConfig(
             repo=str(repo),
             http_port=0,
@@ -74,27 +72,11 @@ def loop(tmp_path_factory):
             # The default 120 s assumes an idle box; this suite shares 2 cores with others.
             startup_timeout_s=300.0,
         )
-    )
+    ).start()  # retries on new ports if a picked port was taken before tritonserver bound it
     try:
         yield root, server
     finally:
         server.stop()
-
-
-def _start_server(cfg: ServerConfig, attempts: int = 3) -> TritonServer:
-    """Port 0 means a port found free (bound, then released) before tritonserver binds it;
-    on a shared box another process can take it in between and the server exits with
-    "already in use". Only that race is retried, on new ports and a fresh log each time;
-    any other start error fails the test."""
-    for attempt in range(attempts):
-        log_file = Path(cfg.log_file).with_suffix(f".{attempt}.log") if attempt else cfg.log_file
-        server = TritonServer(replace(cfg, log_file=str(log_file)))
-        try:
-            return server.start()
-        except ServerError as exc:
-            if attempt == attempts - 1 or not PORT_TAKEN.search(str(exc)):
-                raise
-    raise AssertionError("unreachable")
 
 
 def _configs(root: Path, server: TritonServer):

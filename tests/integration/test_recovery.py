@@ -165,3 +165,27 @@ def test_kill_9_under_traffic_then_restart_restores_routing_and_loses_no_event(t
         for proc in (first, second):
             if proc is not None:
                 _stop(proc)
+
+
+def test_a_picked_port_taken_before_triton_binds_it_is_retried_on_new_ports(tmp_path):
+    import socket
+
+    from serving.server import _PORT_TAKEN, ServerConfig, TritonServer
+    from serving.testing import tiny_export
+
+    _, repo, _ = tiny_export(tmp_path / "repo")
+    server = TritonServer(ServerConfig(repo=str(repo), http_port=0, grpc_port=0, metrics_port=0))
+    with socket.socket() as squatter:  # another process got the port first
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", server.grpc_port))
+        squatter.listen()
+        taken = server.grpc_port
+        server.start()
+        try:
+            assert server.grpc_port != taken
+            with RecommenderClient(server.grpc_url) as c:
+                assert len(c.recommend([1000], k=3)[0].item_ids) == 3
+            # The first attempt really failed on the port (its log is kept, appended to).
+            assert _PORT_TAKEN.search(server.log_path.read_text())
+        finally:
+            server.stop()
