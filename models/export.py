@@ -324,9 +324,12 @@ def check_parity(
                 f"beyond ties (user {user_ids[r]}, rank {p}: torch item {t_ids[r, p]} "
                 f"score {t_scores[r, p]:.6f}, onnx item {o_ids[r, p]} score {o_scores[r, p]:.6f})"
             )
+    # Alone and inside a batch, TopK may order exactly tied items differently (a different
+    # kernel path per batch size): a position may differ only where the scores tie.
+    swapped = one_ids[0] != o_ids[0]
     if not (
-        np.array_equal(one_ids[0], o_ids[0])
-        and np.allclose(one_scores[0], o_scores[0], atol=score_atol, rtol=0)
+        np.allclose(one_scores[0], o_scores[0], atol=score_atol, rtol=0)
+        and np.all(np.abs(one_scores[0][swapped] - o_scores[0][swapped]) <= tie_atol)
     ):
         problems.append("batch of 1 and the same user inside a batch give different answers")
     if problems:
