@@ -311,11 +311,8 @@ def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dic
                 event_log = out / f"events-{n}.db"
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{event_log}{suffix}").unlink(missing_ok=True)
-            server_cfg = ServerConfig(
-                repo=str(br.repo),
-                http_port=0,
-                grpc_port=0,
-                metrics_port=0,
+            server_cfg = ServerConfig.on_free_ports(
+                str(br.repo),
                 log_file=str(out / f"tritonserver-{n}.log"),
                 event_log=str(event_log) if event_log else None,
             )

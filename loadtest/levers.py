@@ -116,11 +116,8 @@ def run_levers(
                 prepare(name, repo)
             server = stack.enter_context(
                 TritonServer(
-                    ServerConfig(
-                        repo=str(repo),
-                        http_port=0,
-                        grpc_port=0,
-                        metrics_port=0,
+                    ServerConfig.on_free_ports(
+                        str(repo),
                         log_file=str(out / f"tritonserver-{name}.log"),
                     )
                 )

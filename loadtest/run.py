@@ -155,11 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(f"{event_log}{suffix}").unlink(missing_ok=True)
     run_time = args.run_time or "30s"
     timeout_s = args.timeout or parse_run_time(run_time) + 90
-    server_cfg = ServerConfig(
-        repo=str(repo),
-        http_port=0,
-        grpc_port=0,
-        metrics_port=0,
+    server_cfg = ServerConfig.on_free_ports(
+        str(repo),
         log_file=str(out / "tritonserver.log"),
         event_log=str(event_log) if event_log else None,
     )

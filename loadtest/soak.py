@@ -201,11 +201,8 @@ def _setup(cfg: SoakConfig, root: Path):
     repo = root / "model_repository"
     export(ExportConfig(run=str(root / "run0"), repo=str(repo), k=10, overfetch=10))
     server = TritonServer(
-        ServerConfig(
-            repo=str(repo),
-            http_port=0,
-            grpc_port=0,
-            metrics_port=0,
+        ServerConfig.on_free_ports(
+            str(repo),
             log_file=str(root / "tritonserver.log"),
             event_log=str(root / "events.db"),
         )

@@ -88,9 +88,7 @@ def run_demo(cfg: DemoConfig) -> int:
     rng = np.random.default_rng(cfg.seed)
     picks = [int(u) for u in rng.choice(users, cfg.show_users, replace=False)]
     picks.append(int(users.max()) + 10_000)  # nobody: a cold start
-    server_cfg = ServerConfig(
-        repo=cfg.repo, http_port=0, grpc_port=0, metrics_port=0, event_log=str(root / "events.db")
-    )
+    server_cfg = ServerConfig.on_free_ports(cfg.repo, event_log=str(root / "events.db"))
     with TritonServer(server_cfg) as server:
         print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}")
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):

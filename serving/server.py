@@ -73,6 +73,11 @@ class ServerConfig:
     # logging) behind the admin key (serving/auth.py). Off only for debugging.
     restrict_control: bool = True
 
+    @classmethod
+    def on_free_ports(cls, repo: str | Path, **kw) -> ServerConfig:
+        """Every port picked free at start: tests, benchmarks, servers side by side."""
+        return cls(repo=str(repo), http_port=0, grpc_port=0, metrics_port=0, **kw)
+
 
 # ---------------------------------------------------------------------------- the binary
 

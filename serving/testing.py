@@ -106,6 +106,24 @@ def world_run(ds, path: str | Path, *, seed: int = 0, tower: TowerConfig = TINY_
     return path
 
 
+def world_repo(root: str | Path, *, k: int = 10, versions: int = 1, seed: int = 0):
+    """The `tiny` synthetic world (saved in root/world, for the simulator), a world_run on
+    its ids, and a model repository with `versions` exports of it (the first routed as
+    production, the rest not routed). Returns (dataset, run, repo)."""
+    from models.export import ExportConfig, export
+    from training.synth import SynthConfig, generate_dataset
+
+    root = Path(root)
+    world, ds = generate_dataset(SynthConfig.preset("tiny", seed=seed), progress=False)
+    world.save(root / "world")
+    ds.save(root / "world")
+    run = world_run(ds, root / "run", seed=seed)
+    repo = root / "model_repository"
+    for i in range(versions):
+        export(ExportConfig(run=str(run), repo=str(repo), k=k, overfetch=k, promote=i == 0))
+    return ds, run, repo
+
+
 @functools.cache
 def _cached_export(k: int, overfetch: int):
     from models.export import ExportConfig, export

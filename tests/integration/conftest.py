@@ -42,11 +42,8 @@ def served(tmp_path_factory) -> Served:
     # A copy of the process-wide tiny export (dynamo exporter, k=10 + 10 over-fetched).
     run, repo, exported = tiny_export(root / "model_repository", k=K, overfetch=OVERFETCH)
     server = TritonServer(
-        ServerConfig(
-            repo=str(repo),
-            http_port=0,
-            grpc_port=0,
-            metrics_port=0,
+        ServerConfig.on_free_ports(
+            str(repo),
             log_file=str(root / "tritonserver.log"),
         )
     )

@@ -62,11 +62,8 @@ def loop(tmp_path_factory):
         ExportConfig(run=str(root / "run0"), repo=str(repo), k=K, overfetch=K, exporter="legacy")
     )
     server = TritonServer(
-        ServerConfig(
-            repo=str(repo),
-            http_port=0,
-            grpc_port=0,
-            metrics_port=0,
+        ServerConfig.on_free_ports(
+            str(repo),
             log_file=str(root / "tritonserver.log"),
             event_log=str(root / "events.db"),
             # The default 120 s assumes an idle box; this suite shares 2 cores with others.

@@ -31,12 +31,9 @@ def ingest_server(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv(EVENT_LOG_ENV, str(log))  # serving.server.server_env passes os.environ on
     server = TritonServer(
-        ServerConfig(
-            repo=str(repo),
+        ServerConfig.on_free_ports(
+            str(repo),
             models=("feedback",),
-            http_port=0,
-            grpc_port=0,
-            metrics_port=0,
             log_file=str(root / "tritonserver.log"),
         )
     )

@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -26,16 +24,13 @@ import pytest
 
 from canary.scenario import Traffic
 from feedback.simulate import SimulateConfig, reconcile_many
-from models.export import ExportConfig, export
 from serving.client import RecommenderClient
 from serving.routing import RoutingState
 from serving.server import deploy, free_port, ready_versions
-from serving.testing import world_run
-from training.synth import SynthConfig, generate_dataset
+from serving.testing import world_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 K = 10
 READY = re.compile(r"tritonserver ready \(pid (\d+)\)")
 
@@ -72,19 +67,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_kill_9_under_traffic_then_restart_restores_routing_and_loses_no_event(tmp_path):
-    world, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
-    world.save(tmp_path / "world")
-    ds.save(tmp_path / "world")
-    run = world_run(ds, tmp_path / "run")
-    repo = tmp_path / "model_repository"
-    export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K))  # v1: production
-    export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K, promote=False))  # v2
-    shutil.copytree(
-        ROOT / "model_repository" / "feedback",
-        repo / "feedback",
-        ignore=shutil.ignore_patterns("__pycache__"),
-        dirs_exist_ok=True,
-    )
+    # v1 routed as production, v2 exported but not routed (the canary below)
+    ds, _, repo = world_repo(tmp_path, k=K, versions=2)
     events = tmp_path / "events.db"
     http, grpc, metrics = free_port(), free_port(), free_port()
     url = f"127.0.0.1:{grpc}"
@@ -174,7 +158,7 @@ def test_a_picked_port_taken_before_triton_binds_it_is_retried_on_new_ports(tmp_
     from serving.testing import tiny_export
 
     _, repo, _ = tiny_export(tmp_path / "repo")
-    server = TritonServer(ServerConfig(repo=str(repo), http_port=0, grpc_port=0, metrics_port=0))
+    server = TritonServer(ServerConfig.on_free_ports(repo))
     with socket.socket() as squatter:  # another process got the port first
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", server.grpc_port))

@@ -7,8 +7,6 @@ this does not reuse the `served` fixture's tiny run), plus the `feedback` ingest
 NORTHSTAR_EVENT_LOG points both `recommend` (impressions) and `feedback` at one log.
 """
 
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,45 +14,27 @@ from feedback.join import read_labels
 from feedback.metrics import compute_metrics
 from feedback.simulate import SimulateConfig, reconcile, simulate
 from feedback.sink import EVENT_LOG_ENV, open_source
-from models.export import ExportConfig, export
 from serving import repository as layout
 from serving.client import RecommenderClient
 from serving.server import ServerConfig, TritonServer
-from serving.testing import world_run
-from training.synth import SynthConfig, generate_dataset
+from serving.testing import world_repo
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 K = 10
 
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    world, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
-    world.save(root / "world")
-    ds.save(root / "world")
-    run = world_run(ds, root / "run")
-    repo = root / "model_repository"
-    export(ExportConfig(run=str(run), repo=str(repo), k=K, overfetch=K))
-    # serving may already copy it with the other Python-backend code; the same files then
-    shutil.copytree(
-        ROOT / "model_repository" / "feedback",
-        repo / "feedback",
-        ignore=shutil.ignore_patterns("__pycache__"),
-        dirs_exist_ok=True,
-    )
+    _, _, repo = world_repo(root, k=K)  # init_repository copies the feedback model too
     log = root / "events.db"
     mp = pytest.MonkeyPatch()
     mp.setenv(EVENT_LOG_ENV, str(log))  # serving.server.server_env passes os.environ on
     server = TritonServer(
-        ServerConfig(
-            repo=str(repo),
+        ServerConfig.on_free_ports(
+            str(repo),
             models=(layout.RETRIEVAL, layout.RECOMMEND, "feedback"),
-            http_port=0,
-            grpc_port=0,
-            metrics_port=0,
             log_file=str(root / "tritonserver.log"),
         )
     )
