@@ -492,13 +492,15 @@ def serving_features(run: Path, base_data: str | Path, feedback: Path | None) ->
     - history (a model input): the whole base log + the feedback positives, in time order.
       Training writes it from the candidate's own dataset, which for a window (or a fault
       copy) has lost every user's older items.
-    - seen set (the serving rule "never show an item again"): the base log, the same source
-      production's snapshot was built from. If the candidate alone also filtered the items
-      clicked in the feedback period, the canary would compare two serving rules, not two
-      models: production keeps showing those items and the simulated users, who have no
-      memory, click them again (42% of production's impressions in the demo were of items the
-      user had already clicked), which cost the candidate ~0.6 CTR points whatever its
-      weights. A seen set that follows the live log for every version is serving's job.
+    - seen set (the serving rule "never show an item again"): the base log + the feedback
+      positives. A version's snapshot is built when it is trained, so production's still
+      lacks what users clicked since; a retrain that knows them stops re-recommending
+      watched items, which is part of what a retrain is for. It pays off only if users do
+      not rewatch at once: the simulator's users remember their clicks (ClickMemory,
+      rewatch_factor) as real ones do. Without that memory they clicked an already-clicked
+      item as readily as a new one (42% of production's impressions in the demo), and this
+      rule cost the candidate ~0.6 CTR points whatever its weights. A seen set that follows
+      the live log for every version would be serving's job (a known limit).
     """
     from training.run import FEATURES_FILE, load_run
     from training.schema import Dataset
@@ -511,10 +513,7 @@ def serving_features(run: Path, base_data: str | Path, feedback: Path | None) ->
     if feedback is not None and Path(feedback).exists():
         fb = pd.read_parquet(feedback)[base.columns]
         known = pd.concat([base, fb], ignore_index=True).sort_values("timestamp", kind="stable")
-    snap = FeatureSnapshot.build(vocab, ds.users, known)
-    seen = FeatureSnapshot.build(vocab, ds.users, base)
-    snap = dataclasses.replace(snap, seen_indptr=seen.seen_indptr, seen_items=seen.seen_items)
-    return snap.save(run / FEATURES_FILE)
+    return FeatureSnapshot.build(vocab, ds.users, known).save(run / FEATURES_FILE)
 
 
 def skew_item_table(run_dir: Path, out: Path, *, seed: str) -> Path:

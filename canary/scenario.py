@@ -36,6 +36,10 @@ class Traffic:
         self.pause_s = pause_s
         self.lock = threading.Lock()  # held for one whole batch (requests + clicks sent)
         self.reports: list = []
+        # One memory for the whole run: a user who clicked an item rarely clicks it again.
+        from feedback.simulate import ClickMemory
+
+        self.memory = ClickMemory()
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="traffic", daemon=True)
@@ -47,7 +51,8 @@ class Traffic:
         while not self._stop.is_set():
             with self.lock:
                 try:
-                    rep = simulate(replace(self.sim_cfg, seed=self.sim_cfg.seed + i))
+                    cfg = replace(self.sim_cfg, seed=self.sim_cfg.seed + i)
+                    rep = simulate(cfg, memory=self.memory)
                     self.reports.append(rep)
                 except Exception as exc:  # reported, and the scenario fails on it
                     self.errors.append(f"{type(exc).__name__}: {exc}")

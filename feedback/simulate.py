@@ -87,6 +87,10 @@ class SimulateConfig:
     retry_deadline_s: float | None = None
     send_batch: int = 512
     timeout_s: float = 30.0
+    # A user clicks an item they already clicked earlier in the simulation at this fraction
+    # of the usual rate (people rarely rewatch a film right away). It needs a ClickMemory
+    # that lives across simulate() calls (canary.scenario.Traffic keeps one); 1.0 = no memory.
+    rewatch_factor: float = 0.2
 
 
 @dataclass
@@ -115,6 +119,7 @@ class SimReport:
     expected: dict[str, int] = field(default_factory=dict)  # joined / late / unattributed
     expected_exact: bool = True  # False when some events have no request_id
     delay_after_window: int = 0  # clicks whose delay put them past the window
+    rewatch_impressions: int = 0  # items shown again to a user who had clicked them
     seconds: float = 0.0
     request_ids: list[str] = field(default_factory=list, repr=False)
     event_ids: list[str] = field(default_factory=list, repr=False)  # accepted, unique
@@ -125,6 +130,34 @@ class SimReport:
         for k in ("request_ids", "event_ids", "expected_by_event"):
             d.pop(k)
         return d
+
+
+class ClickMemory:
+    """What each simulated user clicked in earlier simulate() calls: (user_idx, item_idx).
+
+    Thread-safe, because the scenario's traffic thread adds while others read its size.
+    Clicks of one call count from the next call on (the call samples them all at once).
+    """
+
+    def __init__(self) -> None:
+        self._pairs: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        with self._lock:
+            pairs = self._pairs
+            return np.fromiter(
+                ((int(u), int(i)) in pairs for u, i in zip(users, items, strict=True)),
+                dtype=bool,
+                count=len(users),
+            )
+
+    def add(self, users: np.ndarray, items: np.ndarray) -> None:
+        with self._lock:
+            self._pairs.update(zip(map(int, users), map(int, items), strict=True))
 
 
 class Slate(Protocol):
@@ -148,6 +181,7 @@ def simulate(
     *,
     client_factory: Callable[[], Any] | None = None,
     sender: Sender | None = None,
+    memory: ClickMemory | None = None,
 ) -> SimReport:
     """Run the loop once. `client_factory` makes one recommend client per thread (default
     serving.client.RecommenderClient on cfg.url); `sender` sends interaction columns
@@ -178,7 +212,7 @@ def simulate(
     report.cold_start = int(sum(bool(s[0].cold_start) for s in slates))
     report.request_ids = [s[0].request_id for s in slates]
 
-    imps, inter = _interactions(cfg, world, slates, rng, report)
+    imps, inter = _interactions(cfg, world, slates, rng, report, memory)
     n_valid = len(inter)
     columns, kinds, inter = _with_noise(cfg, world, inter, imps, rng, report)
     orphan_ids = set(inter["event_id"].iloc[n_valid:])
@@ -255,7 +289,9 @@ def _fetch_all(cfg: SimulateConfig, user_ids: np.ndarray, factory, report: SimRe
                 close()
 
 
-def _interactions(cfg, world, slates, rng, report) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _interactions(
+    cfg, world, slates, rng, report, memory: ClickMemory | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Impressions as the simulator saw them, and the interaction events they cause."""
     rows = []
     for rec, t_sent, t_resp in slates:
@@ -302,7 +338,14 @@ def _interactions(cfg, world, slates, rng, report) -> tuple[pd.DataFrame, pd.Dat
     # Taste at the end of the world's period: the simulator plays "today" in that world.
     now_w = world.cfg.end_ts
     clicked = np.zeros(len(imps), dtype=bool)
-    clicked[in_world] = world.sample_clicks(u, i, pos, now_w, rng)
+    hit = world.sample_clicks(u, i, pos, now_w, rng)
+    if memory is not None and cfg.rewatch_factor < 1.0 and len(memory):
+        again = memory.seen(u, i)
+        report.rewatch_impressions = int(again.sum())
+        hit &= ~again | (rng.random(len(hit)) < cfg.rewatch_factor)
+    clicked[in_world] = hit
+    if memory is not None:
+        memory.add(u[hit], i[hit])
     c = imps[clicked].reset_index(drop=True)
     report.clicks = len(c)
     if not len(c):

@@ -16,7 +16,7 @@ from training.synth import SynthConfig, generate_dataset
 from training.train import _prime_estimator
 
 
-def test_serving_features_history_has_feedback_seen_set_is_the_base_log(tmp_path):
+def test_serving_features_history_and_seen_set_include_the_feedback(tmp_path):
     _, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
     data = tmp_path / "data"
     ds.save(data)
@@ -45,8 +45,8 @@ def test_serving_features_history_has_feedback_seen_set_is_the_base_log(tmp_path
     serving_features(run, data, tmp_path / "extra.parquet")
     snap = FeatureSnapshot.load(run / FEATURES_FILE)
     f = snap.lookup(np.array([user]))
-    # seen = the whole base log (older items included), not the feedback clicks
-    assert set(f.seen[0].tolist()) == set(mine["item_id"].tolist())
+    # seen = the whole base log (older items included) + the feedback clicks
+    assert set(f.seen[0].tolist()) == set(mine["item_id"].tolist()) | set(unseen.tolist())
     # history starts with the feedback, newest first (item index + 1, 0 = padding)
     hist = f.history[0][f.history[0] > 0] - 1
     assert vocab.item_ids[hist[:3]].tolist() == unseen[::-1].tolist()
@@ -54,6 +54,7 @@ def test_serving_features_history_has_feedback_seen_set_is_the_base_log(tmp_path
     serving_features(run, data, None)  # no feedback: history and seen from the base log
     f = FeatureSnapshot.load(run / FEATURES_FILE).lookup(np.array([user]))
     assert not np.isin(unseen, vocab.item_ids[f.history[0][f.history[0] > 0] - 1]).any()
+    assert set(f.seen[0].tolist()) == set(mine["item_id"].tolist())
 
 
 def test_primed_estimator_expects_each_items_gap():

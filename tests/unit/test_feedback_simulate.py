@@ -166,3 +166,27 @@ def test_reconcile_many_matches_one_by_one_and_catches_a_lost_event(world_dir, t
     got = reconcile_many(reps, log_path=str(log), labels_dir=str(tmp_path / "a"))
     assert [r["ok"] for r in got] == [True, False, True]
     assert got[1]["interactions_in_log"] == got[1]["interactions_accepted"] - 1
+
+
+def test_users_rarely_click_again_what_they_already_clicked(world_dir, tmp_path):
+    """With a memory across calls, an item a user clicked is clicked again at
+    rewatch_factor times the rate; the same slates without memory get their usual clicks."""
+    from feedback.simulate import ClickMemory
+
+    def run(memory, factor, log):
+        sink = open_sink(tmp_path / log)
+        local = LocalRecommender(world_dir, sink, seed=1)  # deterministic slates per user
+        cfg = SimulateConfig(
+            world=str(world_dir), users=20, requests=300, seed=4, concurrency=1,
+            rewatch_factor=factor,
+        )  # fmt: skip
+        return [
+            simulate(cfg, client_factory=lambda: local, sender=SinkSender(sink), memory=memory)
+            for _ in range(2)
+        ]
+
+    remember = ClickMemory()
+    _, second = run(remember, 0.0, "a.db")
+    assert len(remember) > 0 and second.rewatch_impressions > 0
+    _, again_free = run(ClickMemory(), 1.0, "b.db")  # factor 1: memory changes nothing
+    assert again_free.rewatch_impressions == 0 and again_free.clicks > second.clicks
