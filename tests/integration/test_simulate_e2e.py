@@ -7,7 +7,6 @@ this does not reuse the `served` fixture's tiny run), plus the `feedback` ingest
 NORTHSTAR_EVENT_LOG points both `recommend` (impressions) and `feedback` at one log.
 """
 
-
 import pytest
 
 from feedback.join import read_labels
