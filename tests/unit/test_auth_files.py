@@ -95,3 +95,24 @@ def test_private_files_and_folders(tmp_path):
     assert _mode(public) == 0o644
     assert RoutingState.load(routing).canary == 3
     assert not list(tmp_path.rglob("*.tmp"))  # no temp file left behind
+
+
+def test_event_log_and_canary_registry_are_owner_only(tmp_path):
+    from canary.state import StateStore
+    from canary.tracking import Tracker
+    from feedback.sink import open_sink
+
+    old = os.umask(0)
+    try:
+        sink = open_sink(tmp_path / "events.db")
+        sink.close()
+        store = StateStore(tmp_path / "canary")
+        with store.update() as s:
+            s["production"] = None
+        Tracker(tmp_path / "canary")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "events.db") == 0o600
+    assert _mode(tmp_path / "canary") == 0o700
+    assert _mode(tmp_path / "canary" / "state.json") == 0o600
+    assert _mode(tmp_path / "canary" / "mlflow.db") == 0o600
