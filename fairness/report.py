@@ -6,9 +6,7 @@ it can be attached to a ticket or an MLflow run and read anywhere.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -22,6 +20,7 @@ from fairness.audit import AuditResult
 from fairness.exposure import POPULARITY_BUCKETS
 from fairness.gates import GateResult
 from fairness.groups import GroupTable
+from northstar.figures import img_tag, png_base64
 
 AUDIT_FILE = "audit.json"
 GATES_FILE = "gates.json"
@@ -102,21 +101,11 @@ def _gate_metric(result: AuditResult, gates: GateResult | None) -> str:
     return result.metric(gates.config.metric if gates else "ndcg")
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _subplots(*args, **kwargs):
     # A bare Figure renders PNGs through the Agg canvas without pyplot: no global backend
     # switch for whoever imports this module, no figure registry to leak into.
     fig = Figure(figsize=kwargs.pop("figsize"))
     return fig, fig.subplots(*args, **kwargs)
-
-
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
 # ---------------------------------------------------------------- plots
@@ -151,7 +140,7 @@ def plot_groups(table: GroupTable, *, min_size: int, failing: set[str]) -> str:
         legend += f" · red: named by a failed gate · grey: < {min_size} users, not gated"
     fig.suptitle(f"by {table.attribute}   {legend}", fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_lorenz(result: AuditResult) -> str:
@@ -172,7 +161,7 @@ def plot_lorenz(result: AuditResult) -> str:
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_popularity_scatter(result: AuditResult) -> str | None:
@@ -199,7 +188,7 @@ def plot_popularity_scatter(result: AuditResult) -> str | None:
     ax.legend(fontsize=8, loc="upper left", markerscale=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_item_shares(result: AuditResult) -> str:
@@ -225,7 +214,7 @@ def plot_item_shares(result: AuditResult) -> str:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_deltas(comparison: dict[str, Any], metric: str, *, min_size: int = 0) -> str | None:
@@ -260,7 +249,7 @@ def plot_deltas(comparison: dict[str, Any], metric: str, *, min_size: int = 0) -
         ha="left",
     )
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 # ---------------------------------------------------------------- HTML
@@ -404,7 +393,7 @@ def _comparison_html(comparison: dict[str, Any], metric: str, min_size: int) -> 
     parts = []
     b64 = plot_deltas(comparison, metric, min_size=min_size)
     if b64:
-        parts.append(_img(b64, "per-group deltas"))
+        parts.append(img_tag(b64, "per-group deltas"))
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_fmt(v['baseline'])}</td>"
         f"<td>{_fmt(v['candidate'])}</td><td>{v['delta']:+.4f}</td></tr>"
@@ -519,7 +508,7 @@ def render_html(
         f = failing.get(name, set())
         parts += [
             f"<h3>{html.escape(name)}</h3>",
-            _img(plot_groups(table, min_size=min_size, failing=f), f"metrics by {name}"),
+            img_tag(plot_groups(table, min_size=min_size, failing=f), f"metrics by {name}"),
             "<details><summary>numbers</summary>",
             _group_table_html(table, min_size=min_size, failing=f),
             "</details>",
@@ -528,11 +517,11 @@ def render_html(
     scatter = plot_popularity_scatter(result)
     parts.append(
         '<div class="row">'
-        + _img(plot_lorenz(result), "Lorenz curve")
-        + (_img(scatter, "popularity vs exposure") if scatter else "")
+        + img_tag(plot_lorenz(result), "Lorenz curve")
+        + (img_tag(scatter, "popularity vs exposure") if scatter else "")
         + "</div>"
     )
-    parts.append(_img(plot_item_shares(result), "exposure vs relevance share"))
+    parts.append(img_tag(plot_item_shares(result), "exposure vs relevance share"))
     parts.append(_item_tables_html(result))
     if online:
         parts += ["<h2>Online: CTR and value by group and model version</h2>", _online_html(online)]

@@ -224,7 +224,7 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
             return report
 
         _remove_run_files(out, run)  # leftovers of a crashed attempt at this same run
-        pending, new = _read_pending(out, state), _new_labels(imps)
+        pending, new = _read_pending(out, state), new_labels(imps)
         labels = (
             pd.concat([pending, new], ignore_index=True)
             if len(pending) and len(new)
@@ -489,7 +489,8 @@ def _status_frame(inter: pd.DataFrame, reason: np.ndarray, imp_id: np.ndarray) -
     )
 
 
-def _new_labels(imps: pd.DataFrame) -> pd.DataFrame:
+def new_labels(imps: pd.DataFrame) -> pd.DataFrame:
+    """Impressions (the log's impression columns) as label rows with no interaction yet."""
     n = len(imps)
     return pd.DataFrame(
         {
@@ -543,7 +544,7 @@ def _load_state(out: Path, cfg: JoinConfig) -> dict:
 
 def _read_pending(out: Path, state: dict) -> pd.DataFrame:
     if not state["pending_file"]:
-        return _new_labels(_empty_impressions())
+        return new_labels(_empty_impressions())
     df = pq.read_table(out / STATE_DIR / state["pending_file"]).to_pandas()
     return df.astype({"event_type": object})
 

@@ -41,7 +41,7 @@ from feedback.explore import rank_with_exploration
 from feedback.hook import ImpressionLogger
 from feedback.ids import uuid7_batch
 from feedback.ingest_client import IngestResult, send_interactions
-from feedback.join import JOINED, LATE, UNATTRIBUTED, attribute
+from feedback.join import JOINED, LATE, UNATTRIBUTED, attribute, new_labels
 from feedback.sink import EventSink
 from northstar.retry import RetryPolicy, retrying
 
@@ -255,23 +255,21 @@ def _fetch_all(cfg: SimulateConfig, user_ids: np.ndarray, factory, report: SimRe
     policy = retry_policy(cfg)
     failures: list[float] = []  # wall-clock time of each failed attempt
 
+    def on_failure(_exc: BaseException) -> None:
+        with lock:
+            failures.append(time.time())
+
     def on_retry(exc: BaseException, attempt: int) -> None:
         with lock:
             report.retries += 1
         log.debug("request retry %d after: %s", attempt, exc)
 
     def one(i: int):
-        t_sent = time.time()
         try:
-            for attempt in retrying(policy, on_retry=on_retry):
+            for attempt in retrying(policy, on_retry=on_retry, on_failure=on_failure):
                 with attempt:
                     t_sent = time.time()
-                    try:
-                        (rec,) = client().recommend([int(user_ids[i])], cfg.k)
-                    except Exception:
-                        with lock:
-                            failures.append(time.time())
-                        raise
+                    (rec,) = client().recommend([int(user_ids[i])], cfg.k)
             return rec, t_sent, time.time()
         except Exception as exc:
             log.warning("request %d failed after retries: %s", i, exc)
@@ -462,8 +460,7 @@ def _with_noise(cfg, world, inter, imps, rng, report):
 
 def _labels_view(imps: pd.DataFrame) -> pd.DataFrame:
     """The simulator's impressions in the join's label layout (impression ts = response)."""
-    n = len(imps)
-    return pd.DataFrame(
+    view = pd.DataFrame(
         {
             "event_id": (
                 imps["request_id"].astype(str) + ":" + imps["position"].astype(str)
@@ -472,18 +469,13 @@ def _labels_view(imps: pd.DataFrame) -> pd.DataFrame:
             "user_id": imps["user_id"].to_numpy(np.int64),
             "item_id": imps["item_id"].to_numpy(),
             "position": imps["position"].to_numpy(np.int64),
-            "score": np.zeros(n),
+            "score": 0.0,
             "model_version": imps["model_version"].to_numpy(np.int64),
-            "propensity": np.ones(n),
-            "impression_ts": imps["t_resp"].to_numpy(np.float64),
-            "clicked": np.zeros(n, bool),
-            "liked": np.zeros(n, bool),
-            "value": np.zeros(n),
-            "label_ts": np.full(n, np.nan),
-            "event_type": np.full(n, None, dtype=object),
-            "n_interactions": np.zeros(n, np.int64),
+            "propensity": 1.0,
+            "ts": imps["t_resp"].to_numpy(np.float64),
         }
     )
+    return new_labels(view)
 
 
 def _empty_interactions() -> pd.DataFrame:
@@ -672,7 +664,7 @@ def reconcile_many(
         req = pd.Index(report.request_ids).unique()
         logged = int(imps_per_request.reindex(req, fill_value=0).sum())
         ids = pd.Index(report.event_ids)
-        mine = st[st["event_id"].isin(ids)] if len(ids) else st.iloc[:0]
+        mine = st[st["event_id"].isin(ids)]
         counts = mine["status"].value_counts()
         got = {s: int(counts.get(s, 0)) for s in (JOINED, LATE, UNATTRIBUTED)}
         expected = mine["event_id"].map(report.expected_by_event)

@@ -50,22 +50,13 @@ from locust.stats import (  # noqa: E402
     StatsCSVFileWriter,
 )
 
+from feedback.ingest import INPUTS as _FEEDBACK_INPUTS  # noqa: E402
 from loadtest.thresholds import threshold_failures  # noqa: E402
 
 log = logging.getLogger("northstar.locust")
 
 RECOMMEND, RETRIEVAL, FEEDBACK = "recommend", "retrieval", "feedback"
 _REC_OUTPUTS = ("item_ids", "scores", "model_version", "request_id", "cold_start")
-# The feedback model's inputs and Triton dtypes (feedback/ingest.py INPUTS).
-_FEEDBACK_INPUTS = {
-    "event_id": "BYTES",
-    "user_id": "INT64",
-    "item_id": "INT64",
-    "type": "BYTES",
-    "value": "FP32",
-    "ts": "FP64",
-    "request_id": "BYTES",
-}
 
 
 @events.init_command_line_parser.add_listener

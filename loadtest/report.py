@@ -14,6 +14,8 @@ import html
 import math
 from pathlib import Path
 
+from northstar.figures import img_tag
+
 B_OVER_A = 0.9
 C_OVER_A = 0.5
 C_P99_MS = 50.0
@@ -214,7 +216,7 @@ def write_html(result: dict, path: str | Path, png: str | Path | None = None) ->
     ]
     if png and Path(png).exists():
         data = base64.b64encode(Path(png).read_bytes()).decode()
-        parts.append(f"<img alt='throughput vs p99' src='data:image/png;base64,{data}'>")
+        parts.append(img_tag(data, "throughput vs p99"))
     for size in result["sizes"]:
         parts.append(f"<h2>{size['n_items']:,} items (graph top-{size['graph_k']})</h2><table>")
         rows = table_rows(size["rows"])

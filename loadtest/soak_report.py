@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+
+from northstar.figures import img_tag, png_base64
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -53,12 +53,6 @@ def write_markdown(rep, path: str | Path) -> Path:
     return path
 
 
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _marks(ax, rep) -> None:
     for name, t in rep.cycle.get("marks", {}).items():
         ax.axvline(t, color="#888", lw=0.8, ls="--")
@@ -92,7 +86,7 @@ def plot(rep) -> str:
     ax2.set_title("memory, with the canary cycle")
     ax2.legend(loc="lower right")
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def write_html(rep, path: str | Path) -> Path:
@@ -113,9 +107,7 @@ def write_html(rep, path: str | Path) -> Path:
             f"<tr><td>{esc(c['name'])}</td><td class='{v}'>{v}</td><td>{esc(c['text'])}</td></tr>"
         )
     parts.append("</table>")
-    parts.append(
-        f"<img alt='latency per minute and memory' src='data:image/png;base64,{plot(rep)}'>"
-    )
+    parts.append(img_tag(plot(rep), "latency per minute and memory"))
     parts.append("<h2>per minute</h2><table><tr><th>minute</th><th>requests</th><th>errors</th>"
                  "<th>p50 ms</th><th>p99 ms</th></tr>")  # fmt: skip
     for m in rep.minutes:

@@ -40,11 +40,13 @@ def retrying(
     *,
     retry_if: Callable[[BaseException], bool] | None = None,
     on_retry: Callable[[BaseException, int], None] | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> tenacity.Retrying:
     """`for attempt in retrying(policy): with attempt: call()`; re-raises the last error.
 
     `retry_if(exc)` False means the error is final (a malformed request will fail again);
-    `on_retry(exc, attempt_number)` runs before each wait (counting, logging).
+    `on_retry(exc, attempt_number)` runs before each wait (counting, logging);
+    `on_failure(exc)` runs after every failed retryable attempt, the last one included.
     """
     stop = (
         tenacity.stop_after_delay(policy.deadline_s)
@@ -56,6 +58,10 @@ def retrying(
         if on_retry is not None:
             on_retry(state.outcome.exception(), state.attempt_number)
 
+    def after(state: tenacity.RetryCallState) -> None:
+        if on_failure is not None:
+            on_failure(state.outcome.exception())
+
     return tenacity.Retrying(
         stop=stop,
         wait=tenacity.wait_random_exponential(
@@ -64,6 +70,7 @@ def retrying(
         retry=tenacity.retry_if_exception(
             lambda exc: isinstance(exc, Exception) and (retry_if is None or retry_if(exc))
         ),
+        after=after,
         before_sleep=before_sleep,
         reraise=True,
     )

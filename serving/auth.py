@@ -111,7 +111,7 @@ def restricted_flags(key: str) -> list[str]:
     return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # returns only on refusal
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] != "exec":
         print("usage: python -m serving.auth exec tritonserver [ARGS...]", file=sys.stderr)
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     cmd = [*argv[1:], *restricted_flags(key)]
-    os.execvp(cmd[0], cmd)
-    return 127  # not reached
+    os.execvp(cmd[0], cmd)  # replaces this process; raises OSError if it cannot
 
 
 if __name__ == "__main__":
