@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from northstar import config as config_mod
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,14 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default=None, help="(c) sweep, e.g. 1,2,4,8,16,32,64")
     p.add_argument("--label", default=None, help="a name for this configuration")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny shapes, short windows")
-    p.add_argument("--config", help="BenchConfig as .toml/.yaml/.json")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override BenchConfig fields, e.g. recommend.instances=1 "
-        "retrieval.max_queue_delay_us=200",
+    config_mod.add_config_args(
+        p, "BenchConfig", "recommend.instances=1 retrieval.max_queue_delay_us=200"
     )
     p.add_argument("--fail-on-targets", action="store_true", help="exit 1 if a target fails")
     p.set_defaults(func=_bench)
@@ -50,7 +46,6 @@ def _bench(args) -> int:
 def bench_config(args):
     """BenchConfig from --tiny (the smoke base), then --config, then the flags and --set."""
     from loadtest.bench import BenchConfig, tiny_config
-    from northstar import config as config_mod
 
     flags = []
     if args.items:
@@ -80,16 +75,12 @@ def register_soak(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--duration", type=float, default=None, help="seconds (default 600)")
     p.add_argument("--out", default=None, help="report folder (default reports/soak)")
-    p.add_argument("--config", help="SoakConfig as .toml/.yaml/.json")
-    p.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override SoakConfig fields"
-    )
+    config_mod.add_config_args(p, "SoakConfig", "canary_s=30 locust_users=8")
     p.set_defaults(func=_soak)
 
 
 def _soak(args) -> int:
     from loadtest.soak import SoakConfig, run_soak, write_reports
-    from northstar import config as config_mod
 
     flags = [f"{k}={v}" for k, v in (("duration_s", args.duration), ("out", args.out)) if v]
     cfg = config_mod.load(SoakConfig, args.config, [*flags, *args.set])

@@ -111,3 +111,15 @@ def load(
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def add_config_args(parser, what: str, example: str = "") -> None:
+    """`--config FILE` and `--set KEY=VALUE ...` for a stage's typed config (see `load`)."""
+    parser.add_argument("--config", help=f"{what} as .toml/.yaml/.json")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what} fields" + (f", e.g. {example}" if example else ""),
+    )

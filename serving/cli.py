@@ -27,14 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--url", default=None, help="gRPC address of a running server: load the version there first"
     )
-    p.add_argument("--config", help="ExportConfig as .toml/.yaml/.json")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override ExportConfig fields, e.g. overfetch=50 retrieval.instances=2",
-    )
+    config_mod.add_config_args(p, "ExportConfig", "overfetch=50 retrieval.instances=2")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="run tritonserver on the model repository until Ctrl-C")

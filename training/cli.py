@@ -34,14 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a two-tower model and evaluate it")
     p.add_argument("--data", help="dataset folder (Parquet tables)")
     p.add_argument("--out", help="run folder to write")
-    p.add_argument("--config", help="TrainConfig as .toml/.yaml/.json")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config fields, e.g. epochs=5 tower.out_dim=32",
-    )
+    config_mod.add_config_args(p, "TrainConfig", "epochs=5 tower.out_dim=32")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
