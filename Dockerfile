@@ -23,8 +23,8 @@ WORKDIR /opt/northstar
 COPY northstar/__init__.py northstar/files.py northstar/
 COPY models/__init__.py models/features.py models/
 COPY training/__init__.py training/schema.py training/snapshot.py training/
-COPY serving/__init__.py serving/auth.py serving/backend.py serving/recommender.py \
-     serving/repository.py serving/routing.py serving/
+COPY serving/__init__.py serving/auth.py serving/backend.py serving/inline.py \
+     serving/recommender.py serving/repository.py serving/routing.py serving/
 # Impression logging (recommend) and interaction ingest (the feedback model).
 COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
      feedback/explore.py feedback/ids.py feedback/ingest.py feedback/
@@ -32,8 +32,8 @@ COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
 # site-packages, which is what a .pth extends.
 RUN python3 -c "import site; print(site.getsitepackages()[0])" \
     | xargs -I{} sh -c 'echo /opt/northstar > {}/northstar.pth' \
-    && python3 -c "import serving.recommender, serving.backend, serving.auth, feedback.hook, \
-feedback.ingest"
+    && python3 -c "import serving.recommender, serving.backend, serving.inline, serving.auth, \
+feedback.hook, feedback.ingest"
 
 COPY model_repository/ /models/
 RUN grep -q 'platform: "onnxruntime_onnx"' /models/retrieval/config.pbtxt \

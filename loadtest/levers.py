@@ -50,6 +50,13 @@ VARIANTS: dict[str, dict[str, str]] = {
         "retrieval.instances": "2",
         "retrieval.intra_op_threads": "1",
     },
+    # How recommend reaches retrieval (serving/inline.py). The default on the cpu target is
+    # inline with 2 instances x (cores / 2) threads; "bls" is the default before step 3.
+    "bls": {"recommend.retrieval_call": "bls"},
+    "bls-rec1": {"recommend.retrieval_call": "bls", "recommend.instances": "1"},
+    "inline": {"recommend.retrieval_call": "inline"},
+    "inline-rec1": {"recommend.retrieval_call": "inline", "recommend.instances": "1"},
+    "inline-t2": {"recommend.retrieval_call": "inline", "recommend.retrieval_threads": "2"},
 }
 
 

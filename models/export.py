@@ -123,6 +123,11 @@ def export(cfg: ExportConfig) -> ExportResult:
             f"export: target={cfg.target!r}, exporter={cfg.exporter!r}; expected target cpu|gpu "
             "and exporter dynamo|legacy"
         )
+    if cfg.target == "gpu" and cfg.recommend.retrieval_call == "inline":
+        raise ValueError(
+            "export: recommend.retrieval_call='inline' with target='gpu'; expected 'bls' "
+            "(inline runs retrieval on recommend's CPU instances, away from the GPU)"
+        )
     k = min(cfg.k, spec.n_items)
     graph_k = min(cfg.k + cfg.overfetch, spec.n_items)
     module = build_retrieval(run, graph_k)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from models.export import ExportResult
+from serving import repository as layout
 from serving.server import ServerConfig, TritonServer
 from serving.testing import tiny_export
 
@@ -36,11 +37,13 @@ class Served:
         return self.exported.version
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory) -> Served:
-    root = tmp_path_factory.mktemp("serving")
+def _serve(root: Path, retrieval_call: str | None = None):
     # A copy of the process-wide tiny export (dynamo exporter, k=10 + 10 over-fetched).
     run, repo, exported = tiny_export(root / "model_repository", k=K, overfetch=OVERFETCH)
+    if retrieval_call is not None:
+        layout.write_config(
+            repo, layout.recommend_config(layout.RecommendServing(retrieval_call=retrieval_call))
+        )
     server = TritonServer(
         ServerConfig.on_free_ports(
             str(repo),
@@ -54,3 +57,21 @@ def served(tmp_path_factory) -> Served:
         )
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Served:
+    """The default export: on this cpu target `recommend` runs retrieval's graph inline."""
+    yield from _serve(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="session")
+def served_bls(tmp_path_factory) -> Served:
+    """`recommend` calling `retrieval` through Triton (BLS), as on the gpu target."""
+    yield from _serve(tmp_path_factory.mktemp("serving-bls"), retrieval_call="bls")
+
+
+@pytest.fixture(params=["inline", "bls"])
+def served_each(request) -> Served:
+    """Both ways `recommend` reaches `retrieval`, for tests of the path they share."""
+    return request.getfixturevalue("served" if request.param == "inline" else "served_bls")

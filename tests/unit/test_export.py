@@ -15,7 +15,8 @@ import torch
 import models.export as export_mod
 from models.export import ExportConfig, ParityError, build_retrieval, check_parity, export
 from serving import repository as layout
-from serving.backend import InputError, RetrievalRunner, onnx_session
+from serving.backend import InputError, onnx_session
+from serving.inline import InlineRetrieval
 from serving.recommender import OnlineState, Recommender, select_unseen
 from serving.routing import RoutingState
 from serving.testing import tiny_export
@@ -250,21 +251,7 @@ def test_export_errors_name_what_is_missing(tmp_path, tiny_run):
 
 
 # ---- what the Triton Python models do with an exported repository, run in-process ----
-
-
-def _onnx_retrieve(repo):
-    runners = {}
-
-    def retrieve(version, feats):
-        if version not in runners:
-            runners[version] = RetrievalRunner(layout.version_dir(repo, version))
-        r = runners[version]
-        feeds = r.validate(
-            {"user_index": feats.user_index, "user_cats": feats.user_cats, "history": feats.history}
-        )
-        return r.run([feeds])[0]
-
-    return retrieve
+# (serving.inline.InlineRetrieval is what `recommend` runs on the cpu target.)
 
 
 def test_recommender_serves_unseen_items_and_marks_cold_users(exported):
@@ -278,7 +265,7 @@ def test_recommender_serves_unseen_items_and_marks_cold_users(exported):
         rec.parse(users[:, None], np.full((6, 1), 4, np.int32), max_k),
         rec.parse(np.array([[users[0]]]), None, max_k),
     ]
-    batch = rec.run(parsed, _onnx_retrieve(repo))
+    batch = rec.run(parsed, InlineRetrieval(repo))
     a, b = batch.results
     assert a.item_ids.shape == (6, 4) and b.item_ids.shape == (1, rec.default_k)
     assert a.cold_start[:, 0].tolist() == [False] * 5 + [True]
@@ -311,7 +298,7 @@ def test_recommender_rejects_bad_requests_by_name(exported, user_id, k, name):
 def test_recommender_falls_back_when_a_routed_version_fails(repo_copy):
     repo, _ = repo_copy
     rec = Recommender(repo, check_interval_s=0.0)
-    retrieve = _onnx_retrieve(repo)
+    retrieve = InlineRetrieval(repo)
     users = np.arange(1000, 1010, dtype=np.int64)[:, None]
     first = rec.run([rec.parse(users, None, rec.begin())], retrieve).results[0]
     # Traffic moves to a version that does not exist (exported elsewhere, never loaded).

@@ -1,10 +1,12 @@
-"""`recommend`: the front door. Online features -> routing -> BLS to `retrieval` -> unseen top-k.
+"""`recommend`: the front door. Online features -> routing -> `retrieval` -> unseen top-k.
 
 All logic lives in serving/recommender.py (tested without Triton); this file
-only converts between Triton tensors and numpy and makes the BLS calls.
+only converts between Triton tensors and numpy and makes the BLS calls, or, with
+`retrieval_call: inline` (cpu target), runs retrieval's graph here (serving/inline.py).
 """
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from feedback.hook import impression_logger
 from serving.backend import RETRIEVAL_INPUTS, RETRIEVAL_OUTPUTS, InputError
+from serving.inline import InlineRetrieval, inline_threads, resolve_retrieval_call
 from serving.recommender import ImpressionSink, Recommender, RequestResult
 
 
@@ -40,6 +43,24 @@ class TritonPythonModel:
         # the responses go out; without either, the no-op sink keeps serving working.
         self.impressions = impression_logger(params) or ImpressionSink()
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+        self.inline = None
+        self.retrieve = self._retrieve
+        self.retrieval_call = resolve_retrieval_call(
+            params.get("retrieval_call", "auto"), model_dir.parent
+        )
+        if self.retrieval_call == "inline":
+            instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
+            self.inline = InlineRetrieval(
+                model_dir.parent,
+                intra_op_threads=int(params.get("retrieval_threads") or 0)
+                or inline_threads(instances),
+            )
+            self.retrieve = self.inline
+            try:  # the routed versions' sessions, before the first request needs them
+                self.recommender.begin()
+                self.inline.warm(self.recommender.state.routing.versions)
+            except Exception as exc:  # no routing yet: versions load on first use
+                logging.getLogger(__name__).warning("inline retrieval not warmed: %s", exc)
 
     def execute(self, requests):
         try:
@@ -57,7 +78,9 @@ class TritonPythonModel:
                 )
             except InputError as exc:
                 parsed.append(exc)
-        batch = self.recommender.run(parsed, self._retrieve)
+        if self.inline is not None:
+            self.inline.retain(self.recommender.state.routing.versions)
+        batch = self.recommender.run(parsed, self.retrieve)
 
         # ---- impression-log hook ------------------------------------------------------
         # Once per batch: every served (request_id, user_id, item_id, position, score,

@@ -1,0 +1,132 @@
+"""`recommend` running `retrieval`'s graph in its own process (`retrieval_call: inline`).
+
+On the cpu target `retrieval` is itself a Python model running model.onnx through
+onnxruntime, so a BLS call costs two more hops between processes for every batch
+(recommend stub -> server -> retrieval stub and back). Inline, each `recommend`
+instance holds one onnxruntime session per routed version and runs the graph on its
+own batch. `retrieval` stays loaded in Triton for batched clients, and it still
+decides which versions exist: `routing.json` only names versions Triton loaded, and
+this only loads versions `routing.json` names.
+
+The cost is memory: every `recommend` instance holds each routed version's item
+table once more (25.6 MB at 100k items, d=64; 256 MB at 1M).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from serving import repository as layout
+from serving.backend import RETRIEVAL_INPUTS, RetrievalRunner
+from training.snapshot import UserFeatures
+
+log = logging.getLogger(__name__)
+
+
+# A top-level `backend: "python"` line: what layout.config_target reads from the parsed
+# config. Scanned as text because the gpu image has no protobuf/tritonclient to parse with.
+_PYTHON_BACKEND = re.compile(r'^backend:\s*"python"\s*$', re.MULTILINE)
+
+
+def resolve_retrieval_call(mode: str, repo: str | Path) -> str:
+    """`auto` -> "inline" when `retrieval` is a Python model (cpu target), else "bls".
+
+    Decided where the stub starts rather than at export, so a repository re-exported for
+    the other target (with tuned configs kept) still gets the right mode.
+    """
+    if mode != "auto":
+        return mode
+    try:
+        text = (Path(repo) / layout.RETRIEVAL / layout.CONFIG_FILE).read_text()
+    except FileNotFoundError:
+        return "bls"  # nothing exported yet: BLS fails per request with Triton's reason
+    return "inline" if _PYTHON_BACKEND.search(text) else "bls"
+
+
+def inline_threads(instances: int) -> int:
+    """Intra-op threads per instance when not set: the cores shared among the instances.
+
+    onnxruntime's own default (one thread per core) in every instance oversubscribes the
+    cores as soon as two instances run the graph at once; 2 instances x 1 thread beat
+    2 x 2 on 2 cores (loadtest/RESULTS.md, step 3).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, instances))
+
+
+class InlineRetrieval:
+    """`retrieve(version, features)` for serving.recommender, without a BLS call."""
+
+    def __init__(
+        self, repo: str | Path, *, intra_op_threads: int = 0, allow_spinning: bool = False
+    ):
+        self.repo = Path(repo)
+        self.intra_op_threads = int(intra_op_threads)
+        self.allow_spinning = bool(allow_spinning)
+        self._runners: dict[int, RetrievalRunner] = {}
+        # A Python model instance runs one execute() at a time, but `warm` may run on a
+        # background thread while the first requests arrive.
+        self._lock = threading.Lock()
+
+    def runner(self, version: int) -> RetrievalRunner:
+        r = self._runners.get(version)
+        if r is None:
+            with self._lock:
+                r = self._runners.get(version)
+                if r is None:
+                    r = RetrievalRunner(
+                        layout.version_dir(self.repo, version),
+                        intra_op_threads=self.intra_op_threads,
+                        allow_spinning=self.allow_spinning,
+                    )
+                    self._runners[version] = r
+                    log.info("inline retrieval: loaded version %d", version)
+        return r
+
+    def __call__(self, version: int, features: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
+        runner = self.runner(version)
+        # Snapshot lookups are valid by construction; validating costs ~10 us a batch and
+        # turns a snapshot/graph mismatch into a clear error instead of a wrong answer.
+        feeds = runner.validate(
+            dict(
+                zip(
+                    RETRIEVAL_INPUTS,
+                    (features.user_index, features.user_cats, features.history),
+                    strict=True,
+                )
+            )
+        )
+        ((ids, scores),) = runner.run([feeds])
+        return ids, scores
+
+    def retain(self, versions: Iterable[int]) -> None:
+        """Drop the sessions of versions that left the routing (their memory goes with them)."""
+        keep = {int(v) for v in versions}
+        if self._runners.keys() <= keep:
+            return
+        with self._lock:
+            for v in list(self._runners):
+                if v not in keep:
+                    del self._runners[v]
+                    log.info("inline retrieval: released version %d", v)
+
+    def warm(self, versions: Iterable[int]) -> None:
+        """Load (and run once) the given versions so the first request pays no load."""
+        for v in versions:
+            try:
+                r = self.runner(int(v))
+                zeros = {n: np.zeros((1, w), dtype=np.int64) for n, w in r.widths.items()}
+                r.run([zeros])
+            except Exception as exc:  # a request will retry, fail and fall back as usual
+                log.warning("inline retrieval: version %s did not load: %s", v, exc)
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted(self._runners)
