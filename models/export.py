@@ -373,7 +373,7 @@ def _meta(
         "opset": cfg.opset,
         "k": k,
         "graph_k": graph_k,
-        "max_batch_size": cfg.retrieval.max_batch_size,
+        "max_batch_size": layout.capped_max_batch(cfg.retrieval, run.model.spec.n_items),
         "dims": {
             "n_user_cats": c,
             "history_len": h,
@@ -485,4 +485,7 @@ def routing_config(
         if layout.config_target(current) == target and layout.config_dims(current) == prod:
             return layout.with_versions(current, routing.versions)
         log.info("%s is for another target or dims: writing a fresh one", path)
-    return layout.retrieval_config(prod, target=target, versions=routing.versions, serving=serving)
+    n_items = max(int(layout.read_meta(repo, v)["bounds"]["n_items"]) for v in routing.versions)
+    return layout.retrieval_config(
+        prod, target=target, versions=routing.versions, serving=serving, n_items=n_items
+    )

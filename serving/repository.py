@@ -82,6 +82,11 @@ class RetrievalServing:
 
     # Big enough for `northstar recommend --all-users` batches; `recommend` chunks to it.
     max_batch_size: int = 1024
+    # The graph holds a (B, n_items) fp32 score matrix before TopK, so a big catalogue
+    # lowers max_batch_size to fit this many MB (B=256 at 1M items). At 1M items the batcher
+    # merged two 256-row requests into 512 (2 GB of scores): 0.66x the in-process ceiling,
+    # 1.05x with the cap (loadtest/RESULTS.md, step 3).
+    score_budget_mb: int = 1024
     # Batches the batcher aims for: a BLS call carries a whole recommend batch, and a
     # batch of 64 already runs near the in-process ceiling (DESIGN.md).
     preferred_batch_sizes: tuple[int, ...] = (64, 256)
@@ -99,6 +104,16 @@ class RetrievalServing:
 
 
 RETRIEVAL_CALLS = ("auto", "bls", "inline")
+
+
+def capped_max_batch(serving: RetrievalServing, n_items: int | None) -> int:
+    """serving.max_batch_size, lowered (to a power of two) to fit `score_budget_mb`."""
+    if not n_items:
+        return serving.max_batch_size
+    fits = max(1, (serving.score_budget_mb << 20) // (4 * int(n_items)))
+    if fits >= serving.max_batch_size:
+        return serving.max_batch_size
+    return 1 << (fits.bit_length() - 1)
 
 
 @dataclass(frozen=True)
@@ -299,15 +314,20 @@ def retrieval_config(
     target: Target,
     versions: Iterable[int],
     serving: RetrievalServing = RetrievalServing(),
+    n_items: int | None = None,
 ) -> mc.ModelConfig:
-    """`retrieval` for one target. Both targets serve the same model.onnx with the same I/O."""
+    """`retrieval` for one target. Both targets serve the same model.onnx with the same I/O.
+
+    `n_items` (the largest catalogue served) caps max_batch_size (capped_max_batch).
+    """
     mc = _pb()
     if target not in ("cpu", "gpu"):
         raise ValueError(f"target={target!r}; expected 'cpu' or 'gpu'")
     versions = sorted({int(v) for v in versions})
     if not versions:
         raise ValueError("retrieval_config: expected at least one version to serve")
-    cfg = mc.ModelConfig(name=RETRIEVAL, max_batch_size=serving.max_batch_size)
+    max_batch = capped_max_batch(serving, n_items)
+    cfg = mc.ModelConfig(name=RETRIEVAL, max_batch_size=max_batch)
     if target == "cpu":
         # pytriton's tritonserver has no onnxruntime backend: a Python model runs the graph.
         cfg.backend = "python"
@@ -334,13 +354,11 @@ def retrieval_config(
     cfg.output.add(name=OUTPUT_ITEM_IDS, data_type=i64, dims=[dims.k])
     cfg.output.add(name=OUTPUT_SCORES, data_type=f32, dims=[dims.k])
     db = cfg.dynamic_batching
-    db.preferred_batch_size.extend(
-        b for b in serving.preferred_batch_sizes if b <= serving.max_batch_size
-    )
+    db.preferred_batch_size.extend(b for b in serving.preferred_batch_sizes if b <= max_batch)
     db.max_queue_delay_microseconds = serving.max_queue_delay_us
     cfg.instance_group.add(count=serving.instances, kind=kind)
     for b in serving.warmup_batch_sizes:
-        if b > serving.max_batch_size:
+        if b > max_batch:
             continue
         w = cfg.model_warmup.add(name=f"zeros_batch_{b}", batch_size=b)
         for t in inputs:  # zeros are valid everywhere: row 0, category UNKNOWN, empty history

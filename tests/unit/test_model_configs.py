@@ -99,6 +99,29 @@ def test_gpu_target_can_ask_for_tensorrt_fp16():
     json.loads(layout.to_json(cfg))  # the repository API's load(config=...) form
 
 
+@pytest.mark.parametrize(
+    ("n_items", "max_batch", "preferred"),
+    [
+        (None, 1024, [64, 256]),
+        (100_000, 1024, [64, 256]),
+        (1_000_000, 256, [64, 256]),
+        (3_000_000, 64, [64]),
+        (10**9, 1, []),
+    ],
+)
+def test_a_big_catalogue_caps_the_batch_so_the_score_matrix_fits(n_items, max_batch, preferred):
+    # (B, n_items) fp32 scores live at once before TopK: B * n_items * 4 <= 1 GiB.
+    dims = layout.RetrievalDims(4, 20, 200)
+    cfg = _parse(
+        layout.to_pbtxt(layout.retrieval_config(dims, target="cpu", versions=[1], n_items=n_items))
+    )
+    assert cfg.max_batch_size == max_batch
+    assert list(cfg.dynamic_batching.preferred_batch_size) == preferred
+    assert all(w.batch_size <= max_batch for w in cfg.model_warmup)
+    if n_items and max_batch > 1:  # one row is the floor, whatever it costs
+        assert max_batch * n_items * 4 <= 1 << 30
+
+
 def test_bad_config_requests_are_refused():
     dims = layout.RetrievalDims(4, 20, 200)
     with pytest.raises(ValueError, match="target"):
