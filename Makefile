@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO ?= demo
 PRESET ?= demo
 
-.PHONY: venv demo test test-fast lint format loadtest bench soak clean
+.PHONY: venv demo test test-fast lint format loadtest bench soak gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,13 @@ bench: venv
 SOAK_SECONDS ?= 600
 soak: venv
 	$(NS) soak --duration $(SOAK_SECONDS) --out reports/soak $(SOAK_ARGS)
+
+## gpu-check: the retrieval graph's in-process ceiling on a CUDA GPU (torch fp32/fp16/bf16,
+## onnxruntime's CUDA provider where installed) -> reports/gpu/. Runs on the GPU machine's
+## own Python and torch (GPU_PYTHON), not the venv, whose torch is the CPU wheel.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m loadtest.gpu_ceiling --out reports/gpu $(GPU_ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
