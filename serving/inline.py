@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,24 +69,18 @@ class InlineRetrieval:
         self.repo = Path(repo)
         self.intra_op_threads = int(intra_op_threads)
         self.allow_spinning = bool(allow_spinning)
+        # A Python model instance runs one execute() at a time, so no locking here.
         self._runners: dict[int, RetrievalRunner] = {}
-        # A Python model instance runs one execute() at a time, but `warm` may run on a
-        # background thread while the first requests arrive.
-        self._lock = threading.Lock()
 
     def runner(self, version: int) -> RetrievalRunner:
         r = self._runners.get(version)
         if r is None:
-            with self._lock:
-                r = self._runners.get(version)
-                if r is None:
-                    r = RetrievalRunner(
-                        layout.version_dir(self.repo, version),
-                        intra_op_threads=self.intra_op_threads,
-                        allow_spinning=self.allow_spinning,
-                    )
-                    self._runners[version] = r
-                    log.info("inline retrieval: loaded version %d", version)
+            r = self._runners[version] = RetrievalRunner(
+                layout.version_dir(self.repo, version),
+                intra_op_threads=self.intra_op_threads,
+                allow_spinning=self.allow_spinning,
+            )
+            log.info("inline retrieval: loaded version %d", version)
         return r
 
     def __call__(self, version: int, features: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -109,13 +102,9 @@ class InlineRetrieval:
     def retain(self, versions: Iterable[int]) -> None:
         """Drop the sessions of versions that left the routing (their memory goes with them)."""
         keep = {int(v) for v in versions}
-        if self._runners.keys() <= keep:
-            return
-        with self._lock:
-            for v in list(self._runners):
-                if v not in keep:
-                    del self._runners[v]
-                    log.info("inline retrieval: released version %d", v)
+        for v in self._runners.keys() - keep:
+            del self._runners[v]
+            log.info("inline retrieval: released version %d", v)
 
     def warm(self, versions: Iterable[int]) -> None:
         """Load (and run once) the given versions so the first request pays no load."""
