@@ -32,7 +32,6 @@ from northstar.files import PRIVATE_FILE, private_dir, write_private
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 RETRAIN_LOCK_FILE = "retrain.lock"
-FILE_MODE = PRIVATE_FILE
 
 
 def empty_state() -> dict[str, Any]:
@@ -59,7 +58,7 @@ class Busy(RuntimeError):
 def file_lock(path: Path, *, blocking: bool = True) -> Iterator[None]:
     """fcntl.flock on `path`; the kernel drops it when the holder dies, even on kill -9."""
     private_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

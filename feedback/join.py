@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 
 from feedback.events import IMPRESSION, INTERACTION
 from feedback.sink import EventSource, open_source
-from northstar.files import atomic_write_text
+from northstar.files import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -612,9 +612,9 @@ def _write_table(path: Path, df: pd.DataFrame, schema: pa.Schema) -> None:
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _remove_run_files(out: Path, run: int) -> None:
@@ -627,14 +627,6 @@ def _remove_run_files(out: Path, run: int) -> None:
         if f.exists():
             log.warning("removing %s, left by an interrupted join run", f)
             f.unlink()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

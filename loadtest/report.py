@@ -98,9 +98,10 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     out = [head]
     for r in rows:
         rec, ret = r.get("recommend_avg_batch"), r.get("retrieval_avg_batch")
-        # ret 0: `recommend` ran the graph inline (serving/inline.py), no call reached it.
-        batch = f"{rec:.1f}/{ret:.1f}" if rec is not None and ret is not None else ""
-        batch = batch.replace("/0.0", "/–")
+        batch = ""
+        if rec is not None and ret is not None:
+            # ret 0: `recommend` ran the graph inline (serving/inline.py), no call reached it.
+            batch = f"{rec:.1f}/" + (f"{ret:.1f}" if ret else "–")
         out.append(
             [
                 f"({r['row']})",

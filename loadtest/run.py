@@ -81,30 +81,39 @@ def locust_command(
     return cmd + list(extra or []) + USER_CLASSES[protocol]
 
 
+def spawn_locust(cmd: list[str], out=None) -> subprocess.Popen:
+    """Locust in its own process group (its gevent workers go down with it), from the repo
+    root so that `-f loadtest/locustfile.py` resolves; output to `out` (a binary file)."""
+    return subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=str(HERE.parent),
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> int:
+    """SIGKILL Locust's process group and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
 def run_locust(cmd: list[str], *, timeout_s: float, log_path: Path | None = None) -> int:
     """Run Locust in its own process group; SIGKILL the group at the hard timeout."""
     out = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed below
     try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=str(HERE.parent),
-        )
+        proc = spawn_locust(cmd, out)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             log.error("locust still running after %.0f s: killing it", timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc)
             return TIMEOUT_EXIT
         except BaseException:  # Ctrl-C: take Locust down with us
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc)
             raise
     finally:
         if out:

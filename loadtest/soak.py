@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import threading
@@ -388,20 +387,15 @@ class _Locust:
         self.returncode: int | None = None
 
     def __enter__(self) -> _Locust:
-        from loadtest.run import HERE
+        from loadtest.run import spawn_locust
 
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=str(HERE.parent),
-        )
+        self.proc = spawn_locust(self.cmd, self._log)
         return self
 
     def __exit__(self, *exc) -> None:
+        from loadtest.run import kill_group
+
         proc = self.proc
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -409,9 +403,7 @@ class _Locust:
             self.returncode = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             log.error("locust did not stop within 60 s of SIGTERM: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            self.returncode = proc.wait()
+            self.returncode = kill_group(proc)
         self._log.close()
 
 

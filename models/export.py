@@ -470,7 +470,8 @@ def routing_config(
     With `keep_existing`, the repository's config.pbtxt is reused with the new version
     list when it is for the same target and dims (its other settings may be tuned).
     """
-    dims = {v: layout.RetrievalDims.from_meta(layout.read_meta(repo, v)) for v in routing.versions}
+    metas = {v: layout.read_meta(repo, v) for v in routing.versions}
+    dims = {v: layout.RetrievalDims.from_meta(m) for v, m in metas.items()}
     prod = dims[routing.production]
     for v, d in dims.items():
         if d != prod:
@@ -485,7 +486,7 @@ def routing_config(
         if layout.config_target(current) == target and layout.config_dims(current) == prod:
             return layout.with_versions(current, routing.versions)
         log.info("%s is for another target or dims: writing a fresh one", path)
-    n_items = max(int(layout.read_meta(repo, v)["bounds"]["n_items"]) for v in routing.versions)
+    n_items = max(int(m["bounds"]["n_items"]) for m in metas.values())
     return layout.retrieval_config(
         prod, target=target, versions=routing.versions, serving=serving, n_items=n_items
     )

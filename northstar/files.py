@@ -18,8 +18,8 @@ PRIVATE_DIR = 0o700
 PUBLIC_FILE = 0o644
 
 
-def fsync_dir(path: str | Path) -> None:
-    """A rename is durable only once its folder entry is on disk."""
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder: a rename is durable only once its folder entry is on disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -65,7 +65,7 @@ def atomic_write_text(path: str | Path, text: str, *, mode: int = PUBLIC_FILE) -
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 

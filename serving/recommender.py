@@ -76,6 +76,9 @@ class OnlineState:
         self._features: dict[int, _Watched] = {}
         self._meta: dict[int, dict] = {}
         self._checked = -float("inf")
+        # Called with the routed versions on every refresh: whoever holds per-version state
+        # (serving.inline's onnxruntime sessions) drops what left the routing, as below.
+        self.on_routing: list[Callable[[list[int]], None]] = []
 
     def refresh(self, force: bool = False) -> None:
         """stat() the files we depend on, at most once per `check_interval_s`."""
@@ -91,6 +94,8 @@ class OnlineState:
             for v in set(self._features) - set(routing.versions):
                 del self._features[v]
                 self._meta.pop(v, None)
+            for fn in self.on_routing:
+                fn(routing.versions)
         for w in self._features.values():
             w.get()
 

@@ -56,6 +56,7 @@ class TritonPythonModel:
                 or inline_threads(instances),
             )
             self.retrieve = self.inline
+            self.recommender.state.on_routing.append(self.inline.retain)
             try:  # the routed versions' sessions, before the first request needs them
                 self.recommender.begin()
                 self.inline.warm(self.recommender.state.routing.versions)
@@ -78,8 +79,6 @@ class TritonPythonModel:
                 )
             except InputError as exc:
                 parsed.append(exc)
-        if self.inline is not None:
-            self.inline.retain(self.recommender.state.routing.versions)
         batch = self.recommender.run(parsed, self.retrieve)
 
         # ---- impression-log hook ------------------------------------------------------
