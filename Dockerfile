@@ -20,9 +20,8 @@ RUN python3 -m pip install --no-cache-dir "numpy==1.26.4" "pandas==2.3.3"
 
 # The project modules the Python models import, and nothing else (no torch, no training).
 WORKDIR /opt/northstar
-COPY northstar/__init__.py northstar/files.py northstar/
-COPY models/__init__.py models/features.py models/
-COPY training/__init__.py training/schema.py training/snapshot.py training/
+COPY common/__init__.py common/files.py common/
+COPY models/__init__.py models/features.py models/onnx_session.py models/snapshot.py models/
 COPY serving/__init__.py serving/auth.py serving/backend.py serving/inline.py \
      serving/recommender.py serving/repository.py serving/routing.py serving/
 # Impression logging (recommend) and interaction ingest (the feedback model).

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from northstar import config as config_mod
+from common import config as config_mod
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ def canary_stage(cfg, server, root: Path) -> None:
     from canary.pipeline import RetrainConfig
     from canary.scenario import run_scenario
     from fairness.gates import GateConfig
-    from feedback.simulate import SimulateConfig
+    from simulator import SimulateConfig
     from training.train import TrainConfig
 
     print("\n=== 8. canary loop: retrain -> offline gates -> Triton canary -> promote/rollback ===")

@@ -9,7 +9,7 @@ With `auto`, the decision is applied:
     promote:  routing production = canary, canary = none; unload the old version after
     rollback: routing canary = none; unload the canary
 
-Each change loads first and rewrites routing.json second (`serving.server.deploy`), and
+Each change loads first and rewrites routing.json second (`serving.control.switch_routing`), and
 unloads only after `drain_s`, once `recommend` has re-read the routing, so no request
 ever meets an unloaded version.
 """
@@ -28,6 +28,7 @@ from canary import decide
 from canary.state import StateStore
 from canary.stats import msprt, srm_chi2, two_proportion_z
 from serving import repository as layout
+from serving.control import switch_routing
 from serving.routing import RoutingState
 
 log = logging.getLogger(__name__)
@@ -297,16 +298,7 @@ def rollback(
 def _apply(cfg: EvaluateConfig, repo: Path, new: RoutingState) -> None:
     """Load what `new` needs (keeping what the current routing uses), switch routing, wait
     for `recommend` to re-read it, then serve exactly `new`'s versions."""
-    if cfg.url:
-        from serving.server import deploy, load_versions
-
-        deploy(cfg.url, repo, new)
-        time.sleep(cfg.drain_s)
-        load_versions(cfg.url, repo, new.versions)
-    else:
-        base = layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
-        new.save(layout.routing_path(repo))
-        layout.write_config(repo, layout.with_versions(base, new.versions))
+    switch_routing(repo, new, url=cfg.url, drain_s=cfg.drain_s if cfg.url else None)
 
 
 def _aliases(cfg: EvaluateConfig, *, champion: str | None) -> None:

@@ -36,8 +36,9 @@ import pandas as pd
 from canary import decide
 from canary.state import Busy, StateStore, new_id
 from fairness.gates import GateConfig
-from models.export import ExportConfig
 from serving import repository as layout
+from serving.control import switch_routing
+from serving.publish import ExportConfig
 from serving.routing import RoutingState
 from training.train import TrainConfig
 
@@ -312,7 +313,7 @@ def _run_steps(cfg, store, rid, run_dir: Path, result: RetrainResult, ctx) -> No
 
     # ---- 5 export
     _step("export", result)
-    from models.export import export
+    from serving.publish import export
 
     try:
         export_run = run_dir / "run"
@@ -340,10 +341,8 @@ def _run_steps(cfg, store, rid, run_dir: Path, result: RetrainResult, ctx) -> No
         # A disk or copy fault after publishing: Triton must refuse the version.
         (ex.path / layout.ONNX_FILE).write_bytes(b"not an onnx graph")
 
-    # ---- 6 load (production + candidate; all or nothing)
-    _step("load", result)
-    from models.export import routing_config
-
+    # ---- 6 load (production + candidate; all or nothing), 7 route (the only write
+    # production's users can notice): one switch, which reports which of the two failed.
     new_routing = RoutingState(
         production=prod_version,
         canary=ex.version,
@@ -351,24 +350,9 @@ def _run_steps(cfg, store, rid, run_dir: Path, result: RetrainResult, ctx) -> No
         salt=ctx["routing"].salt,
     )
     try:
-        # Same I/O dims for every served version (raises otherwise); the retrieval config on
-        # disk (export's, or one tuned since) is kept, only its version set changes.
-        routing_config(repo, new_routing, cfg.target, ExportConfig().retrieval)
-        base = layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
-        if cfg.url:
-            from serving.server import load_versions
-
-            load_versions(cfg.url, repo, new_routing.versions, base_config=base)
+        switch_routing(repo, new_routing, url=cfg.url, progress=lambda s: _step(s, result))
     except Exception as exc:
-        raise StepError("load", exc) from exc
-
-    # ---- 7 route (the only write production's users can notice)
-    _step("route", result)
-    try:
-        new_routing.save(layout.routing_path(repo))
-        layout.write_config(repo, layout.with_versions(base, new_routing.versions))
-    except Exception as exc:
-        raise StepError("route", exc) from exc
+        raise StepError(result.step, exc) from exc
     ctx["routed"] = True
 
     # ---- 8 record
@@ -502,9 +486,9 @@ def serving_features(run: Path, base_data: str | Path, feedback: Path | None) ->
       rule cost the candidate ~0.6 CTR points whatever its weights. A seen set that follows
       the live log for every version would be serving's job (a known limit).
     """
+    from models.snapshot import FeatureSnapshot
     from training.run import FEATURES_FILE, load_run
     from training.schema import Dataset
-    from training.snapshot import FeatureSnapshot
 
     ds = Dataset.load(base_data)
     vocab = load_run(run).vocab

@@ -6,7 +6,7 @@
     (c) a candidate that is fine offline but serves a permuted item table (a training/
         serving skew: `fault="serving_skew"`) -> canary -> it loses online -> rolled back
 
-Traffic never stops: a background thread runs the closed-loop simulator (feedback.simulate)
+Traffic never stops: a background thread runs the closed-loop simulator (the `simulator` package)
 in small batches while versions load, routing changes, versions are promoted, rolled back
 and unloaded; every batch must see zero failed requests. Labels are joined between batches
 (the traffic pauses for the join only, so every click of a joined impression is in).
@@ -37,7 +37,7 @@ class Traffic:
         self.lock = threading.Lock()  # held for one whole batch (requests + clicks sent)
         self.reports: list = []
         # One memory for the whole run: a user who clicked an item rarely clicks it again.
-        from feedback.simulate import ClickMemory
+        from simulator import ClickMemory
 
         self.memory = ClickMemory()
         self.errors: list[str] = []
@@ -45,7 +45,7 @@ class Traffic:
         self._thread = threading.Thread(target=self._loop, name="traffic", daemon=True)
 
     def _loop(self) -> None:
-        from feedback.simulate import simulate
+        from simulator import simulate
 
         i = 0
         while not self._stop.is_set():

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from northstar.files import PRIVATE_FILE, private_dir, write_private
+from common.files import PRIVATE_FILE, private_dir, write_private
 
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"

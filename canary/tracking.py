@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from northstar.files import private_dir
+from common.files import private_dir
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _audit(args) -> int:
     import dataclasses
 
+    from common import config as config_mod
     from fairness.audit import AuditConfig, load_audit, run_audit
     from fairness.gates import GateConfig, check_gates, compare
     from fairness.report import write_report
-    from northstar import config as config_mod
 
     gates = config_mod.load(GateConfig, args.gates, section="gates")
     cfg = AuditConfig(

@@ -2,7 +2,7 @@
 
 A gate reads only an AuditResult (and optionally a baseline AuditResult), so a canary
 retrain can gate on audits made minutes or months apart, from runs or from served versions.
-Load thresholds with `northstar.config.load(GateConfig, "gates.toml", section="gates")`; a
+Load thresholds with `common.config.load(GateConfig, "gates.toml", section="gates")`; a
 gate set to "none" in the file is off.
 """
 

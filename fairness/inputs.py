@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from training.schema import USER_CATEGORICALS, Dataset
+from models.features import USER_CATEGORICALS
+from training.schema import Dataset
 
 if TYPE_CHECKING:
     from training.run import Run
@@ -95,7 +96,7 @@ def make_audit_input(
 
 def load_split(run: Run, data: str):
     """The run's own time split of `data`: (dataset, split, train_df), as training made it."""
-    from northstar import config as config_mod
+    from common import config as config_mod
     from training.train import TrainConfig, load_training_data
 
     cfg = config_mod.build(TrainConfig, {**run.meta["train"], "data": data})

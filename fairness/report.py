@@ -16,11 +16,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from common.figures import img_tag, png_base64
 from fairness.audit import AuditResult
 from fairness.exposure import POPULARITY_BUCKETS
 from fairness.gates import GateResult
 from fairness.groups import GroupTable
-from northstar.figures import img_tag, png_base64
 
 AUDIT_FILE = "audit.json"
 GATES_FILE = "gates.json"

@@ -55,9 +55,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common.files import atomic_write_text, fsync_path
 from feedback.events import IMPRESSION, INTERACTION
 from feedback.sink import EventSource, open_source
-from northstar.files import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 

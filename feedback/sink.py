@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from common.files import PRIVATE_FILE
 from feedback.events import (
     DEFAULT_MAX_FUTURE_S,
     IMPRESSION,
@@ -44,7 +45,6 @@ from feedback.events import (
     Columns,
     validate,
 )
-from northstar.files import PRIVATE_FILE
 
 # The env var through which serving/server.py tells Triton models where the log is.
 EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"

@@ -161,7 +161,7 @@ def _batch_rows(b) -> int:
 
 
 def measure_onnx(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
-    from serving.backend import onnx_session
+    from models.onnx_session import onnx_session
 
     session = onnx_session(
         layout.version_dir(br.repo, br.version) / layout.ONNX_FILE,
@@ -186,7 +186,8 @@ def measure_faiss(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
     from models.export import build_retrieval
     from training.run import load_run
 
-    module = build_retrieval(load_run(br.run), br.graph_k)
+    run = load_run(br.run)
+    module = build_retrieval(run.model, run.vocab.item_ids, br.graph_k)
     items = np.ascontiguousarray(module.item_embeddings.numpy(), dtype=np.float32)  # (N, d)
     with torch.inference_mode():
         queries = [
@@ -441,8 +442,8 @@ def _cpu_model() -> str:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every row for every size; write bench.json/.png/.html; return the result."""
+    from common import config as config_mod
     from loadtest import report
-    from northstar import config as config_mod
 
     unknown = set(cfg.rows) - set("abcde")
     if unknown:

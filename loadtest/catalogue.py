@@ -73,7 +73,7 @@ def build(shape: CatalogueShape, cache: str | Path | None = None) -> BenchRepo:
 
 
 def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
-    from models.export import ExportConfig, export
+    from serving.publish import ExportConfig, export
     from serving.testing import build_tiny_run
 
     done = root / "built.json"
@@ -134,7 +134,7 @@ def write_serving_configs(
     Also refreshes the Python-backend code from model_repository/, so a cached repository
     serves the code of this checkout.
     """
-    from models.export import routing_config
+    from serving.control import routing_config
     from serving.routing import RoutingState
 
     repo = Path(repo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from northstar import config as config_mod
+from common import config as config_mod
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -72,7 +72,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def variant_config(base: BenchConfig, overrides: dict[str, str]) -> BenchConfig:
-    from northstar import config as config_mod
+    from common import config as config_mod
 
     values = config_mod.to_dict(base)
     for key, val in overrides.items():

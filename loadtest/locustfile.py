@@ -99,7 +99,7 @@ class Workload:
     """What every simulated user shares: the id sampler and, if known, the features."""
 
     sampler: object  # loadtest.users.UserSampler
-    snapshot: object | None  # training.snapshot.FeatureSnapshot: features for `retrieval`
+    snapshot: object | None  # models.snapshot.FeatureSnapshot: features for `retrieval`
 
     @classmethod
     def from_options(cls, options) -> Workload:

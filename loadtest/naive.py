@@ -30,7 +30,7 @@ import numpy as np
 @dataclass
 class NaiveRecommender:
     module: object  # models.retrieval.TwoTowerRetrieval, eval mode
-    snapshot: object  # training.snapshot.FeatureSnapshot
+    snapshot: object  # models.snapshot.FeatureSnapshot
     version: int
 
     @classmethod
@@ -38,16 +38,17 @@ class NaiveRecommender:
         import torch
 
         from models.export import build_retrieval
+        from models.snapshot import FeatureSnapshot
         from serving import repository as layout
         from serving.routing import RoutingState
         from training.run import load_run
-        from training.snapshot import FeatureSnapshot
 
         if threads > 0:
             torch.set_num_threads(threads)
         routing = RoutingState.load(layout.routing_path(repo))
         meta = layout.read_meta(repo, routing.production)
-        module = build_retrieval(load_run(run), int(meta["graph_k"]))
+        trained = load_run(run)
+        module = build_retrieval(trained.model, trained.vocab.item_ids, int(meta["graph_k"]))
         snapshot = FeatureSnapshot.load(layout.features_path(repo, routing.production))
         return cls(module, snapshot, routing.production)
 

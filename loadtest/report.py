@@ -14,7 +14,7 @@ import html
 import math
 from pathlib import Path
 
-from northstar.figures import img_tag
+from common.figures import img_tag
 
 B_OVER_A = 0.9
 C_OVER_A = 0.5

@@ -1,7 +1,7 @@
 """`northstar soak` (`make soak`): hours of production in minutes, then the verdict.
 
 Against one real tritonserver, for `duration_s`:
-  - the closed-loop simulator (feedback.simulate) sends requests and interactions, with
+  - the closed-loop simulator (the `simulator` package) sends requests and interactions, with
     retries, in batches; every batch is reconciled against the event log at the end;
   - Locust (gRPC + HTTP users: recommend, retrieval, feedback) logs every request;
   - one canary cycle runs under that load: join -> retrain -> offline gates -> canary in
@@ -182,8 +182,8 @@ class SoakReport:
 
 def _setup(cfg: SoakConfig, root: Path):
     """A world, a trained production model exported as version 1, and a live server."""
-    from models.export import ExportConfig, export
     from models.towers import TowerConfig
+    from serving.publish import ExportConfig, export
     from serving.server import ServerConfig, TritonServer
     from training.synth import SynthConfig, generate_dataset, save_world
     from training.train import TrainConfig, train
@@ -274,8 +274,8 @@ def _cycle(cfg: SoakConfig, root: Path, server, traffic, train_cfg, t0: float) -
 
 def run_soak(cfg: SoakConfig) -> SoakReport:
     from canary.scenario import Traffic
-    from feedback.simulate import SimulateConfig, reconcile_many
     from loadtest.run import locust_command
+    from simulator import SimulateConfig, reconcile_many
 
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)

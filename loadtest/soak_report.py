@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from northstar.figures import img_tag, png_base64
+from common.figures import img_tag, png_base64
 
 
 def _fmt(x, digits: int = 1) -> str:

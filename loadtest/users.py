@@ -80,9 +80,9 @@ def known_user_ids(
 
 def production_snapshot(repo: str | Path):
     """The online feature snapshot `recommend` uses for the production version."""
+    from models.snapshot import FeatureSnapshot
     from serving import repository as layout
     from serving.routing import RoutingState
-    from training.snapshot import FeatureSnapshot
 
     routing = RoutingState.load(layout.routing_path(repo))
     return FeatureSnapshot.load(layout.features_path(repo, routing.production))

@@ -1,83 +1,39 @@
-"""Export a trained run to the Triton model repository as a new `retrieval` version.
+"""Write a trained two-tower model as one ONNX retrieval graph, and prove it matches PyTorch.
 
-One ONNX graph: user tower -> MatMul against the item-embedding table (an
-initializer) -> TopK -> Gather of raw item ids. Before anything becomes
-visible, the graph must agree with PyTorch on real users from the run's
-feature snapshot and on a few cold users; a version that fails is never written.
-
-Writes are atomic: the version is assembled in a dot-folder inside
-`retrieval/` (Triton ignores non-numeric folders), fsynced, then renamed to
-its number in one step. Its online features go to `recommend/state/versions/<N>/`
-the same way. See serving/repository.py for the layout.
+One graph: user tower -> MatMul against the item-embedding table (an initializer)
+-> TopK -> Gather of raw item ids. `check_parity` runs it in onnxruntime beside the
+PyTorch module on real and cold users; publishing a version that passed into the
+model repository is `serving.publish`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
 import logging
-import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from models.features import (
     INPUT_HISTORY,
+    INPUT_NAMES,
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
-    OUTPUT_ITEM_IDS,
-    OUTPUT_SCORES,
+    OUTPUT_NAMES,
     FeatureSpec,
 )
+from models.onnx_session import onnx_session
 from models.retrieval import TwoTowerRetrieval
-from serving import repository as layout
-from serving.backend import onnx_session
-from serving.routing import RoutingState
-from training.run import FEATURES_FILE, VOCAB_FILE, Run, load_run
-from training.snapshot import FeatureSnapshot, UserFeatures
+from models.snapshot import FeatureSnapshot, UserFeatures
+from models.towers import TwoTower
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = [INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY]
-OUTPUT_NAMES = [OUTPUT_ITEM_IDS, OUTPUT_SCORES]
 # A protobuf cannot exceed 2 GB; bigger catalogues keep their tensors in model.onnx.data.
 _EXTERNAL_DATA_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    run: str = "runs/demo"
-    repo: str = "model_repository"
-    target: Literal["cpu", "gpu"] = "cpu"  # cpu: Python backend + onnxruntime; gpu: native ORT
-    k: int = 100  # the largest k `recommend` serves (capped at the catalogue size)
-    # The graph returns k + overfetch candidates so that k remain after removing the
-    # items a user has already seen; a user who saw more of them gets a padded answer.
-    overfetch: int = 100
-    opset: int = 18  # onnxruntime 1.19 (Triton 24.10's ORT backend) reads up to opset 21
-    exporter: Literal["dynamo", "legacy"] = "dynamo"  # legacy is the fallback if dynamo fails
-    parity_users: int = 256  # real users from the snapshot, sampled
-    parity_cold_users: int = 16  # raw ids absent from the snapshot: hashed rows, no history
-    score_atol: float = 1e-4  # fp32 scores of the same item, torch vs onnxruntime
-    tie_atol: float = 1e-5  # two items this close may swap ranks
-    seed: int = 0
-    # Route all traffic to the new version (rewrite routing.json). The retrain pipeline
-    # passes False and starts a canary itself (serving.server.deploy).
-    promote: bool = True
-    # A running server's gRPC address: with it, promotion loads the version in Triton
-    # before routing.json moves traffic. Without it, only files change (a restart serves it).
-    url: str | None = None
-    retrieval: layout.RetrievalServing = field(default_factory=layout.RetrievalServing)
-    recommend: layout.RecommendServing = field(default_factory=layout.RecommendServing)
-    # keep: config.pbtxt files already in the repository (same target and dims) keep their
-    # settings (hand tuning, exploration ε) and only their version list changes, so a
-    # scheduled retrain does not reset what an operator tuned; `retrieval`/`recommend`
-    # set to anything but their defaults still win. rewrite: always write both from them.
-    serving_configs: Literal["keep", "rewrite"] = "keep"
 
 
 class ParityError(RuntimeError):
@@ -96,87 +52,10 @@ class ParityReport:
     provider: str
 
 
-@dataclass(frozen=True)
-class ExportResult:
-    version: int
-    path: Path
-    k: int
-    graph_k: int
-    exporter: str
-    parity: ParityReport
-    routing: RoutingState
-
-
-def export(cfg: ExportConfig) -> ExportResult:
-    run = load_run(cfg.run)
-    if not run.features_path.exists():
-        raise FileNotFoundError(
-            f"{run.features_path}: the run has no online feature snapshot; expected "
-            f"{FEATURES_FILE} written by `northstar train`"
-        )
-    snapshot = FeatureSnapshot.load(run.features_path)
-    spec = run.model.spec
-    if cfg.k < 1 or cfg.overfetch < 0:
-        raise ValueError(f"export: k={cfg.k}, overfetch={cfg.overfetch}; expected k >= 1, >= 0")
-    if cfg.target not in ("cpu", "gpu") or cfg.exporter not in ("dynamo", "legacy"):
-        raise ValueError(
-            f"export: target={cfg.target!r}, exporter={cfg.exporter!r}; expected target cpu|gpu "
-            "and exporter dynamo|legacy"
-        )
-    if cfg.target == "gpu" and cfg.recommend.retrieval_call == "inline":
-        raise ValueError(
-            "export: recommend.retrieval_call='inline' with target='gpu'; expected 'bls' "
-            "(inline runs retrieval on recommend's CPU instances, away from the GPU)"
-        )
-    k = min(cfg.k, spec.n_items)
-    graph_k = min(cfg.k + cfg.overfetch, spec.n_items)
-    module = build_retrieval(run, graph_k)
-    repo = layout.init_repository(cfg.repo)
-
-    staging = layout.make_staging_dir(layout.retrieval_dir(repo), "export")
-    try:
-        exporter = export_onnx(
-            module, spec, staging / layout.ONNX_FILE, opset=cfg.opset, exporter=cfg.exporter
-        )
-        users = parity_user_ids(snapshot, cfg.parity_users, cfg.parity_cold_users, cfg.seed)
-        report = check_parity(
-            module,
-            staging / layout.ONNX_FILE,
-            snapshot.lookup(users),
-            users,
-            score_atol=cfg.score_atol,
-            tie_atol=cfg.tie_atol,
-            prefer_gpu=cfg.target == "gpu",
-        )
-        shutil.copyfile(
-            layout.SOURCE_REPO / layout.RETRIEVAL / layout.BACKEND_FILE,
-            staging / layout.BACKEND_FILE,
-        )
-        meta = _meta(cfg, run, k, graph_k, exporter, report)
-        version = _publish_version(repo, staging, meta)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish_features(repo, version, run)
-    routing = _route(cfg, repo, version)
-    log.info(
-        "exported %s as %s/%d (k=%d, graph k=%d, %s exporter); max |Δscore| %.2e",
-        run.path,
-        layout.retrieval_dir(repo),
-        version,
-        k,
-        graph_k,
-        exporter,
-        report.max_score_diff,
-    )
-    return ExportResult(
-        version, layout.version_dir(repo, version), k, graph_k, exporter, report, routing
-    )
-
-
-def build_retrieval(run: Run, graph_k: int) -> TwoTowerRetrieval:
-    raw_ids = torch.as_tensor(run.vocab.item_ids, dtype=torch.long)
-    return TwoTowerRetrieval.from_two_tower(run.model, raw_ids, graph_k).eval()
+def build_retrieval(model: TwoTower, item_ids: np.ndarray, graph_k: int) -> TwoTowerRetrieval:
+    """The inference module export writes: `model`'s towers over the catalogue `item_ids`."""
+    raw_ids = torch.as_tensor(np.asarray(item_ids), dtype=torch.long)
+    return TwoTowerRetrieval.from_two_tower(model, raw_ids, graph_k).eval()
 
 
 def _sample_inputs(spec: FeatureSpec, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -209,8 +88,8 @@ def export_onnx(
                     module,
                     args,
                     dynamo=True,
-                    input_names=INPUT_NAMES,
-                    output_names=OUTPUT_NAMES,
+                    input_names=list(INPUT_NAMES),
+                    output_names=list(OUTPUT_NAMES),
                     dynamic_shapes=tuple({0: batch} for _ in INPUT_NAMES),
                     opset_version=opset,
                     verbose=False,
@@ -227,9 +106,9 @@ def export_onnx(
             args,
             str(path),
             dynamo=False,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES},
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
             opset_version=min(opset, 17),
         )
     return "legacy"
@@ -355,138 +234,5 @@ def check_parity(
 
 
 def run_onnx(session, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    ids, scores = session.run(OUTPUT_NAMES, feeds)
+    ids, scores = session.run(list(OUTPUT_NAMES), feeds)
     return ids, scores
-
-
-def _meta(
-    cfg: ExportConfig, run: Run, k: int, graph_k: int, exporter: str, report: ParityReport
-) -> dict:
-    spec = run.model.spec
-    c, h = len(spec.user_cat_cardinalities), spec.history_len
-    return {
-        "version": None,  # filled in when the number is claimed
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "run": str(run.path.resolve()),
-        "target": cfg.target,
-        "exporter": exporter,
-        "opset": cfg.opset,
-        "k": k,
-        "graph_k": graph_k,
-        "max_batch_size": layout.capped_max_batch(cfg.retrieval, run.model.spec.n_items),
-        "dims": {
-            "n_user_cats": c,
-            "history_len": h,
-            "graph_k": graph_k,
-            "embedding_dim": run.model.cfg.out_dim,
-        },
-        "bounds": {
-            "user_rows": spec.user_rows,
-            "n_items": spec.n_items,
-            "user_cat_cardinalities": list(spec.user_cat_cardinalities),
-        },
-        "inputs": {
-            INPUT_USER_INDEX: ["INT64", [-1, 1]],
-            INPUT_USER_CATS: ["INT64", [-1, c]],
-            INPUT_HISTORY: ["INT64", [-1, h]],
-        },
-        "outputs": {
-            OUTPUT_ITEM_IDS: ["INT64", [-1, graph_k]],
-            OUTPUT_SCORES: ["FP32", [-1, graph_k]],
-        },
-        "parity": asdict(report),
-    }
-
-
-def _publish_version(repo: Path, staging: Path, meta: dict) -> int:
-    """Claim the next free number by renaming the staging folder onto it."""
-    for _ in range(100):
-        versions = layout.list_versions(repo)
-        version = (versions[-1] if versions else 0) + 1
-        meta = {**meta, "version": version}
-        (staging / layout.META_FILE).write_text(json.dumps(meta, indent=1))
-        try:
-            layout.publish_dir(staging, layout.version_dir(repo, version))
-            return version
-        except FileExistsError:  # a concurrent export took the number; take the next one
-            continue
-    raise RuntimeError(f"{layout.retrieval_dir(repo)}: could not claim a version number")
-
-
-def _publish_features(repo: Path, version: int, run: Run) -> None:
-    target = layout.features_dir(repo, version)
-    staging = layout.make_staging_dir(target.parent, f"v{version}")
-    try:
-        shutil.copyfile(run.features_path, staging / layout.FEATURES_FILE)
-        for suffix in (".npz", ".json"):
-            src = (run.path / VOCAB_FILE).with_suffix(suffix)
-            shutil.copyfile(src, staging / src.name)
-        if target.exists():  # left by an export whose version folder was later deleted
-            shutil.rmtree(target)
-        layout.publish_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _route(cfg: ExportConfig, repo: Path, version: int) -> RoutingState:
-    path = layout.routing_path(repo)
-    current = RoutingState.load(path) if path.exists() else None
-    if cfg.promote or current is None:
-        routing = RoutingState(production=version, salt=current.salt if current else 0)
-    else:
-        routing = current
-    keep = cfg.serving_configs == "keep"
-    retrieval_cfg = routing_config(
-        repo,
-        routing,
-        cfg.target,
-        cfg.retrieval,
-        keep_existing=keep and cfg.retrieval == layout.RetrievalServing(),
-    )
-    rec_path = repo / layout.RECOMMEND / layout.CONFIG_FILE
-    if not (keep and cfg.recommend == layout.RecommendServing() and rec_path.exists()):
-        layout.write_config(repo, layout.recommend_config(cfg.recommend))
-    if cfg.url and (cfg.promote or current is None):
-        from serving.server import deploy  # a client is only needed for a live server
-
-        deploy(cfg.url, repo, routing, retrieval_cfg=retrieval_cfg)
-    else:
-        layout.write_config(repo, retrieval_cfg)
-        routing.save(path)
-    return routing
-
-
-def routing_config(
-    repo: Path,
-    routing: RoutingState,
-    target: str,
-    serving: layout.RetrievalServing,
-    *,
-    keep_existing: bool = False,
-):
-    """The retrieval config serving `routing.versions`; they must share I/O dims.
-
-    With `keep_existing`, the repository's config.pbtxt is reused with the new version
-    list when it is for the same target and dims (its other settings may be tuned).
-    """
-    metas = {v: layout.read_meta(repo, v) for v in routing.versions}
-    dims = {v: layout.RetrievalDims.from_meta(m) for v, m in metas.items()}
-    prod = dims[routing.production]
-    for v, d in dims.items():
-        if d != prod:
-            raise ValueError(
-                f"retrieval version {v} has dims {d} but production {routing.production} has "
-                f"{prod}; versions served side by side share one config.pbtxt, so they must "
-                "share history length, category count and K"
-            )
-    path = repo / layout.RETRIEVAL / layout.CONFIG_FILE
-    if keep_existing and path.exists():
-        current = layout.read_config(path)
-        if layout.config_target(current) == target and layout.config_dims(current) == prod:
-            return layout.with_versions(current, routing.versions)
-        log.info("%s is for another target or dims: writing a fresh one", path)
-    n_items = max(int(m["bounds"]["n_items"]) for m in metas.values())
-    return layout.retrieval_config(
-        prod, target=target, versions=routing.versions, serving=serving, n_items=n_items
-    )

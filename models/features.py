@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.schema import ITEM_CATEGORICALS, USER_CATEGORICALS
+# Categorical user attributes that feed the user tower and the fairness audit.
+# `occupation` exists only where the source has it (MovieLens); synth fills "unknown".
+USER_CATEGORICALS = ("gender", "age_bucket", "activity", "occupation")
+ITEM_CATEGORICALS = ("genre", "provider")
 
 # The names and dims of the `retrieval` graph; config.pbtxt files and clients read these.
 INPUT_USER_INDEX = "user_index"  # INT64 [B, 1]
@@ -24,6 +27,8 @@ INPUT_USER_CATS = "user_cats"  # INT64 [B, C]
 INPUT_HISTORY = "history"  # INT64 [B, H]; dense item index + 1, 0 = padding
 OUTPUT_ITEM_IDS = "item_ids"  # INT64 [B, K]; raw item ids
 OUTPUT_SCORES = "scores"  # FP32 [B, K]; cosine similarity, descending
+INPUT_NAMES = (INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY)
+OUTPUT_NAMES = (OUTPUT_ITEM_IDS, OUTPUT_SCORES)
 
 UNKNOWN = "unknown"
 

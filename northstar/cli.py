@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "serving.cli",
     "feedback.cli",
     "fairness.cli",
+    "simulator.cli",
     "loadtest.cli",
     "canary.cli",
     "northstar.demo",

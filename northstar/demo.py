@@ -35,8 +35,8 @@ def _banner(title: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from models.export import ExportConfig, export
     from serving.client import RecommenderClient
+    from serving.publish import ExportConfig, export
     from serving.server import ServerConfig, TritonServer
     from training.evaluate import format_table
     from training.run import METRICS_FILE
@@ -109,7 +109,7 @@ def feedback_stage(cfg: DemoConfig, server, root: Path) -> None:
     """Simulated users click by the world's ground truth; join; north-star table."""
     from feedback.join import JoinConfig, read_labels, run_join
     from feedback.metrics import compute_metrics, format_metrics
-    from feedback.simulate import SimulateConfig, simulate
+    from simulator import SimulateConfig, simulate
 
     _banner("6. closed loop: simulated traffic -> event log -> join -> north-star metric")
     sim = SimulateConfig(

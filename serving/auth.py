@@ -31,7 +31,7 @@ import stat
 import sys
 from pathlib import Path
 
-from northstar.files import write_private
+from common.files import write_private
 
 HEADER = "northstar-admin-key"  # gRPC metadata keys must be lower case
 GRPC_PREFIX = "triton-grpc-protocol-"  # Triton's gRPC frontend prepends this to HEADER

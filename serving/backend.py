@@ -7,21 +7,18 @@ Triton tensors to numpy and errors to `pb_utils.TritonError`, and call this.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from models.features import (
     INPUT_HISTORY,
+    INPUT_NAMES,
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
-    OUTPUT_ITEM_IDS,
-    OUTPUT_SCORES,
+    OUTPUT_NAMES,
 )
-
-RETRIEVAL_INPUTS = (INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY)
-RETRIEVAL_OUTPUTS = (OUTPUT_ITEM_IDS, OUTPUT_SCORES)
+from models.onnx_session import onnx_session
 
 
 class InputError(ValueError):
@@ -92,39 +89,6 @@ def _raise_int_matrix_error(name, arr, width, dtype, low, high, what, rows) -> n
     return arr
 
 
-def onnxruntime_providers(prefer_gpu: bool) -> list[str]:
-    """CUDA only when asked for, built in, and a GPU is actually visible; else the CPU."""
-    import onnxruntime as ort
-
-    if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_visible():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def _gpu_visible() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "x") in ("", "-1"):
-        return False
-    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
-
-
-def onnx_session(
-    path: str | Path,
-    *,
-    intra_op_threads: int = 0,
-    allow_spinning: bool = False,
-    prefer_gpu: bool = False,
-):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = int(intra_op_threads)
-    so.inter_op_num_threads = 1  # the graph is one chain: no parallel branches to run
-    so.add_session_config_entry("session.intra_op.allow_spinning", str(int(allow_spinning)))
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=onnxruntime_providers(prefer_gpu))
-
-
 class RetrievalRunner:
     """One onnxruntime session over a version's model.onnx; many requests, one run."""
 
@@ -159,7 +123,7 @@ class RetrievalRunner:
     def validate(self, feeds: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         rows = None
-        for name in RETRIEVAL_INPUTS:
+        for name in INPUT_NAMES:
             out[name] = check_int_matrix(
                 name,
                 feeds.get(name),
@@ -178,8 +142,8 @@ class RetrievalRunner:
         sizes = [f[INPUT_USER_INDEX].shape[0] for f in batch]
         feeds = {
             n: np.concatenate([f[n] for f in batch]) if len(batch) > 1 else batch[0][n]
-            for n in RETRIEVAL_INPUTS
+            for n in INPUT_NAMES
         }
-        ids, scores = self.session.run(list(RETRIEVAL_OUTPUTS), feeds)  # (ΣB, K) each
+        ids, scores = self.session.run(list(OUTPUT_NAMES), feeds)  # (ΣB, K) each
         cuts = np.cumsum(sizes)[:-1]
         return list(zip(np.split(ids, cuts), np.split(scores, cuts), strict=True))

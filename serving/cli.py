@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from northstar import config as config_mod
+from common import config as config_mod
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args) -> int:
-    from models.export import ExportConfig, export
+    from serving.publish import ExportConfig, export
 
     flags = [f"run={args.run}", f"repo={args.repo}"]
     flags += [

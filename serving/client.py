@@ -225,10 +225,10 @@ class RecommenderClient:
         """Interactions (click, watch, like) to the `feedback` model, on this connection.
 
         `events`: a DataFrame, dict of columns or list of feedback.events.Interaction.
-        Returns feedback.ingest_client.IngestResult: per-event accepted flag and reason.
+        Returns serving.ingest_client.IngestResult: per-event accepted flag and reason.
         Resending is safe: the log keeps an event_id once.
         """
-        from feedback.ingest_client import DEFAULT_RETRY, send_interactions
+        from serving.ingest_client import DEFAULT_RETRY, send_interactions
 
         return send_interactions(
             self,
@@ -377,9 +377,9 @@ def recommend_all_users(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from models.snapshot import FeatureSnapshot
     from serving.recommender import select_unseen
     from serving.routing import RoutingState
-    from training.snapshot import FeatureSnapshot
 
     if version is None:
         version = RoutingState.load(layout.routing_path(repo)).production

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.features import INPUT_NAMES
+from models.snapshot import UserFeatures
 from serving import repository as layout
-from serving.backend import RETRIEVAL_INPUTS, RetrievalRunner
-from training.snapshot import UserFeatures
+from serving.backend import RetrievalRunner
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class InlineRetrieval:
         feeds = runner.validate(
             dict(
                 zip(
-                    RETRIEVAL_INPUTS,
+                    INPUT_NAMES,
                     (features.user_index, features.user_cats, features.history),
                     strict=True,
                 )

@@ -26,10 +26,10 @@ import numpy as np
 
 from feedback.explore import rank_with_exploration
 from feedback.ids import uuid7_batch
+from models.snapshot import FeatureSnapshot, UserFeatures
 from serving import repository as layout
 from serving.backend import InputError, check_int_matrix
 from serving.routing import RoutingState
-from training.snapshot import FeatureSnapshot, UserFeatures
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from common.files import atomic_write_text, fsync_path, private_dir
 from models.features import (
     INPUT_HISTORY,
     INPUT_USER_CATS,
@@ -41,7 +42,6 @@ from models.features import (
     OUTPUT_ITEM_IDS,
     OUTPUT_SCORES,
 )
-from northstar.files import atomic_write_text, fsync_path, private_dir
 
 RETRIEVAL = "retrieval"
 RECOMMEND = "recommend"

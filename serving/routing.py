@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import write_private
 from models.features import hash_bucket
-from northstar.files import write_private
 
 ROUTING_FILE = "routing.json"
 

@@ -9,7 +9,7 @@ version. Running it directly needs three things (DESIGN.md, measured here):
 
 The server runs in explicit model-control mode: it loads `retrieval` and
 `recommend` at start, and after that only what the repository API asks for
-(`load_versions`, `deploy`), so a half-exported version never goes live.
+(`serving.control`), so a half-exported version never goes live.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from serving import auth
 from serving import repository as layout
+from serving.control import ServerError, load_versions, ready_versions
 from serving.routing import RoutingState
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 PORT_ATTEMPTS = 3
 _PORT_TAKEN = re.compile(r"already in use|address in use|failed to listen|failed to bind", re.I)
-
-
-class ServerError(RuntimeError):
-    """tritonserver failed to start or to load something; the message carries its log tail."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +298,7 @@ class TritonServer:
     def _restore_routing(self) -> RoutingState | None:
         """Serve what the durable routing says, whatever config.pbtxt lists.
 
-        deploy() writes routing.json before it persists the config's version list, so a
+        switch_routing() writes routing.json before it persists the config's version list, so a
         crash in between leaves a routed version that a restart would not load: every
         canary user would then get errors. Load it here, before anyone is told we are up.
         """
@@ -456,93 +452,3 @@ def serve_forever(server: TritonServer) -> int:
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------- repository API (explicit)
-
-
-def _grpc(url: str):
-    import tritonclient.grpc as grpcclient
-
-    return grpcclient.InferenceServerClient(url)
-
-
-def load_model(url: str, name: str, *, config=None) -> None:
-    """(Re)load `name`; with `config` (a ModelConfig) it overrides config.pbtxt for this load.
-
-    A failed reload leaves the model as it was: Triton keeps serving the old versions.
-    """
-    from tritonclient.utils import InferenceServerException
-
-    client = _grpc(url)
-    try:
-        client.load_model(
-            name,
-            config=None if config is None else layout.to_json(config),
-            headers=auth.headers(),
-        )
-    except InferenceServerException as exc:
-        raise ServerError(f"loading {name!r} failed: {exc.message()}") from exc
-    finally:
-        client.close()
-
-
-def unload_model(url: str, name: str) -> None:
-    client = _grpc(url)
-    try:
-        client.unload_model(name, headers=auth.headers())
-    finally:
-        client.close()
-
-
-def ready_versions(url: str, name: str = layout.RETRIEVAL) -> list[int]:
-    """Versions of `name` Triton reports READY (repository index)."""
-    client = _grpc(url)
-    try:
-        index = client.get_model_repository_index(headers=auth.headers(), as_json=True)
-        index = index.get("models", [])
-    finally:
-        client.close()
-    return sorted(
-        int(m["version"])
-        for m in index
-        if m.get("name") == name and m.get("state") == "READY" and m.get("version")
-    )
-
-
-def load_versions(url: str, repo: str | Path, versions: Iterable[int], *, base_config=None) -> None:
-    """Serve exactly `versions` of `retrieval` (version_policy: specific), all or nothing.
-
-    The config override only changes the version set; if any version fails to load
-    (a corrupt model.onnx, say) the call raises and the previous set keeps serving.
-    """
-    versions = sorted({int(v) for v in versions})
-    for v in versions:
-        if why := layout.incomplete_reasons(repo, v):
-            raise ServerError(
-                f"retrieval version {v} is incomplete (a half-finished export?): "
-                f"{'; '.join(why)}; nothing was loaded"
-            )
-    base = base_config or layout.read_config(Path(repo) / layout.RETRIEVAL / layout.CONFIG_FILE)
-    load_model(url, layout.RETRIEVAL, config=layout.with_versions(base, versions))
-    missing = set(versions) - set(ready_versions(url))
-    if missing:
-        raise ServerError(f"retrieval versions {sorted(missing)} are not ready after loading")
-
-
-def deploy(url: str, repo: str | Path, routing: RoutingState, *, retrieval_cfg=None) -> None:
-    """Move traffic to `routing` on a live server, safely.
-
-    1. load every version the new routing needs, keeping the ones the current routing
-       still sends users to (in-flight requests must not lose their version);
-    2. only then write routing.json: `recommend` picks it up within a second;
-    3. persist config.pbtxt with just the new routing's versions, for the next restart.
-    """
-    repo = Path(repo)
-    path = layout.routing_path(repo)
-    current = RoutingState.load(path) if path.exists() else None
-    base = retrieval_cfg or layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
-    keep = set(routing.versions) | set(current.versions if current else ())
-    load_versions(url, repo, keep, base_config=base)
-    routing.save(path)
-    layout.write_config(repo, layout.with_versions(base, routing.versions))

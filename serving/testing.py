@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from models.features import FeatureVocab
+from models.snapshot import FeatureSnapshot
 from models.towers import TowerConfig, TwoTower
 from training.run import FEATURES_FILE, save_run
-from training.snapshot import FeatureSnapshot
 
 TINY_TOWER = TowerConfig(id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8, dropout=0.0)
 
@@ -110,7 +110,7 @@ def world_repo(root: str | Path, *, k: int = 10, versions: int = 1, seed: int = 
     """The `tiny` synthetic world (saved in root/world, for the simulator), a world_run on
     its ids, and a model repository with `versions` exports of it (the first routed as
     production, the rest not routed). Returns (dataset, run, repo)."""
-    from models.export import ExportConfig, export
+    from serving.publish import ExportConfig, export
     from training.synth import SynthConfig, generate_dataset
 
     root = Path(root)
@@ -126,7 +126,7 @@ def world_repo(root: str | Path, *, k: int = 10, versions: int = 1, seed: int = 
 
 @functools.cache
 def _cached_export(k: int, overfetch: int):
-    from models.export import ExportConfig, export
+    from serving.publish import ExportConfig, export
 
     root = Path(tempfile.mkdtemp(prefix="northstar-tiny-export-"))
     atexit.register(shutil.rmtree, root, True)

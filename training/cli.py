@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from northstar import config as config_mod
+from common import config as config_mod
 
 
 def register(sub: argparse._SubParsersAction) -> None:

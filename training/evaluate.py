@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from models.features import FeatureVocab
+from models.snapshot import FeatureSnapshot
 from models.towers import TwoTower
 from training.metrics import coverage_at_k, hit_matrix, per_user_metrics
-from training.snapshot import FeatureSnapshot
 
 MAX_K = 100
 

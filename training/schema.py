@@ -16,10 +16,6 @@ USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
 
-# Categorical user attributes that feed the user tower and the fairness audit.
-# `occupation` exists only where the source has it (MovieLens); synth fills "unknown".
-USER_CATEGORICALS = ("gender", "age_bucket", "activity", "occupation")
-ITEM_CATEGORICALS = ("genre", "provider")
 
 EVENT_TYPES = ("view", "click", "watch", "like", "rating")
 

@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from models.features import FeatureVocab
 from models.loss import StreamingFrequencyEstimator
+from models.snapshot import FeatureSnapshot
 from models.task import TwoTowerTrainTask
 from models.towers import TowerConfig, TwoTower
 from training.data import TrainingExamples
 from training.evaluate import evaluate, format_table
 from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, atomic_write_text, save_run
 from training.schema import Dataset
-from training.snapshot import FeatureSnapshot
 from training.split import SplitConfig, split
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from serving.backend import RETRIEVAL_INPUTS, InputError, RetrievalRunner
+from models.features import INPUT_NAMES
+from serving.backend import InputError, RetrievalRunner
 
 
 def _error(message, code=None):
@@ -34,7 +35,7 @@ class TritonPythonModel:
         feeds, errors = [], {}
         for i, request in enumerate(requests):
             tensors = {}
-            for name in RETRIEVAL_INPUTS:
+            for name in INPUT_NAMES:
                 t = pb_utils.get_input_tensor_by_name(request, name)
                 tensors[name] = None if t is None else t.as_numpy()
             try:

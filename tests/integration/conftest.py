@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from models.export import ExportResult
 from serving import repository as layout
+from serving.publish import ExportResult
 from serving.server import ServerConfig, TritonServer
 from serving.testing import tiny_export
 

@@ -19,9 +19,9 @@ from canary.online import EvaluateConfig, rollback, status
 from canary.pipeline import RetrainConfig, collect, retrain, skew_item_table
 from fairness.gates import GateConfig
 from feedback.join import LABEL_SCHEMA
-from models.export import ExportConfig, export
 from models.towers import TowerConfig
 from serving import repository as layout
+from serving.publish import ExportConfig, export
 from serving.routing import RoutingState
 from training.run import load_run
 from training.schema import Dataset

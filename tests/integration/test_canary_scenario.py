@@ -29,12 +29,12 @@ from canary.pipeline import RetrainConfig, retrain
 from canary.scenario import Traffic, run_scenario
 from canary.state import StateStore
 from fairness.gates import GateConfig
-from feedback.simulate import SimulateConfig
-from models.export import ExportConfig, export
 from models.towers import TowerConfig
 from serving import repository as layout
+from serving.publish import ExportConfig, export
 from serving.routing import RoutingState
 from serving.server import ServerConfig, TritonServer, ready_versions
+from simulator import SimulateConfig
 from training.synth import SynthConfig, generate_dataset, save_world
 from training.train import TrainConfig, train
 

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from serving import auth
 from serving import repository as layout
 from serving.client import RecommenderClient
-from serving.server import ready_versions
+from serving.control import ready_versions
 
 pytestmark = pytest.mark.integration
 

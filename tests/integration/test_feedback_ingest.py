@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from feedback.events import INTERACTION
-from feedback.ingest_client import send_interactions
 from feedback.sink import EVENT_LOG_ENV, open_source
 from serving.client import RecommenderClient
+from serving.ingest_client import send_interactions
 from serving.server import ServerConfig, TritonServer
 
 pytestmark = pytest.mark.integration

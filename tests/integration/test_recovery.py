@@ -3,7 +3,7 @@ no acknowledged event lost, and the simulator rides through on retries.
 
 The server runs as `python -m northstar serve` (the command an operator runs), on fixed
 ports so clients reconnect to the same address. The canary is set on the live server
-with `deploy` (the durable state: routing.json + the persisted version list). Traffic is
+with `switch_routing` (the durable state: routing.json + the persisted version list). Traffic is
 the closed-loop simulator in a background thread, with a retry deadline long enough to
 outlast a restart; every batch it ran is reconciled against the event log afterwards.
 """
@@ -23,11 +23,12 @@ import psutil
 import pytest
 
 from canary.scenario import Traffic
-from feedback.simulate import SimulateConfig, reconcile_many
 from serving.client import RecommenderClient
+from serving.control import ready_versions, switch_routing
 from serving.routing import RoutingState
-from serving.server import deploy, free_port, ready_versions
+from serving.server import free_port
 from serving.testing import world_repo
+from simulator import SimulateConfig, reconcile_many
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -83,7 +84,7 @@ def test_kill_9_under_traffic_then_restart_restores_routing_and_loses_no_event(t
     first, pid, _ = _serve(cmd(1))
     second = None
     try:
-        deploy(url, repo, RoutingState(production=1, canary=2, canary_percent=50))
+        switch_routing(repo, RoutingState(production=1, canary=2, canary_percent=50), url=url)
         users = ds.users["user_id"].to_numpy()[:200]
         want = RoutingState(production=1, canary=2, canary_percent=50).version_for(users)
         deadline = time.monotonic() + 10  # recommend re-reads routing.json within a second

@@ -15,16 +15,16 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from models.export import ExportConfig, export
+from models.onnx_session import onnx_session
+from models.snapshot import FeatureSnapshot
 from serving import repository as layout
-from serving.backend import onnx_session
 from serving.client import AsyncRecommenderClient, RecommenderClient
+from serving.control import ServerError, load_versions, switch_routing
 from serving.inline import resolve_retrieval_call
+from serving.publish import ExportConfig, export
 from serving.recommender import select_unseen
 from serving.routing import RoutingState
-from serving.server import ServerError, deploy, load_versions
 from serving.testing import build_tiny_run
-from training.snapshot import FeatureSnapshot
 
 pytestmark = pytest.mark.integration
 
@@ -296,12 +296,12 @@ def test_canary_serves_a_hashed_share_of_users_without_downtime(served_each, tmp
     assert 0 < (want == res.version).sum() < len(users)
     with _traffic(served) as errors:  # Triton reloads `retrieval` under load: nobody notices
         try:
-            deploy(served.grpc_url, served.repo, canary)
+            switch_routing(served.repo, canary, url=served.grpc_url)
             with RecommenderClient(served.grpc_url) as client:
                 got = _versions_when(client, users, want)
             np.testing.assert_array_equal(got, want)
         finally:
-            deploy(served.grpc_url, served.repo, prod)
+            switch_routing(served.repo, prod, url=served.grpc_url)
         with RecommenderClient(served.grpc_url) as client:
             back = _versions_when(client, users, np.full(len(users), served.version))
     assert set(back.tolist()) == {served.version}

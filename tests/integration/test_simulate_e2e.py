@@ -11,12 +11,12 @@ import pytest
 
 from feedback.join import read_labels
 from feedback.metrics import compute_metrics
-from feedback.simulate import SimulateConfig, reconcile, simulate
 from feedback.sink import EVENT_LOG_ENV, open_source
 from serving import repository as layout
 from serving.client import RecommenderClient
 from serving.server import ServerConfig, TritonServer
 from serving.testing import world_repo
+from simulator import SimulateConfig, reconcile, simulate
 
 pytestmark = pytest.mark.integration
 

@@ -37,7 +37,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    from northstar.config import build
+    from common.config import build
 
     return build(TrainConfig, {**TINY_TRAIN, "data": str(data), "out": str(out), **kw})
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from northstar.files import atomic_write_text, private_dir, write_private
+from common.files import atomic_write_text, private_dir, write_private
 from serving import auth
 from serving.routing import RoutingState
 

@@ -9,9 +9,9 @@ import torch
 
 from canary.pipeline import serving_features
 from models.loss import StreamingFrequencyEstimator
+from models.snapshot import FeatureSnapshot
 from serving.testing import world_run
 from training.run import FEATURES_FILE
-from training.snapshot import FeatureSnapshot
 from training.synth import SynthConfig, generate_dataset
 from training.train import _prime_estimator
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from northstar.config import ConfigError, build, load
+from common.config import ConfigError, build, load
 
 
 @dataclass(frozen=True)

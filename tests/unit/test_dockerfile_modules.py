@@ -9,7 +9,18 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = {"models", "training", "serving", "feedback", "fairness", "northstar", "loadtest"}
+PROJECT = {
+    "common",
+    "models",
+    "training",
+    "feedback",
+    "fairness",
+    "serving",
+    "simulator",
+    "canary",
+    "loadtest",
+    "northstar",
+}
 
 
 def _imports(path: Path) -> set[str]:

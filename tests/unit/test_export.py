@@ -13,15 +13,18 @@ import pytest
 import torch
 
 import models.export as export_mod
-from models.export import ExportConfig, ParityError, build_retrieval, check_parity, export
+import serving.publish as publish_mod
+from models.export import ParityError, build_retrieval, check_parity
+from models.onnx_session import onnx_session
+from models.snapshot import FeatureSnapshot
 from serving import repository as layout
-from serving.backend import InputError, onnx_session
+from serving.backend import InputError
 from serving.inline import InlineRetrieval
+from serving.publish import ExportConfig, export
 from serving.recommender import OnlineState, Recommender, select_unseen
 from serving.routing import RoutingState
 from serving.testing import tiny_export
 from training.run import load_run
-from training.snapshot import FeatureSnapshot
 
 K, OVERFETCH = 10, 10
 
@@ -92,7 +95,7 @@ def test_onnx_graph_has_a_dynamic_batch_and_matches_torch(exported, tiny_run):
         n.op_type for n in graph.node
     }
     run = load_run(tiny_run)
-    module = build_retrieval(run, K + OVERFETCH)
+    module = build_retrieval(run.model, run.vocab.item_ids, K + OVERFETCH)
     snap = FeatureSnapshot.load(tiny_run / "features.npz")
     session = onnx_session(path)
     for b in (1, 37):
@@ -137,12 +140,13 @@ def test_export_refuses_a_graph_whose_weights_differ_from_torch(repo_copy, tiny_
     real = export_mod.export_onnx
 
     def corrupt_then_export(module, spec, path, **kw):
-        bad = build_retrieval(load_run(tiny_run), module.k)
+        other = load_run(tiny_run)
+        bad = build_retrieval(other.model, other.vocab.item_ids, module.k)
         with torch.no_grad():  # a weight changed between torch and onnx
             bad.user_tower.mlp[0].weight.mul_(-1.0)
         return real(bad, spec, path, **kw)
 
-    monkeypatch.setattr(export_mod, "export_onnx", corrupt_then_export)
+    monkeypatch.setattr(publish_mod, "export_onnx", corrupt_then_export)
     with pytest.raises(ParityError, match="refusing to write"):
         export(_cfg(tiny_run, repo, exporter="legacy"))
     _assert_nothing_written(repo, [1])
@@ -164,7 +168,7 @@ def test_export_refuses_scores_beyond_tolerance(repo_copy, tiny_run, monkeypatch
 
 def test_parity_allows_swaps_of_tied_items_only(tiny_run, tmp_path, monkeypatch):
     run = load_run(tiny_run)
-    module = build_retrieval(run, 20)
+    module = build_retrieval(run.model, run.vocab.item_ids, 20)
     snap = FeatureSnapshot.load(tiny_run / "features.npz")
     users = snap.user_ids
     feats = snap.lookup(users)
@@ -373,7 +377,7 @@ def test_online_state_forgets_versions_that_left_the_routing(repo_copy, tiny_run
 _DIE_AT = """
 import os, sys
 from serving import repository as layout
-from models.export import ExportConfig, export
+from serving.publish import ExportConfig, export
 real, calls = layout.publish_dir, []
 def publish(staging, target):
     calls.append(target)
@@ -411,7 +415,7 @@ def test_an_export_killed_before_its_rename_leaves_nothing_loadable(repo_copy, t
 
 
 def test_an_export_killed_before_its_features_is_refused_by_load(repo_copy, tiny_run):
-    from serving.server import ServerError, load_versions
+    from serving.control import ServerError, load_versions
 
     repo, _ = repo_copy
     _export_killed_at(tiny_run, repo, publish_call=2)  # version 2 published, features not

@@ -217,7 +217,7 @@ def test_gate_metric_must_exist():
 
 
 def test_gate_config_loads_from_toml(tmp_path):
-    from northstar.config import load
+    from common.config import load
 
     path = tmp_path / "gates.toml"
     path.write_text('[gates]\nmax_gap = 0.1\nattributes = ["gender"]\nmax_exposure_gini = "none"\n')

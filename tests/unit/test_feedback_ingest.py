@@ -12,8 +12,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from feedback.events import INTERACTION, EventError
 from feedback.hook import EVENT_LOG_PARAM, ImpressionLogger, event_log_location, impression_logger
 from feedback.ingest import INPUTS, OUTPUTS, RequestOutcome, ingest, parse_request
-from feedback.ingest_client import _tensor_array, as_columns
 from feedback.sink import EVENT_LOG_ENV, open_sink
+from serving.ingest_client import _tensor_array, as_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "model_repository" / "feedback" / "config.pbtxt"

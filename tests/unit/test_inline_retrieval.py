@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.export import ExportConfig, export
+from models.onnx_session import onnx_session
+from models.snapshot import FeatureSnapshot
 from serving import repository as layout
-from serving.backend import onnx_session
 from serving.inline import InlineRetrieval, inline_threads, resolve_retrieval_call
+from serving.publish import ExportConfig, export
 from serving.routing import RoutingState
 from serving.testing import tiny_export
-from training.snapshot import FeatureSnapshot
 
 K, OVERFETCH = 10, 10
 

@@ -13,7 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from feedback.hook import impression_logger
-from serving.backend import RETRIEVAL_INPUTS, RETRIEVAL_OUTPUTS, InputError
+from models.features import INPUT_NAMES, OUTPUT_NAMES
+from serving.backend import InputError
 from serving.inline import InlineRetrieval, inline_threads, resolve_retrieval_call
 from serving.recommender import ImpressionSink, Recommender, RequestResult
 
@@ -111,7 +112,7 @@ class TritonPythonModel:
         max_batch = int(self.recommender.state.meta(version)["max_batch_size"])
         feeds = dict(
             zip(
-                RETRIEVAL_INPUTS,
+                INPUT_NAMES,
                 (features.user_index, features.user_cats, features.history),
                 strict=True,
             )
@@ -126,7 +127,7 @@ class TritonPythonModel:
             response = pb_utils.InferenceRequest(
                 model_name=self.retrieval_model,
                 model_version=int(version),
-                requested_output_names=list(RETRIEVAL_OUTPUTS),
+                requested_output_names=list(OUTPUT_NAMES),
                 inputs=inputs,
             ).exec()
             if response.has_error():

@@ -1,6 +1,6 @@
 """Send interactions to the Triton `feedback` model, over gRPC or HTTP, with retries.
 
-    from feedback.ingest_client import send_interactions
+    from serving.ingest_client import send_interactions
     result = send_interactions("localhost:8001", events, protocol="grpc")
     result.accepted  # (n,) bool, in input order; result.reasons: "" or "field: problem"
 
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.retry import RetryPolicy, retrying
 from feedback.events import Interaction, to_columns
 from feedback.ids import uuid7_batch
 from feedback.ingest import INPUTS, MODEL_NAME, OUTPUTS
-from northstar.retry import RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
 

@@ -4,16 +4,10 @@ import numpy as np
 import pytest
 
 from feedback.metrics import compute_metrics
-from feedback.simulate import (
-    MALFORMED,
-    LocalRecommender,
-    SimulateConfig,
-    SinkSender,
-    reconcile,
-    reconcile_many,
-    simulate,
-)
 from feedback.sink import open_sink
+from simulator import SimulateConfig, reconcile, reconcile_many, simulate
+from simulator.config import MALFORMED
+from simulator.doubles import LocalRecommender, SinkSender
 from training.synth import SynthConfig, World
 
 
@@ -171,7 +165,7 @@ def test_reconcile_many_matches_one_by_one_and_catches_a_lost_event(world_dir, t
 def test_users_rarely_click_again_what_they_already_clicked(world_dir, tmp_path):
     """With a memory across calls, an item a user clicked is clicked again at
     rewatch_factor times the rate; the same slates without memory get their usual clicks."""
-    from feedback.simulate import ClickMemory
+    from simulator import ClickMemory
 
     def run(memory, factor, log):
         sink = open_sink(tmp_path / log)

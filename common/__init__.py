@@ -1,0 +1,1 @@
+"""Ground helpers every layer may use: durable files, retries, typed configs, figures."""

@@ -1,0 +1,238 @@
+"""Publish a trained run into the Triton model repository as a new `retrieval` version.
+
+The graph is written and parity-checked by `models.export`; a version that fails is
+never written. Writes are atomic: the version is assembled in a dot-folder inside
+`retrieval/` (Triton ignores non-numeric folders), fsynced, then renamed to its
+number in one step. Its online features go to `recommend/state/versions/<N>/` the
+same way. Routing then moves (or not) through `serving.control.switch_routing`.
+See serving/repository.py for the layout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from models.export import ParityReport, build_retrieval, check_parity, export_onnx, parity_user_ids
+from models.features import (
+    INPUT_HISTORY,
+    INPUT_USER_CATS,
+    INPUT_USER_INDEX,
+    OUTPUT_ITEM_IDS,
+    OUTPUT_SCORES,
+)
+from models.snapshot import FeatureSnapshot
+from serving import repository as layout
+from serving.control import routing_config, switch_routing
+from serving.routing import RoutingState
+from training.run import FEATURES_FILE, VOCAB_FILE, Run, load_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: str = "runs/demo"
+    repo: str = "model_repository"
+    target: Literal["cpu", "gpu"] = "cpu"  # cpu: Python backend + onnxruntime; gpu: native ORT
+    k: int = 100  # the largest k `recommend` serves (capped at the catalogue size)
+    # The graph returns k + overfetch candidates so that k remain after removing the
+    # items a user has already seen; a user who saw more of them gets a padded answer.
+    overfetch: int = 100
+    opset: int = 18  # onnxruntime 1.19 (Triton 24.10's ORT backend) reads up to opset 21
+    exporter: Literal["dynamo", "legacy"] = "dynamo"  # legacy is the fallback if dynamo fails
+    parity_users: int = 256  # real users from the snapshot, sampled
+    parity_cold_users: int = 16  # raw ids absent from the snapshot: hashed rows, no history
+    score_atol: float = 1e-4  # fp32 scores of the same item, torch vs onnxruntime
+    tie_atol: float = 1e-5  # two items this close may swap ranks
+    seed: int = 0
+    # Route all traffic to the new version (rewrite routing.json). The retrain pipeline
+    # passes False and starts a canary itself (serving.control.switch_routing).
+    promote: bool = True
+    # A running server's gRPC address: with it, promotion loads the version in Triton
+    # before routing.json moves traffic. Without it, only files change (a restart serves it).
+    url: str | None = None
+    retrieval: layout.RetrievalServing = field(default_factory=layout.RetrievalServing)
+    recommend: layout.RecommendServing = field(default_factory=layout.RecommendServing)
+    # keep: config.pbtxt files already in the repository (same target and dims) keep their
+    # settings (hand tuning, exploration ε) and only their version list changes, so a
+    # scheduled retrain does not reset what an operator tuned; `retrieval`/`recommend`
+    # set to anything but their defaults still win. rewrite: always write both from them.
+    serving_configs: Literal["keep", "rewrite"] = "keep"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    version: int
+    path: Path
+    k: int
+    graph_k: int
+    exporter: str
+    parity: ParityReport
+    routing: RoutingState
+
+
+def export(cfg: ExportConfig) -> ExportResult:
+    run = load_run(cfg.run)
+    if not run.features_path.exists():
+        raise FileNotFoundError(
+            f"{run.features_path}: the run has no online feature snapshot; expected "
+            f"{FEATURES_FILE} written by `northstar train`"
+        )
+    snapshot = FeatureSnapshot.load(run.features_path)
+    spec = run.model.spec
+    if cfg.k < 1 or cfg.overfetch < 0:
+        raise ValueError(f"export: k={cfg.k}, overfetch={cfg.overfetch}; expected k >= 1, >= 0")
+    if cfg.target not in ("cpu", "gpu") or cfg.exporter not in ("dynamo", "legacy"):
+        raise ValueError(
+            f"export: target={cfg.target!r}, exporter={cfg.exporter!r}; expected target cpu|gpu "
+            "and exporter dynamo|legacy"
+        )
+    if cfg.target == "gpu" and cfg.recommend.retrieval_call == "inline":
+        raise ValueError(
+            "export: recommend.retrieval_call='inline' with target='gpu'; expected 'bls' "
+            "(inline runs retrieval on recommend's CPU instances, away from the GPU)"
+        )
+    k = min(cfg.k, spec.n_items)
+    graph_k = min(cfg.k + cfg.overfetch, spec.n_items)
+    module = build_retrieval(run.model, run.vocab.item_ids, graph_k)
+    repo = layout.init_repository(cfg.repo)
+
+    staging = layout.make_staging_dir(layout.retrieval_dir(repo), "export")
+    try:
+        exporter = export_onnx(
+            module, spec, staging / layout.ONNX_FILE, opset=cfg.opset, exporter=cfg.exporter
+        )
+        users = parity_user_ids(snapshot, cfg.parity_users, cfg.parity_cold_users, cfg.seed)
+        report = check_parity(
+            module,
+            staging / layout.ONNX_FILE,
+            snapshot.lookup(users),
+            users,
+            score_atol=cfg.score_atol,
+            tie_atol=cfg.tie_atol,
+            prefer_gpu=cfg.target == "gpu",
+        )
+        shutil.copyfile(
+            layout.SOURCE_REPO / layout.RETRIEVAL / layout.BACKEND_FILE,
+            staging / layout.BACKEND_FILE,
+        )
+        meta = _meta(cfg, run, k, graph_k, exporter, report)
+        version = _publish_version(repo, staging, meta)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish_features(repo, version, run)
+    routing = _route(cfg, repo, version)
+    log.info(
+        "exported %s as %s/%d (k=%d, graph k=%d, %s exporter); max |Δscore| %.2e",
+        run.path,
+        layout.retrieval_dir(repo),
+        version,
+        k,
+        graph_k,
+        exporter,
+        report.max_score_diff,
+    )
+    return ExportResult(
+        version, layout.version_dir(repo, version), k, graph_k, exporter, report, routing
+    )
+
+
+def _meta(
+    cfg: ExportConfig, run: Run, k: int, graph_k: int, exporter: str, report: ParityReport
+) -> dict:
+    spec = run.model.spec
+    c, h = len(spec.user_cat_cardinalities), spec.history_len
+    return {
+        "version": None,  # filled in when the number is claimed
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run": str(run.path.resolve()),
+        "target": cfg.target,
+        "exporter": exporter,
+        "opset": cfg.opset,
+        "k": k,
+        "graph_k": graph_k,
+        "max_batch_size": layout.capped_max_batch(cfg.retrieval, run.model.spec.n_items),
+        "dims": {
+            "n_user_cats": c,
+            "history_len": h,
+            "graph_k": graph_k,
+            "embedding_dim": run.model.cfg.out_dim,
+        },
+        "bounds": {
+            "user_rows": spec.user_rows,
+            "n_items": spec.n_items,
+            "user_cat_cardinalities": list(spec.user_cat_cardinalities),
+        },
+        "inputs": {
+            INPUT_USER_INDEX: ["INT64", [-1, 1]],
+            INPUT_USER_CATS: ["INT64", [-1, c]],
+            INPUT_HISTORY: ["INT64", [-1, h]],
+        },
+        "outputs": {
+            OUTPUT_ITEM_IDS: ["INT64", [-1, graph_k]],
+            OUTPUT_SCORES: ["FP32", [-1, graph_k]],
+        },
+        "parity": asdict(report),
+    }
+
+
+def _publish_version(repo: Path, staging: Path, meta: dict) -> int:
+    """Claim the next free number by renaming the staging folder onto it."""
+    for _ in range(100):
+        versions = layout.list_versions(repo)
+        version = (versions[-1] if versions else 0) + 1
+        meta = {**meta, "version": version}
+        (staging / layout.META_FILE).write_text(json.dumps(meta, indent=1))
+        try:
+            layout.publish_dir(staging, layout.version_dir(repo, version))
+            return version
+        except FileExistsError:  # a concurrent export took the number; take the next one
+            continue
+    raise RuntimeError(f"{layout.retrieval_dir(repo)}: could not claim a version number")
+
+
+def _publish_features(repo: Path, version: int, run: Run) -> None:
+    target = layout.features_dir(repo, version)
+    staging = layout.make_staging_dir(target.parent, f"v{version}")
+    try:
+        shutil.copyfile(run.features_path, staging / layout.FEATURES_FILE)
+        for suffix in (".npz", ".json"):
+            src = (run.path / VOCAB_FILE).with_suffix(suffix)
+            shutil.copyfile(src, staging / src.name)
+        if target.exists():  # left by an export whose version folder was later deleted
+            shutil.rmtree(target)
+        layout.publish_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _route(cfg: ExportConfig, repo: Path, version: int) -> RoutingState:
+    path = layout.routing_path(repo)
+    current = RoutingState.load(path) if path.exists() else None
+    moves = cfg.promote or current is None
+    routing = RoutingState(production=version, salt=current.salt if current else 0)
+    if not moves:
+        routing = current
+    keep = cfg.serving_configs == "keep"
+    retrieval_cfg = routing_config(
+        repo,
+        routing,
+        cfg.target,
+        cfg.retrieval,
+        keep_existing=keep and cfg.retrieval == layout.RetrievalServing(),
+    )
+    rec_path = repo / layout.RECOMMEND / layout.CONFIG_FILE
+    if not (keep and cfg.recommend == layout.RecommendServing() and rec_path.exists()):
+        layout.write_config(repo, layout.recommend_config(cfg.recommend))
+    # A live server loads the new version before routing names it; without a URL (or when
+    # the version is only published for a canary) only the files change.
+    switch_routing(repo, routing, url=cfg.url if moves else None, base_config=retrieval_cfg)
+    return routing
