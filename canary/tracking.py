@@ -2,7 +2,7 @@
 serving: `champion` = the production version, `challenger` = the canary.
 
 The store defaults to `sqlite:///STATE_DIR/mlflow.db` with artifacts under
-`STATE_DIR/mlartifacts` (DESIGN.md: the full `mlflow` package, sqlite, aliases work);
+`STATE_DIR/mlartifacts` (the full `mlflow` package: sqlite and aliases work without a server);
 `tracking_uri` points it at a server instead. Every registered model version carries the
 Triton version number as the tag `triton_version`.
 """

@@ -1,4 +1,4 @@
-"""The in-process ceiling of the `retrieval` graph on a GPU (DESIGN.md, "GPU checks", item 1).
+"""The in-process ceiling of the `retrieval` graph on a GPU (loadtest/RESULTS.md, GPU section).
 
     python -m loadtest.gpu_ceiling --out reports/gpu           # on the lent GPU machine
     python -m loadtest.gpu_ceiling --device cpu --items 2000 --batches 1 8   # a smoke run
@@ -41,7 +41,7 @@ _ONNX_MAX_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the grap
 
 @dataclass(frozen=True)
 class GpuCeilingConfig:
-    items: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)  # DESIGN.md's sizes
+    items: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)  # a large, a very large and a huge catalogue
     batches: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
     dtypes: tuple[str, ...] = ("fp32", "fp16", "bf16")
     device: str = "cuda"

@@ -18,7 +18,7 @@ snapshot, or a users parquet) plus a share of unknown ids (cold starts), see use
 Thresholds: when the run ends, a p99 of `recommend` above --max-p99-ms or a failure
 ratio above --max-fail-ratio sets the exit code to 1 (locust's stop_on_threshold.py).
 
-gevent (DESIGN.md, measured): tritonclient.grpc blocks the event loop unless
+gevent (measured here): tritonclient.grpc blocks the event loop unless
 `grpc.experimental.gevent.init_gevent()` runs before any channel exists, and with it the
 process hangs after the summary, deaf to SIGTERM. So an `events.quit` listener closes the
 CSV files and leaves with `os._exit(code)`. Run Locust under a hard timeout regardless.

@@ -5,7 +5,7 @@
 2. tritonserver on free ports, with a fresh event log so that `feedback` is loaded and
    `recommend` logs impressions (--no-feedback serves without both);
 3. Locust headless as a subprocess, in its own process group, under a hard timeout
-   (DESIGN.md: with gRPC on gevent it can hang after its summary);
+   (with gRPC on gevent it can hang after its summary: see loadtest/locustfile.py);
 4. Locust's CSV files and HTML report in --out (default reports/loadtest/).
 
 Exit code: Locust's (1 when a threshold in locust.conf fails), 124 on the hard timeout.

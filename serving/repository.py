@@ -88,7 +88,7 @@ class RetrievalServing:
     # 1.05x with the cap (loadtest/RESULTS.md, step 3).
     score_budget_mb: int = 1024
     # Batches the batcher aims for: a BLS call carries a whole recommend batch, and a
-    # batch of 64 already runs near the in-process ceiling (DESIGN.md).
+    # batch of 64 already runs near the in-process ceiling (loadtest/RESULTS.md).
     preferred_batch_sizes: tuple[int, ...] = (64, 256)
     # Long enough for concurrent single-user calls to meet, short against a ~ms execution.
     max_queue_delay_us: int = 500

@@ -1,7 +1,7 @@
 """Run the real `tritonserver` from the nvidia-pytriton wheel, and manage what it serves.
 
 The wheel ships the binary, the Python backend and one backend stub per Python
-version. Running it directly needs three things (DESIGN.md, measured here):
+version. Running it directly needs three things (found by trying):
   - a backend folder holding `python/` plus the stub for *this* Python;
   - LD_LIBRARY_PATH with the wheel's `nvidia_pytriton.libs`;
   - this interpreter's bin folder first on PATH: the stub imports numpy and the

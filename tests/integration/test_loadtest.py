@@ -1,6 +1,6 @@
 """Locust and the benchmark against real servers, each under a hard subprocess timeout.
 
-DESIGN.md: Locust with gRPC on gevent can hang after its summary, so every run here is a
+Locust with gRPC on gevent can hang after its summary, so every run here is a
 subprocess with a timeout; the locustfile's `quit` listener makes it exit on its own.
 """
 
