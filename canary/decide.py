@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from canary.stats import MSPRT, SRM, ZTest
+from common.jsonsafe import to_jsonable
 
 PROMOTE, ROLLBACK, CONTINUE = "promote", "rollback", "continue"
 PASS, REJECT = "pass", "reject"
@@ -402,7 +403,5 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
 
 
 def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    """A check's value as stored: a float, or None where it is missing or not finite."""
+    return None if x is None else to_jsonable(float(x))

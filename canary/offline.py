@@ -25,6 +25,7 @@ from fairness.inputs import EMPTY, make_audit_input
 from fairness.report import write_report
 from training.evaluate import EvalResult, evaluate
 from training.run import Run
+from training.schema import Dataset
 from training.train import TrainConfig, load_training_data
 
 
@@ -84,9 +85,13 @@ def compare_offline(
     gates: GateConfig | None = None,
     n_boot: int = 50,
     report_dir: str | Path | None = None,
+    dataset: Dataset | None = None,
 ) -> OfflineReport:
-    """Rank the newest slice with both runs; accuracy, churn, bias and fairness."""
-    ds, sp, train_df = load_training_data(train_cfg)
+    """Rank the newest slice with both runs; accuracy, churn, bias and fairness.
+
+    `dataset`: `train_cfg.data` already in memory, when the caller has it.
+    """
+    ds, sp, train_df = load_training_data(train_cfg, dataset)
     known = pd.concat([train_df, sp.val], ignore_index=True).sort_values("timestamp", kind="stable")
     target = sp.test
     res_c = evaluate(

@@ -6,7 +6,7 @@
                 a sliding window of the newest data
     3 evaluate  candidate vs production on the newest time slice: training's metrics,
                 top-K churn, popularity bias (ARP, exposure Gini) and its trend
-    4 fairness  the candidate's audit gated against production's (fairness.check_gates)
+    4 fairness  the candidate's audit gated against production's (fairness.gates.check_gates)
     5 export    the next `retrieval` version, promote=False (production keeps routing.json)
     6 load      Triton loads production + candidate (all or nothing; old set keeps serving)
     7 route     routing.json: canary = candidate at canary_percent, written atomically
@@ -15,26 +15,33 @@
 Production is only ever changed by step 7 and only after step 6 succeeded, so a failure
 anywhere (an exception, a failed gate, kill -9) leaves it serving as before. Every outcome
 is a history entry with its numbers; a killed run is reported by the next one.
+
+Each step is one function taking the `RetrainContext` (what the steps share); `collect`
+returns a `Collected`; the production and canary entries of state.json are
+`canary.state.ProductionRecord` and `CanaryRecord`. The base dataset is loaded once per
+retrain and handed to the steps that need it. Fault injection (`RetrainConfig.fault`,
+tests and demo only) lives in `canary.faults` and is called only when a fault is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
-import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 
-from canary import decide
-from canary.state import Busy, StateStore, new_id
+from canary import decide, faults
+from canary.faults import Fault
+from canary.state import Busy, CanaryRecord, ProductionRecord, StateStore, new_id
 from fairness.gates import GateConfig
 from serving import repository as layout
 from serving.control import switch_routing
@@ -42,10 +49,15 @@ from serving.publish import ExportConfig
 from serving.routing import RoutingState
 from training.train import TrainConfig
 
+if TYPE_CHECKING:
+    from canary.offline import OfflineReport
+    from canary.tracking import Tracker
+    from models.features import FeatureVocab
+    from training.run import Run
+    from training.schema import Dataset
+
 log = logging.getLogger(__name__)
 
-# Fault injection for the demo and the tests; each is explained where it is applied.
-FAULTS = ("none", "shuffle_labels", "serving_skew", "corrupt_export")
 WINDOW_MODES = ("sliding_window", "warm_window")  # train (and evaluate) on the newest window
 WARM_MODES = ("warm_start", "warm_window")  # start from production's weights
 
@@ -86,20 +98,20 @@ class RetrainConfig:
     tracking_uri: str | None = None  # default sqlite:///STATE_DIR/mlflow.db
     # Seconds to let `recommend` re-read routing.json before the old version unloads.
     drain_s: float = 2.0
-    fault: Literal["none", "shuffle_labels", "serving_skew", "corrupt_export"] = "none"
+    # Fault injection for the tests and the demo (canary/faults.py); "none" in production.
+    fault: Fault = "none"
 
     def __post_init__(self) -> None:
         if not 1 <= self.canary_percent <= 100:
             raise ValueError(f"canary_percent={self.canary_percent}; expected 1..100")
-        if self.fault not in FAULTS:
-            raise ValueError(f"fault={self.fault!r}; expected one of {FAULTS}")
+        faults.check(self.fault)
 
 
 @dataclass
 class RetrainResult:
     id: str
     status: str  # canary | rejected | skipped | failed | busy
-    step: str  # the last step reached
+    step: str  # the last step reached: start, lock, collect, ... load, route, record
     reasons: list[str]
     evidence: dict[str, Any] = field(default_factory=dict)
     version: int | None = None  # the exported version, when one was made
@@ -109,6 +121,75 @@ class RetrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Step 1's result: what the candidate learns from, what it is evaluated on, the counts."""
+
+    base_data: str  # the base dataset dir (production's, or `RetrainConfig.data`)
+    data: Path  # the candidate's training data: the base, its window, or a fault copy
+    eval_data: Path  # what both runs are evaluated on: the base or its window, never a fault
+    extra: Path | None  # feedback positives the candidate learns from
+    eval_extra: Path | None  # the real positives: evaluation history and serving features
+    label_ts: float | None  # the cursor this retrain consumes: the newest positive's time
+    positives: int  # positives with known ids (inside the window, for window modes)
+    new_positives: int  # positives newer than the last retrain's cursor
+    dropped_unknown_ids: int
+    since_label_ts: float | None  # the last retrain's cursor
+    base_interactions: int  # interactions in the base data (its window, for window modes)
+    join: dict[str, Any] | None  # the join's report, when the event log was joined first
+    fault: str
+    # `eval_data` in memory (the base or its window), so no step loads it again.
+    eval_dataset: Dataset | None = field(default=None, repr=False, compare=False)
+
+    def evidence(self) -> dict[str, Any]:
+        """What the history entry records under "collect"."""
+        return {
+            "base_data": self.base_data,
+            "join": self.join,
+            "positives": self.positives,
+            "new_positives": self.new_positives,
+            "dropped_unknown_ids": self.dropped_unknown_ids,
+            "since_label_ts": self.since_label_ts,
+            "base_interactions": self.base_interactions,
+            "fault": self.fault,
+        }
+
+
+@dataclass
+class RetrainContext:
+    """Everything the steps share. Each step reads what the earlier ones set and sets its
+    own fields; a field stays None until the step that sets it has run. The exported
+    version and production's version live on `result` (they are part of the outcome)."""
+
+    cfg: RetrainConfig
+    store: StateStore
+    result: RetrainResult
+    state: dict[str, Any] = field(default_factory=dict)  # state.json as read before step 1
+    # 1 collect
+    routing: RoutingState | None = None  # routing.json before the retrain
+    prod_run: Run | None = None
+    dataset: Dataset | None = None  # the base dataset, loaded once for the whole retrain
+    collected: Collected | None = None
+    # 2 train
+    train_cfg: TrainConfig | None = None
+    candidate: Run | None = None
+    # 3 evaluate, 4 fairness
+    offline: OfflineReport | None = None
+    bias_history: list[dict[str, Any]] = field(default_factory=list)
+    # 6 load, 7 route
+    routed: bool = False  # routing.json names the candidate: it must not be removed
+    # bookkeeping
+    tracker: Tracker | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.state_dir) / "runs" / self.result.id
+
+    @property
+    def repo(self) -> Path:
+        return Path(self.cfg.repo)
 
 
 class StepError(RuntimeError):
@@ -123,18 +204,438 @@ class StepError(RuntimeError):
 def retrain(cfg: RetrainConfig) -> RetrainResult:
     store = StateStore(cfg.state_dir)
     rid = new_id("retrain")
-    try:
-        lock = store.retrain_lock(blocking=False)
-        lock.__enter__()
-    except Busy as exc:
-        return RetrainResult(rid, "busy", "lock", [f"another retrain is running ({exc})"])
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store.retrain_lock(blocking=False))
+        except Busy as exc:
+            return RetrainResult(rid, "busy", "lock", [f"another retrain is running ({exc})"])
         return _retrain_locked(cfg, store, rid)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _retrain_locked(cfg: RetrainConfig, store: StateStore, rid: str) -> RetrainResult:
+    _report_abandoned(store, rid)
+    ctx = RetrainContext(cfg, store, RetrainResult(rid, "failed", "start", []))
+    result = ctx.result
+    result.run_dir = str(ctx.run_dir)
+    try:
+        _run_steps(ctx)
+    except Exception as exc:
+        if not isinstance(exc, StepError):
+            exc = StepError(result.step, exc)
+        result.status, result.step = "failed", exc.step
+        result.reasons.append(f"{exc}; production untouched")
+        log.error("retrain %s: %s", rid, exc, exc_info=exc.__cause__)
+        _cleanup_version(ctx)
+    finally:
+        _finish(ctx)
+    return result
+
+
+def _run_steps(ctx: RetrainContext) -> None:
+    """The steps in order; a step returns False when the retrain ends with it (skipped,
+    rejected) and raises StepError when it fails."""
+    if _canary_on_trial(ctx):
+        return
+    for step in (
+        _collect_step,
+        _train_step,
+        _evaluate_step,
+        _fairness_step,
+        _export_step,
+        _route_step,  # reports "load", then "route"
+        _record_step,
+    ):
+        if not step(ctx):
+            return
+
+
+def _enter(result: RetrainResult, name: str) -> None:
+    if result.step != name:
+        result.step = name
+        log.info("retrain %s: step %s", result.id, name)
+
+
+@contextlib.contextmanager
+def _step(ctx: RetrainContext, name: str) -> Iterator[None]:
+    """Enter step `name`; an exception inside becomes a StepError that names the step
+    reached (switch_routing moves it on from "load" to "route")."""
+    _enter(ctx.result, name)
+    try:
+        yield
+    except StepError:
+        raise
+    except Exception as exc:
+        raise StepError(ctx.result.step, exc) from exc
+
+
+def _canary_on_trial(ctx: RetrainContext) -> bool:
+    """Read the state; a canary still on trial skips the retrain (one canary at a time)."""
+    ctx.state = ctx.store.load()
+    _reconcile(ctx.store, ctx.state, ctx.repo)
+    canary = CanaryRecord.from_state(ctx.state)
+    if canary is None:
+        return False
+    ctx.result.status = "skipped"
+    ctx.result.reasons.append(
+        f"canary version {canary.version} is still on trial; evaluate it (promote or "
+        "roll back) before the next retrain"
+    )
+    return True
+
+
+def _collect_step(ctx: RetrainContext) -> bool:
+    """1 collect: production's routing and run, the base data (loaded once), the positives."""
+    from training.run import load_run
+    from training.schema import Dataset
+
+    cfg, result = ctx.cfg, ctx.result
+    with _step(ctx, "collect"):
+        ctx.routing = RoutingState.load(layout.routing_path(ctx.repo))
+        result.production = ctx.routing.production
+        ctx.prod_run = load_run(Path(layout.read_meta(ctx.repo, result.production)["run"]))
+        # The base dataset stays the same across retrains: a candidate trained on a copy
+        # (a window, a fault) must not make that copy the next retrain's base.
+        prod = ProductionRecord.from_state(ctx.state)
+        base = str(
+            cfg.data
+            or (prod.base_data if prod else None)
+            or ctx.prod_run.meta.get("data_dir")
+            or ctx.prod_run.meta["train"]["data"]
+        )
+        ctx.dataset = Dataset.load(base)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        ctx.collected = collect(
+            cfg,
+            ctx.run_dir,
+            base,
+            since_label_ts=(ctx.state.get("last_retrain") or {}).get("label_ts"),
+            dataset=ctx.dataset,
+        )
+    got = ctx.collected
+    result.evidence["collect"] = got.evidence()
+    if got.new_positives < cfg.min_new_labels:
+        result.status = "skipped"
+        result.reasons.append(
+            f"{got.new_positives} new positive labels since the last model; "
+            f"min_new_labels is {cfg.min_new_labels}"
+        )
+        return False
+    return True
+
+
+def _train_step(ctx: RetrainContext) -> bool:
+    """2 train: from production's weights (warm modes) or fresh; then the candidate's
+    online features (`serving_features`)."""
+    from training.run import load_run
+    from training.train import train
+
+    cfg, got = ctx.cfg, ctx.collected
+    warm = cfg.mode in WARM_MODES
+    if cfg.fault != "none":  # FAULT INJECTION, tests and demo only (canary/faults.py)
+        warm = warm and faults.allows_warm_start(cfg.fault)
+    with _step(ctx, "train"):
+        ctx.train_cfg = replace(
+            cfg.train,
+            data=str(got.data),
+            out=str(ctx.run_dir / "run"),
+            extra_interactions=str(got.extra) if got.extra else None,
+            init_from=str(ctx.prod_run.path) if warm else None,
+            progress=False,
+        )
+        # A fault copy lives only on disk; otherwise the data is what collect holds already.
+        same = got.data == got.eval_data
+        metrics = train(ctx.train_cfg, dataset=got.eval_dataset if same else None)
+        ctx.candidate = load_run(ctx.run_dir / "run")
+        serving_features(
+            ctx.candidate.path,
+            got.base_data,
+            got.eval_extra,
+            dataset=ctx.dataset,
+            vocab=ctx.candidate.vocab,
+        )
+        ctx.result.evidence["train"] = {
+            "mode": cfg.mode,
+            "warm_start": metrics.get("warm_start"),
+            "epochs": len(metrics.get("epochs", [])),
+            "seconds": metrics.get("train_seconds"),
+            "test": metrics["test"]["model"],
+        }
+    return True
+
+
+def _evaluate_step(ctx: RetrainContext) -> bool:
+    """3 evaluate: candidate and production on the same newest slice (canary.offline)."""
+    from canary.offline import compare_offline
+
+    cfg, got = ctx.cfg, ctx.collected
+    with _step(ctx, "evaluate"):
+        # The evaluation slice is the base data's (or its window's), never a fault copy's.
+        eval_cfg = replace(
+            ctx.train_cfg,
+            data=str(got.eval_data),
+            extra_interactions=str(got.eval_extra) if got.eval_extra else None,
+        )
+        ctx.offline = compare_offline(
+            candidate=ctx.candidate,
+            production=ctx.prod_run,
+            train_cfg=eval_cfg,
+            k=cfg.eval_k,
+            gates=cfg.fairness,
+            n_boot=cfg.audit_boot,
+            report_dir=ctx.run_dir / "fairness",
+            dataset=got.eval_dataset,
+        )
+    return True
+
+
+def _fairness_step(ctx: RetrainContext) -> bool:
+    """4 fairness (and the other offline gates): decide.offline_decision; reject ends here."""
+    cfg, result, off = ctx.cfg, ctx.result, ctx.offline
+    with _step(ctx, "fairness"):
+        prod_version = result.production
+        ctx.bias_history = [
+            b for b in ctx.state.get("bias", []) if b.get("version") != prod_version
+        ]
+        ctx.bias_history.append({"version": prod_version, **off.production_bias})
+        verdict = decide.offline_decision(
+            candidate=off.candidate,
+            production=off.production,
+            toppop=off.toppop,
+            overlap=off.overlap,
+            bias=off.bias,
+            production_bias=off.production_bias,
+            bias_history=ctx.bias_history,
+            fairness_passed=off.fairness.passed,
+            fairness_reasons=off.fairness.reasons,
+            gates=cfg.gates,
+        )
+        result.evidence["offline"] = {**off.evidence(), "verdict": verdict.to_dict()}
+    if verdict.action == decide.REJECT:
+        result.status = "rejected"
+        result.reasons.extend(["offline gates rejected the candidate", *verdict.reasons])
+        result.reasons.append(f"production version {prod_version} untouched; nothing exported")
+        return False
+    return True
+
+
+def _export_step(ctx: RetrainContext) -> bool:
+    """5 export: the next `retrieval` version, promote=False, with production's k."""
+    from serving.publish import export
+
+    cfg, result = ctx.cfg, ctx.result
+    with _step(ctx, "export"):
+        run = ctx.run_dir / "run"
+        if cfg.fault != "none":  # FAULT INJECTION, tests and demo only (canary/faults.py)
+            run = faults.served_run(cfg.fault, run, ctx.run_dir / "run-served", seed=result.id)
+        meta = layout.read_meta(ctx.repo, result.production)
+        k = cfg.k if cfg.k is not None else int(meta["k"])
+        overfetch = cfg.overfetch if cfg.overfetch is not None else int(meta["graph_k"]) - k
+        ex = export(
+            ExportConfig(
+                run=str(run),
+                repo=str(ctx.repo),
+                target=cfg.target,
+                k=k,
+                overfetch=overfetch,
+                exporter=cfg.exporter,
+                promote=False,
+            )
+        )
+        result.version = ex.version
+        if cfg.fault != "none":  # FAULT INJECTION, tests and demo only (canary/faults.py)
+            faults.apply_after_export(cfg.fault, ex.path)
+    return True
+
+
+def _route_step(ctx: RetrainContext) -> bool:
+    """6 load (production + candidate; all or nothing), 7 route (the only write production's
+    users can notice): one `switch_routing`, which reports which of the two it is in."""
+    cfg, result = ctx.cfg, ctx.result
+    with _step(ctx, "load"):
+        new = RoutingState(
+            production=result.production,
+            canary=result.version,
+            canary_percent=cfg.canary_percent,
+            salt=ctx.routing.salt,
+        )
+        switch_routing(ctx.repo, new, url=cfg.url, progress=lambda phase: _enter(result, phase))
+    ctx.routed = True
+    return True
+
+
+def _record_step(ctx: RetrainContext) -> bool:
+    """8 record: production (once) and the canary in state.json; MLflow follows in _finish."""
+    cfg, result, off, got = ctx.cfg, ctx.result, ctx.offline, ctx.collected
+    with _step(ctx, "record"), ctx.store.update() as s:
+        now = time.time()
+        prod = ProductionRecord.from_state(s)
+        if prod is None or prod.version != result.production:
+            prod = ProductionRecord(
+                version=result.production,
+                run=str(ctx.prod_run.path),
+                since=now,
+                offline=off.production,
+                base_data=got.base_data,
+            )
+            s["production"] = prod.to_dict()
+        s["bias"] = ctx.bias_history
+        s["canary"] = CanaryRecord(
+            version=result.version,
+            run=str(ctx.run_dir / "run"),
+            percent=cfg.canary_percent,
+            started=now,
+            retrain_id=result.id,
+            base_data=got.base_data,
+            offline=off.candidate,
+            bias=off.bias,
+        ).to_dict()
+    result.status = "canary"
+    result.reasons.append(
+        f"candidate passed the offline gates; version {result.version} serves "
+        f"{cfg.canary_percent}% of users as canary beside production {result.production}"
+    )
+    return True
+
+
+# ---------------------------------------------------------------------------- step 1
+
+
+def collect(
+    cfg: RetrainConfig,
+    run_dir: Path,
+    data: str | Path,
+    *,
+    since_label_ts: float | None = None,
+    dataset: Dataset | None = None,
+) -> Collected:
+    """Positives from the feedback labels -> `run_dir/extra.parquet` (interaction schema);
+    the candidate's dataset dir (a copy only for windows and fault injection).
+
+    `data` is the base dataset dir and `dataset` the same data already loaded (a retrain
+    loads it once and passes it to every step; without it, it is loaded here). Positives
+    newer than `since_label_ts` (the last retrain's cursor) count as new.
+    """
+    from feedback.join import JoinConfig, export_positives, run_join
+    from training.schema import Dataset
+
+    joined = None
+    if cfg.event_log:
+        if not cfg.labels:
+            raise ValueError("event_log is set but labels is not: where should the join write?")
+        joined = run_join(
+            JoinConfig(
+                log=cfg.event_log,
+                out=cfg.labels,
+                window_s=cfg.join_window_s,
+                as_of=cfg.join_as_of,
+            )
+        ).to_dict()
+    ds = dataset if dataset is not None else Dataset.load(data)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pos = pd.DataFrame(columns=["user_id", "item_id", "timestamp", "event_type", "value"])
+    if cfg.labels and Path(cfg.labels).exists():
+        export_positives(cfg.labels, run_dir / "positives.parquet")
+        pos = pd.read_parquet(run_dir / "positives.parquet")
+    known = pos["user_id"].isin(ds.users["user_id"]) & pos["item_id"].isin(ds.items["item_id"])
+    dropped = int((~known).sum())
+    pos = pos[known]
+    new = pos if since_label_ts is None else pos[pos["timestamp"] > since_label_ts]
+    label_ts = float(pos["timestamp"].max()) if len(pos) else since_label_ts
+    inter = ds.interactions
+    if cfg.mode in WINDOW_MODES:
+        horizon = float(inter["timestamp"].max()) - cfg.window_days * 86_400
+        inter = inter[inter["timestamp"] >= horizon]
+        newest = float(pos["timestamp"].max()) if len(pos) else 0.0
+        pos = pos[pos["timestamp"] >= newest - cfg.window_days * 86_400]
+    extra = None
+    if len(pos):
+        extra = run_dir / "extra.parquet"
+        pos.to_parquet(extra, index=False)
+    eval_data, eval_ds = Path(data), ds
+    if cfg.mode in WINDOW_MODES:
+        eval_data = run_dir / "data"
+        eval_ds = Dataset.from_frames(ds.users, ds.items, inter, source="window")
+        eval_ds.save(eval_data)
+    train_data, train_extra = eval_data, extra
+    if cfg.fault != "none":  # FAULT INJECTION, tests and demo only (canary/faults.py)
+        train_data, train_extra = faults.training_data(
+            cfg.fault,
+            dataset=ds,
+            interactions=inter,
+            positives=pos,
+            split_cfg=cfg.train.split,
+            run_dir=run_dir,
+            data=train_data,
+            extra=train_extra,
+        )
+    return Collected(
+        base_data=str(data),
+        data=train_data,
+        eval_data=eval_data,
+        extra=train_extra,
+        eval_extra=extra,
+        label_ts=label_ts,
+        positives=len(pos),
+        new_positives=len(new),
+        dropped_unknown_ids=dropped,
+        since_label_ts=since_label_ts,
+        base_interactions=len(inter),
+        join=joined,
+        fault=cfg.fault,
+        eval_dataset=eval_ds,
+    )
+
+
+def serving_features(
+    run: Path,
+    base_data: str | Path,
+    feedback: Path | None,
+    *,
+    dataset: Dataset | None = None,
+    vocab: FeatureVocab | None = None,
+) -> Path:
+    """Rewrite the candidate's online features (`features.npz`, what Triton looks up per user)
+    so that they differ from production's only where the model does.
+
+    - history (a model input): the whole base log + the feedback positives, in time order.
+      Training writes it from the candidate's own dataset, which for a window (or a fault
+      copy) has lost every user's older items.
+    - seen set (the serving rule "never show an item again"): the base log + the feedback
+      positives. A version's snapshot is built when it is trained, so production's still
+      lacks what users clicked since; a retrain that knows them stops re-recommending
+      watched items, which is part of what a retrain is for. It pays off only if users do
+      not rewatch at once: the simulator's users remember their clicks (ClickMemory,
+      rewatch_factor) as real ones do; users without that memory click an already-clicked
+      item as readily as a new one, and this rule then costs the candidate CTR whatever its
+      weights. A seen set that follows the live log for every version would be serving's
+      job (a known limit).
+
+    `dataset` is `base_data` already loaded and `vocab` the run's vocabulary (a retrain has
+    both at hand); either is read from disk when not given.
+    """
+    from models.features import FeatureVocab
+    from models.snapshot import FeatureSnapshot
+    from training.run import FEATURES_FILE, VOCAB_FILE
+    from training.schema import Dataset
+
+    run = Path(run)
+    ds = dataset if dataset is not None else Dataset.load(base_data)
+    if vocab is None:
+        vocab = FeatureVocab.load(run / VOCAB_FILE)
+    base = ds.interactions
+    known = base
+    if feedback is not None and Path(feedback).exists():
+        fb = pd.read_parquet(feedback)[base.columns]
+        known = pd.concat([base, fb], ignore_index=True).sort_values("timestamp", kind="stable")
+    return FeatureSnapshot.build(vocab, ds.users, known).save(run / FEATURES_FILE)
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+
+
+def _report_abandoned(store: StateStore, rid: str) -> None:
+    """Mark this retrain in progress; one that a previous run left there was killed."""
     with store.update() as s:
         stale = s.get("in_progress")
         s["in_progress"] = {"id": rid, "pid": os.getpid(), "started": time.time()}
@@ -149,390 +650,46 @@ def _retrain_locked(cfg: RetrainConfig, store: StateStore, rid: str) -> RetrainR
             {"stale": stale},
             id=stale["id"] + "-abandoned",
         )
-    result = RetrainResult(rid, "failed", "start", [])
-    run_dir = Path(cfg.state_dir) / "runs" / rid
-    result.run_dir = str(run_dir)
-    ctx: dict[str, Any] = {}
-    try:
-        _run_steps(cfg, store, rid, run_dir, result, ctx)
-    except Exception as exc:
-        if not isinstance(exc, StepError):
-            exc = StepError(result.step, exc)
-        result.status, result.step = "failed", exc.step
-        result.reasons.append(f"{exc}; production untouched")
-        log.error("retrain %s: %s", rid, exc, exc_info=exc.__cause__)
-        _cleanup_version(cfg, ctx)
-    finally:
-        entry_evidence = {**result.evidence, "step": result.step}
-        with store.update() as s:
-            s["in_progress"] = None
-            s["last_attempt"] = {"id": rid, "ts": time.time(), "status": result.status}
-            if result.status in ("canary", "rejected"):
-                s["last_retrain"] = {"id": rid, "ts": time.time(), **ctx.get("cursor", {})}
-        result.mlflow_run_id = _track(cfg, store, result, ctx)
-        store.record(
-            "retrain",
-            result.status,
-            result.reasons,
-            entry_evidence,
-            id=rid,
-            version=result.version,
-            production=result.production,
-            mlflow_run_id=result.mlflow_run_id,
-        )
-        if result.status == "canary":
-            _set_challenger(cfg, store, result, ctx)
-    return result
 
 
-def _step(name: str, result: RetrainResult):
-    result.step = name
-    log.info("retrain %s: step %s", result.id, name)
-
-
-def _run_steps(cfg, store, rid, run_dir: Path, result: RetrainResult, ctx) -> None:
-    from training.run import load_run
-    from training.train import train
-
-    repo = Path(cfg.repo)
-    state = store.load()
-    _reconcile(store, state, repo)
-    if state.get("canary"):
-        c = state["canary"]
-        result.status = "skipped"
-        result.reasons.append(
-            f"canary version {c['version']} is still on trial; evaluate it (promote or "
-            "roll back) before the next retrain"
-        )
-        return
-    # ---- 1 collect
-    _step("collect", result)
-    try:
-        routing = RoutingState.load(layout.routing_path(repo))
-        prod_version = routing.production
-        prod_run_dir = Path(layout.read_meta(repo, prod_version)["run"])
-        prod_run = load_run(prod_run_dir)
-        # The base dataset stays the same across retrains: a candidate trained on a copy
-        # (a window, a fault) must not make that copy the next retrain's base.
-        data = (
-            cfg.data
-            or (state.get("production") or {}).get("base_data")
-            or prod_run.meta.get("data_dir")
-            or prod_run.meta["train"]["data"]
-        )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        collected = collect(cfg, state, run_dir, data, prod_run)
-    except Exception as exc:
-        raise StepError("collect", exc) from exc
-    result.production = prod_version
-    data_dir = data
-    ctx.update(routing=routing, prod_run=prod_run, cursor=collected["cursor"])
-    result.evidence["collect"] = collected["evidence"]
-    if collected["evidence"]["new_positives"] < cfg.min_new_labels:
-        result.status = "skipped"
-        result.reasons.append(
-            f"{collected['evidence']['new_positives']} new positive labels since the last "
-            f"model; min_new_labels is {cfg.min_new_labels}"
-        )
-        ctx.pop("cursor")  # nothing consumed
-        return
-
-    # ---- 2 train
-    _step("train", result)
-    train_cfg = replace(
-        cfg.train,
-        data=str(collected["data"]),
-        out=str(run_dir / "run"),
-        extra_interactions=str(collected["extra"]) if collected["extra"] else None,
-        # The broken candidate starts fresh: production's weights would mask the fault.
-        init_from=str(prod_run_dir)
-        if cfg.mode in WARM_MODES and cfg.fault != "shuffle_labels"
-        else None,
-        progress=False,
-    )
-    try:
-        metrics = train(train_cfg)
-        serving_features(run_dir / "run", data, collected["eval_extra"])
-        cand_run = load_run(run_dir / "run")
-    except Exception as exc:
-        raise StepError("train", exc) from exc
-    result.evidence["train"] = {
-        "mode": cfg.mode,
-        "warm_start": metrics.get("warm_start"),
-        "epochs": len(metrics.get("epochs", [])),
-        "seconds": metrics.get("train_seconds"),
-        "test": metrics["test"]["model"],
-    }
-    ctx["train_cfg"] = train_cfg
-
-    # ---- 3 evaluate + 4 fairness
-    _step("evaluate", result)
-    from canary.offline import compare_offline
-
-    try:
-        # The evaluation slice is the base data's, never the shuffled copy's (fault).
-        eval_cfg = replace(
-            train_cfg,
-            data=str(collected["eval_data"]),
-            extra_interactions=str(collected["eval_extra"]) if collected["eval_extra"] else None,
-        )
-        off = compare_offline(
-            candidate=cand_run,
-            production=prod_run,
-            train_cfg=eval_cfg,
-            k=cfg.eval_k,
-            gates=cfg.fairness,
-            n_boot=cfg.audit_boot,
-            report_dir=run_dir / "fairness",
-        )
-    except Exception as exc:
-        raise StepError("evaluate", exc) from exc
-    ctx["offline"] = off
-    _step("fairness", result)
-    bias_history = [b for b in state.get("bias", []) if b.get("version") != prod_version]
-    bias_history.append({"version": prod_version, **off.production_bias})
-    verdict = decide.offline_decision(
-        candidate=off.candidate,
-        production=off.production,
-        toppop=off.toppop,
-        overlap=off.overlap,
-        bias=off.bias,
-        production_bias=off.production_bias,
-        bias_history=bias_history,
-        fairness_passed=off.fairness.passed,
-        fairness_reasons=off.fairness.reasons,
-        gates=cfg.gates,
-    )
-    result.evidence["offline"] = {**off.evidence(), "verdict": verdict.to_dict()}
-    ctx["bias_history"] = bias_history
-    if verdict.action == decide.REJECT:
-        result.status = "rejected"
-        result.reasons.extend(["offline gates rejected the candidate", *verdict.reasons])
-        result.reasons.append(f"production version {prod_version} untouched; nothing exported")
-        return
-
-    # ---- 5 export
-    _step("export", result)
-    from serving.publish import export
-
-    try:
-        export_run = run_dir / "run"
-        if cfg.fault == "serving_skew":
-            export_run = skew_item_table(run_dir / "run", run_dir / "run-served", seed=rid)
-        meta = layout.read_meta(repo, prod_version)
-        k = cfg.k if cfg.k is not None else int(meta["k"])
-        overfetch = cfg.overfetch if cfg.overfetch is not None else int(meta["graph_k"]) - k
-        ex = export(
-            ExportConfig(
-                run=str(export_run),
-                repo=str(repo),
-                target=cfg.target,
-                k=k,
-                overfetch=overfetch,
-                exporter=cfg.exporter,
-                promote=False,
-            )
-        )
-    except Exception as exc:
-        raise StepError("export", exc) from exc
-    result.version = ex.version
-    ctx["version"] = ex.version
-    if cfg.fault == "corrupt_export":
-        # A disk or copy fault after publishing: Triton must refuse the version.
-        (ex.path / layout.ONNX_FILE).write_bytes(b"not an onnx graph")
-
-    # ---- 6 load (production + candidate; all or nothing), 7 route (the only write
-    # production's users can notice): one switch, which reports which of the two failed.
-    new_routing = RoutingState(
-        production=prod_version,
-        canary=ex.version,
-        canary_percent=cfg.canary_percent,
-        salt=ctx["routing"].salt,
-    )
-    try:
-        switch_routing(repo, new_routing, url=cfg.url, progress=lambda s: _step(s, result))
-    except Exception as exc:
-        raise StepError(result.step, exc) from exc
-    ctx["routed"] = True
-
-    # ---- 8 record
-    _step("record", result)
+def _finish(ctx: RetrainContext) -> None:
+    """Whatever the outcome: clear the in-progress marker, move the label cursor (canary or
+    rejected), track the run in MLflow, append the history entry, set the aliases."""
+    result, store = ctx.result, ctx.store
+    entry_evidence = {**result.evidence, "step": result.step}
     with store.update() as s:
-        if not s.get("production") or s["production"].get("version") != prod_version:
-            s["production"] = {
-                "version": prod_version,
-                "run": str(prod_run_dir),
-                "since": time.time(),
-                "offline": off.production,
-                "base_data": str(data_dir),
+        s["in_progress"] = None
+        s["last_attempt"] = {"id": result.id, "ts": time.time(), "status": result.status}
+        if result.status in ("canary", "rejected") and ctx.collected is not None:
+            s["last_retrain"] = {
+                "id": result.id,
+                "ts": time.time(),
+                "label_ts": ctx.collected.label_ts,
             }
-        s["bias"] = bias_history
-        s["canary"] = {
-            "version": ex.version,
-            "run": str(run_dir / "run"),
-            "percent": cfg.canary_percent,
-            "started": time.time(),
-            "retrain_id": rid,
-            "base_data": str(data_dir),
-            "msprt_p": 1.0,
-            "offline": off.candidate,
-            "bias": off.bias,
-        }
-    result.status = "canary"
-    result.reasons.append(
-        f"candidate passed the offline gates; version {ex.version} serves "
-        f"{cfg.canary_percent}% of users as canary beside production {prod_version}"
+    result.mlflow_run_id = _track(ctx)
+    store.record(
+        "retrain",
+        result.status,
+        result.reasons,
+        entry_evidence,
+        id=result.id,
+        version=result.version,
+        production=result.production,
+        mlflow_run_id=result.mlflow_run_id,
     )
+    if result.status == "canary":
+        _set_challenger(ctx)
 
 
-# ---------------------------------------------------------------------------- step 1
-
-
-def collect(cfg: RetrainConfig, state: dict, run_dir: Path, data: str, prod_run) -> dict:
-    """Positives from the feedback labels -> `run_dir/extra.parquet` (interaction schema);
-    the candidate's dataset dir (a copy only for sliding windows and fault injection)."""
-    from feedback.join import JoinConfig, export_positives, run_join
-    from training.schema import Dataset
-    from training.split import split
-
-    joined = None
-    if cfg.event_log:
-        if not cfg.labels:
-            raise ValueError("event_log is set but labels is not: where should the join write?")
-        joined = run_join(
-            JoinConfig(
-                log=cfg.event_log,
-                out=cfg.labels,
-                window_s=cfg.join_window_s,
-                as_of=cfg.join_as_of,
-            )
-        ).to_dict()
-    ds = Dataset.load(data)
-    extra_path = run_dir / "extra.parquet"
-    pos = pd.DataFrame(columns=["user_id", "item_id", "timestamp", "event_type", "value"])
-    if cfg.labels and Path(cfg.labels).exists():
-        export_positives(cfg.labels, run_dir / "positives.parquet")
-        pos = pd.read_parquet(run_dir / "positives.parquet")
-    known = pos["user_id"].isin(ds.users["user_id"]) & pos["item_id"].isin(ds.items["item_id"])
-    dropped = int((~known).sum())
-    pos = pos[known]
-    last = (state.get("last_retrain") or {}).get("label_ts")
-    new = pos if last is None else pos[pos["timestamp"] > last]
-    label_ts = float(pos["timestamp"].max()) if len(pos) else last
-    inter = ds.interactions
-    if cfg.mode in WINDOW_MODES:
-        horizon = float(inter["timestamp"].max()) - cfg.window_days * 86_400
-        inter = inter[inter["timestamp"] >= horizon]
-        newest = float(pos["timestamp"].max()) if len(pos) else 0.0
-        pos = pos[pos["timestamp"] >= newest - cfg.window_days * 86_400]
-    if len(pos):
-        pos.to_parquet(extra_path, index=False)
-    cand_data = eval_data = Path(data)
-    train_path = None
-    if cfg.mode in WINDOW_MODES or cfg.fault == "shuffle_labels":
-        eval_data = run_dir / "data"
-        Dataset.from_frames(ds.users, ds.items, inter, source="window").save(eval_data)
-        cand_data = eval_data
-    if cfg.fault == "shuffle_labels":
-        # The broken candidate: item ids shuffled across the interactions it learns from
-        # (train + val and the feedback positives), so no user keeps their own taste; the
-        # newest slice it is evaluated on stays the real one.
-        sp = split(inter, cfg.train.split)
-        rng = np.random.default_rng(0)
-        learn = pd.concat([sp.train, sp.val], ignore_index=True)
-        # Row count and timestamps are kept, so the time split of the copy is the same.
-        learn["item_id"] = rng.permutation(learn["item_id"].to_numpy())
-        cand_data = run_dir / "data-shuffled"
-        shuffled = pd.concat([learn, sp.test], ignore_index=True)
-        Dataset.from_frames(ds.users, ds.items, shuffled, source="shuffled").save(cand_data)
-        if len(pos):
-            train_path = run_dir / "extra-shuffled.parquet"
-            pos.assign(item_id=rng.permutation(pos["item_id"].to_numpy())).to_parquet(
-                train_path, index=False
-            )
-    return {
-        "data": cand_data,
-        "eval_data": eval_data,
-        "extra": train_path if train_path else (extra_path if len(pos) else None),
-        "eval_extra": extra_path if len(pos) else None,  # the real labels, for history
-        "cursor": {"label_ts": label_ts},
-        "evidence": {
-            "base_data": str(data),
-            "join": joined,
-            "positives": len(pos),
-            "new_positives": len(new),
-            "dropped_unknown_ids": dropped,
-            "since_label_ts": last,
-            "base_interactions": len(inter),
-            "fault": cfg.fault,
-        },
-    }
-
-
-def serving_features(run: Path, base_data: str | Path, feedback: Path | None) -> Path:
-    """Rewrite the candidate's online features (`features.npz`, what Triton looks up per user)
-    so that they differ from production's only where the model does.
-
-    - history (a model input): the whole base log + the feedback positives, in time order.
-      Training writes it from the candidate's own dataset, which for a window (or a fault
-      copy) has lost every user's older items.
-    - seen set (the serving rule "never show an item again"): the base log + the feedback
-      positives. A version's snapshot is built when it is trained, so production's still
-      lacks what users clicked since; a retrain that knows them stops re-recommending
-      watched items, which is part of what a retrain is for. It pays off only if users do
-      not rewatch at once: the simulator's users remember their clicks (ClickMemory,
-      rewatch_factor) as real ones do. Without that memory they clicked an already-clicked
-      item as readily as a new one (42% of production's impressions in the demo), and this
-      rule cost the candidate ~0.6 CTR points whatever its weights. A seen set that follows
-      the live log for every version would be serving's job (a known limit).
-    """
-    from models.snapshot import FeatureSnapshot
-    from training.run import FEATURES_FILE, load_run
-    from training.schema import Dataset
-
-    ds = Dataset.load(base_data)
-    vocab = load_run(run).vocab
-    base = ds.interactions
-    known = base
-    if feedback is not None and Path(feedback).exists():
-        fb = pd.read_parquet(feedback)[base.columns]
-        known = pd.concat([base, fb], ignore_index=True).sort_values("timestamp", kind="stable")
-    return FeatureSnapshot.build(vocab, ds.users, known).save(run / FEATURES_FILE)
-
-
-def skew_item_table(run_dir: Path, out: Path, *, seed: str) -> Path:
-    """A copy of a run whose item table is permuted: item i gets item π(i)'s id embedding
-    and categories. Its offline-evaluated weights are unchanged elsewhere; what it serves
-    is a mismatch between item rows and raw ids, the training/serving skew a canary exists
-    to catch (`fault="serving_skew"`)."""
-    import torch
-
-    from training.run import MODEL_FILE
-
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("checkpoint.pt"))
-    state = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True)
-    n = state["item_cats"].shape[0]
-    perm = torch.from_numpy(np.random.default_rng(zlib.crc32(seed.encode())).permutation(n))
-    for key in ("item_tower.item_emb.weight", "item_cats"):
-        state[key] = state[key][perm].clone()
-    torch.save(state, out / MODEL_FILE)
-    return out
-
-
-# ---------------------------------------------------------------------------- bookkeeping
-
-
-def _reconcile(store: StateStore, state: dict, repo: Path) -> None:
+def _reconcile(store: StateStore, state: dict[str, Any], repo: Path) -> None:
     """routing.json is the truth about serving: a canary the state remembers but routing no
     longer sends anyone to (changed by hand, or a run killed mid-promotion) is cleared."""
-    c = state.get("canary")
+    c = CanaryRecord.from_state(state)
     path = layout.routing_path(repo)
-    if not c or not path.exists():
+    if c is None or not path.exists():
         return
     routing = RoutingState.load(path)
-    if c["version"] in routing.versions and routing.canary == c["version"]:
+    if c.version in routing.versions and routing.canary == c.version:
         return
     with store.update() as s:
         s["canary"] = None
@@ -540,29 +697,29 @@ def _reconcile(store: StateStore, state: dict, repo: Path) -> None:
     store.record(
         "reconcile",
         "canary cleared",
-        [f"state had canary {c['version']} but routing.json serves {list(routing.versions)}"],
-        {"routing": routing.__dict__, "canary": c},
+        [f"state had canary {c.version} but routing.json serves {list(routing.versions)}"],
+        {"routing": routing.__dict__, "canary": c.to_dict()},
     )
 
 
-def _cleanup_version(cfg: RetrainConfig, ctx: dict) -> None:
+def _cleanup_version(ctx: RetrainContext) -> None:
     """A version that was exported but never routed is removed, so it cannot be loaded by
     accident (the next export takes the next number either way)."""
-    v = ctx.get("version")
-    if v is None or ctx.get("routed"):
+    v = ctx.result.version
+    if v is None or ctx.routed:
         return
-    repo = Path(cfg.repo)
-    for path in (layout.version_dir(repo, v), layout.features_dir(repo, v)):
+    for path in (layout.version_dir(ctx.repo, v), layout.features_dir(ctx.repo, v)):
         if path.exists():
             trash = path.with_name(f".removed-{path.name}-{os.getpid()}")
             os.replace(path, trash)  # out of Triton's sight in one step
             shutil.rmtree(trash, ignore_errors=True)
-    log.info("removed unrouted version %d from %s", v, repo)
+    log.info("removed unrouted version %d from %s", v, ctx.repo)
 
 
-def _track(cfg: RetrainConfig, store: StateStore, result: RetrainResult, ctx) -> str | None:
+def _track(ctx: RetrainContext) -> str | None:
     """One MLflow run per retrain that trained a candidate, whatever the outcome. Tracking
     never decides anything, so its errors are logged and reported, not raised."""
+    cfg, result = ctx.cfg, ctx.result
     if "train" not in result.evidence:  # nothing was trained: the history entry says it all
         return None
     try:
@@ -588,7 +745,7 @@ def _track(cfg: RetrainConfig, store: StateStore, result: RetrainResult, ctx) ->
                 for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("train", "gates", "fairness")
             },
-            "train": dataclasses.asdict(ctx.get("train_cfg") or cfg.train),
+            "train": dataclasses.asdict(ctx.train_cfg or cfg.train),
             "gates": dataclasses.asdict(cfg.gates),
             "fairness_gates": dataclasses.asdict(cfg.fairness),
         }
@@ -602,7 +759,7 @@ def _track(cfg: RetrainConfig, store: StateStore, result: RetrainResult, ctx) ->
         run_id = tracker.log_retrain(
             name=result.id, params=params, metrics=metrics, artifacts=artifacts, tags=tags
         )
-        ctx["tracker"] = tracker
+        ctx.tracker = tracker
         return run_id
     except Exception as exc:  # tracking is a record, never a gate
         log.warning("MLflow tracking failed: %s", exc)
@@ -610,29 +767,35 @@ def _track(cfg: RetrainConfig, store: StateStore, result: RetrainResult, ctx) ->
         return None
 
 
-def _set_challenger(cfg: RetrainConfig, store: StateStore, result: RetrainResult, ctx) -> None:
+def _set_challenger(ctx: RetrainContext) -> None:
     """Registered versions for production (once) and the canary; aliases mirror routing."""
-    tracker = ctx.get("tracker")
-    if tracker is None:
+    tracker, result = ctx.tracker, ctx.result
+    if tracker is None or result.version is None:
         return
     try:
-        state = store.load()
-        prod = state["production"]
-        if prod and not prod.get("mlflow_version"):
-            prod["mlflow_version"] = tracker.register(
-                source=str(prod["run"]), run_id=None, triton_version=prod["version"]
+        prod = ProductionRecord.from_state(ctx.store.load())
+        if prod is None:
+            raise ValueError("state.json has no production record")
+        if not prod.mlflow_version:
+            prod.mlflow_version = tracker.register(
+                source=prod.run, run_id=None, triton_version=prod.version
             )
-        tracker.set_alias("champion", prod["mlflow_version"])
+        tracker.set_alias("champion", prod.mlflow_version)
         mv = tracker.register(
-            source=str(Path(result.run_dir) / "run"),
+            source=str(ctx.run_dir / "run"),
             run_id=result.mlflow_run_id,
             triton_version=result.version,
         )
         tracker.set_alias("challenger", mv)
-        with store.update() as s:
-            s["production"]["mlflow_version"] = prod["mlflow_version"]
-            if s.get("canary"):
-                s["canary"]["mlflow_version"] = mv
+        with ctx.store.update() as s:
+            current = ProductionRecord.from_state(s)
+            if current is not None:
+                current.mlflow_version = prod.mlflow_version
+                s["production"] = current.to_dict()
+            canary = CanaryRecord.from_state(s)
+            if canary is not None:
+                canary.mlflow_version = mv
+                s["canary"] = canary.to_dict()
     except Exception as exc:
         log.warning("MLflow registry update failed: %s", exc)
 

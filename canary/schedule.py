@@ -7,9 +7,10 @@ Each tick (`tick(cfg, now)`):
        labels     at least `label_volume` new positive labels since the last retrain;
        drift      PSI of an input feature, recent traffic vs the training data, above
                   `psi_threshold` (canary.stats.psi).
-A retrain takes the retrain lock (fcntl.flock, canary.state), so two never overlap, even
-across processes; a tick that finds it held reports "busy". Every step's failure is caught,
-reported in the tick's result and the decision history, and leaves production untouched.
+A retrain takes the retrain lock (`canary.state.file_lock`, a flock the kernel drops when
+its holder dies), so two never overlap, even across processes; a tick that finds it held
+reports "busy". Every step's failure is caught, reported in the tick's result and the
+decision history, and leaves production untouched.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pandas as pd
 
 from canary.online import EvaluateConfig, evaluate_canary
 from canary.pipeline import RetrainConfig, retrain
-from canary.state import StateStore
+from canary.state import CanaryRecord, ProductionRecord, StateStore
 from canary.stats import psi
 
 log = logging.getLogger(__name__)
@@ -107,15 +108,15 @@ def _recent_labels(cfg: ScheduleConfig, state: dict) -> pd.DataFrame | None:
 
 
 def _training_interactions(state: dict) -> pd.DataFrame | None:
-    prod = state.get("production")
-    if not prod:
+    prod = ProductionRecord.from_state(state)
+    if prod is None:
         return None
     import json
 
     from training.run import RUN_FILE
 
     try:
-        meta = json.loads((Path(prod["run"]) / RUN_FILE).read_text())
+        meta = json.loads((Path(prod.run) / RUN_FILE).read_text())
         return pd.read_parquet(Path(meta["data_dir"]) / "interactions.parquet")
     except (OSError, KeyError, ValueError):
         return None
@@ -128,7 +129,7 @@ def tick(cfg: ScheduleConfig, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"time": now}
     try:
         state = store.load()
-        if state.get("canary"):
+        if CanaryRecord.from_state(state) is not None:
             ev = evaluate_canary(cfg.evaluate)
             out["evaluate"] = {"action": ev.action, "reasons": list(ev.verdict.reasons)}
             return out

@@ -1,1 +1,2 @@
-"""Ground helpers every layer may use: durable files, retries, typed configs, figures."""
+"""Ground helpers every layer may use: durable files, strict JSON, retries, typed configs,
+figures and HTML report templates."""

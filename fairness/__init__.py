@@ -1,42 +1,15 @@
 """Fairness audits: consumer-side quality by user group, provider-side exposure, gates.
 
-Public API (imported lazily, so `northstar --help` does not pay for Fairlearn):
+Import from the modules (this package file imports nothing, so `northstar --help` does not
+pay for Fairlearn):
 
-    run_audit(AuditConfig(run=..., data=...)) -> AuditResult   # a trained run, test period
-    audit(AuditInput, AuditConfig) -> AuditResult              # ranked lists from anywhere
-    make_audit_input(...) -> AuditInput
-    check_gates(result, GateConfig, baseline=None) -> GateResult
-    compare(result, baseline) -> dict
-    online_by_group(feedback=..., users=...) -> dict           # CTR / value by group, version
-    write_report(out, result, gates, comparison) -> paths      # audit.json, report.html, ...
-    load_audit(path) -> AuditResult
+    fairness.audit     run_audit(AuditConfig(run=..., data=...)) -> AuditResult (a trained
+                       run, test period); audit(AuditInput, AuditConfig); load_audit(path)
+    fairness.inputs    AuditInput, make_audit_input(...): ranked lists from anywhere
+    fairness.groups    per-user metrics by user group (Fairlearn's MetricFrame)
+    fairness.exposure  item-side exposure: shares, Gini, popularity bias
+    fairness.gates     check_gates(result, GateConfig, baseline=None) -> GateResult; compare
+    fairness.online    online_by_group(feedback=..., users=...): CTR / value by group, version
+    fairness.report    write_report(out, result, gates, comparison): audit.json, report.html
+    fairness.cli       `northstar audit`
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "AuditConfig": "fairness.audit",
-    "AuditResult": "fairness.audit",
-    "audit": "fairness.audit",
-    "run_audit": "fairness.audit",
-    "load_audit": "fairness.audit",
-    "AuditInput": "fairness.inputs",
-    "make_audit_input": "fairness.inputs",
-    "GateConfig": "fairness.gates",
-    "GateResult": "fairness.gates",
-    "check_gates": "fairness.gates",
-    "compare": "fairness.gates",
-    "online_by_group": "fairness.online",
-    "write_report": "fairness.report",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fairness' has no attribute {name!r}")

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import argparse
 
+from common import config as config_mod
+
+# Shorthand flag (argparse dest) -> AuditConfig field; each flag defaults to None, so a flag
+# left out leaves the field to --config or to AuditConfig's own default.
+_FLAGS = (
+    ("run", "run"),
+    ("data", "data"),
+    ("k", "k"),
+    ("n_boot", "n_boot"),
+    ("seed", "seed"),
+    ("label", "label"),
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="fairness audit of a trained run (users by group, item exposure, gates)",
         description="Audit RUN_DIR on the test period of DIR (history = train + val). Exits 1 "
-        "when a gate fails.",
+        "when a gate fails. Settings are AuditConfig's fields (fairness/audit.py): from "
+        "--config FILE (an [audit] table or top level), then the flags below, then --set "
+        "(the last one given wins); defaults are AuditConfig's. The gates are GateConfig's "
+        "(fairness/gates.py): from --gates FILE, else the --config file's [gates] table, "
+        "then --set gates.KEY=VALUE.",
     )
-    p.add_argument("--run", required=True, help="run folder written by `northstar train`")
-    p.add_argument("--data", required=True, help="dataset folder the run was trained on")
+    p.add_argument("--run", help="run folder written by `northstar train` (run)")
+    p.add_argument("--data", help="dataset folder the run was trained on (data)")
     p.add_argument("--out", required=True, help="report folder, e.g. reports/<name>/")
     base = p.add_mutually_exclusive_group()
     base.add_argument("--baseline-run", help="a second run to audit the same way and compare")
@@ -28,25 +45,51 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="labelled feedback (.parquet or .csv: user_id, "
         "model_version, clicked, value) for the online section",
     )
-    p.add_argument("--k", type=int, default=10, help="list length (default 10)")
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for CIs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", default="", help="name in the report (default: run folder)")
+    p.add_argument("--k", type=int, help="list length (k)")
+    p.add_argument("--n-boot", type=int, help="bootstrap resamples for CIs (n_boot)")
+    p.add_argument("--seed", type=int, help="bootstrap seed (seed)")
+    p.add_argument("--label", help="name in the report (label; default: run folder)")
+    config_mod.add_config_args(
+        p, "AuditConfig (gates.KEY: GateConfig)", "n_boot=50 ci=0.9 gates.max_gap=0.2"
+    )
     p.set_defaults(func=_audit)
+
+
+def audit_configs(args):
+    """(AuditConfig, GateConfig) from the files, the flags and --set (gates.KEY for gates)."""
+    from fairness.audit import AuditConfig
+    from fairness.gates import GateConfig
+
+    file = config_mod.read_file(args.config) if args.config else {}
+    # An [audit] table, or the top level less a [gates] table that may sit beside it.
+    audit_values = (
+        file["audit"] if "audit" in file else {k: v for k, v in file.items() if k != "gates"}
+    )
+    audit_sets = [s for s in args.set if not s.startswith("gates.")]
+    gate_sets = [s.removeprefix("gates.") for s in args.set if s.startswith("gates.")]
+    flags = [
+        f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
+    ]
+    cfg = config_mod.load(AuditConfig, None, flags + audit_sets, base=audit_values)
+    if not cfg.run or not cfg.data:
+        raise config_mod.ConfigError(
+            "audit needs run and data: --run DIR --data DIR, or run= and data= in --config / --set"
+        )
+    if args.gates:
+        gates = config_mod.load(GateConfig, args.gates, gate_sets, section="gates")
+    else:
+        gates = config_mod.load(GateConfig, None, gate_sets, base=file.get("gates", {}))
+    return cfg, gates
 
 
 def _audit(args) -> int:
     import dataclasses
 
-    from common import config as config_mod
-    from fairness.audit import AuditConfig, load_audit, run_audit
-    from fairness.gates import GateConfig, check_gates, compare
+    from fairness.audit import load_audit, run_audit
+    from fairness.gates import check_gates, compare
     from fairness.report import write_report
 
-    gates = config_mod.load(GateConfig, args.gates, section="gates")
-    cfg = AuditConfig(
-        run=args.run, data=args.data, k=args.k, n_boot=args.n_boot, seed=args.seed, label=args.label
-    )
+    cfg, gates = audit_configs(args)
     result = run_audit(cfg)
     baseline = None
     if args.baseline_run:
@@ -65,7 +108,7 @@ def _audit(args) -> int:
         from training.schema import Dataset
 
         read = pd.read_csv if args.feedback.endswith(".csv") else pd.read_parquet
-        online = online_by_group(feedback=read(args.feedback), users=Dataset.load(args.data).users)
+        online = online_by_group(feedback=read(args.feedback), users=Dataset.load(cfg.data).users)
     paths = write_report(args.out, result, verdict, comparison, online)
     status = "PASS" if verdict.passed else "FAIL"
     print(

@@ -2,11 +2,11 @@
 
 Point estimates, differences, ratios and group minima come from Fairlearn's `MetricFrame`,
 so the numbers are the ones a reviewer gets by calling Fairlearn directly. Confidence
-intervals do not: `MetricFrame(n_boot=100)` is slow at 100k users (`python -m fairness.bench`), because it
-rebuilds a pandas groupby per resample. `bootstrap_group_means` draws the same kind of
-resample (n users with replacement from the whole population, as Fairlearn does) and gets
-every group's mean from `np.bincount`s, far faster,
-with the same quantiles when fed the same resamples (tests/unit/test_fairness_groups.py).
+intervals do not: `MetricFrame(n_boot=100)` is slow at 100k users (`python -m fairness.bench`
+measures it), because it rebuilds a pandas groupby per resample. `bootstrap_group_means`
+draws the same kind of resample (n users with replacement from the whole population, as
+Fairlearn does) and gets every group's mean from `np.bincount`s, far faster, with the same
+quantiles when fed the same resamples (tests/unit/test_fairness_groups.py).
 """
 
 from __future__ import annotations

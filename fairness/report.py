@@ -6,7 +6,6 @@ it can be attached to a ticket or an MLflow run and read anywhere.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from common.figures import img_tag, png_base64
+from common.figures import png_base64
+from common.jsonsafe import dumps
+from common.templating import render
 from fairness.audit import AuditResult
 from fairness.exposure import POPULARITY_BUCKETS
 from fairness.gates import GateResult
@@ -30,19 +31,6 @@ ITEMS_FILE = "items.csv"
 
 OK, BAD, MUTED, ACCENT = "#2e7d32", "#c62828", "#9e9e9e", "#1565c0"
 BUCKET_COLORS = {"head": "#c62828", "mid": "#f9a825", "tail": "#1565c0"}
-
-
-def jsonable(x: Any) -> Any:
-    """Plain JSON: NaN and inf become null, numpy scalars become Python numbers."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 def write_report(
@@ -72,9 +60,9 @@ def write_report(
         "comparison": comparison,
         "online": online,
     }
-    paths["audit"].write_text(json.dumps(jsonable(body), indent=1))
+    paths["audit"].write_text(dumps(body, indent=1))  # NaN and inf are null
     if gates is not None:
-        paths["gates"].write_text(json.dumps(jsonable(gates.to_dict()), indent=1))
+        paths["gates"].write_text(dumps(gates.to_dict(), indent=1))
     else:
         paths.pop("gates")
     if result.item_table is not None:
@@ -253,48 +241,80 @@ def plot_deltas(comparison: dict[str, Any], metric: str, *, min_size: int = 0) -
 
 
 # ---------------------------------------------------------------- HTML
-
-CSS = """
-body{font:14px/1.45 -apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;color:#222;
- max-width:1180px;margin:24px auto;padding:0 20px}
-h1{font-size:24px;margin:0 0 4px} h2{font-size:19px;margin:30px 0 8px;border-bottom:1px solid
- #ddd;padding-bottom:4px} h3{font-size:15px;margin:18px 0 6px}
-.sub{color:#666;margin-bottom:14px}
-.verdict{padding:12px 16px;border-radius:6px;font-size:16px;margin:12px 0}
-.pass{background:#e8f5e9;border-left:6px solid #2e7d32}
-.fail{background:#ffebee;border-left:6px solid #c62828}
-.none{background:#f5f5f5;border-left:6px solid #9e9e9e}
-.verdict ul{margin:6px 0 0;padding-left:20px;font-size:14px}
-.kpis{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
-.kpi{border:1px solid #e0e0e0;border-radius:6px;padding:8px 12px;min-width:120px}
-.kpi b{display:block;font-size:19px} .kpi span{color:#666;font-size:12px}
-table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
-th,td{border-bottom:1px solid #eee;padding:4px 10px;text-align:right}
-th{background:#fafafa} td:first-child,th:first-child{text-align:left}
-tr.bad td{color:#c62828;font-weight:600} tr.small td{color:#9e9e9e}
-td.ok{color:#2e7d32;font-weight:600} td.no{color:#c62828;font-weight:600}
-td.skip{color:#9e9e9e} td.reason,th.reason{text-align:left;max-width:640px}
-img{max-width:100%;display:block;margin:6px 0}
-.row{display:flex;gap:16px;flex-wrap:wrap} .row img{max-width:560px}
-.note{color:#666;font-size:12.5px} code{background:#f4f4f4;padding:0 3px}
-details{margin:8px 0} summary{cursor:pointer;color:#1565c0}
-"""
+# The page is templates/report.html.j2; the functions below only shape the numbers
+# (formatted strings, CSS classes) it lays out. The template escapes every value.
 
 
-def _verdict_html(gates: GateResult | None) -> str:
-    if gates is None:
-        return '<div class="verdict none">No gates were checked.</div>'
-    if gates.passed:
-        n = sum(1 for c in gates.checks if not c.skipped)
-        return f'<div class="verdict pass"><b>PASS</b>: all {n} gate checks passed.</div>'
-    items = "".join(f"<li>{html.escape(r)}</li>" for r in gates.reasons)
-    return (
-        f'<div class="verdict fail"><b>FAIL</b>: {len(gates.reasons)} gate check(s) '
-        f"failed.<ul>{items}</ul></div>"
+def render_html(
+    result: AuditResult,
+    gates: GateResult | None = None,
+    comparison: dict[str, Any] | None = None,
+    online: dict[str, Any] | None = None,
+) -> str:
+    metric = _gate_metric(result, gates)
+    min_size = gates.config.min_group_size if gates else 0
+    failing: dict[str, set[str]] = {}
+    for c in gates.failures if gates else []:
+        failing.setdefault(c.scope, set()).update(c.groups)
+    meta = result.meta
+    src = meta.get("source", {})
+    return render(
+        __file__,
+        "report.html.j2",
+        label=result.label,
+        k=meta["k"],
+        n_users=f"{meta['n_users']:,}",
+        n_items=f"{meta['n_items']:,}",
+        n_boot=meta["n_boot"],
+        split=str(src.get("split", "custom lists")),
+        created=meta.get("created", ""),
+        gates=_gates_view(gates),
+        kpis=_kpis(result, gates),
+        comparison=_comparison_view(comparison, metric, min_size) if comparison else None,
+        skipped=list(meta.get("skipped", {}).items()),
+        groupings=[
+            _grouping_view(name, table, min_size=min_size, failing=failing.get(name, set()))
+            for name, table in result.users.items()
+        ],
+        lorenz=plot_lorenz(result),
+        scatter=plot_popularity_scatter(result),
+        shares=plot_item_shares(result),
+        item_tables=_item_tables(result),
+        online=_online_view(online) if online else None,
+        source=json.dumps(src) if src else "",
     )
 
 
-def _kpis(result: AuditResult, gates: GateResult | None) -> str:
+def _gates_view(gates: GateResult | None) -> dict[str, Any] | None:
+    if gates is None:
+        return None
+    checks = []
+    for c in gates.checks:
+        cls, text = (
+            ("skip", "skipped") if c.skipped else (("ok", "pass") if c.passed else ("no", "FAIL"))
+        )
+        checks.append(
+            {
+                "gate": c.gate,
+                "scope": c.scope,
+                "value": _fmt(c.value),
+                "threshold": _fmt(c.threshold),
+                "cls": cls,
+                "result": text,
+                "reason": c.reason,
+            }
+        )
+    return {
+        "passed": gates.passed,
+        "n_checked": sum(1 for c in gates.checks if not c.skipped),
+        "reasons": list(gates.reasons),
+        "checks": checks,
+        "notes": list(gates.notes),
+    }
+
+
+def _kpis(result: AuditResult, gates: GateResult | None) -> list[tuple[str, str]]:
+    """(name, value) of the headline numbers, in display order."""
     s = result.items["summary"]
     metric = _gate_metric(result, gates)
     first = next(iter(result.users.values()), None)
@@ -313,227 +333,120 @@ def _kpis(result: AuditResult, gates: GateResult | None) -> str:
         ("ARP", _fmt(s["arp"], 1)),
         ("APLT", f"{s['aplt']:.1%}"),
     ]
-    return (
-        '<div class="kpis">'
-        + "".join(
-            f'<div class="kpi"><b>{v}</b><span>{html.escape(k)}</span></div>' for k, v in cells
-        )
-        + "</div>"
-    )
+    return cells
 
 
-def _group_table_html(table: GroupTable, *, min_size: int, failing: set[str]) -> str:
+def _grouping_view(
+    name: str, table: GroupTable, *, min_size: int, failing: set[str]
+) -> dict[str, Any]:
     ms = list(table.metrics)
-    head = "".join(f"<th>{html.escape(m)} [95% CI]</th>" for m in ms)
-    rows = []
-    for g in table.groups:
-        cls = "bad" if g in failing else ("small" if table.size_of(g) < min_size else "")
-        cells = "".join(
-            f"<td>{_fmt(table.by_group[m][g])} <span class='note'>[{_fmt(table.ci_low[m][g], 3)}"
-            f", {_fmt(table.ci_high[m][g], 3)}]</span></td>"
-            for m in ms
+    rows = [
+        {
+            "cls": "bad" if g in failing else ("small" if table.size_of(g) < min_size else ""),
+            "group": g,
+            "users": f"{table.size_of(g):,}",
+            "cells": [
+                {
+                    "mean": _fmt(table.by_group[m][g]),
+                    "low": _fmt(table.ci_low[m][g], 3),
+                    "high": _fmt(table.ci_high[m][g], 3),
+                }
+                for m in ms
+            ],
+        }
+        for g in table.groups
+    ]
+    stats = [
+        {"label": label, "cells": [_fmt(stat[m]) for m in ms]}
+        for label, stat in (
+            ("overall", table.overall),
+            ("group min", table.group_min),
+            ("difference (max − min)", table.difference),
+            ("ratio (min / max)", table.ratio),
         )
-        rows.append(
-            f'<tr class="{cls}"><td>{html.escape(g)}</td><td>{table.size_of(g):,}</td>{cells}</tr>'
-        )
-    for label, stat in (
-        ("overall", table.overall),
-        ("group min", table.group_min),
-        ("difference (max − min)", table.difference),
-        ("ratio (min / max)", table.ratio),
-    ):
-        cells = "".join(f"<td>{_fmt(stat[m])}</td>" for m in ms)
-        rows.append(f"<tr><td><i>{label}</i></td><td></td>{cells}</tr>")
-    return (
-        f"<table><tr><th>{html.escape(table.attribute)}</th><th>users</th>{head}</tr>"
-        + "".join(rows)
-        + "</table>"
-    )
+    ]
+    return {
+        "name": name,
+        "attribute": table.attribute,
+        "plot": plot_groups(table, min_size=min_size, failing=failing),
+        "metrics": ms,
+        "rows": rows,
+        "stats": stats,
+    }
 
 
-def _item_tables_html(result: AuditResult) -> str:
-    parts = []
-    for name, g in result.items["groups"].items():
-        rows = "".join(
-            f"<tr><td>{html.escape(n)}</td><td>{v['items']:,}</td>"
-            f"<td>{v['exposure_share']:.1%}</td><td>{v['relevance_share']:.1%}</td>"
-            f"<td>{_fmt(v['exposure_per_relevance'], 2)}</td></tr>"
-            for n, v in g["groups"].items()
-        )
-        parts.append(
-            f"<table><tr><th>{html.escape(name)}</th><th>items</th><th>exposure share</th>"
-            f"<th>relevance share</th><th>exposure / relevance</th></tr>{rows}</table>"
-        )
-    return '<div class="row">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>"
+def _item_tables(result: AuditResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "rows": [
+                {
+                    "group": n,
+                    "n_items": f"{v['items']:,}",
+                    "exposure_share": f"{v['exposure_share']:.1%}",
+                    "relevance_share": f"{v['relevance_share']:.1%}",
+                    "ratio": _fmt(v["exposure_per_relevance"], 2),
+                }
+                for n, v in g["groups"].items()
+            ],
+        }
+        for name, g in result.items["groups"].items()
+    ]
 
 
-def _gates_html(gates: GateResult) -> str:
-    rows = []
-    for c in gates.checks:
-        status = (
-            ("skip", "skipped") if c.skipped else (("ok", "pass") if c.passed else ("no", "FAIL"))
-        )
-        rows.append(
-            f"<tr><td>{html.escape(c.gate)}</td><td>{html.escape(c.scope)}</td>"
-            f"<td>{_fmt(c.value)}</td><td>{_fmt(c.threshold)}</td>"
-            f'<td class="{status[0]}">{status[1]}</td>'
-            f'<td class="reason">{html.escape(c.reason)}</td></tr>'
-        )
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in gates.notes)
-    return (
-        "<table><tr><th>gate</th><th>scope</th><th>value</th><th>threshold</th>"
-        "<th>result</th><th class='reason'>reason</th></tr>"
-        + "".join(rows)
-        + "</table>"
-        + (f'<ul class="note">{notes}</ul>' if notes else "")
-    )
+def _comparison_view(comparison: dict[str, Any], metric: str, min_size: int) -> dict[str, Any]:
+    return {
+        "baseline": str(comparison["baseline"]),
+        "plot": plot_deltas(comparison, metric, min_size=min_size),
+        "rows": [
+            {
+                "metric": k,
+                "baseline": _fmt(v["baseline"]),
+                "candidate": _fmt(v["candidate"]),
+                "delta": f"{v['delta']:+.4f}",
+            }
+            for k, v in comparison["items"].items()
+            if k not in ("k", "n_items")
+        ],
+    }
 
 
-def _comparison_html(comparison: dict[str, Any], metric: str, min_size: int) -> str:
-    parts = []
-    b64 = plot_deltas(comparison, metric, min_size=min_size)
-    if b64:
-        parts.append(img_tag(b64, "per-group deltas"))
-    rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v['baseline'])}</td>"
-        f"<td>{_fmt(v['candidate'])}</td><td>{v['delta']:+.4f}</td></tr>"
-        for k, v in comparison["items"].items()
-        if k not in ("k", "n_items")
-    )
-    parts.append(
-        "<h3>Item side</h3><table><tr><th>metric</th><th>baseline</th>"
-        f"<th>candidate</th><th>delta</th></tr>{rows}</table>"
-    )
-    return "".join(parts)
-
-
-METHOD_NOTES = """
-<ul class="note">
-<li><b>Users audited</b>: users with at least one held-out interaction in the audited period.
-Per-user Recall@K, NDCG@K (binary gains) and HitRate@K over the full catalogue, the user's
-history excluded.</li>
-<li><b>Group numbers</b>: Fairlearn <code>MetricFrame</code> (by_group, difference =
-max − min, ratio = min / max, group_min). 95% intervals: percentile bootstrap of the group
-means, resampling all users with replacement (as <code>MetricFrame(n_boot=…)</code> does),
-computed with numpy.</li>
-<li><b>Exposure</b> of an item = Σ over users of 1 / log2(1 + rank) for ranks 1..K.
-<b>Relevance share</b> = share of held-out interactions on the group's items.
-<b>DTR</b> (Singh &amp; Joachims 2018) = (exposure / relevance of group a) ÷ (same of group
-b); 1 = exposure in proportion to relevance; the worst pair is shown.</li>
-<li><b>Popularity buckets</b>: items sorted by history interactions; head = the most popular
-items that hold the first 20% of interactions, tail = the items holding the last 20%
-(never-seen items included), mid = the rest. <b>ARP</b> = mean over users of the mean
-history count of their K items; <b>APLT</b> = mean share of non-head items in a list.</li>
-</ul>
-"""
-
-
-def _online_html(online: dict[str, Any]) -> str:
+def _online_view(online: dict[str, Any]) -> dict[str, Any]:
     """Per attribute, a row per group and a CTR / value column pair per model version."""
     versions = sorted(online["overall"])
-    head = "".join(
-        f"<th>v{html.escape(v)} CTR</th><th>v{html.escape(v)} value</th>" for v in versions
-    )
-    parts = []
+    attributes = []
     for attr, d in online["attributes"].items():
         groups = sorted({g for by in d["by_group"].values() for g in by})
         rows = []
         for g in groups:
-            cells = ""
+            cells = []
             for v in versions:
                 x = d["by_group"].get(v, {}).get(g)
-                cells += (
-                    f"<td>{x['ctr']:.2%} <span class='note'>({x['impressions']:,})</span>"
-                    f"</td><td>{_fmt(x['value'], 2)}</td>"
+                cells.append(
+                    {
+                        "ctr": f"{x['ctr']:.2%}",
+                        "n": f"{x['impressions']:,}",
+                        "value": _fmt(x["value"], 2),
+                    }
                     if x
-                    else "<td>–</td><td>–</td>"
+                    else None
                 )
-            rows.append(f"<tr><td>{html.escape(g)}</td>{cells}</tr>")
-        for stat in ("difference", "ratio"):
-            cells = "".join(
-                f"<td>{_fmt(d[stat].get(v, {}).get('ctr'))}</td>"
-                f"<td>{_fmt(d[stat].get(v, {}).get('value'), 3)}</td>"
-                for v in versions
-            )
-            rows.append(f"<tr><td><i>{stat}</i></td>{cells}</tr>")
-        parts.append(
-            f"<h3>{html.escape(attr)}</h3><table><tr><th>group</th>{head}</tr>"
-            + "".join(rows)
-            + "</table>"
-        )
-    return (
-        '<p class="note">Per impression, from the labelled feedback log; '
-        "(n) = impressions.</p>" + "".join(parts)
-    )
-
-
-def render_html(
-    result: AuditResult,
-    gates: GateResult | None = None,
-    comparison: dict[str, Any] | None = None,
-    online: dict[str, Any] | None = None,
-) -> str:
-    metric = _gate_metric(result, gates)
-    min_size = gates.config.min_group_size if gates else 0
-    failing: dict[str, set[str]] = {}
-    for c in gates.failures if gates else []:
-        failing.setdefault(c.scope, set()).update(c.groups)
-    meta = result.meta
-    src = meta.get("source", {})
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Fairness audit: {html.escape(result.label)}</title>",
-        f"<style>{CSS}</style></head><body>",
-        f"<h1>Fairness audit: {html.escape(result.label)}</h1>",
-        f'<div class="sub">K = {meta["k"]} · {meta["n_users"]:,} users · '
-        f"{meta['n_items']:,} items · {meta['n_boot']} bootstrap resamples · "
-        f"{html.escape(str(src.get('split', 'custom lists')))} period · "
-        f"{html.escape(meta.get('created', ''))}</div>",
-        _verdict_html(gates),
-        _kpis(result, gates),
-    ]
-    if comparison:
-        parts += [
-            f"<h2>Versus baseline {html.escape(str(comparison['baseline']))}</h2>",
-            _comparison_html(comparison, metric, min_size),
+            rows.append({"group": g, "cells": cells})
+        stats = [
+            {
+                "label": stat,
+                "cells": [
+                    {
+                        "ctr": _fmt(d[stat].get(v, {}).get("ctr")),
+                        "value": _fmt(d[stat].get(v, {}).get("value"), 3),
+                    }
+                    for v in versions
+                ],
+            }
+            for stat in ("difference", "ratio")
         ]
-    parts.append("<h2>Users: recommendation quality by group</h2>")
-    if meta.get("skipped"):
-        parts.append(
-            '<p class="note">Not audited: '
-            + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in meta["skipped"].items())
-            + "</p>"
-        )
-    for name, table in result.users.items():
-        f = failing.get(name, set())
-        parts += [
-            f"<h3>{html.escape(name)}</h3>",
-            img_tag(plot_groups(table, min_size=min_size, failing=f), f"metrics by {name}"),
-            "<details><summary>numbers</summary>",
-            _group_table_html(table, min_size=min_size, failing=f),
-            "</details>",
-        ]
-    parts.append("<h2>Items: exposure and popularity bias</h2>")
-    scatter = plot_popularity_scatter(result)
-    parts.append(
-        '<div class="row">'
-        + img_tag(plot_lorenz(result), "Lorenz curve")
-        + (img_tag(scatter, "popularity vs exposure") if scatter else "")
-        + "</div>"
-    )
-    parts.append(img_tag(plot_item_shares(result), "exposure vs relevance share"))
-    parts.append(_item_tables_html(result))
-    if online:
-        parts += ["<h2>Online: CTR and value by group and model version</h2>", _online_html(online)]
-    if gates is not None:
-        parts += ["<h2>Gates</h2>", _gates_html(gates)]
-    parts += [
-        "<h2>How to read this</h2>",
-        METHOD_NOTES,
-        f'<p class="note">Source: {html.escape(json.dumps(src))}</p>' if src else "",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+        attributes.append({"name": attr, "rows": rows, "stats": stats})
+    return {"versions": versions, "attributes": attributes}
 
 
 # ---------------------------------------------------------------- Markdown

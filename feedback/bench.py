@@ -2,7 +2,7 @@
 
     northstar feedback bench [--events 1000000] [--impressions 1000000] [--dir DIR]
 
-Targets (issue #4): ingest >= 50k events/s with batched appends; the join of 1M
+Targets (feedback/README.md): ingest >= 50k events/s with batched appends; the join of 1M
 impressions with their clicks < 20 s. Figures vary with machine load, so the script prints
 what it measured and the targets side by side and never asserts; tests do not time things.
 """
@@ -29,7 +29,7 @@ JOIN_TARGET_S = 20.0
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class IngestBenchConfig:
     events: int = 1_000_000  # interactions appended in the ingest figure
     batch: int = 5_000  # rows per append: one dynamic batch of a busy ingest model
     small_batch: int = 500  # a quieter server's batches: more commits (fsyncs) per event
@@ -177,7 +177,7 @@ def bench_join(root: Path, *, impressions: int, k: int, click_rate: float, seed:
     }
 
 
-def run_bench(cfg: BenchConfig) -> dict:
+def run_bench(cfg: IngestBenchConfig) -> dict:
     root = Path(cfg.dir) if cfg.dir else Path(tempfile.mkdtemp(prefix="northstar-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -256,7 +256,7 @@ def format_bench(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: BenchConfig, out: str | None = None) -> dict:
+def main(cfg: IngestBenchConfig, out: str | None = None) -> dict:
     res = run_bench(cfg)
     print(format_bench(res))
     if out:

@@ -1,4 +1,4 @@
-"""`northstar feedback join|metrics|positives|quarantine|bench` and `northstar simulate`."""
+"""`northstar feedback join|metrics|positives|quarantine|bench`."""
 
 from __future__ import annotations
 
@@ -6,26 +6,34 @@ import argparse
 import math
 from pathlib import Path
 
+from common import config as config_mod
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     fb = sub.add_parser("feedback", help="event log: join into labels, north-star metrics")
     fsub = fb.add_subparsers(dest="feedback_command", required=True)
 
-    p = fsub.add_parser("join", help="attribute interactions to impressions (incremental)")
-    p.add_argument("--log", required=True, help="event log (events.db or sqlite:///path)")
-    p.add_argument("--out", required=True, help="labels folder (date=YYYY-MM-DD/part-*.parquet)")
-    p.add_argument("--window", default="30m", help="attribution window, e.g. 30m, 2h (default 30m)")
+    p = fsub.add_parser(
+        "join",
+        help="attribute interactions to impressions (incremental)",
+        description="Settings are JoinConfig's fields (feedback/join.py): from --config FILE "
+        "(a [join] table or top level; durations in seconds there), then the flags below, "
+        "then --set (the last one given wins). Defaults are JoinConfig's.",
+    )
+    p.add_argument("--log", help="event log (events.db or sqlite:///path); field log")
+    p.add_argument("--out", help="labels folder (date=YYYY-MM-DD/part-*.parquet); field out")
+    p.add_argument("--window", help="window_s as a duration, e.g. 30m, 2h")
     p.add_argument(
         "--as-of",
-        default=None,
-        help="watermark: 'log' (default: the log's max event ts), 'now', 'end' "
-        "(close every window), unix seconds or an ISO time",
+        help="as_of, the watermark: 'log' (the log's max event ts, the default), 'now', "
+        "'end' (close every window), unix seconds or an ISO time",
     )
     p.add_argument(
         "--lookback",
-        default="7d",
-        help="how far back written labels are searched to classify late clicks",
+        help="late_lookback_s as a duration: how far back written labels are searched to "
+        "classify late clicks, e.g. 7d",
     )
+    config_mod.add_config_args(p, "JoinConfig", "window_s=3600 as_of=inf")
     p.add_argument(
         "--positives",
         default=None,
@@ -51,32 +59,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", required=True)
     p.set_defaults(func=_quarantine)
 
-    p = fsub.add_parser("bench", help="measure ingest rate and join time")
-    p.add_argument("--events", type=int, default=1_000_000)
-    p.add_argument("--batch", type=int, default=5_000)
+    p = fsub.add_parser(
+        "bench",
+        help="measure ingest rate and join time",
+        description="Settings are IngestBenchConfig's fields (feedback/bench.py): --config "
+        "FILE, then the flags below, then --set. Defaults are IngestBenchConfig's.",
+    )
+    p.add_argument("--events", type=int, help="interactions appended (events)")
+    p.add_argument("--batch", type=int, help="rows per append (batch)")
     p.add_argument(
         "--random-ids",
         type=int,
-        default=300_000,
-        help="events for the random-id comparison (0 = skip)",
+        help="events for the random-id comparison (random_ids; 0 = skip)",
     )
-    p.add_argument("--writers", type=int, default=4, help="concurrent writer processes")
-    p.add_argument("--impressions", type=int, default=1_000_000)
-    p.add_argument("--dir", default=None, help="keep the files here (default: temp, removed)")
+    p.add_argument("--writers", type=int, help="concurrent writer processes (writers; 0 = skip)")
+    p.add_argument("--impressions", type=int, help="impressions in the join figure")
+    p.add_argument("--dir", help="keep the files here (dir; default: temp, removed)")
+    config_mod.add_config_args(p, "IngestBenchConfig", "small_batch=1000 click_rate=0.1")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.set_defaults(func=_bench)
 
 
-def _join(args) -> int:
-    from feedback.join import JoinConfig, export_positives, parse_as_of, parse_duration, run_join
+def join_config(args):
+    """JoinConfig from --config, then the flags (durations parsed), then --set."""
+    from feedback.join import JoinConfig, parse_as_of, parse_duration
 
-    cfg = JoinConfig(
-        log=args.log,
-        out=args.out,
-        window_s=parse_duration(args.window),
-        as_of=parse_as_of(args.as_of),
-        late_lookback_s=parse_duration(args.lookback),
-    )
+    flags = [f"{key}={v}" for key, v in (("log", args.log), ("out", args.out)) if v is not None]
+    if args.window is not None:
+        flags.append(f"window_s={parse_duration(args.window)}")
+    if args.lookback is not None:
+        flags.append(f"late_lookback_s={parse_duration(args.lookback)}")
+    if args.as_of is not None:
+        as_of = parse_as_of(args.as_of)  # 'log' is None: the event-time watermark
+        flags.append(f"as_of={'none' if as_of is None else as_of}")
+    try:
+        return config_mod.load(JoinConfig, args.config, flags + list(args.set), section="join")
+    except TypeError as exc:  # log or out given nowhere
+        raise config_mod.ConfigError(
+            f"JoinConfig: {exc}; give --log and --out, or log= and out= in --config / --set"
+        ) from exc
+
+
+def _join(args) -> int:
+    from feedback.join import export_positives, run_join
+
+    cfg = join_config(args)
     rep = run_join(cfg)
     wm = (
         "none"
@@ -84,7 +111,7 @@ def _join(args) -> int:
         else ("end" if math.isinf(rep.watermark) else f"{rep.watermark:.3f}")
     )
     if rep.noop:
-        print(f"up to date: nothing new in {args.log} (watermark {wm}, {rep.pending} pending)")
+        print(f"up to date: nothing new in {cfg.log} (watermark {wm}, {rep.pending} pending)")
     else:
         print(
             f"run {rep.run}: read {rep.new_impressions:,} impressions and "
@@ -96,7 +123,7 @@ def _join(args) -> int:
             print("  interactions: " + ", ".join(f"{k} {v:,}" for k, v in rep.statuses.items()))
             print("  reasons:      " + ", ".join(f"{k} {v:,}" for k, v in rep.reasons.items()))
     if args.positives:
-        n = export_positives(args.out, args.positives)
+        n = export_positives(cfg.out, args.positives)
         print(f"wrote {n:,} positives to {args.positives}")
     return 0
 
@@ -140,18 +167,20 @@ def _quarantine(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from feedback.bench import BenchConfig, main
+def bench_config(args):
+    """IngestBenchConfig from --config, then the flags, then --set."""
+    from feedback.bench import IngestBenchConfig
 
-    main(
-        BenchConfig(
-            events=args.events,
-            batch=args.batch,
-            random_ids=args.random_ids,
-            writers=args.writers,
-            impressions=args.impressions,
-            dir=args.dir,
-        ),
-        out=args.out,
-    )
+    flags = [
+        f"{key}={getattr(args, key)}"
+        for key in ("events", "batch", "random_ids", "writers", "impressions", "dir")
+        if getattr(args, key) is not None
+    ]
+    return config_mod.load(IngestBenchConfig, args.config, flags + list(args.set), section="bench")
+
+
+def _bench(args) -> int:
+    from feedback.bench import main
+
+    main(bench_config(args), out=args.out)
     return 0

@@ -62,6 +62,41 @@ class Impression:
     ts: float
 
 
+@dataclass
+class ServedImpressions:
+    """The rows one batch served, as columns: one per (slate, position), each an
+    `Impression` without its event_id and ts (the logger adds both when it logs them).
+
+    What the serving path (serving.recommender, the simulator's local double) hands the
+    event log through `feedback.hook.ImpressionLogger.write`. `propensity` None means a
+    deterministic policy: every shown item was certain to be shown there (1.0).
+    """
+
+    request_id: np.ndarray  # (n,) object: str (or bytes)
+    user_id: np.ndarray  # (n,) int64
+    item_id: np.ndarray  # (n,) int64
+    position: np.ndarray  # (n,) int32, 0-based
+    score: np.ndarray  # (n,) float32
+    model_version: np.ndarray  # (n,) int64
+    propensity: np.ndarray | None = None  # (n,) float64, P(item at position | policy)
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+    @classmethod
+    def empty(cls) -> ServedImpressions:
+        e = np.zeros(0, dtype=np.int64)
+        return cls(
+            request_id=np.zeros(0, dtype=object),
+            user_id=e,
+            item_id=e,
+            position=e.astype(np.int32),
+            score=e.astype(np.float32),
+            model_version=e,
+            propensity=e.astype(np.float64),
+        )
+
+
 @dataclass(frozen=True)
 class Interaction:
     """A user's action on an item. `value`: watch seconds for "watch", 1.0 for click and like
@@ -237,9 +272,9 @@ def _coerce_int(a: np.ndarray):
                 out[i] = v
             else:
                 not_int[i] = True
-        elif isinstance(v, float) and math.isfinite(v) and v == int(v):
+        elif isinstance(v, float) and math.isfinite(v) and v == int(v) and -(2**63) <= v < 2**63:
             out[i] = int(v)
-        else:
+        else:  # a fraction, a string, or an integral float beyond int64
             not_int[i] = True
     return out, [("missing", missing), ("not an integer", not_int)]
 
@@ -256,7 +291,10 @@ def _coerce_float(a: np.ndarray):
         if missing[i]:
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[i] = float(v)
+            try:
+                out[i] = float(v)
+            except OverflowError:  # a Python int beyond float: not finite as a float
+                out[i] = math.inf
         else:
             not_num[i] = True
     return out, [

@@ -29,17 +29,6 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class ExplorationConfig:
-    # 5%: enough explored traffic that every candidate has support for IPS within days,
-    # at a CTR cost of about ε times the greedy-vs-random gap.
-    epsilon: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"epsilon={self.epsilon}: expected a probability in [0, 1]")
-
-
-@dataclass(frozen=True)
 class Ranking:
     item_ids: np.ndarray  # (B, W) int64, W = max k; pad_item = empty slot
     scores: np.ndarray  # (B, W) float32; the model's score of the item in the slot

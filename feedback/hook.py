@@ -1,10 +1,9 @@
 """The serving side of the event log: what the `recommend` model calls once per batch.
 
 `ImpressionLogger` is a drop-in for `serving.recommender.ImpressionSink`: its `write`
-takes the batch's served rows (any object with request_id, user_id, item_id, position,
-score, model_version arrays, and optionally propensity) and returns only when they are
-durable in the log. `recommend` answers after that, so every item a client receives is
-in the log first.
+takes the batch's served rows (a `feedback.events.ServedImpressions`) and returns only
+when they are durable in the log. `recommend` answers after that, so every item a client
+receives is in the log first.
 
 Where the log is: the env var NORTHSTAR_EVENT_LOG (set by whoever starts tritonserver),
 else the model's `event_log` config parameter. Neither set: logging is off (None).
@@ -16,10 +15,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
+from feedback.events import ServedImpressions
 from feedback.sink import EVENT_LOG_ENV, EventSink, WriteResult, open_sink
 
 log = logging.getLogger(__name__)
@@ -55,9 +54,9 @@ class ImpressionLogger:
         self.sink = sink
         self.clock = clock
 
-    def write(self, impressions: Any) -> WriteResult:
+    def write(self, impressions: ServedImpressions) -> WriteResult:
         n = len(impressions.item_id)
-        prop = getattr(impressions, "propensity", None)
+        prop = impressions.propensity  # None: a deterministic policy, 1.0 everywhere
         position = np.asarray(impressions.position, dtype=np.int64)
         rows = {
             "event_id": impression_event_ids(impressions.request_id, position),

@@ -10,20 +10,9 @@ cost more.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
-
-
-def uuid7(ts: float | None = None) -> str:
-    """One UUIDv7 as 32 hex digits (like uuid4().hex): 48-bit unix ms, version 7, 74 random
-    bits. `uuid.UUID(hex=...)` reads it back."""
-    ms = int((time.time() if ts is None else ts) * 1000)
-    r = int.from_bytes(os.urandom(10), "big")
-    rand_a, rand_b = r >> 68, r & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
-    return f"{value:032x}"
 
 
 def uuid7_batch(

@@ -36,11 +36,9 @@ Output layout (readers skip names starting with "_" or "."):
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -52,10 +50,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
-from common.files import atomic_write_text, fsync_path
+from common.files import atomic_path, atomic_write_text
 from feedback.events import IMPRESSION, INTERACTION
 from feedback.sink import EventSource, open_source
 
@@ -64,7 +63,12 @@ log = logging.getLogger(__name__)
 STATE_DIR = "_state"
 STATUS_DIR = "_interactions"
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+DATE = "date"  # the hive partition key: OUT/date=YYYY-MM-DD/
 _FORMAT = 1
+# Folders of partitions are read as one pyarrow dataset; names starting with "_" or "."
+# (the state folder, the statuses under the labels, temp files) are skipped by discovery.
+_HIVE = pads.partitioning(pa.schema([(DATE, pa.string())]), flavor="hive")
 
 JOINED, LATE, UNATTRIBUTED = "joined", "late", "unattributed"
 # Reason -> status. The reasons are what a person debugging the loop needs to see.
@@ -195,7 +199,7 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    with _exclusive(out / STATE_DIR / "lock"):
+    with _exclusive(out / STATE_DIR / LOCK_FILE):
         state = _load_state(out, cfg)
         run = state["run"] + 1
         src = source if source is not None else open_source(cfg.log)
@@ -566,26 +570,22 @@ def _empty_impressions() -> pd.DataFrame:
 
 def _finalized(out: Path, inter: pd.DataFrame, lookback_s: float) -> pd.DataFrame | None:
     """Written labels that could explain `inter`: from the days in [min ts - lookback,
-    max ts], and only rows with one of their request ids or users."""
+    max ts], and only rows with one of their request ids or users. None if there are none."""
     ts = inter["ts"].to_numpy()
     lo, hi = float(np.nanmin(ts)) - lookback_s, float(np.nanmax(ts))
     days = utc_dates(np.array([lo, hi]))
-    files = [
-        f
-        for d in sorted(out.glob("date=*"))
-        if days[0] <= d.name[5:] <= days[1]
-        for f in sorted(d.glob("part-*.parquet"))
-    ]
-    if not files:
-        return None
-    cols = ["event_id", "request_id", "user_id", "item_id", "position", "impression_ts"]
-    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
     users = pa.array(np.unique(inter["user_id"].to_numpy()), pa.int64())
     reqs = pa.array([r for r in pd.unique(inter["request_id"]) if r], pa.string())
-    keep = pc.or_(
-        pc.is_in(table["user_id"], value_set=users), pc.is_in(table["request_id"], value_set=reqs)
+    date = pads.field(DATE)
+    table = _read_partitioned(
+        out,
+        LABEL_SCHEMA,
+        columns=["event_id", "request_id", "user_id", "item_id", "position", "impression_ts"],
+        where=(date >= days[0])  # partition pruning: other days' files are not opened
+        & (date <= days[1])
+        & (pads.field("user_id").isin(users) | pads.field("request_id").isin(reqs)),
     )
-    return table.filter(keep).to_pandas()
+    return None if table is None or table.num_rows == 0 else table.to_pandas()
 
 
 def utc_dates(ts: np.ndarray) -> np.ndarray:
@@ -604,24 +604,38 @@ def _write_partitioned(
     dates = utc_dates(df[ts_col].to_numpy())
     for day in np.unique(dates):
         part = df[dates == day]
-        _write_table(root / f"date={day}" / f"part-{run:08d}.parquet", part, schema)
+        _write_table(root / f"{DATE}={day}" / f"part-{run:08d}.parquet", part, schema)
 
 
 def _write_table(path: Path, df: pd.DataFrame, schema: pa.Schema) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _read_partitioned(
+    root: Path, schema: pa.Schema, *, columns: list[str] | None = None, where=None
+) -> pa.Table | None:
+    """The `date=*/part-*.parquet` files under `root` as one table (with a `date` column
+    unless `columns` leaves it out), in file-name order; None if there are no files."""
+    if not root.is_dir():
+        return None
+    dataset = pads.dataset(
+        root,
+        schema=schema.append(pa.field(DATE, pa.string())),
+        format="parquet",
+        partitioning=_HIVE,
+    )
+    if not dataset.files:
+        return None
+    return dataset.to_table(columns=columns, filter=where)
 
 
 def _remove_run_files(out: Path, run: int) -> None:
     name = f"part-{run:08d}.parquet"
     for f in [
-        *out.glob(f"date=*/{name}"),
-        *out.glob(f"{STATUS_DIR}/date=*/{name}"),
+        *out.glob(f"{DATE}=*/{name}"),
+        *out.glob(f"{STATUS_DIR}/{DATE}=*/{name}"),
         out / STATE_DIR / f"pending-{run:08d}.parquet",
     ]:
         if f.exists():
@@ -631,15 +645,16 @@ def _remove_run_files(out: Path, run: int) -> None:
 
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise RuntimeError(f"{path}: another join is running on this folder") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Hold the folder's join lock (released by the kernel if the holder dies); never wait."""
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise RuntimeError(f"{path}: another join is running on this folder") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _nanmax(*values: float | None) -> float | None:
@@ -656,25 +671,17 @@ def _isnan(v) -> bool:
 
 def read_labels(out: str | Path) -> pd.DataFrame:
     """All written labels, with `date` as a string column. Empty frame if none yet."""
-    out = Path(out)
-    files = sorted(out.glob("date=*/part-*.parquet"))
-    if not files:
+    table = _read_partitioned(Path(out), LABEL_SCHEMA)
+    if table is None:
         df = LABEL_SCHEMA.empty_table().to_pandas()
-        return df.assign(date=pd.Series(dtype=object))
-    parts = []
-    for f in files:
-        t = pq.read_table(f).to_pandas()
-        t["date"] = f.parent.name[5:]
-        parts.append(t)
-    return pd.concat(parts, ignore_index=True)
+        return df.assign(**{DATE: pd.Series(dtype=object)})
+    return table.to_pandas()
 
 
 def read_statuses(out: str | Path) -> pd.DataFrame:
     """Every interaction's attribution status (one row per interaction in the log)."""
-    files = sorted(Path(out).glob(f"{STATUS_DIR}/date=*/part-*.parquet"))
-    if not files:
-        return STATUS_SCHEMA.empty_table().to_pandas()
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    table = _read_partitioned(Path(out) / STATUS_DIR, STATUS_SCHEMA, columns=STATUS_SCHEMA.names)
+    return (STATUS_SCHEMA.empty_table() if table is None else table).to_pandas()
 
 
 def read_state(out: str | Path) -> dict | None:
@@ -701,9 +708,6 @@ def export_positives(labels_dir: str | Path, out_path: str | Path) -> int:
             "value": pos["value"].to_numpy(np.float32),
         }
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        df.to_parquet(tmp, index=False)
     return len(df)

@@ -7,13 +7,14 @@ functions group the labels (per model version, per day, per user group) and appl
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
+
+from common.files import atomic_write_text
+from common.jsonsafe import dumps, to_jsonable
 
 # The user attributes the fairness audit also slices by (training.schema.USER_CATEGORICALS
 # minus occupation, which synthetic worlds do not have).
@@ -173,18 +174,7 @@ def compute_metrics(
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
-    out = []
-    for row in df.to_dict(orient="records"):
-        out.append({k: _jsonable(v) for k, v in row.items()})
-    return out
-
-
-def _jsonable(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        return None if math.isnan(v) else float(v)
-    return v
+    return to_jsonable(df.to_dict(orient="records"))
 
 
 def format_metrics(report: dict) -> str:
@@ -220,9 +210,4 @@ def _fmt(v, spec: str) -> str:
 
 
 def write_metrics(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, dumps(report, indent=1) + "\n")

@@ -52,6 +52,8 @@ EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"
 _TABLES = {IMPRESSION: "impressions", INTERACTION: "interactions"}
 _SQL_TYPES = {"id": "TEXT", "optional_id": "TEXT", "str": "TEXT", "int": "INTEGER", "float": "REAL"}
 _SCHEMA_VERSION = 1
+# The values `PRAGMA synchronous` reads back as. NORMAL (1) and OFF (0) are not accepted.
+_SYNCHRONOUS = {"FULL": 2, "EXTRA": 3}
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,14 @@ def open_source(path_or_url: str | os.PathLike[str]) -> SqliteEventLog:
 class SqliteEventLog:
     """Embedded event log. Safe to use from several threads and several processes.
 
-    synchronous=FULL: in WAL mode each commit fsyncs the WAL, so an acknowledged batch
-    survives kill -9 *and* power loss. NORMAL would survive kill -9 only (the OS still has
-    the pages) at a lower commit latency; batching already amortises the fsync, so FULL
-    is the default. busy_timeout makes a writer wait for another process's transaction
-    instead of failing; writes take the lock up front (BEGIN IMMEDIATE) so two writers
-    cannot deadlock on a read->write upgrade.
+    synchronous=FULL on every connection: in WAL mode each commit fsyncs the WAL, so an
+    acknowledged batch survives kill -9 *and* power loss. NORMAL would survive kill -9
+    only (the OS still has the pages), so it is refused: batching already amortises the
+    fsync. EXTRA (FULL, plus a directory sync in rollback-journal mode) is accepted too.
+    Each new connection reads the setting back and refuses to write without it.
+    busy_timeout makes a writer wait for another process's transaction instead of
+    failing; writes take the lock up front (BEGIN IMMEDIATE) so two writers cannot
+    deadlock on a read->write upgrade.
     """
 
     def __init__(
@@ -135,8 +139,11 @@ class SqliteEventLog:
         busy_timeout_ms: int = 60_000,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
     ) -> None:
-        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError(f"synchronous={synchronous!r}: expected FULL, NORMAL or EXTRA")
+        if synchronous.upper() not in _SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous={synchronous!r}: expected FULL or EXTRA (an acknowledged "
+                "event must survive power loss)"
+            )
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = int(busy_timeout_ms)
@@ -167,6 +174,10 @@ class SqliteEventLog:
         if mode.lower() != "wal":
             raise OSError(f"{self.path}: could not enable WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        got = conn.execute("PRAGMA synchronous").fetchone()[0]
+        if got != _SYNCHRONOUS[self.synchronous]:  # SQLite ignores a pragma it cannot apply
+            conn.close()
+            raise OSError(f"{self.path}: PRAGMA synchronous is {got}, not {self.synchronous}")
         conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: keeps the event_id index hot
         conn.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL back to 64 MiB
         self._create_schema(conn)

@@ -54,7 +54,8 @@ class BenchConfig:
     # 4 s x (7 + 4 levels + 3 rows) keeps one size near 90 s on 2 cores.
     duration_s: float = 4.0
     warmup_s: float = 1.0
-    batch_size: int = 256  # (a), (b), (e): the in-process ceiling flattens by 256 (loadtest/RESULTS.md)
+    # (a), (b), (e): the in-process ceiling flattens by 256 (loadtest/RESULTS.md).
+    batch_size: int = 256
     # (b): two batches in flight keep the server busy while one travels.
     retrieval_concurrency: int = 2
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # (c)

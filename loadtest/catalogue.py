@@ -10,7 +10,6 @@ can vary batching, instances and onnxruntime options without re-exporting.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +17,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
+from common.files import atomic_write_text
 from models.towers import TowerConfig
 from serving import repository as layout
 
@@ -67,8 +69,7 @@ def build(shape: CatalogueShape, cache: str | Path | None = None) -> BenchRepo:
     root = Path(cache or default_cache()) / shape.key
     root.parent.mkdir(parents=True, exist_ok=True)
     # One builder per shape: concurrent test sessions or benchmarks wait for it.
-    with open(root.parent / f".{shape.key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root.parent / f".{shape.key}.lock"):  # blocks until the builder is done
         return _build_locked(shape, root)
 
 
@@ -104,7 +105,8 @@ def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
         )
     )
     info = {"version": res.version, "graph_k": res.graph_k, "shape": asdict(shape)}
-    done.write_text(json.dumps(info, indent=1, default=str))
+    # The mark that the build is done: written whole or not at all.
+    atomic_write_text(done, json.dumps(info, indent=1, default=str))
     return BenchRepo(shape, root / "run", root / "repo", res.version, res.graph_k, False)
 
 

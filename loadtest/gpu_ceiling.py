@@ -41,7 +41,8 @@ _ONNX_MAX_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the grap
 
 @dataclass(frozen=True)
 class GpuCeilingConfig:
-    items: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)  # a large, a very large and a huge catalogue
+    # a large, a very large and a huge catalogue
+    items: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)
     batches: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
     dtypes: tuple[str, ...] = ("fp32", "fp16", "bf16")
     device: str = "cuda"

@@ -10,11 +10,10 @@ the mean of the ceiling's measurements (one at each end of the run):
 from __future__ import annotations
 
 import base64
-import html
 import math
 from pathlib import Path
 
-from common.figures import img_tag
+from common.templating import render
 
 B_OVER_A = 0.9
 C_OVER_A = 0.5
@@ -23,6 +22,7 @@ C_MIN_CONCURRENCY = 32
 C_OVER_D = 5.0
 C_OVER_D_AIM = 10.0
 PEER_CONCURRENCY = (16, 64)  # inclusive range where (c)/(d) is judged
+_VERDICT = {True: "PASS", False: "FAIL", None: "info"}
 
 
 def _rows(rows: list[dict], name: str) -> list[dict]:
@@ -146,7 +146,7 @@ def format_table(result: dict) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         lines.append("targets:")
         for ch in size["checks"]:
-            verdict = {True: "PASS", False: "FAIL", None: "info"}[ch["ok"]]
+            verdict = _VERDICT[ch["ok"]]
             lines.append(f"  {verdict:4}  {ch['name']:<16} {ch['text']}  (target {ch['target']})")
     return "\n".join(lines)
 
@@ -204,36 +204,29 @@ def plot(result: dict, path: str | Path) -> Path:
 
 
 def write_html(result: dict, path: str | Path, png: str | Path | None = None) -> Path:
-    esc = html.escape
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>northstar bench</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:nth-child(2){text-align:left}.PASS{color:green}.FAIL{color:#b00}</style>",
-        f"<h1>northstar bench {esc(result.get('label') or '')}</h1>",
-        f"<p>{esc(result['started'])}; {result['machine']['cpus']} CPUs "
-        f"({esc(result['machine']['cpu'])}); load average at start "
-        f"{' '.join(f'{x:.2f}' for x in result['loadavg_start'])}, at end "
-        f"{' '.join(f'{x:.2f}' for x in result.get('loadavg_end', []))}.</p>",
-        f"<p>Weights: {esc(result['weights'])}. Queries are users scored.</p>",
+    """The page (templates/bench.html.j2): the plot inline, a table and the targets per size."""
+    sizes = [
+        {
+            "title": f"{size['n_items']:,} items (graph top-{size['graph_k']})",
+            "table": table_rows(size["rows"]),
+            "checks": [{**ch, "verdict": _VERDICT[ch["ok"]]} for ch in size["checks"]],
+        }
+        for size in result["sizes"]
     ]
-    if png and Path(png).exists():
-        data = base64.b64encode(Path(png).read_bytes()).decode()
-        parts.append(img_tag(data, "throughput vs p99"))
-    for size in result["sizes"]:
-        parts.append(f"<h2>{size['n_items']:,} items (graph top-{size['graph_k']})</h2><table>")
-        rows = table_rows(size["rows"])
-        parts.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in rows[0]) + "</tr>")
-        for r in rows[1:]:
-            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
-        parts.append("</table><ul>")
-        for ch in size["checks"]:
-            verdict = {True: "PASS", False: "FAIL", None: "info"}[ch["ok"]]
-            parts.append(
-                f"<li><b class='{verdict}'>{verdict}</b> {esc(ch['name'])}: {esc(ch['text'])} "
-                f"(target {esc(ch['target'])})</li>"
-            )
-        parts.append("</ul>")
+    has_png = bool(png) and Path(png).exists()
+    page = render(
+        __file__,
+        "bench.html.j2",
+        label=result.get("label") or "",
+        started=result["started"],
+        cpus=result["machine"]["cpus"],
+        cpu=result["machine"]["cpu"],
+        load_start=" ".join(f"{x:.2f}" for x in result["loadavg_start"]),
+        load_end=" ".join(f"{x:.2f}" for x in result.get("loadavg_end", [])),
+        weights=result["weights"],
+        png=base64.b64encode(Path(png).read_bytes()).decode() if has_png else None,
+        sizes=sizes,
+    )
     path = Path(path)
-    path.write_text("\n".join(parts))
+    path.write_text(page)
     return path

@@ -185,13 +185,13 @@ def _setup(cfg: SoakConfig, root: Path):
     from models.towers import TowerConfig
     from serving.publish import ExportConfig, export
     from serving.server import ServerConfig, TritonServer
-    from training.synth import SynthConfig, generate_dataset, save_world
+    from training.synth import SynthConfig, generate_dataset
     from training.train import TrainConfig, train
 
     data = root / "data"
     world, ds = generate_dataset(SynthConfig.preset(cfg.preset, seed=cfg.seed))
     ds.save(data)
-    save_world(world, data)
+    world.save(data)
     tower = TowerConfig(id_dim=16, cat_dim=4, hidden_dim=32, out_dim=16, dropout=0.0)
     train_cfg = TrainConfig(
         epochs=3, batch_size=256, val_users=1000, threads=2, tower=tower, seed=cfg.seed
@@ -446,11 +446,14 @@ def _checks(cfg: SoakConfig, rep: SoakReport) -> list[dict]:
 
 
 def write_reports(rep: SoakReport, out: str | Path) -> dict[str, Path]:
+    from common.files import atomic_write_text
+    from common.jsonsafe import dumps
     from loadtest.soak_report import write_html, write_markdown
 
     out = Path(out)
     paths = {"json": out / "soak.json", "md": out / "soak.md", "html": out / "soak.html"}
-    paths["json"].write_text(json.dumps(asdict(rep), indent=1, default=str, allow_nan=True))
+    # NaN (a minute without requests has no p99) is null; anything odd in `cycle` is text.
+    atomic_write_text(paths["json"], dumps(rep, indent=1, default=str))
     write_markdown(rep, paths["md"])
     write_html(rep, paths["html"])
     return paths

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from common.figures import img_tag, png_base64
+from common.figures import png_base64
+from common.templating import render
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -90,32 +90,29 @@ def plot(rep) -> str:
 
 
 def write_html(rep, path: str | Path) -> Path:
-    esc = html.escape
-    verdict = "PASS" if rep.ok else "FAIL"
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>northstar soak</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-        ".PASS{color:green}.FAIL{color:#b00}</style>",
-        f"<h1>northstar soak: <span class='{verdict}'>{verdict}</span></h1>",
-        "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in _summary_lines(rep)) + "</ul>",
-        "<table><tr><th>check</th><th>result</th><th>detail</th></tr>",
-    ]
-    for c in rep.checks:
-        v = "PASS" if c["ok"] else "FAIL"
-        parts.append(
-            f"<tr><td>{esc(c['name'])}</td><td class='{v}'>{v}</td><td>{esc(c['text'])}</td></tr>"
-        )
-    parts.append("</table>")
-    parts.append(img_tag(plot(rep), "latency per minute and memory"))
-    parts.append("<h2>per minute</h2><table><tr><th>minute</th><th>requests</th><th>errors</th>"
-                 "<th>p50 ms</th><th>p99 ms</th></tr>")  # fmt: skip
-    for m in rep.minutes:
-        parts.append(
-            f"<tr><td>{m['minute']}</td><td>{m['requests']:,}</td><td>{m['errors']}</td>"
-            f"<td>{_fmt(m['p50_ms'])}</td><td>{_fmt(m['p99_ms'])}</td></tr>"
-        )
-    parts.append("</table>")
+    """The page (templates/soak.html.j2): summary, checks, the plot inline, minutes."""
+    page = render(
+        __file__,
+        "soak.html.j2",
+        verdict=_verdict(rep.ok),
+        summary=_summary_lines(rep),
+        checks=[{**c, "verdict": _verdict(c["ok"])} for c in rep.checks],
+        plot=plot(rep),
+        minutes=[
+            {
+                "minute": m["minute"],
+                "requests": f"{m['requests']:,}",
+                "errors": m["errors"],
+                "p50_ms": _fmt(m["p50_ms"]),
+                "p99_ms": _fmt(m["p99_ms"]),
+            }
+            for m in rep.minutes
+        ],
+    )
     path = Path(path)
-    path.write_text("\n".join(parts))
+    path.write_text(page)
     return path
+
+
+def _verdict(ok) -> str:
+    return "PASS" if ok else "FAIL"

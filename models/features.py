@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.files import atomic_path, atomic_write_text
+
 # Categorical user attributes that feed the user tower and the fairness audit.
 # `occupation` exists only where the source has it (MovieLens); synth fills "unknown".
 USER_CATEGORICALS = ("gender", "age_bucket", "activity", "occupation")
@@ -138,14 +140,15 @@ class FeatureVocab:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        np.savez(path.with_suffix(".npz"), user_ids=self.user_ids, item_ids=self.item_ids)
+        with atomic_path(path.with_suffix(".npz"), suffix=".npz") as tmp:
+            np.savez(tmp, user_ids=self.user_ids, item_ids=self.item_ids)
         meta = {
             "user_cats": self.user_cats,
             "item_cats": self.item_cats,
             "n_hash_buckets": self.n_hash_buckets,
             "history_len": self.history_len,
         }
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureVocab:

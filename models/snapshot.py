@@ -8,13 +8,13 @@ so a reader never sees half of it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from common.files import atomic_path
 from models.features import FeatureVocab, last_n_history
 
 
@@ -83,10 +83,8 @@ class FeatureSnapshot:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{k: np.asarray(v) for k, v in self.__dict__.items()})
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:  # np.savez wants the .npz name
+            np.savez(tmp, **{k: np.asarray(v) for k, v in self.__dict__.items()})
         return path
 
     @classmethod

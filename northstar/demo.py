@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from canary.demo import canary_stage
+from common import config as config_mod
 
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """`northstar demo --config FILE` (a [demo] table or top level) and `--set KEY=VALUE`;
+    the flags are shorthands for some fields. These defaults are the only ones."""
+
     dir: str = "demo"  # everything the demo writes, except model versions, lives here
     preset: str = "demo"  # synth world size: tiny | small | demo | large
     repo: str = "model_repository"  # the repository `northstar serve` uses by default
@@ -40,7 +44,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from serving.server import ServerConfig, TritonServer
     from training.evaluate import format_table
     from training.run import METRICS_FILE
-    from training.synth import SynthConfig, generate_dataset, save_world
+    from training.synth import SynthConfig, generate_dataset
     from training.train import TrainConfig, train
 
     root = Path(cfg.dir)
@@ -58,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> int:
     else:
         world, ds = generate_dataset(synth, progress=True)
         ds.save(data)
-        save_world(world, data)
+        world.save(data)
         marker.write_text(json.dumps({"preset": cfg.preset, "seed": cfg.seed}))
         print(f"{len(ds.users)} users, {len(ds.items)} items, {len(ds.interactions)} interactions")
 
@@ -160,11 +164,25 @@ STAGES: list = [feedback_stage, audit_stage, canary_stage]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole loop end to end on a synthetic world")
-    p.add_argument("--dir", default=DemoConfig.dir)
-    p.add_argument("--preset", default=DemoConfig.preset)
-    p.add_argument("--repo", default=DemoConfig.repo)
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
-    p.set_defaults(
-        func=lambda a: run_demo(DemoConfig(dir=a.dir, preset=a.preset, repo=a.repo, seed=a.seed))
+    p = sub.add_parser(
+        "demo",
+        help="run the whole loop end to end on a synthetic world",
+        description="Settings are DemoConfig's fields: from --config FILE (a [demo] table or "
+        "top level), then the flags below, then --set (the last one given wins).",
     )
+    p.add_argument("--dir", help=f"output folder (dir; default {DemoConfig.dir})")
+    p.add_argument("--preset", help=f"tiny | small | demo | large (default {DemoConfig.preset})")
+    p.add_argument("--repo", help=f"Triton model repository (default {DemoConfig.repo})")
+    p.add_argument("--seed", type=int, help=f"seed (default {DemoConfig.seed})")
+    config_mod.add_config_args(p, "DemoConfig", "sim_users=500 sim_requests=1000 k=5")
+    p.set_defaults(func=lambda a: run_demo(demo_config(a)))
+
+
+def demo_config(args) -> DemoConfig:
+    """DemoConfig from --config, then the flags, then --set."""
+    flags = [
+        f"{key}={getattr(args, key)}"
+        for key in ("dir", "preset", "repo", "seed")
+        if getattr(args, key) is not None
+    ]
+    return config_mod.load(DemoConfig, args.config, flags + list(args.set), section="demo")

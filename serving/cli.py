@@ -11,7 +11,7 @@ from common import config as config_mod
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run to the Triton model repository (new version)")
     p.add_argument("--run", required=True, help="run directory written by `northstar train`")
-    p.add_argument("--repo", default="model_repository")
+    p.add_argument("--repo", help="Triton model repository (repo; default model_repository)")
     p.add_argument(
         "--target",
         choices=["cpu", "gpu"],
@@ -30,19 +30,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     config_mod.add_config_args(p, "ExportConfig", "overfetch=50 retrieval.instances=2")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("serve", help="run tritonserver on the model repository until Ctrl-C")
-    p.add_argument("--repo", default="model_repository")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0: all)")
-    p.add_argument("--http-port", type=int, default=8000, help="0 = pick a free port")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--log-file", default=None, help="server log (default: a temp file)")
-    p.add_argument("--log-verbose", type=int, default=0)
+    p = sub.add_parser(
+        "serve",
+        help="run tritonserver on the model repository until Ctrl-C",
+        description="Settings are ServerConfig's fields (serving/server.py): from --config "
+        "FILE (a [server] table or top level), then the flags below, then --set (the last "
+        "one given wins). Defaults are ServerConfig's.",
+    )
+    p.add_argument("--repo", help="model repository (repo; default model_repository)")
+    p.add_argument("--host", help="listen address (host; 0.0.0.0: all)")
+    p.add_argument("--http-port", type=int, help="http_port (0 = pick a free port)")
+    p.add_argument("--grpc-port", type=int, help="grpc_port (0 = pick a free port)")
+    p.add_argument("--metrics-port", type=int, help="metrics_port (0 = pick a free port)")
+    p.add_argument("--log-file", help="server log (log_file; default: a temp file)")
+    p.add_argument("--log-verbose", type=int, help="log_verbose")
     p.add_argument(
         "--event-log",
-        default=None,
-        help="event log for impressions and interactions (default: $NORTHSTAR_EVENT_LOG)",
+        help="event log for impressions and interactions (event_log; default: "
+        "$NORTHSTAR_EVENT_LOG)",
     )
+    config_mod.add_config_args(p, "ServerConfig", "startup_timeout_s=300 exit_timeout_s=10")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("recommend", help="ask the running server for recommendations")
@@ -67,10 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _export(args) -> int:
     from serving.publish import ExportConfig, export
 
-    flags = [f"run={args.run}", f"repo={args.repo}"]
+    flags = [f"run={args.run}"]
     flags += [
         f"{key}={val}"
-        for key, val in (("target", args.target), ("k", args.k), ("url", args.url))
+        for key, val in (
+            ("repo", args.repo),
+            ("target", args.target),
+            ("k", args.k),
+            ("url", args.url),
+        )
         if val is not None
     ]
     if args.no_promote:
@@ -91,20 +103,31 @@ def _export(args) -> int:
     return 0
 
 
+_SERVE_FLAGS = (
+    "repo",
+    "host",
+    "http_port",
+    "grpc_port",
+    "metrics_port",
+    "log_file",
+    "log_verbose",
+    "event_log",
+)  # each flag's argparse dest is the ServerConfig field it sets
+
+
+def server_config(args):
+    """ServerConfig from --config, then the flags, then --set."""
+    from serving.server import ServerConfig
+
+    flags = [f"{k}={getattr(args, k)}" for k in _SERVE_FLAGS if getattr(args, k) is not None]
+    return config_mod.load(ServerConfig, args.config, flags + list(args.set), section="server")
+
+
 def _serve(args) -> int:
     from serving import repository as layout
-    from serving.server import ServerConfig, ServerError, TritonServer, serve_forever
+    from serving.server import ServerError, TritonServer, serve_forever
 
-    cfg = ServerConfig(
-        repo=args.repo,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_file=args.log_file,
-        log_verbose=args.log_verbose,
-        event_log=args.event_log,
-    )
+    cfg = server_config(args)
     try:
         server = TritonServer(cfg).start()
     except ServerError as exc:  # the message carries the reason and the server log's tail
@@ -118,7 +141,7 @@ def _serve(args) -> int:
     if server.routing is not None:
         r = server.routing
         canary = f", canary {r.canary} at {r.canary_percent}%" if len(r.versions) > 1 else ""
-        where = layout.routing_path(args.repo)
+        where = layout.routing_path(cfg.repo)
         print(f"  routing production {r.production}{canary} (from {where})")
     sys.stdout.flush()
     return serve_forever(server)

@@ -5,16 +5,18 @@
     async with AsyncRecommenderClient("localhost:8000", protocol="http") as c:
         recs = await c.recommend([1001], k=10)
 
-The CLI, the load tests and the simulator all go through these classes. A
-sync HTTP client is not thread-safe (geventhttpclient): use one per thread;
-the gRPC client can be shared.
+The CLI, the load tests and the simulator all go through these classes. The
+connection itself (protocol, default URL per protocol, timeouts, admin headers,
+closing) lives once, in TritonTransport / AsyncTritonTransport: the clients and
+`serving.ingest_client.send_interactions` are built on it. A sync HTTP client is
+not thread-safe (geventhttpclient): use one per thread; the gRPC client can be shared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -153,8 +155,157 @@ def _stats(raw: dict) -> dict[str, ModelStats]:
     return out
 
 
-class RecommenderClient:
-    """Sync client. `recommend` calls the `recommend` model; `retrieve` calls `retrieval`."""
+class _Transport:
+    """What both transports share: protocol, default URL, timeouts, tensors, closing."""
+
+    aio = False
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: Protocol = "grpc",
+        *,
+        timeout_s: float = 30.0,
+        verbose: bool = False,
+        client: Any = None,
+    ):
+        self.mod = _module(protocol, aio=self.aio)  # refuses an unknown protocol first
+        self.protocol: Protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.timeout_s = timeout_s
+        self.owns_client = client is None
+        self.client = self._connect(verbose) if client is None else client
+
+    def _connect(self, verbose: bool):
+        t = self.timeout_s
+        if self.protocol == "grpc":  # the deadline goes with each call (client_timeout)
+            return self.mod.InferenceServerClient(self.url, verbose=verbose)
+        if self.aio:  # aiohttp: a total time per request
+            return self.mod.InferenceServerClient(self.url, verbose=verbose, conn_timeout=t)
+        return self.mod.InferenceServerClient(
+            self.url, verbose=verbose, connection_timeout=t, network_timeout=t
+        )
+
+    def _infer_kwargs(self, version: int | None, timeout_s: float | None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"model_version": "" if version is None else str(version)}
+        if self.protocol == "grpc":
+            kw["client_timeout"] = self.timeout_s if timeout_s is None else timeout_s
+        return kw
+
+    def make_input(self, name: str, arr: np.ndarray, dtype: str):
+        """An InferInput holding `arr`; `dtype` is Triton's name ("INT64", "BYTES", ...)."""
+        return _input(self.mod, name, arr, dtype)
+
+    def requested_outputs(self, names: Iterable[str]) -> list:
+        return [self.mod.InferRequestedOutput(n) for n in names]
+
+
+class TritonTransport(_Transport):
+    """One sync connection to a Triton server; what every client call goes through.
+
+        with TritonTransport("localhost:8000", "http", timeout_s=5) as t:
+            result = t.infer("feedback", inputs, outputs)
+
+    `url` None: the protocol's localhost port (DEFAULT_URLS). gRPC gets `timeout_s` as a
+    per-call deadline, HTTP as its connection and network timeouts. `client`: use this
+    tritonclient InferenceServerClient instead of connecting; it is borrowed, and `close()`
+    leaves it open.
+    """
+
+    def infer(
+        self,
+        model: str,
+        inputs,
+        outputs,
+        *,
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ):
+        """One request; `timeout_s` replaces the connection's gRPC deadline for this call."""
+        return self.client.infer(
+            model, inputs, outputs=outputs, **self._infer_kwargs(version, timeout_s)
+        )
+
+    def is_live(self) -> bool:
+        return self.client.is_server_live()
+
+    def is_ready(self) -> bool:
+        return self.client.is_server_ready()
+
+    def model_ready(self, name: str, version: int | None = None) -> bool:
+        return self.client.is_model_ready(name, "" if version is None else str(version))
+
+    def statistics(self, model: str) -> dict[str, ModelStats]:
+        """Per-version Triton statistics (gRPC's JSON and HTTP's both read the same)."""
+        if self.protocol == "grpc":
+            return _stats(self.client.get_inference_statistics(model, as_json=True))
+        return _stats(self.client.get_inference_statistics(model))
+
+    def model_config(self, model: str) -> dict:
+        """An operator call: the model-config API needs the admin key (serving/auth.py)."""
+        hdrs = auth.headers(self.protocol)
+        if self.protocol == "grpc":
+            return self.client.get_model_config(model, headers=hdrs, as_json=True)["config"]
+        return self.client.get_model_config(model, headers=hdrs)
+
+    def close(self) -> None:
+        if self.owns_client:
+            self.client.close()
+
+    def __enter__(self) -> TritonTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncTritonTransport(_Transport):
+    """TritonTransport on tritonclient's asyncio clients; the same methods, awaited."""
+
+    aio = True
+
+    async def infer(
+        self,
+        model: str,
+        inputs,
+        outputs,
+        *,
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ):
+        return await self.client.infer(
+            model, inputs, outputs=outputs, **self._infer_kwargs(version, timeout_s)
+        )
+
+    async def is_live(self) -> bool:
+        return await self.client.is_server_live()
+
+    async def is_ready(self) -> bool:
+        return await self.client.is_server_ready()
+
+    async def model_ready(self, name: str, version: int | None = None) -> bool:
+        return await self.client.is_model_ready(name, "" if version is None else str(version))
+
+    async def statistics(self, model: str) -> dict[str, ModelStats]:
+        if self.protocol == "grpc":
+            return _stats(await self.client.get_inference_statistics(model, as_json=True))
+        return _stats(await self.client.get_inference_statistics(model))
+
+    async def close(self) -> None:
+        if self.owns_client:
+            await self.client.close()
+
+    async def __aenter__(self) -> AsyncTritonTransport:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class _ClientBase:
+    """What both clients share: a transport, and how many users go in one request."""
+
+    _transport_cls: type[_Transport]
 
     def __init__(
         self,
@@ -165,29 +316,36 @@ class RecommenderClient:
         max_batch_size: int = 256,
         retrieval_batch_size: int = 1024,
         verbose: bool = False,
+        transport: _Transport | None = None,
     ):
-        self.protocol = protocol
-        self.url = url or DEFAULT_URLS[protocol]
-        self._mod = _module(protocol)
-        self.timeout_s = timeout_s
+        self.transport = transport or self._transport_cls(
+            url, protocol, timeout_s=timeout_s, verbose=verbose
+        )
         self.max_batch_size = max_batch_size  # recommend's max_batch_size
         self.retrieval_batch_size = retrieval_batch_size
-        if protocol == "grpc":
-            self._client = self._mod.InferenceServerClient(self.url, verbose=verbose)
-        else:
-            self._client = self._mod.InferenceServerClient(
-                self.url, verbose=verbose, connection_timeout=timeout_s, network_timeout=timeout_s
-            )
 
-    def _infer(self, model: str, inputs, outputs, version: int | None = None):
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        return self._client.infer(
-            model,
-            inputs,
-            outputs=outputs,
-            model_version="" if version is None else str(version),
-            **kwargs,
-        )
+    @property
+    def protocol(self) -> Protocol:
+        return self.transport.protocol
+
+    @property
+    def url(self) -> str:
+        return self.transport.url
+
+    @property
+    def timeout_s(self) -> float:
+        return self.transport.timeout_s
+
+
+class RecommenderClient(_ClientBase):
+    """Sync client. `recommend` calls the `recommend` model; `retrieve` calls `retrieval`.
+
+    The connection is `self.transport` (a TritonTransport): pass one to share it, or a URL
+    and protocol to open one that `close()` closes.
+    """
+
+    _transport_cls = TritonTransport
+    transport: TritonTransport
 
     def recommend(
         self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10
@@ -196,9 +354,10 @@ class RecommenderClient:
         uid = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         ks = np.broadcast_to(np.asarray(k, dtype=np.int32), uid.shape)
         out: list[Recommendation] = []
+        t = self.transport
         for sl in _chunks(len(uid), self.max_batch_size):
-            ids, inputs, outputs = _recommend_request(self._mod, uid[sl], ks[sl])
-            out += _parse_recommendations(self._infer(layout.RECOMMEND, inputs, outputs), ids)
+            ids, inputs, outputs = _recommend_request(t.mod, uid[sl], ks[sl])
+            out += _parse_recommendations(t.infer(layout.RECOMMEND, inputs, outputs), ids)
         return out
 
     def retrieve(
@@ -212,11 +371,10 @@ class RecommenderClient:
         """Raw `retrieval`: (item_ids (B, K), scores (B, K)), seen items included."""
         n = len(user_index)
         ids, scores = [], []
+        t = self.transport
         for sl in _chunks(n, self.retrieval_batch_size):
-            inputs, outputs = _retrieve_request(
-                self._mod, user_index[sl], user_cats[sl], history[sl]
-            )
-            r = self._infer(layout.RETRIEVAL, inputs, outputs, version)
+            inputs, outputs = _retrieve_request(t.mod, user_index[sl], user_cats[sl], history[sl])
+            r = t.infer(layout.RETRIEVAL, inputs, outputs, version=version)
             ids.append(r.as_numpy(OUTPUT_ITEM_IDS))
             scores.append(r.as_numpy(OUTPUT_SCORES))
         return np.concatenate(ids), np.concatenate(scores)
@@ -231,38 +389,28 @@ class RecommenderClient:
         from serving.ingest_client import DEFAULT_RETRY, send_interactions
 
         return send_interactions(
-            self,
-            events,
-            protocol=self.protocol,
-            batch_size=batch_size,
-            retry=retry or DEFAULT_RETRY,
-            timeout_s=self.timeout_s,
+            self.transport, events, batch_size=batch_size, retry=retry or DEFAULT_RETRY
         )
 
     def is_live(self) -> bool:
-        return self._client.is_server_live()
+        return self.transport.is_live()
 
     def is_ready(self) -> bool:
-        return self._client.is_server_ready()
+        return self.transport.is_ready()
 
     def model_ready(self, name: str = layout.RECOMMEND, version: int | None = None) -> bool:
-        return self._client.is_model_ready(name, "" if version is None else str(version))
+        return self.transport.model_ready(name, version)
 
     def statistics(self, model: str = layout.RECOMMEND) -> dict[str, ModelStats]:
         """Per-version Triton statistics (inference_count, execution_count, queue time, ...)."""
-        if self.protocol == "grpc":
-            return _stats(self._client.get_inference_statistics(model, as_json=True))
-        return _stats(self._client.get_inference_statistics(model))
+        return self.transport.statistics(model)
 
     def model_config(self, model: str) -> dict:
         """An operator call: the model-config API needs the admin key (serving/auth.py)."""
-        hdrs = auth.headers(self.protocol)
-        if self.protocol == "grpc":
-            return self._client.get_model_config(model, headers=hdrs, as_json=True)["config"]
-        return self._client.get_model_config(model, headers=hdrs)
+        return self.transport.model_config(model)
 
     def close(self) -> None:
-        self._client.close()
+        self.transport.close()
 
     def __enter__(self) -> RecommenderClient:
         return self
@@ -271,40 +419,11 @@ class RecommenderClient:
         self.close()
 
 
-class AsyncRecommenderClient:
+class AsyncRecommenderClient(_ClientBase):
     """asyncio client (tritonclient.grpc.aio / tritonclient.http.aio); same methods, awaited."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: Protocol = "grpc",
-        *,
-        timeout_s: float = 30.0,
-        max_batch_size: int = 256,
-        retrieval_batch_size: int = 1024,
-        verbose: bool = False,
-    ):
-        self.protocol = protocol
-        self.url = url or DEFAULT_URLS[protocol]
-        self._mod = _module(protocol, aio=True)
-        self.timeout_s = timeout_s
-        self.max_batch_size = max_batch_size
-        self.retrieval_batch_size = retrieval_batch_size
-        self._client = self._mod.InferenceServerClient(self.url, verbose=verbose)
-
-    async def _infer(self, model: str, inputs, outputs, version: int | None = None):
-        kwargs = (
-            {"client_timeout": self.timeout_s}
-            if self.protocol == "grpc"
-            else {"timeout": int(self.timeout_s)}
-        )
-        return await self._client.infer(
-            model,
-            inputs,
-            outputs=outputs,
-            model_version="" if version is None else str(version),
-            **kwargs,
-        )
+    _transport_cls = AsyncTritonTransport
+    transport: AsyncTritonTransport
 
     async def recommend(
         self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10
@@ -312,9 +431,10 @@ class AsyncRecommenderClient:
         uid = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         ks = np.broadcast_to(np.asarray(k, dtype=np.int32), uid.shape)
         out: list[Recommendation] = []
+        t = self.transport
         for sl in _chunks(len(uid), self.max_batch_size):
-            ids, inputs, outputs = _recommend_request(self._mod, uid[sl], ks[sl])
-            out += _parse_recommendations(await self._infer(layout.RECOMMEND, inputs, outputs), ids)
+            ids, inputs, outputs = _recommend_request(t.mod, uid[sl], ks[sl])
+            out += _parse_recommendations(await t.infer(layout.RECOMMEND, inputs, outputs), ids)
         return out
 
     async def retrieve(
@@ -326,31 +446,28 @@ class AsyncRecommenderClient:
         version: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         ids, scores = [], []
+        t = self.transport
         for sl in _chunks(len(user_index), self.retrieval_batch_size):
-            inputs, outputs = _retrieve_request(
-                self._mod, user_index[sl], user_cats[sl], history[sl]
-            )
-            r = await self._infer(layout.RETRIEVAL, inputs, outputs, version)
+            inputs, outputs = _retrieve_request(t.mod, user_index[sl], user_cats[sl], history[sl])
+            r = await t.infer(layout.RETRIEVAL, inputs, outputs, version=version)
             ids.append(r.as_numpy(OUTPUT_ITEM_IDS))
             scores.append(r.as_numpy(OUTPUT_SCORES))
         return np.concatenate(ids), np.concatenate(scores)
 
     async def is_live(self) -> bool:
-        return await self._client.is_server_live()
+        return await self.transport.is_live()
 
     async def is_ready(self) -> bool:
-        return await self._client.is_server_ready()
+        return await self.transport.is_ready()
 
     async def model_ready(self, name: str = layout.RECOMMEND, version: int | None = None) -> bool:
-        return await self._client.is_model_ready(name, "" if version is None else str(version))
+        return await self.transport.model_ready(name, version)
 
     async def statistics(self, model: str = layout.RECOMMEND) -> dict[str, ModelStats]:
-        if self.protocol == "grpc":
-            return _stats(await self._client.get_inference_statistics(model, as_json=True))
-        return _stats(await self._client.get_inference_statistics(model))
+        return await self.transport.statistics(model)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self.transport.close()
 
     async def __aenter__(self) -> AsyncRecommenderClient:
         return self

@@ -4,9 +4,12 @@
     result = send_interactions("localhost:8001", events, protocol="grpc")
     result.accepted  # (n,) bool, in input order; result.reasons: "" or "field: problem"
 
-Written on tritonclient directly (serving/client.py belongs to serving); a thin method on
-RecommenderClient can delegate here. Retrying is safe because the log stores an event_id
-once: a batch whose response was lost is re-sent and the second copy is ignored.
+The connection is serving.client's TritonTransport, the one every client goes through:
+pass a URL (a connection is opened and closed here), a TritonTransport, a
+RecommenderClient (`RecommenderClient.send_feedback` delegates here) or a tritonclient
+InferenceServerClient; a passed connection is used as it is and left open. Retrying is
+safe because the log stores an event_id once: a batch whose response was lost is re-sent
+and the second copy is ignored.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from common.retry import RetryPolicy, retrying
 from feedback.events import Interaction, to_columns
 from feedback.ids import uuid7_batch
 from feedback.ingest import INPUTS, MODEL_NAME, OUTPUTS
+from serving.client import AsyncTritonTransport, TritonTransport
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY = RetryPolicy()  # frozen: safe as a shared default
-DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 _NUMPY = {"INT64": np.int64, "FP32": np.float32, "FP64": np.float64, "BYTES": object}
 
 
@@ -86,47 +89,33 @@ def _tensor_array(name: str, values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=_NUMPY[dtype]).reshape(-1, 1)
 
 
-class _Client:
-    """A tritonclient InferenceServerClient for one protocol, created or borrowed."""
+def _transport(client_or_url: Any, protocol: str, timeout_s: float) -> tuple[TritonTransport, bool]:
+    """(transport, opened here): a URL opens one; anything else is borrowed as it is."""
+    if client_or_url is None or isinstance(client_or_url, str):
+        return TritonTransport(client_or_url, protocol, timeout_s=timeout_s), True
+    if isinstance(client_or_url, AsyncTritonTransport) or isinstance(
+        getattr(client_or_url, "transport", None), AsyncTritonTransport
+    ):
+        raise TypeError("client_or_url: an asyncio client; send_interactions is sync")
+    if isinstance(client_or_url, TritonTransport):
+        return client_or_url, False
+    inner = getattr(client_or_url, "transport", None)  # serving.client.RecommenderClient
+    if isinstance(inner, TritonTransport):
+        return inner, False
+    if hasattr(client_or_url, "infer"):  # a tritonclient InferenceServerClient
+        module = type(client_or_url).__module__
+        proto = "http" if module.startswith("tritonclient.http") else protocol
+        return TritonTransport(protocol=proto, timeout_s=timeout_s, client=client_or_url), False
+    raise TypeError(
+        "client_or_url: expected a URL, a TritonTransport, a RecommenderClient or a "
+        f"tritonclient client, got {type(client_or_url).__name__}"
+    )
 
-    def __init__(self, client_or_url: Any, protocol: str, timeout_s: float) -> None:
-        if protocol == "grpc":
-            import tritonclient.grpc as mod
-        elif protocol == "http":
-            import tritonclient.http as mod
-        else:
-            raise ValueError(f"protocol={protocol!r}; expected 'grpc' or 'http'")
-        self.mod, self.protocol, self.timeout_s = mod, protocol, timeout_s
-        inner = getattr(client_or_url, "_client", None)  # serving.client.RecommenderClient
-        if isinstance(client_or_url, str) or client_or_url is None:
-            url = client_or_url or DEFAULT_URLS[protocol]
-            kwargs = (
-                {}
-                if protocol == "grpc"
-                else {"connection_timeout": timeout_s, "network_timeout": timeout_s}
-            )
-            self.client, self.owned = mod.InferenceServerClient(url, **kwargs), True
-        elif hasattr(client_or_url, "infer"):
-            self.client, self.owned = client_or_url, False
-        elif inner is not None and hasattr(inner, "infer"):
-            self.client, self.owned = inner, False
-        else:
-            raise TypeError("client_or_url: expected a URL or a tritonclient client")
 
-    def infer(self, model: str, arrays: dict[str, np.ndarray]):
-        inputs = []
-        for name, arr in arrays.items():
-            t = self.mod.InferInput(name, list(arr.shape), INPUTS[name])
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        outputs = [self.mod.InferRequestedOutput(n) for n in OUTPUTS]
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        r = self.client.infer(model, inputs, outputs=outputs, **kwargs)
-        return r.as_numpy("accepted").reshape(-1), r.as_numpy("reason").reshape(-1)
-
-    def close(self) -> None:
-        if self.owned:
-            self.client.close()
+def _infer(transport: TritonTransport, model: str, arrays: dict[str, np.ndarray]):
+    inputs = [transport.make_input(name, arr, INPUTS[name]) for name, arr in arrays.items()]
+    r = transport.infer(model, inputs, transport.requested_outputs(OUTPUTS))
+    return r.as_numpy("accepted").reshape(-1), r.as_numpy("reason").reshape(-1)
 
 
 def send_interactions(
@@ -141,6 +130,10 @@ def send_interactions(
 ) -> IngestResult:
     """Send events in batches; retry a failed batch with exponential backoff and jitter.
 
+    `client_or_url`: a URL ("host:port"; None: the protocol's localhost port), opened with
+    `protocol` and `timeout_s` and closed at the end; or a connection to borrow (a
+    TritonTransport, a RecommenderClient, a tritonclient client), which keeps its own
+    protocol and timeout and stays open.
     A batch that still fails when the retry policy gives up is reported (failed_batches,
     and "send failed: ..." reasons) rather than raised, so a caller can count and move on.
     A request the server rejects as malformed (an input error) is not retried.
@@ -150,7 +143,7 @@ def send_interactions(
     accepted = np.zeros(n, dtype=bool)
     reasons = [""] * n
     res = IngestResult(accepted, reasons)
-    client = _Client(client_or_url, protocol, timeout_s)
+    transport, opened = _transport(client_or_url, protocol, timeout_s)
 
     def _count(_exc: BaseException, _attempt: int) -> None:
         res.retries += 1
@@ -167,7 +160,7 @@ def send_interactions(
             try:
                 for attempt in retrying(retry, retry_if=_retryable, on_retry=_count):
                     with attempt:
-                        ok, why = client.infer(model_name, arrays)
+                        ok, why = _infer(transport, model_name, arrays)
                 accepted[sl] = ok.astype(bool)
                 reasons[sl] = [w.decode() if isinstance(w, bytes) else str(w) for w in why]
             except Exception as exc:
@@ -177,7 +170,8 @@ def send_interactions(
                 reasons[sl] = [f"send failed: {msg}"] * (sl.stop - sl.start)
                 log.warning("feedback batch %d failed: %s", res.batches, msg)
     finally:
-        client.close()
+        if opened:
+            transport.close()
     return res
 
 

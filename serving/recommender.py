@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from feedback.events import ServedImpressions
 from feedback.explore import rank_with_exploration
 from feedback.ids import uuid7_batch
 from models.snapshot import FeatureSnapshot, UserFeatures
@@ -156,25 +157,9 @@ class RequestResult:
 
 
 @dataclass
-class Impressions:
-    """The rows served in one batch, one per (slate, position): what the event log records."""
-
-    request_id: np.ndarray  # (n,) object: str
-    user_id: np.ndarray  # (n,) int64
-    item_id: np.ndarray  # (n,) int64
-    position: np.ndarray  # (n,) int32, 0-based
-    score: np.ndarray  # (n,) float32
-    model_version: np.ndarray  # (n,) int64
-    propensity: np.ndarray  # (n,) float64, P(item at position | policy)
-
-    def __len__(self) -> int:
-        return len(self.item_id)
-
-
-@dataclass
 class BatchResult:
     results: list[RequestResult | InputError | RuntimeError]
-    impressions: Impressions
+    impressions: ServedImpressions  # the rows served in the batch, for the event log
     versions: dict[int, int] = field(default_factory=dict)  # version -> users served
 
 
@@ -277,7 +262,7 @@ class Recommender:
         """Answer every parsed request of a batch; InputErrors pass through in place."""
         ok = [p for p in parsed if isinstance(p, ParsedRequest)]
         if not ok:
-            return BatchResult(list(parsed), _empty_impressions())
+            return BatchResult(list(parsed), ServedImpressions.empty())
         user_ids = np.concatenate([p.user_ids for p in ok])  # (N,)
         ks = np.concatenate([p.ks for p in ok])
         n = len(user_ids)
@@ -394,11 +379,11 @@ class Recommender:
 
 def _impressions(
     request_ids, user_ids, ids, scores, counts, served_by, good, propensity
-) -> Impressions:
+) -> ServedImpressions:
     w = ids.shape[1]
     mask = (np.arange(w)[None, :] < counts[:, None]) & good[:, None]  # (n, W) served cells
     rows, pos = np.nonzero(mask)
-    return Impressions(
+    return ServedImpressions(
         request_id=request_ids[rows],
         user_id=user_ids[rows],
         item_id=ids[rows, pos],
@@ -409,21 +394,8 @@ def _impressions(
     )
 
 
-def _empty_impressions() -> Impressions:
-    e = np.zeros(0, dtype=np.int64)
-    return Impressions(
-        np.zeros(0, dtype=object),
-        e,
-        e,
-        e.astype(np.int32),
-        e.astype(np.float32),
-        e,
-        e.astype(np.float64),
-    )
-
-
 class ImpressionSink:
-    """Where served rows go. The event-log issue replaces this no-op with the durable log."""
+    """Where served rows go when no event log is configured: nowhere (serving still works)."""
 
-    def write(self, impressions: Impressions) -> None:
+    def write(self, impressions: ServedImpressions) -> None:
         """Called once per batch with every served row; the default drops them."""

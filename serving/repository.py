@@ -56,11 +56,11 @@ FEATURES_FILE = "features.npz"
 # `recommend`'s tensors. Outputs are per user row; item_ids/scores are [k] wide where k is
 # the largest k of the request, and rows with fewer items are padded (see PAD_* below).
 REC_USER_ID = "user_id"  # INT64 [B, 1] raw user id
-REC_K = "k"  # INT32 [B, 1], optional
+REC_K = "k"  # INT32 [B, 1], optional; an integer type only, so a NaN k cannot arrive
 REC_ITEM_IDS = "item_ids"  # INT64 [B, k] raw item ids, PAD_ITEM where fewer than k
 REC_SCORES = "scores"  # FP32 [B, k], PAD_SCORE where padded
 REC_MODEL_VERSION = "model_version"  # INT64 [B, 1] the retrieval version that answered
-REC_REQUEST_ID = "request_id"  # BYTES [B, 1] uuid4 hex, one per user row (one slate)
+REC_REQUEST_ID = "request_id"  # BYTES [B, 1] UUIDv7, 32 hex digits (feedback/ids.py); one per slate
 REC_COLD_START = "cold_start"  # BOOL [B, 1] the user has no online features
 PAD_ITEM = -1
 # 0.0 rather than NaN or -inf: Triton's JSON (HTTP without binary outputs) cannot carry
@@ -83,9 +83,9 @@ class RetrievalServing:
     # Big enough for `northstar recommend --all-users` batches; `recommend` chunks to it.
     max_batch_size: int = 1024
     # The graph holds a (B, n_items) fp32 score matrix before TopK, so a big catalogue
-    # lowers max_batch_size to fit this many MB (B=256 at 1M items). At 1M items the batcher
-    # merged two 256-row requests into 512 (2 GB of scores): 0.66x the in-process ceiling,
-    # 1.05x with the cap (loadtest/RESULTS.md, step 3).
+    # lowers max_batch_size to fit this many MB (B=256 at 1M items): without the cap the
+    # batcher merged two 256-row requests into one 2 GB score matrix (measured: see
+    # loadtest/RESULTS.md, step 4).
     score_budget_mb: int = 1024
     # Batches the batcher aims for: a BLS call carries a whole recommend batch, and a
     # batch of 64 already runs near the in-process ceiling (loadtest/RESULTS.md).
@@ -130,8 +130,8 @@ class RecommendServing:
     # How `recommend` reaches `retrieval`: "bls" (a Triton call, any target) or "inline"
     # (cpu target only: each instance runs the version's model.onnx itself, which saves
     # two hops between processes per batch; serving/inline.py). "auto" picks inline when
-    # retrieval is a Python model (cpu target) and BLS when Triton runs it natively (gpu):
-    # inline measured +15-25% q/s at concurrency 32-64 on 2 cores (loadtest/RESULTS.md).
+    # retrieval is a Python model (cpu target) and BLS when Triton runs it natively (gpu);
+    # measured against BLS in loadtest/RESULTS.md.
     retrieval_call: str = "auto"
     # inline only: onnxruntime intra-op threads per instance; 0 = the cores / instances.
     retrieval_threads: int = 0

@@ -45,6 +45,10 @@ _PORT_TAKEN = re.compile(r"already in use|address in use|failed to listen|failed
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """What `northstar serve` runs: `--config FILE` (a [server] table or top level) and
+    `--set KEY=VALUE`; its flags are shorthands for some fields. These defaults are the only
+    ones."""
+
     repo: str = "model_repository"
     # 127.0.0.1 keeps a development server private; the Docker image listens on 0.0.0.0.
     host: str = "127.0.0.1"
@@ -68,6 +72,18 @@ class ServerConfig:
     # Lock the control plane (model load/unload, model config, shared memory, trace,
     # logging) behind the admin key (serving/auth.py). Off only for debugging.
     restrict_control: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"ServerConfig.{name}={port}: expected 0..65535 (0: free port)")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(
+                f"ServerConfig.startup_timeout_s={self.startup_timeout_s}: expected > 0"
+            )
+        if self.exit_timeout_s < 0 or self.log_verbose < 0:
+            raise ValueError("ServerConfig.exit_timeout_s and log_verbose must be >= 0")
 
     @classmethod
     def on_free_ports(cls, repo: str | Path, **kw) -> ServerConfig:

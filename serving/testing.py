@@ -8,6 +8,7 @@ for training and do not depend on its code path.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import shutil
@@ -149,3 +150,29 @@ def tiny_export(dest: str | Path | None = None, *, k: int = 10, overfetch: int =
     shutil.copytree(repo, dest, ignore=shutil.ignore_patterns("__pycache__"))
     path = dest / res.path.relative_to(repo)
     return run, dest, dataclasses.replace(res, path=path)
+
+
+@contextlib.contextmanager
+def ingest_only_server(root: str | Path):
+    """The `feedback` ingest model alone on a real tritonserver, writing its own event log
+    (`root/events.db`); yields (server, log path) and stops the server on exit."""
+    from serving import repository as layout
+    from serving.server import ServerConfig, TritonServer
+
+    root = Path(root)
+    repo = root / "repo"
+    layout.init_repository(repo)  # copies the committed `feedback` model
+    log = root / "events.db"
+    server = TritonServer(
+        ServerConfig.on_free_ports(
+            str(repo),
+            models=(layout.FEEDBACK,),
+            event_log=str(log),
+            log_file=str(root / "tritonserver.log"),
+        )
+    )
+    server.start()
+    try:
+        yield server, log
+    finally:
+        server.stop()

@@ -16,6 +16,9 @@ MALFORMED = (
 
 @dataclass(frozen=True)
 class SimulateConfig:
+    """`northstar simulate --config FILE` (a [simulate] table or top level), `--set KEY=VALUE`;
+    the flags are shorthands for some fields. These defaults are the only ones."""
+
     world: str  # folder with world.npz + world.json (northstar data synth --out)
     users: int = 500  # population size, drawn by activity rate
     requests: int = 2000  # slates asked for (one user each)
@@ -50,6 +53,27 @@ class SimulateConfig:
     # that lives across simulate() calls (canary.scenario.Traffic keeps one); 1.0 = no memory.
     rewatch_factor: float = 0.2
 
+    def __post_init__(self) -> None:
+        for name in ("users", "k", "concurrency", "send_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SimulateConfig.{name}={getattr(self, name)}: expected >= 1")
+        for name in ("requests", "retries", "backoff_s", "max_backoff_s", "max_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SimulateConfig.{name}={getattr(self, name)}: expected >= 0")
+        for name in ("request_id_share", "like_share", "resend_share", "rewatch_factor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SimulateConfig.{name}={getattr(self, name)}: expected 0..1")
+        for name in ("malformed_share", "orphan_share"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SimulateConfig.{name}={getattr(self, name)}: expected >= 0")
+        for name in ("window_s", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SimulateConfig.{name}={getattr(self, name)}: expected > 0")
+        if self.retry_deadline_s is not None and not self.retry_deadline_s > 0:
+            raise ValueError(
+                f"SimulateConfig.retry_deadline_s={self.retry_deadline_s}: expected > 0 or none"
+            )
+
 
 @dataclass
 class SimReport:
@@ -58,8 +82,8 @@ class SimReport:
     requests_failed: int = 0  # after retries
     retries: int = 0
     failed_attempts: int = 0  # attempts that raised, retried or not
-    # Wall-clock span from the first failed attempt to the last one (0: none failed): how
-    # long the server was unreachable as this client saw it.
+    # Span from the first failed attempt to the last one (0: none failed), on simulate()'s
+    # clock (wall clock by default): how long the server was unreachable as the client saw it.
     error_window_s: float = 0.0
     items_returned: int = 0  # = impressions the server must have logged for these requests
     users_served: int = 0

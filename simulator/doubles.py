@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from feedback.events import ServedImpressions
 from feedback.explore import rank_with_exploration
 from feedback.hook import ImpressionLogger
 from feedback.ids import uuid7_batch
@@ -80,7 +81,7 @@ class LocalRecommender:
             req = uuid7_batch(len(uid), rng=self.rng)
             rows, pos = np.nonzero(r.item_ids >= 0)
             self.logger.write(
-                _Served(
+                ServedImpressions(
                     request_id=req[rows],
                     user_id=uid[rows],
                     item_id=r.item_ids[rows, pos],
@@ -103,14 +104,3 @@ class LocalRecommender:
 
     def close(self) -> None:
         pass
-
-
-@dataclass
-class _Served:
-    request_id: np.ndarray
-    user_id: np.ndarray
-    item_id: np.ndarray
-    position: np.ndarray
-    score: np.ndarray
-    model_version: np.ndarray
-    propensity: np.ndarray

@@ -52,10 +52,13 @@ def simulate(
     client_factory: Callable[[], Any] | None = None,
     sender: Sender | None = None,
     memory: ClickMemory | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> SimReport:
     """Run the loop once. `client_factory` makes one recommend client per thread (default
     serving.client.RecommenderClient on cfg.url); `sender` sends interaction columns
-    (default: the Triton `feedback` model at cfg.url)."""
+    (default: the Triton `feedback` model at cfg.url). `clock` (unix seconds) stamps
+    requests, responses and failed attempts: the event times and `error_window_s` follow
+    it, so a test can pass a fake one and assert exact values."""
     from training.synth import World
 
     t_start = time.perf_counter()
@@ -73,7 +76,7 @@ def simulate(
         sender = _default_sender(cfg)
 
     report = SimReport(requests=cfg.requests)
-    served = _fetch_all(cfg, world.user_id_of(slate_users), client_factory, report)
+    served = _fetch_all(cfg, world.user_id_of(slate_users), client_factory, report, clock)
     slates = [s for s in served if s is not None]
     report.requests_ok = len(slates)
     report.requests_failed = cfg.requests - len(slates)
@@ -108,8 +111,16 @@ def simulate(
     return report
 
 
-def _fetch_all(cfg: SimulateConfig, user_ids: np.ndarray, factory, report: SimReport):
-    """One slate per request, from `concurrency` threads; None where it failed."""
+def _fetch_all(
+    cfg: SimulateConfig,
+    user_ids: np.ndarray,
+    factory,
+    report: SimReport,
+    clock: Callable[[], float] = time.time,
+):
+    """One slate per request, from `concurrency` threads; None where it failed.
+
+    A slate is (recommendation, t_sent, t_resp), both times from `clock`."""
     local = threading.local()
     lock = threading.Lock()
     clients: list[Any] = []
@@ -123,11 +134,11 @@ def _fetch_all(cfg: SimulateConfig, user_ids: np.ndarray, factory, report: SimRe
         return c
 
     policy = retry_policy(cfg)
-    failures: list[float] = []  # wall-clock time of each failed attempt
+    failures: list[float] = []  # clock time of each failed attempt
 
     def on_failure(_exc: BaseException) -> None:
         with lock:
-            failures.append(time.time())
+            failures.append(clock())
 
     def on_retry(exc: BaseException, attempt: int) -> None:
         with lock:
@@ -138,9 +149,9 @@ def _fetch_all(cfg: SimulateConfig, user_ids: np.ndarray, factory, report: SimRe
         try:
             for attempt in retrying(policy, on_retry=on_retry, on_failure=on_failure):
                 with attempt:
-                    t_sent = time.time()
+                    t_sent = clock()
                     (rec,) = client().recommend([int(user_ids[i])], cfg.k)
-            return rec, t_sent, time.time()
+            return rec, t_sent, clock()
         except Exception as exc:
             log.warning("request %d failed after retries: %s", i, exc)
             return None

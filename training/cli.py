@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _synth(args) -> int:
     import dataclasses
 
-    from training.synth import SynthConfig, generate_dataset, save_world
+    from training.synth import SynthConfig, generate_dataset
 
     cfg = SynthConfig.preset(args.preset)
     values = dataclasses.asdict(cfg)
@@ -58,7 +58,7 @@ def _synth(args) -> int:
     cfg = config_mod.build(SynthConfig, values)
     world, ds = generate_dataset(cfg, progress=True)
     ds.save(args.out)
-    save_world(world, args.out)
+    world.save(args.out)  # the ground truth next to the Parquet tables
     print(
         f"wrote {len(ds.users)} users, {len(ds.items)} items, "
         f"{len(ds.interactions)} interactions to {args.out}"
@@ -92,8 +92,9 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from common.files import atomic_write_text
     from training.evaluate import format_table
-    from training.run import METRICS_FILE, atomic_write_text, load_run
+    from training.run import METRICS_FILE, load_run
     from training.train import TrainConfig, evaluate_splits, load_training_data
 
     run = load_run(args.run)

@@ -25,7 +25,7 @@ MAX_K = 100
 class EvalResult:
     user_ids: np.ndarray  # (U,) raw ids of evaluated users
     per_user: dict[str, np.ndarray]  # metric -> (U,)
-    ranked: np.ndarray  # (U, MAX_K) dense item indices
+    ranked: np.ndarray  # (U, min(MAX_K, n_items)) dense item indices; -1 = empty slot
     summary: dict[str, float]
 
 
@@ -39,8 +39,10 @@ def _rank(
         scores = score_fn(snap_rows[start:stop])  # (b, N)
         sel = (seen_u >= start) & (seen_u < stop)
         scores[seen_u[sel] - start, seen_i[sel]] = -np.inf
-        top = torch.topk(torch.from_numpy(scores), k, dim=1).indices.numpy()
-        ranked[start:stop] = top
+        top = torch.topk(torch.from_numpy(scores), k, dim=1)
+        # A user with fewer than k unknown items: the rest of the row is empty (-1), never
+        # a known item picked up at -inf (it would count as a hit when re-watched).
+        ranked[start:stop] = np.where(np.isneginf(top.values.numpy()), -1, top.indices.numpy())
     return ranked
 
 

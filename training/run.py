@@ -12,13 +12,13 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.files import atomic_path, atomic_write_text
 from models.features import FeatureSpec, FeatureVocab
 from models.towers import TowerConfig, TwoTower
 
@@ -43,18 +43,11 @@ class Run:
         return self.path / FEATURES_FILE
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_run(path: Path, model: TwoTower, vocab: FeatureVocab, meta: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     vocab.save(path / VOCAB_FILE)
-    tmp = path / f".{MODEL_FILE}.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path / MODEL_FILE)
+    with atomic_path(path / MODEL_FILE) as tmp:
+        torch.save(model.state_dict(), tmp)
     body = {"tower": asdict(model.cfg), "spec": asdict(model.spec), **meta}
     atomic_write_text(path / RUN_FILE, json.dumps(body, indent=1, default=str))
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.files import atomic_path
+
 USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
@@ -161,7 +163,6 @@ class Dataset:
             (ITEMS_FILE, self.items),
             (INTERACTIONS_FILE, self.interactions),
         ):
-            tmp = data_dir / f".{name}.tmp"
-            df.to_parquet(tmp, index=False)
-            tmp.replace(data_dir / name)  # atomic: readers never see half a table
+            with atomic_path(data_dir / name) as tmp:  # readers never see half a table
+                df.to_parquet(tmp, index=False)
         return data_dir

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from common.files import atomic_path, atomic_write_text
 from training.schema import Dataset
 
 WORLD_ARRAYS_FILE = "world.npz"
@@ -685,13 +686,12 @@ class World:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS}
-        tmp_npz = directory / f".{WORLD_ARRAYS_FILE}.tmp.npz"
-        np.savez(tmp_npz, **arrays)
-        tmp_npz.replace(directory / WORLD_ARRAYS_FILE)
+        with atomic_path(directory / WORLD_ARRAYS_FILE, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
         meta = {"format_version": _FORMAT_VERSION, "config": dataclasses.asdict(self.cfg)}
-        tmp_json = directory / f".{WORLD_CONFIG_FILE}.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        tmp_json.replace(directory / WORLD_CONFIG_FILE)
+        atomic_write_text(
+            directory / WORLD_CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        )
         return directory
 
     @classmethod
@@ -727,11 +727,6 @@ def _dense_index(ids: np.ndarray | pd.Series, n: int, column: str) -> np.ndarray
         examples = (idx[bad][:3] + 1).tolist()
         raise ValueError(f"{column}: ids {examples} are not in this world (valid: 1..{n})")
     return idx
-
-
-def save_world(world: World, directory: str | Path) -> Path:
-    """Store the ground truth next to the Parquet tables that `Dataset.save` writes."""
-    return world.save(directory)
 
 
 def generate_dataset(cfg: SynthConfig, progress: bool = True) -> tuple[World, Dataset]:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common.files import atomic_path, atomic_write_text
 from models.features import FeatureVocab
 from models.loss import StreamingFrequencyEstimator
 from models.snapshot import FeatureSnapshot
@@ -29,7 +30,7 @@ from models.task import TwoTowerTrainTask
 from models.towers import TowerConfig, TwoTower
 from training.data import TrainingExamples
 from training.evaluate import evaluate, format_table
-from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, atomic_write_text, save_run
+from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, save_run
 from training.schema import Dataset
 from training.split import SplitConfig, split
 
@@ -92,9 +93,12 @@ def _device(d: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def load_training_data(cfg: TrainConfig):
-    """(dataset, split, training interactions incl. any extra feedback labels)."""
-    ds = Dataset.load(cfg.data)
+def load_training_data(cfg: TrainConfig, dataset: Dataset | None = None):
+    """(dataset, split, training interactions incl. any extra feedback labels).
+
+    `dataset`: `cfg.data` already in memory (a caller that loaded it once passes it down).
+    """
+    ds = dataset if dataset is not None else Dataset.load(cfg.data)
     sp = split(ds.interactions, cfg.split)
     train_df = sp.train
     if cfg.extra_interactions:
@@ -104,14 +108,14 @@ def load_training_data(cfg: TrainConfig):
     return ds, sp, train_df
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     d = _init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(d)
     out = Path(cfg.out)
     t0 = time.perf_counter()
-    ds, sp, train_df = load_training_data(cfg)
+    ds, sp, train_df = load_training_data(cfg, dataset)
     vocab = FeatureVocab.fit(
         ds.users,
         ds.items,
@@ -327,22 +331,18 @@ class _Resume:
         return ck["epoch"], ck["best"], ck["best_state"], ck["bad_epochs"]
 
     def save(self, epoch, model, estimator, opt, best, best_state, bad_epochs) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(
-            {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "estimator": estimator.state_dict(),
-                "opt": opt.state_dict(),
-                "best": best,
-                "best_state": best_state,
-                "bad_epochs": bad_epochs,
-                "fingerprint": self.fingerprint,
-            },
-            tmp,
-        )
-        os.replace(tmp, self.path)
+        state = {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "estimator": estimator.state_dict(),
+            "opt": opt.state_dict(),
+            "best": best,
+            "best_state": best_state,
+            "bad_epochs": bad_epochs,
+            "fingerprint": self.fingerprint,
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
 
 
 def evaluate_splits(model, vocab, ds, sp, train_df) -> dict:

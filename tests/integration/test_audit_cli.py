@@ -172,3 +172,21 @@ def test_bad_input_is_one_clear_line(trained, capsys):
     )
     assert rc == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_one_config_file_for_audit_and_gates_with_set_overrides(trained, capsys):
+    """--config holds the AuditConfig ([audit]) and the gates ([gates]); --set wins."""
+    cfg = trained / "audit.toml"
+    cfg.write_text(
+        f'[audit]\nrun = "{trained / "run"}"\ndata = "{trained / "data"}"\nn_boot = 10\n' + LENIENT
+    )
+    out = trained / "reports" / "from-config"
+    assert main(["audit", "--out", str(out), "--config", str(cfg)]) == 0
+    assert json.loads((out / "gates.json").read_text())["passed"] is True
+    capsys.readouterr()
+    rc = main(
+        ["audit", "--out", str(out), "--config", str(cfg), "--set", "gates.max_exposure_gini=0.01"]
+    )
+    assert rc == 1 and "exposure Gini" in capsys.readouterr().out
+    assert main(["audit", "--out", str(out), "--config", str(cfg), "--set", "n_bot=3"]) == 2
+    assert "n_bot" in capsys.readouterr().err

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from canary.decide import OfflineGates
+from canary.faults import skew_item_table
 from canary.online import EvaluateConfig, rollback, status
-from canary.pipeline import RetrainConfig, collect, retrain, skew_item_table
+from canary.pipeline import RetrainConfig, collect, retrain
+from canary.state import CanaryRecord, ProductionRecord, StateStore
 from fairness.gates import GateConfig
 from feedback.join import LABEL_SCHEMA
 from models.towers import TowerConfig
@@ -96,21 +98,24 @@ def test_collect_counts_new_labels_and_shuffles_only_what_is_learned(world, tmp_
     root, ds = world
     labels = _labels(tmp_path, ds, 300, t0=1_800_000_000.0)
     cfg = RetrainConfig(state_dir=str(tmp_path / "st"), labels=str(labels), train=TRAIN)
-    run = load_run(root / "prod")
-    got = collect(cfg, {"last_retrain": None}, tmp_path / "r1", str(root / "data"), run)
-    n_pos = got["evidence"]["positives"]
-    assert n_pos > 50 and got["evidence"]["new_positives"] == n_pos
-    extra = pd.read_parquet(got["extra"])
+    got = collect(cfg, tmp_path / "r1", str(root / "data"))
+    n_pos = got.positives
+    assert n_pos > 50 and got.new_positives == n_pos and got.evidence()["positives"] == n_pos
+    extra = pd.read_parquet(got.extra)
     assert list(extra.columns) == ["user_id", "item_id", "timestamp", "event_type", "value"]
+    assert got.label_ts == float(extra["timestamp"].max())  # the cursor a retrain consumes
     # only labels after the cursor are new
-    cursor = {"last_retrain": {"label_ts": float(extra["timestamp"].median())}}
-    got2 = collect(cfg, cursor, tmp_path / "r2", str(root / "data"), run)
-    assert 0 < got2["evidence"]["new_positives"] < n_pos
+    cursor = float(extra["timestamp"].median())
+    got2 = collect(cfg, tmp_path / "r2", str(root / "data"), since_label_ts=cursor)
+    assert 0 < got2.new_positives < n_pos
 
     bad = collect(
-        replace(cfg, fault="shuffle_labels"), cursor, tmp_path / "r3", str(root / "data"), run
+        replace(cfg, fault="shuffle_labels"),
+        tmp_path / "r3",
+        str(root / "data"),
+        since_label_ts=cursor,
     )
-    shuffled = Dataset.load(bad["data"])
+    shuffled = Dataset.load(bad.data)
     real = split(ds.interactions, TRAIN.split)
     fake = split(shuffled.interactions, TRAIN.split)
     pd.testing.assert_frame_equal(
@@ -118,7 +123,12 @@ def test_collect_counts_new_labels_and_shuffles_only_what_is_learned(world, tmp_
     )  # the evaluation slice is untouched
     same = fake.train.merge(real.train, on=["user_id", "item_id", "timestamp"])
     assert len(same) < 0.2 * len(fake.train)  # users no longer keep their own items
-    assert Path(bad["eval_data"]) != Path(bad["data"])
+    assert bad.eval_data == root / "data" != bad.data  # evaluated on the real data
+    assert bad.eval_extra == tmp_path / "r3" / "extra.parquet" != bad.extra
+    assert (
+        pd.read_parquet(bad.extra)["item_id"].tolist()
+        != pd.read_parquet(bad.eval_extra)["item_id"].tolist()
+    )
 
 
 def test_skew_item_table_permutes_items_only(world, tmp_path):
@@ -134,14 +144,8 @@ def test_skew_item_table_permutes_items_only(world, tmp_path):
     )
 
 
-def test_retrain_on_files_routes_a_canary_then_rollback(world, tmp_path):
-    root, ds = world
-    repo = tmp_path / "repo"
-    export(
-        ExportConfig(run=str(root / "prod"), repo=str(repo), k=10, overfetch=10, exporter="legacy")
-    )
-    labels = _labels(tmp_path, ds, 400, t0=1_800_000_000.0)
-    cfg = RetrainConfig(
+def _plumbing_cfg(tmp_path: Path, repo: Path, labels: Path) -> RetrainConfig:
+    return RetrainConfig(
         state_dir=str(tmp_path / "st"),
         repo=str(repo),
         url=None,
@@ -161,9 +165,65 @@ def test_retrain_on_files_routes_a_canary_then_rollback(world, tmp_path):
         ),
         fairness=GateConfig(max_gap=None, min_ratio=None, max_group_drop=None),
     )
+
+
+def test_a_version_that_fails_to_load_is_removed_and_reported_at_load(world, tmp_path, monkeypatch):
+    """fault=corrupt_export with Triton's refusal stood in for (the live server's version of
+    this is tests/integration/test_canary_scenario.py): the failing step is "load", the
+    unrouted version is removed, routing and the state keep production."""
+    import canary.pipeline as pipeline
+
+    root, ds = world
+    repo = tmp_path / "repo"
+    export(
+        ExportConfig(run=str(root / "prod"), repo=str(repo), k=10, overfetch=10, exporter="legacy")
+    )
+    routing_before = layout.routing_path(repo).read_text()
+    labels = _labels(tmp_path, ds, 200, t0=1_800_000_000.0)
+    seen = {}
+
+    def refusing_switch(repo_, new, *, url=None, progress=None, **kw):
+        progress("load")
+        graph = layout.version_dir(repo_, new.canary) / layout.ONNX_FILE
+        seen["graph"] = graph.read_bytes()
+        raise RuntimeError(f"failed to load retrieval version {new.canary}")
+
+    monkeypatch.setattr(pipeline, "switch_routing", refusing_switch)
+    cfg = replace(_plumbing_cfg(tmp_path, repo, labels), fault="corrupt_export")
+    res = retrain(cfg)
+    assert (res.status, res.step, res.version) == ("failed", "load", 2), res.reasons
+    assert seen["graph"] == b"not an onnx graph"  # the fault hook ran after the export
+    assert not layout.version_dir(repo, 2).exists()
+    assert layout.routing_path(repo).read_text() == routing_before
+    st = StateStore(cfg.state_dir).load()
+    assert st["canary"] is None and st["in_progress"] is None and st["last_retrain"] is None
+    last = st["history"][-1]
+    assert (last["decision"], last["evidence"]["step"]) == ("failed", "load")
+    assert "production untouched" in last["reasons"][-1]
+
+
+def test_retrain_on_files_routes_a_canary_then_rollback(world, tmp_path, monkeypatch):
+    root, ds = world
+    # One retrain loads the base dataset once and passes it down: collect, training, the
+    # offline comparison and the serving features all use that one copy.
+    real_load = Dataset.load.__func__
+    loads_here: list[str] = []
+
+    def counting_load(cls, data_dir):
+        loads_here.append(str(data_dir))
+        return real_load(cls, data_dir)
+
+    monkeypatch.setattr(Dataset, "load", classmethod(counting_load))
+    repo = tmp_path / "repo"
+    export(
+        ExportConfig(run=str(root / "prod"), repo=str(repo), k=10, overfetch=10, exporter="legacy")
+    )
+    labels = _labels(tmp_path, ds, 400, t0=1_800_000_000.0)
+    cfg = _plumbing_cfg(tmp_path, repo, labels)
     res = retrain(cfg)
     assert res.status == "canary", res.reasons
     assert res.version == 2 and res.production == 1
+    assert loads_here == [str((root / "data").resolve())]  # production's data dir, once
     routing = RoutingState.load(layout.routing_path(repo))
     assert (routing.production, routing.canary, routing.canary_percent) == (1, 2, 20)
     cfg_versions = layout.served_versions(
@@ -172,6 +232,14 @@ def test_retrain_on_files_routes_a_canary_then_rollback(world, tmp_path):
     assert cfg_versions == [1, 2]
     st = status(cfg.state_dir, repo)
     assert st["canary"]["version"] == 2 and st["production"]["version"] == 1
+    state = StateStore(cfg.state_dir).load()
+    canary = CanaryRecord.from_state(state)
+    prod = ProductionRecord.from_state(state)
+    assert (canary.percent, canary.retrain_id, canary.msprt_p) == (20, res.id, 1.0)
+    assert canary.run == str(Path(res.run_dir) / "run") and canary.mlflow_version
+    assert prod.run == str((root / "prod").resolve())
+    assert prod.base_data == str((root / "data").resolve())
+    assert prod.mlflow_version and state["last_retrain"]["id"] == res.id
     ev = st["history"][-1]["evidence"]
     assert ev["train"]["warm_start"]["used"]
     assert {c["name"] for c in ev["offline"]["verdict"]["checks"]} >= {"topk_overlap", "bias_trend"}

@@ -35,7 +35,7 @@ from serving.publish import ExportConfig, export
 from serving.routing import RoutingState
 from serving.server import ServerConfig, TritonServer, ready_versions
 from simulator import SimulateConfig
-from training.synth import SynthConfig, generate_dataset, save_world
+from training.synth import SynthConfig, generate_dataset
 from training.train import TrainConfig, train
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def loop(tmp_path_factory):
     world, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
     data = root / "data"
     ds.save(data)
-    save_world(world, data)
+    world.save(data)
     train(replace(TRAIN, data=str(data), out=str(root / "run0")))
     repo = root / "model_repository"
     export(

@@ -1,48 +1,23 @@
 """The `feedback` ingest model on a real tritonserver: gRPC and HTTP, acks, quarantine."""
 
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from feedback.events import INTERACTION
-from feedback.sink import EVENT_LOG_ENV, open_source
+from feedback.sink import open_source
 from serving.client import RecommenderClient
 from serving.ingest_client import send_interactions
-from serving.server import ServerConfig, TritonServer
+from serving.testing import ingest_only_server
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def ingest_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("feedback-ingest")
-    repo = root / "repo"
-    shutil.copytree(
-        ROOT / "model_repository" / "feedback",
-        repo / "feedback",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    log = root / "events.db"
-    mp = pytest.MonkeyPatch()
-    mp.setenv(EVENT_LOG_ENV, str(log))  # serving.server.server_env passes os.environ on
-    server = TritonServer(
-        ServerConfig.on_free_ports(
-            str(repo),
-            models=("feedback",),
-            log_file=str(root / "tritonserver.log"),
-        )
-    )
-    server.start()
-    try:
+    with ingest_only_server(tmp_path_factory.mktemp("feedback-ingest")) as (server, log):
         yield server, log
-    finally:
-        server.stop()
-        mp.undo()
 
 
 def _events(prefix, n, **over):

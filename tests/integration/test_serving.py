@@ -1,4 +1,5 @@
-"""The served path on a real tritonserver: answers, batching, bad input, versions."""
+"""The served path on a real tritonserver: answers, batching, bad input, versions, and
+NaN where it can arrive (the `feedback` model's float inputs)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from feedback.events import INTERACTION
+from feedback.sink import open_source
 from models.onnx_session import onnx_session
 from models.snapshot import FeatureSnapshot
 from serving import repository as layout
 from serving.client import AsyncRecommenderClient, RecommenderClient
 from serving.control import ServerError, load_versions, switch_routing
+from serving.ingest_client import send_interactions
 from serving.inline import resolve_retrieval_call
 from serving.publish import ExportConfig, export
 from serving.recommender import select_unseen
 from serving.routing import RoutingState
-from serving.testing import build_tiny_run
+from serving.testing import build_tiny_run, ingest_only_server
 
 pytestmark = pytest.mark.integration
 
@@ -167,15 +171,29 @@ def _uid(n=1):
     return np.full((n, 1), 1000, dtype=np.int64)
 
 
+# Cases named "(dtype)" send FP32 where the config declares an integer type: Triton refuses
+# them before `recommend` runs, so a NaN (a float) can never reach `recommend` through
+# user_id (INT64) or k (INT32, integer only: serving/repository.py). Where NaN can really
+# arrive, the feedback model's FP32/FP64 inputs, see test_nan_in_*_is_quarantined_* below.
 BAD_RECOMMEND = {
-    "wrong dtype": ("user_id", [("user_id", np.array([[1000.0]], np.float32), "FP32")]),
-    "wrong shape": ("user_id", [("user_id", np.array([[1000, 1001]], np.int64), "INT64")]),
-    "missing input": ("user_id", [("k", np.array([[3]], np.int32), "INT32")]),
-    "nan user": ("user_id", [("user_id", np.array([[np.nan]], np.float32), "FP32")]),
-    "nan k": (
+    "user_id as FP32 (dtype)": (
+        "user_id",
+        [("user_id", np.array([[1000.0]], np.float32), "FP32")],
+    ),
+    "user_id as FP32 NaN (dtype)": (
+        "user_id",
+        [("user_id", np.array([[np.nan]], np.float32), "FP32")],
+    ),
+    "k as FP32 (dtype)": (
+        "'k'",
+        [("user_id", _uid(), "INT64"), ("k", np.array([[3.0]], np.float32), "FP32")],
+    ),
+    "k as FP32 NaN (dtype)": (
         "'k'",
         [("user_id", _uid(), "INT64"), ("k", np.array([[np.nan]], np.float32), "FP32")],
     ),
+    "wrong shape": ("user_id", [("user_id", np.array([[1000, 1001]], np.int64), "INT64")]),
+    "missing input": ("user_id", [("k", np.array([[3]], np.int32), "INT32")]),
     "k zero": ("'k'", [("user_id", _uid(), "INT64"), ("k", np.array([[0]], np.int32), "INT32")]),
     "k negative": (
         "'k'",
@@ -201,8 +219,62 @@ def test_bad_recommend_input_names_the_input_and_server_keeps_serving(served, ca
     with pytest.raises(InferenceServerException) as err:
         client.infer("recommend", [_inp(mod, n, a, d) for n, a, d in tensors])
     assert name in err.value.message(), err.value.message()
+    if case.endswith("(dtype)"):  # refused for its type, by Triton, not for its value
+        assert "FP32" in err.value.message(), err.value.message()
     good = client.infer("recommend", [_inp(mod, "user_id", _uid(), "INT64")])
     assert (good.as_numpy("item_ids") >= 0).all()
+
+
+# ---------------------------------------------------------------------------- NaN at ingest
+
+
+@pytest.fixture(scope="module")
+def ingest(tmp_path_factory):
+    """The `feedback` ingest model alone, on its own event log."""
+    with ingest_only_server(tmp_path_factory.mktemp("ingest-nan")) as (server, log):
+        yield server, log
+
+
+# value is FP32 and ts FP64 on the wire (feedback.ingest.INPUTS): a float input carries NaN
+# and ±inf to the model, so the model itself must refuse them, naming the field.
+NON_FINITE = {
+    "value NaN": ("value", np.nan, "value: missing"),
+    "value +inf": ("value", np.inf, "value: not finite"),
+    "value -inf": ("value", -np.inf, "value: not finite"),
+    "ts NaN": ("ts", np.nan, "ts: missing"),
+    "ts +inf": ("ts", np.inf, "ts: not finite"),
+}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_nan_in_a_feedback_float_is_quarantined_naming_the_field(ingest, case, protocol):
+    server, log = ingest
+    field, bad, reason = NON_FINITE[case]
+    tag = f"{protocol}-{case.replace(' ', '_')}"
+    ids = np.array([f"{tag}-ok-0", f"{tag}-bad", f"{tag}-ok-1"], dtype=object)
+    values = np.array([1.0, 1.0, 1.0])
+    ts = np.full(3, time.time())
+    (values if field == "value" else ts)[1] = bad
+    events = {
+        "event_id": ids,
+        "user_id": np.array([1, 2, 3]),
+        "item_id": np.array([10, 20, 30]),
+        "type": np.array(["click", "watch", "like"], dtype=object),
+        "value": values,
+        "ts": ts,
+    }
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    res = send_interactions(url, events, protocol=protocol)
+    assert res.failed_batches == 0, res.errors
+    assert res.accepted.tolist() == [True, False, True]  # its batch-mates are stored
+    assert res.reasons[1] == reason and res.reasons[1].startswith(f"{field}: ")
+    source = open_source(log)
+    stored = set(source.read(INTERACTION)["event_id"])
+    assert {ids[0], ids[2]} <= stored and ids[1] not in stored  # never into the log
+    q = source.quarantined()
+    mine = q[q["payload"].str.contains(ids[1], regex=False)]
+    assert mine["reason"].tolist() == [reason]
 
 
 BAD_RETRIEVAL = {

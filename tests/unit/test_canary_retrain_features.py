@@ -11,7 +11,7 @@ from canary.pipeline import serving_features
 from models.loss import StreamingFrequencyEstimator
 from models.snapshot import FeatureSnapshot
 from serving.testing import world_run
-from training.run import FEATURES_FILE
+from training.run import FEATURES_FILE, load_run
 from training.synth import SynthConfig, generate_dataset
 from training.train import _prime_estimator
 
@@ -37,8 +37,6 @@ def test_serving_features_history_and_seen_set_include_the_feedback(tmp_path):
     # A run whose own snapshot knows only the newest interactions (as a window's does).
     run = world_run(ds, tmp_path / "run")
     recent = base[base["timestamp"] >= base["timestamp"].quantile(0.9)]
-    from training.run import load_run
-
     vocab = load_run(run).vocab
     FeatureSnapshot.build(vocab, ds.users, recent).save(run / FEATURES_FILE)
 
@@ -81,11 +79,41 @@ def test_warm_window_collects_the_newest_window_like_sliding_window(tmp_path):
     got = {}
     for mode in ("warm_start", "sliding_window", "warm_window"):
         cfg = RetrainConfig(state_dir=str(tmp_path / "st"), mode=mode, window_days=30.0)
-        got[mode] = collect(cfg, {}, tmp_path / mode, str(tmp_path / "data"), None)
-    assert got["warm_start"]["evidence"]["base_interactions"] == len(ds.interactions)
+        got[mode] = collect(cfg, tmp_path / mode, str(tmp_path / "data"))
+    assert got["warm_start"].base_interactions == len(ds.interactions)
+    assert got["warm_start"].data == got["warm_start"].eval_data == tmp_path / "data"
     for mode in ("sliding_window", "warm_window"):
-        win = Dataset.load(got[mode]["data"]).interactions
+        win = Dataset.load(got[mode].data).interactions
         assert win["timestamp"].min() >= t_max - 30 * 86_400
-        assert got[mode]["evidence"]["base_interactions"] == len(win) < len(ds.interactions)
-        assert got[mode]["eval_data"] == got[mode]["data"]  # evaluated on the window's slice
+        assert got[mode].base_interactions == len(win) < len(ds.interactions)
+        assert got[mode].eval_data == got[mode].data  # evaluated on the window's slice
+        assert got[mode].evidence()["base_interactions"] == len(win)
     assert "warm_window" in WARM_MODES and "sliding_window" not in WARM_MODES
+
+
+def test_a_loaded_dataset_is_not_read_again(tmp_path, monkeypatch):
+    """A retrain loads its base data once and hands it to collect and serving_features."""
+    from canary.pipeline import RetrainConfig, collect
+    from training.schema import Dataset
+
+    _, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
+    ds.save(tmp_path / "data")
+    run = world_run(ds, tmp_path / "run")
+    vocab = load_run(run).vocab
+    expected = FeatureSnapshot.load(serving_features(run, tmp_path / "data", None))
+
+    def no_load(cls, data_dir):
+        raise AssertionError(f"Dataset.load({data_dir}) although the dataset was passed")
+
+    monkeypatch.setattr(Dataset, "load", classmethod(no_load))
+    for mode in ("warm_start", "warm_window"):
+        cfg = RetrainConfig(state_dir=str(tmp_path / "st"), mode=mode, window_days=30.0)
+        got = collect(cfg, tmp_path / mode, str(tmp_path / "data"), dataset=ds)
+        assert got.base_data == str(tmp_path / "data")
+    snap = FeatureSnapshot.load(
+        serving_features(run, tmp_path / "data", None, dataset=ds, vocab=vocab)
+    )
+    users = ds.users["user_id"].to_numpy()[:50]
+    a, b = snap.lookup(users), expected.lookup(users)
+    assert np.array_equal(a.history, b.history)
+    assert [s.tolist() for s in a.seen] == [s.tolist() for s in b.seen]

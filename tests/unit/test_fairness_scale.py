@@ -1,5 +1,5 @@
 """The audit core at production scale (100k users). Timing is printed, never asserted
-(performance is measured in a benchmark, never asserted in a test); `python -m fairness.bench` is the
+(performance is measured in a benchmark, not asserted in a test); `python -m fairness.bench` is the
 benchmark. This test makes sure the path works at that size: memory, dtypes, no O(N^2)."""
 
 import time

@@ -1,11 +1,11 @@
 """The benchmark script runs end to end at toy sizes (figures are measured, never asserted)."""
 
-from feedback.bench import BenchConfig, format_bench, run_bench
+from feedback.bench import IngestBenchConfig, format_bench, run_bench
 
 
 def test_bench_smoke(tmp_path):
     res = run_bench(
-        BenchConfig(
+        IngestBenchConfig(
             events=3000,
             batch=500,
             small_batch=100,

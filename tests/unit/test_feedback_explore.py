@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from feedback.explore import ExplorationConfig, rank_with_exploration
+from feedback.explore import rank_with_exploration
 
 IDS = np.array([[10, 11, 12, 13, 14]])
 SCORES = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]], dtype=np.float32)
@@ -74,8 +74,7 @@ def test_per_row_k():
     assert r.item_ids.tolist() == [[10, -1, -1], [10, 11, 12]]
 
 
-def test_config_checks_the_probability():
+@pytest.mark.parametrize("epsilon", [-0.1, 1.5])
+def test_epsilon_must_be_a_probability(epsilon):
     with pytest.raises(ValueError, match="epsilon"):
-        ExplorationConfig(epsilon=1.5)
-    with pytest.raises(ValueError, match="epsilon"):
-        rank_with_exploration(IDS, SCORES, 2, epsilon=-0.1, rng=np.random.default_rng(0))
+        rank_with_exploration(IDS, SCORES, 2, epsilon=epsilon, rng=np.random.default_rng(0))

@@ -4,13 +4,16 @@ import uuid
 
 import numpy as np
 
-from feedback.ids import uuid7, uuid7_batch
+from feedback.ids import uuid7_batch
 
 
 def test_uuid7_layout():
-    u = uuid.UUID(hex=uuid7(ts=1_750_000_000.123))
-    assert (u.version, u.variant) == (7, uuid.RFC_4122)
-    assert u.int >> 80 == 1_750_000_000_123  # the unix ms prefix
+    ids = uuid7_batch(64, ts=1_750_000_000.123)
+    for hex_id in ids:
+        assert len(hex_id) == 32  # like uuid4().hex: what `recommend` returns as request_id
+        u = uuid.UUID(hex=hex_id)
+        assert (u.version, u.variant) == (7, uuid.RFC_4122)
+        assert u.int >> 80 == 1_750_000_000_123  # the unix ms prefix
 
 
 def test_batches_ascend_and_are_unique():

@@ -105,13 +105,14 @@ def test_client_columns_fill_ids_and_request_ids():
 
 
 @dataclass
-class ServedRows:  # the shape of serving.recommender.Impressions
+class ServedRows:  # the shape of feedback.events.ServedImpressions
     request_id: np.ndarray
     user_id: np.ndarray
     item_id: np.ndarray
     position: np.ndarray
     score: np.ndarray
     model_version: np.ndarray
+    propensity: np.ndarray | None = None  # None: a deterministic policy
 
 
 def test_impression_logger_is_a_drop_in_for_the_serving_hook(tmp_path):
@@ -140,3 +141,87 @@ def test_event_log_location_prefers_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(EVENT_LOG_ENV, str(tmp_path / "env.db"))
     assert event_log_location({"event_log": "/x.db"}) == str(tmp_path / "env.db")
     assert impression_logger({}).sink.path == tmp_path / "env.db"
+
+
+# ---------------------------------------------------------------- one Triton transport
+
+
+class FakeTriton:
+    """A tritonclient client's `infer`, answering like the `feedback` model (all accepted)."""
+
+    def __init__(self, fail_first: int = 0):
+        self.calls, self.fail_first, self.closed = [], fail_first, False
+
+    def infer(self, model, inputs, outputs=None, **kwargs):
+        self.calls.append((model, [i.name() for i in inputs], kwargs))
+        if len(self.calls) <= self.fail_first:
+            raise ConnectionError("connection refused")
+        n = inputs[0].shape()[0]
+        ok, reasons = np.ones(n, dtype=bool), np.array([b""] * n, dtype=object)
+
+        class Result:
+            def as_numpy(self, name):
+                return (ok if name == "accepted" else reasons).reshape(-1, 1)
+
+        return Result()
+
+    def close(self):
+        self.closed = True
+
+
+def _cols(n):
+    return {
+        "user_id": np.arange(n) + 1,
+        "item_id": np.arange(n) + 5,
+        "type": np.array(["click"] * n, dtype=object),
+        "value": np.ones(n),
+        "ts": np.full(n, NOW),
+    }
+
+
+def test_transport_defaults_per_protocol_and_refuses_an_unknown_one():
+    from serving.client import DEFAULT_URLS, RecommenderClient, TritonTransport
+
+    for protocol in ("grpc", "http"):
+        t = TritonTransport(protocol=protocol, timeout_s=2.0)
+        assert (t.url, t.protocol, t.owns_client) == (DEFAULT_URLS[protocol], protocol, True)
+        t.close()
+    with pytest.raises(ValueError, match="protocol='udp'"):
+        TritonTransport(protocol="udp")
+    client = RecommenderClient("example:1234", "http", timeout_s=3.0)
+    assert (client.url, client.protocol, client.timeout_s) == ("example:1234", "http", 3.0)
+    client.close()
+
+
+def test_send_interactions_borrows_a_transport_and_leaves_it_open():
+    from common.retry import RetryPolicy
+    from serving.client import RecommenderClient, TritonTransport
+    from serving.ingest_client import send_interactions
+
+    raw = FakeTriton(fail_first=1)
+    transport = TritonTransport(protocol="grpc", timeout_s=4.0, client=raw)
+    client = RecommenderClient(transport=transport)
+    res = client.send_feedback(_cols(5), batch_size=2, retry=RetryPolicy(backoff_s=0.001))
+    assert res.accepted.all() and res.reasons == [""] * 5
+    assert (res.batches, res.retries, res.failed_batches) == (3, 1, 0)
+    assert raw.calls[0][0] == "feedback" and raw.calls[0][2]["client_timeout"] == 4.0
+    assert set(raw.calls[0][1]) == set(INPUTS)  # event_id and request_id filled in
+    res = send_interactions(transport, _cols(1))  # a TritonTransport itself works too
+    assert res.accepted.all()
+    transport.close()
+    assert not raw.closed  # a borrowed tritonclient client is never closed here
+
+
+def test_a_batch_that_never_gets_through_is_reported_not_raised():
+    from common.retry import RetryPolicy
+    from serving.client import TritonTransport
+    from serving.ingest_client import send_interactions
+
+    raw = FakeTriton(fail_first=100)
+    res = send_interactions(
+        TritonTransport(client=raw), _cols(3), retry=RetryPolicy(retries=2, backoff_s=0.001)
+    )
+    assert (res.failed_batches, res.retries, res.n_accepted) == (1, 2, 0)
+    assert res.reasons == ["send failed: connection refused"] * 3
+    with pytest.raises(TypeError, match="client_or_url"):
+        send_interactions(object(), _cols(1))

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,14 @@ import numpy as np
 import pytest
 
 from feedback.events import IMPRESSION, INTERACTION
-from feedback.sink import EventSink, EventSource, impression_rows, open_sink, open_source
+from feedback.sink import (
+    EVENT_LOG_ENV,
+    EventSink,
+    EventSource,
+    impression_rows,
+    open_sink,
+    open_source,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = time.time()
@@ -106,6 +114,78 @@ def test_impression_rows_from_a_ranked_batch():
     assert rows["position"].tolist() == [0, 1, 0, 1]  # the padding slot is not a position
     assert rows["model_version"].tolist() == [2, 2, 3, 3]
     assert rows["propensity"].tolist() == [1, 0.5, 0.9, 0.9]
+
+
+# ---------------------------------------------------------------------------- durability
+
+FULL = 2  # what `PRAGMA synchronous` reads back as for FULL (EXTRA is 3, NORMAL 1)
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """Every SQLite connection opened while the test runs (this process only)."""
+    opened = []
+    real = sqlite3.connect
+
+    def connect(*args, **kwargs):
+        conn = real(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return opened
+
+
+def _synchronous(conns):
+    return [c.execute("PRAGMA synchronous").fetchone()[0] for c in conns]
+
+
+def test_every_connection_that_writes_runs_synchronous_full(tmp_path, monkeypatch, connections):
+    """A kill -9 test cannot see this: the page cache survives a process kill even with
+    fsync off. Only synchronous=FULL makes an acknowledged commit survive power loss."""
+    from types import SimpleNamespace
+
+    from feedback.hook import impression_logger
+
+    log = open_sink(tmp_path / "events.db")
+    assert log.write_interactions(_batch(["a"])).inserted == 1
+    # The path `recommend` and the `feedback` model take: the log named by the env var.
+    monkeypatch.setenv(EVENT_LOG_ENV, str(tmp_path / "events.db"))
+    logger = impression_logger()
+    shown = SimpleNamespace(
+        request_id=np.array(["r1", "r1"], dtype=object),
+        user_id=np.array([1, 1]),
+        item_id=np.array([5, 6]),
+        position=np.array([0, 1]),
+        score=np.array([0.9, 0.8]),
+        model_version=np.array([1, 1]),
+        propensity=np.array([1.0, 1.0]),
+    )
+    assert logger.write(shown).inserted == 2
+    assert len(connections) == 2
+    assert _synchronous(connections) == [FULL, FULL]
+
+    # A connection never crosses fork(): the child opens its own, FULL as well.
+    before = len(connections)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        try:
+            ok = log.write_interactions(_batch(["b"])).inserted == 1
+            mine = connections[before:]
+            os._exit(0 if ok and len(mine) == 1 and _synchronous(mine) == [FULL] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert log.count(INTERACTION) == 2
+
+
+def test_a_sink_without_fsync_on_commit_is_refused(tmp_path):
+    for weak in ("NORMAL", "OFF"):
+        with pytest.raises(ValueError, match="power loss"):
+            open_sink(tmp_path / "events.db", synchronous=weak)
+    strict = open_sink(tmp_path / "events.db", synchronous="EXTRA")
+    assert strict.write_interactions(_batch(["a"])).inserted == 1
 
 
 # ---------------------------------------------------------------------------- processes

@@ -26,7 +26,6 @@ MODULES = [
     "matplotlib",
     "tqdm",
     "mlflow",
-    "duckdb",
     "faiss",
     "fastapi",
     "uvicorn",

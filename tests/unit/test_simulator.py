@@ -1,5 +1,8 @@
 """The closed loop without a server: in-process recommender, ingest straight into the log."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -108,19 +111,36 @@ def test_exploration_shows_up_in_the_logged_propensities(world_dir, tmp_path):
     assert m["by_version"][0]["impressions"] == rep.items_returned
 
 
+class FakeClock:
+    """A clock that moves only when told: times in the report are exact."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> float:
+        with self._lock:
+            self.now += seconds
+            return self.now
+
+
 def test_a_retry_deadline_rides_out_an_outage(world_dir, tmp_path):
-    """A server that is down for 0.4 s (a restart, in miniature): with a deadline the
-    client retries through it, loses nothing, and reports how long it saw errors."""
+    """A server that is down for its first 0.4 s (a restart, in miniature): with a deadline
+    the client retries through it, loses nothing, and reports how long it saw errors. Each
+    attempt takes 0.1 s on a fake clock, so the attempts at 0.1, 0.2, 0.3 and 0.4 s fail and
+    the error window is exactly 0.3 s."""
     sink = open_sink(tmp_path / "events.db")
     local = LocalRecommender(world_dir, sink, seed=1)
-    t0 = {}
+    start = float(int(time.time()))  # a real epoch: event times must pass validation
+    clock = FakeClock(start)
 
     class Restarting:
         def recommend(self, user_ids, k):
-            import time
-
-            t0.setdefault("t", time.monotonic())
-            if time.monotonic() - t0["t"] < 0.4:
+            if clock.advance(0.1) - start < 0.45:  # this attempt took 0.1 s
                 raise ConnectionError("connection refused")
             return local.recommend(user_ids, k)
 
@@ -128,15 +148,16 @@ def test_a_retry_deadline_rides_out_an_outage(world_dir, tmp_path):
         world=str(world_dir),
         users=80,
         requests=30,
-        concurrency=2,
-        backoff_s=0.01,
-        max_backoff_s=0.1,
+        concurrency=1,  # one thread: the order of attempts, and so each time, is fixed
+        backoff_s=0.001,
+        max_backoff_s=0.001,
         retry_deadline_s=10.0,
     )
-    rep = simulate(cfg, client_factory=Restarting, sender=SinkSender(sink))
+    rep = simulate(cfg, client_factory=Restarting, sender=SinkSender(sink), clock=clock)
     assert rep.requests_failed == 0 and rep.requests_ok == 30
-    assert rep.failed_attempts == rep.retries > 0
-    assert 0.2 < rep.error_window_s < 0.6
+    assert rep.failed_attempts == rep.retries == 4
+    assert rep.error_window_s == 0.3
+    assert clock() == pytest.approx(start + 0.1 * (4 + 30))  # 4 failed + 30 good attempts
 
 
 def test_reconcile_many_matches_one_by_one_and_catches_a_lost_event(world_dir, tmp_path):

@@ -18,7 +18,6 @@ from training.synth import (
     World,
     activity_buckets,
     generate_dataset,
-    save_world,
 )
 
 TINY = SynthConfig.preset("tiny")
@@ -195,7 +194,7 @@ def test_oracle_beats_popularity(tiny: tuple[World, Dataset]) -> None:
 def test_save_load_round_trip(tmp_path: Path, tiny: tuple[World, Dataset]) -> None:
     world, ds = tiny
     ds.save(tmp_path)
-    save_world(world, tmp_path)
+    world.save(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {"world.npz", "world.json", "users.parquet"}
     loaded = World.load(tmp_path)
     assert loaded.cfg == world.cfg

@@ -84,7 +84,7 @@ class TritonPythonModel:
 
         # ---- impression-log hook ------------------------------------------------------
         # Once per batch: every served (request_id, user_id, item_id, position, score,
-        # model_version) row. The event-log issue swaps ImpressionSink for the durable log.
+        # model_version, propensity) row, durable in the event log before the responses go.
         if len(batch.impressions):
             self.impressions.write(batch.impressions)
 
