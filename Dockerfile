@@ -23,7 +23,8 @@ WORKDIR /opt/northstar
 COPY common/__init__.py common/files.py common/
 COPY models/__init__.py models/features.py models/onnx_session.py models/snapshot.py models/
 COPY serving/__init__.py serving/auth.py serving/backend.py serving/inline.py \
-     serving/recommender.py serving/repository.py serving/routing.py serving/
+     serving/metrics.py serving/recommender.py serving/repository.py serving/routing.py \
+     serving/
 # Impression logging (recommend) and interaction ingest (the feedback model).
 COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
      feedback/explore.py feedback/ids.py feedback/ingest.py feedback/

@@ -9,10 +9,12 @@ from pathlib import Path
 def canary_stage(cfg, server, root: Path) -> None:
     """(a) retrain on feedback -> canary -> promote; (b) shuffled labels -> rejected offline;
     (c) a serving skew -> canary -> loses online -> rolled back. Traffic never stops."""
-    from canary.decide import OfflineGates, OnlineGates
+    from canary.decide import OfflineGates
+    from canary.guardrails import GuardrailGates
     from canary.online import EvaluateConfig
     from canary.pipeline import RetrainConfig
     from canary.scenario import run_scenario
+    from canary.verdict import OnlineGates
     from fairness.gates import GateConfig
     from simulator import SimulateConfig
     from training.train import TrainConfig
@@ -47,13 +49,12 @@ def canary_stage(cfg, server, root: Path) -> None:
     eval_cfg = EvaluateConfig(
         **common,
         metrics_url=server.metrics_url,
-        # The demo shares two cores with everything else: latency is judged loosely.
+        # The demo shares two cores with everything else: a latency regression must be
+        # both significant and twice production's p99 (and 50 ms more) to decide.
         gates=OnlineGates(
             min_impressions=3000,
             max_impressions=8000,
-            noninferiority_margin=0.02,
-            max_p99_ratio=2.0,
-            p99_slack_ms=50.0,
+            guardrails=GuardrailGates(max_p99_ratio=2.0, p99_slack_ms=50.0),
         ),
     )
     sim = SimulateConfig(

@@ -11,11 +11,16 @@ this module only when `cfg.fault != "none"`, at one marked call site per hook:
     served_run(...)             step 5 export    serving_skew: export a copy of the run whose
                                                  item table is permuted
     apply_after_export(...)     step 5 export    corrupt_export: the published graph is
-                                                 overwritten with bytes Triton must refuse
+                                                 overwritten with bytes Triton must refuse;
+                                                 broken_features: the version's online
+                                                 features are truncated, so it loads but
+                                                 every request for it fails in `recommend`
 
 Each fault is a class of bug the pipeline must catch at a different gate: `shuffle_labels`
 offline (the candidate learns nothing), `serving_skew` only online (what is served is not
-what was evaluated), `corrupt_export` at the load step (the old set keeps serving).
+what was evaluated), `corrupt_export` at the load step (the old set keeps serving),
+`broken_features` by the serving guardrails (its users fall back to production, which
+counts against the canary).
 """
 
 from __future__ import annotations
@@ -32,8 +37,14 @@ if TYPE_CHECKING:
     from training.schema import Dataset
     from training.split import SplitConfig
 
-Fault = Literal["none", "shuffle_labels", "serving_skew", "corrupt_export"]
-FAULTS: tuple[Fault, ...] = ("none", "shuffle_labels", "serving_skew", "corrupt_export")
+Fault = Literal["none", "shuffle_labels", "serving_skew", "corrupt_export", "broken_features"]
+FAULTS: tuple[Fault, ...] = (
+    "none",
+    "shuffle_labels",
+    "serving_skew",
+    "corrupt_export",
+    "broken_features",
+)
 
 
 def check(fault: str) -> None:
@@ -124,9 +135,14 @@ def skew_item_table(run_dir: Path, out: Path, *, seed: str) -> Path:
 
 def apply_after_export(fault: Fault, version_dir: Path) -> None:
     """`corrupt_export`: a disk or copy fault after publishing; Triton must refuse the
-    version, and the load step must leave the old set serving."""
-    if fault != "corrupt_export":
-        return
+    version, and the load step must leave the old set serving. `broken_features`: the
+    version's online features are torn, so Triton loads it but `recommend` cannot serve it:
+    its users fall back to production and the serving guardrails must roll it back."""
     from serving import repository as layout
 
-    (version_dir / layout.ONNX_FILE).write_bytes(b"not an onnx graph")
+    if fault == "corrupt_export":
+        (version_dir / layout.ONNX_FILE).write_bytes(b"not an onnx graph")
+    elif fault == "broken_features":
+        repo, version = version_dir.parent.parent, int(version_dir.name)
+        path = layout.features_path(repo, version)
+        path.write_bytes(path.read_bytes()[:100])  # a torn copy: not a readable .npz

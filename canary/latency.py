@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
+from serving.metrics import histogram_quantile
+
 
 @dataclass(frozen=True)
 class LatencyComparison:
@@ -36,27 +38,6 @@ class LatencyComparison:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def histogram_quantile(upper_bounds: np.ndarray, counts: np.ndarray, q: float) -> float:
-    """The q-quantile of a histogram with bucket upper bounds `upper_bounds` (the last may be
-    +inf) and per-bucket (not cumulative) `counts`, linear inside a bucket like Prometheus."""
-    ub = np.asarray(upper_bounds, np.float64)
-    c = np.asarray(counts, np.float64)
-    total = c.sum()
-    if total <= 0:
-        return float("nan")
-    rank = q * total
-    cum = np.cumsum(c)
-    k = int(np.searchsorted(cum, rank, side="left"))
-    k = min(k, len(c) - 1)
-    lo = 0.0 if k == 0 else ub[k - 1]
-    hi = ub[k]
-    if math.isinf(hi):  # beyond the last finite bound: the bound is all we know
-        return float(lo)
-    below = 0.0 if k == 0 else cum[k - 1]
-    inside = c[k]
-    return float(lo + (hi - lo) * ((rank - below) / inside if inside > 0 else 1.0))
 
 
 def compare_latency(

@@ -1,9 +1,11 @@
 """`northstar canary status | evaluate | promote | rollback`: the online half of the loop.
 
-`evaluate_canary` reads the north-star metric per arm from the feedback labels (CTR per
-impression, since the canary started, production and canary over the same period), the
-guardrails from Triton's metrics endpoint, and online fairness by user group; the pure
-`canary.decide.online_decision` turns those numbers into promote, roll back or continue.
+`evaluate_canary` reads the north-star metric per arm from the feedback labels (CTR and
+engaged value per impression since the canary started, both arms over the same period,
+aggregated per user with each user's earlier behaviour as the CUPED covariate), the
+serving guardrails from `recommend`'s per-version metrics on Triton's endpoint, and online
+fairness by user group; the pure `canary.verdict.online_decision` turns those numbers into
+promote, roll back or continue.
 With `auto`, the decision is applied:
 
     promote:  routing production = canary, canary = none; unload the old version after
@@ -23,9 +25,17 @@ from typing import Any
 
 import pandas as pd
 
-from canary import decide
+from canary import decide, verdict
+from canary.inference import (
+    ArmUsers,
+    SequentialState,
+    delta_test,
+    per_user,
+    sequential_update,
+    with_covariate,
+)
 from canary.state import CanaryRecord, ProductionRecord, StateStore
-from canary.stats import msprt, srm_chi2, two_proportion_z
+from canary.stats import srm_chi2
 from serving import repository as layout
 from serving.control import switch_routing
 from serving.routing import RoutingState
@@ -38,14 +48,17 @@ class EvaluateConfig:
     state_dir: str = "canary"
     repo: str = "model_repository"
     url: str | None = "localhost:8001"  # Triton gRPC: loads and unloads versions
-    metrics_url: str | None = "localhost:8002"  # Triton Prometheus endpoint; None: no guardrails
+    # Triton's Prometheus endpoint, where `recommend` publishes its per-version serving
+    # metrics. None: no guardrails, so the canary is never promoted (gates.
+    # require_serving_metrics=False lifts that for offline replays of labels).
+    metrics_url: str | None = "localhost:8002"
     labels: str | None = None  # feedback join output
     event_log: str | None = None  # when set, the join runs first, into `labels`
     join_window_s: float = 1800.0
     join_as_of: float | None = None
     users: str | None = None  # users.parquet for group fairness; default: production's data
     auto: bool = False  # apply the decision (promote / roll back)
-    gates: decide.OnlineGates = field(default_factory=decide.OnlineGates)
+    gates: verdict.OnlineGates = field(default_factory=verdict.OnlineGates)
     tracking_uri: str | None = None
     drain_s: float = 2.0  # recommend re-reads routing.json at most once a second
     # Burn-in after the canary is routed: `recommend` re-reads routing.json at most once a
@@ -81,24 +94,59 @@ def status(state_dir: str | Path, repo: str | Path) -> dict[str, Any]:
         "in_progress": state["in_progress"],
         "last_retrain": state["last_retrain"],
         "history": state["history"][-10:],
+        # One line per look at the current (or last) canary: what the verdict rested on.
+        "looks": [look_summary(h) for h in state["history"] if h.get("kind") == "evaluate"][-20:],
     }
 
 
-def arm_stats(labels: pd.DataFrame, version: int) -> decide.Arm:
-    rows = labels[labels["model_version"] == version]
-    return decide.Arm(
+def look_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one recorded look: users per arm, the delta-method interval, the CUPED
+    variance reduction, the always-valid state, and each version's serving metrics."""
+    ev = entry.get("evidence") or {}
+    t, seq, srv = ev.get("ctr_test") or {}, ev.get("sequential") or {}, ev.get("serving") or {}
+    return {
+        "ts": entry.get("ts"),
+        "canary": entry.get("canary"),
+        "decision": entry.get("decision"),
+        "users": {"production": t.get("users_a"), "canary": t.get("users_b")},
+        "ctr": {"production": t.get("rate_a"), "canary": t.get("rate_b")},
+        "diff": t.get("diff"),
+        "ci": [t.get("ci_low"), t.get("ci_high")],
+        "cuped_variance_reduction": t.get("variance_reduction"),
+        "design_effect": t.get("design_effect"),
+        "always_valid_p": seq.get("p_value"),
+        "direction": seq.get("direction"),
+        "confidence_sequence": [seq.get("ci_low"), seq.get("ci_high")],
+        "serving": srv,
+        "reason": (entry.get("reasons") or [""])[0],
+    }
+
+
+def _arm(version: int, users: ArmUsers) -> verdict.Arm:
+    return verdict.Arm(
         version=int(version),
-        impressions=len(rows),
-        clicks=int(rows["clicked"].sum()),
-        users=int(rows["user_id"].nunique()),
+        impressions=int(users.n.sum()),
+        clicks=int(users.y.sum()),
+        users=users.users,
     )
+
+
+def _pre_period(labels: pd.DataFrame, before: float) -> pd.Series:
+    """Each user's linearised CTR before the canary started (the CUPED covariate), by id:
+    (clicks - R·impressions) / mean impressions, R the pooled pre-period CTR."""
+    pre = labels[labels["impression_ts"] < before]
+    if pre.empty:
+        return pd.Series(dtype=float)
+    g = pre.groupby("user_id")["clicked"].agg(["sum", "size"])
+    r = g["sum"].sum() / g["size"].sum()
+    return (g["sum"] - r * g["size"]) / g["size"].mean()
 
 
 def group_ratios(
     labels: pd.DataFrame,
     users: pd.DataFrame | None,
     versions: dict[str, int],
-    gates: decide.OnlineGates,
+    gates: verdict.OnlineGates,
 ) -> dict[str, dict[str, float | None]]:
     """Per attribute and arm: min/max CTR across groups with enough impressions
     (fairness.online_by_group's per-version figures)."""
@@ -125,7 +173,7 @@ def group_ratios(
 
 def gather_evidence(
     cfg: EvaluateConfig, canary: CanaryRecord, prod: ProductionRecord
-) -> decide.OnlineEvidence:
+) -> verdict.OnlineEvidence:
     from feedback.join import JoinConfig, read_labels, run_join
 
     if cfg.event_log:
@@ -138,40 +186,50 @@ def gather_evidence(
         )
     if not cfg.labels:
         raise ValueError("canary evaluate needs `labels` (the feedback join output)")
-    labels = read_labels(cfg.labels)
+    all_labels = read_labels(cfg.labels)
     # Both arms over the same period: production's traffic before the canary started is a
-    # different population of days and would bias the comparison.
-    labels = labels[
-        (labels["impression_ts"] >= canary.started + cfg.burn_in_s)
-        & labels["model_version"].isin([prod.version, canary.version])
+    # different population of days and would bias the comparison. It is the covariate.
+    labels = all_labels[
+        (all_labels["impression_ts"] >= canary.started + cfg.burn_in_s)
+        & all_labels["model_version"].isin([prod.version, canary.version])
     ]
-    a = arm_stats(labels, prod.version)
-    b = arm_stats(labels, canary.version)
-    z = seq = srm = None
-    if a.impressions and b.impressions:
-        z = two_proportion_z(
-            clicks_a=a.clicks, n_a=a.impressions, clicks_b=b.clicks, n_b=b.impressions
+    versions = (prod.version, canary.version)
+    (ids_a, ua), (ids_b, ub) = per_user(labels, versions=versions)
+    if cfg.gates.cuped:
+        pre = _pre_period(all_labels, canary.started)
+        ua, ub = with_covariate(ua, ids_a, pre), with_covariate(ub, ids_b, pre)
+    a, b = _arm(prod.version, ua), _arm(canary.version, ub)
+    test = seq = value_test = srm = None
+    if min(ua.users, ub.users) >= 2:
+        g = cfg.gates
+        test = delta_test(ua, ub, alpha=g.alpha, cuped=g.cuped)
+        previous = SequentialState.from_dict(canary.sequential)
+        seq = sequential_update(
+            previous, diff=test.diff, var=test.var, tau2=g.tau**2, alpha=g.alpha
         )
-        var = z.se**2
-        seq = msprt(diff=z.diff, var=var, tau2=cfg.gates.tau**2, previous_p=canary.msprt_p)
+        engaged = labels.assign(value=labels["value"].fillna(0.0).astype(float))
+        (_, va), (_, vb) = per_user(engaged, versions=versions, metric="value")
+        value_test = delta_test(va, vb, alpha=g.alpha, cuped=False)
     pct = canary.percent
     if a.users + b.users > 0 and 0 < pct < 100:
         # Users are the unit the hash assigns; impressions cluster within users.
         srm = srm_chi2(observed=[a.users, b.users], shares=[100 - pct, pct])
-    guard_p = guard_c = None
+    serving_p = serving_c = None
     if cfg.metrics_url:
-        from canary.prom import fetch, guardrails
+        from canary.prom import fetch, serving_metrics
 
         try:
-            g = guardrails(fetch(cfg.metrics_url))
-            guard_p, guard_c = g.get(prod.version), g.get(canary.version)
-        except OSError as exc:
+            m = serving_metrics(fetch(cfg.metrics_url))
+            serving_p, serving_c = m.get(str(prod.version)), m.get(str(canary.version))
+        except OSError as exc:  # no numbers: the verdict says "cannot decide"
             log.warning("metrics endpoint %s unreachable (%s)", cfg.metrics_url, exc)
     users = _users(cfg, prod)
     fairness = group_ratios(
         labels, users, {"production": prod.version, "canary": canary.version}, cfg.gates
     )
-    return decide.OnlineEvidence(a, b, z, seq, srm, guard_p, guard_c, fairness)
+    return verdict.OnlineEvidence(
+        a, b, test, seq, srm, serving_p, serving_c, fairness, value_test=value_test
+    )
 
 
 def _users(cfg: EvaluateConfig, prod: ProductionRecord) -> pd.DataFrame | None:
@@ -200,31 +258,32 @@ def evaluate_canary(cfg: EvaluateConfig) -> Evaluation:
     if prod is None:
         raise ValueError(f"{store.path}: canary {canary.version} on trial but no production")
     ev = gather_evidence(cfg, canary, prod)
-    verdict = decide.online_decision(ev, cfg.gates)
+    decision = verdict.online_decision(ev, cfg.gates)
     evidence = ev.to_dict()
-    evidence["verdict"] = verdict.to_dict()
-    out = Evaluation(verdict, evidence, canary=canary.version, production=prod.version)
+    evidence["verdict"] = decision.to_dict()
+    out = Evaluation(decision, evidence, canary=canary.version, production=prod.version)
     if ev.sequential is not None:
         with store.update() as s:
             current = CanaryRecord.from_state(s)
             if current is not None and current.version == canary.version:
+                current.sequential = ev.sequential.to_dict()
                 current.msprt_p = ev.sequential.p_value  # the running minimum
                 current.looks += 1
                 s["canary"] = current.to_dict()
     store.record(
         "evaluate",
-        verdict.action,
-        list(verdict.reasons),
+        decision.action,
+        list(decision.reasons),
         evidence,
         canary=out.canary,
         production=out.production,
         auto=cfg.auto,
     )
-    if cfg.auto and verdict.action == decide.PROMOTE:
-        promote(cfg, reasons=list(verdict.reasons), evidence=evidence)
+    if cfg.auto and decision.action == decide.PROMOTE:
+        promote(cfg, reasons=list(decision.reasons), evidence=evidence)
         out.applied = True
-    elif cfg.auto and verdict.action == decide.ROLLBACK:
-        rollback(cfg, reasons=list(verdict.reasons), evidence=evidence)
+    elif cfg.auto and decision.action == decide.ROLLBACK:
+        rollback(cfg, reasons=list(decision.reasons), evidence=evidence)
         out.applied = True
     return out
 

@@ -1,27 +1,14 @@
-"""Guardrails from Triton's Prometheus endpoint (`http://HOST:8002/metrics`).
+"""Read Triton's Prometheus endpoint (`http://HOST:8002/metrics`).
 
-What this build (nvidia-pytriton's tritonserver) exposes per model *version*, measured:
-
-    nv_inference_request_success{model,version}            counter
-    nv_inference_request_failure{model,reason,version}     counter, one per reason
-                                                           (OTHER, BACKEND, CANCELED, REJECTED)
-    nv_inference_request_duration_us{model,version}        counter (sum of latencies)
-    nv_inference_request_summary_us{model,version,quantile} summary, only with
-        --metrics-config=summary_latencies=true (serving.server.ServerConfig.metrics_config);
-        quantiles 0.5, 0.9, 0.95, 0.99, 0.999 over a sliding window
-
-There is no latency histogram in this build, so p99 comes from the summary; without it
-the guardrail falls back to nothing rather than guess a tail from the mean.
-Production and canary are two versions of `retrieval`, so the labels tell them apart.
+The canary's guardrails read `recommend`'s own per-version families (serving/metrics.py):
+Triton's `nv_inference_*` counters describe models, not which retrieval version answered a
+user, and count an error returned inside a response as a success.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import urllib.request
-
-from canary.decide import Guardrail
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -45,33 +32,11 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-def guardrails(text: str, *, model: str = "retrieval") -> dict[int, Guardrail]:
-    """Per version of `model`: requests (success + failure), failures, p99 in ms."""
-    succ: dict[int, float] = {}
-    fail: dict[int, float] = {}
-    p99: dict[int, float] = {}
-    for name, labels, value in parse_prometheus(text):
-        if labels.get("model") != model or not labels.get("version", "").isdigit():
-            continue
-        v = int(labels["version"])
-        if name == "nv_inference_request_success":
-            succ[v] = succ.get(v, 0.0) + value
-        elif name == "nv_inference_request_failure":
-            fail[v] = fail.get(v, 0.0) + value
-        elif (
-            name == "nv_inference_request_summary_us"
-            and labels.get("quantile") == "0.99"
-            and math.isfinite(value)
-        ):
-            p99[v] = value / 1000.0
-    return {
-        v: Guardrail(
-            requests=int(succ.get(v, 0) + fail.get(v, 0)),
-            failures=int(fail.get(v, 0)),
-            p99_ms=p99.get(v),
-        )
-        for v in sorted(set(succ) | set(fail) | set(p99))
-    }
+def serving_metrics(text: str):
+    """`recommend`'s per-version counters (serving.metrics) from the endpoint's text."""
+    from serving.metrics import read_serving_metrics
+
+    return read_serving_metrics(parse_prometheus(text))
 
 
 def fetch(metrics_url: str, timeout: float = 5.0) -> str:

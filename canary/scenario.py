@@ -1,10 +1,13 @@
-"""The three-act canary scenario on a live Triton under simulated traffic (test + demo).
+"""The canary scenario on a live Triton under simulated traffic (test + demo).
 
     (a) retrain on feedback -> offline gates pass -> canary -> online test -> promote
     (b) a broken candidate (item ids shuffled across its training interactions, trained
         from scratch) -> the offline gates reject it -> nothing exported, Triton loads nothing
     (c) a candidate that is fine offline but serves a permuted item table (a training/
         serving skew: `fault="serving_skew"`) -> canary -> it loses online -> rolled back
+    (d) optional: a canary whose online features are torn (`fault="broken_features"`):
+        Triton loads it, `recommend` answers its users from production, and the serving
+        guardrails (fallbacks count against the canary) roll it back
 
 Traffic never stops: a background thread runs the closed-loop simulator (the `simulator` package)
 in small batches while versions load, routing changes, versions are promoted, rolled back
@@ -145,10 +148,11 @@ def run_act(
                 "reasons": list(ev.verdict.reasons),
                 "production": ev.evidence.get("production"),
                 "canary": ev.evidence.get("canary"),
-                "z_test": ev.evidence.get("z_test"),
-                "msprt": ev.evidence.get("msprt"),
+                "ctr_test": ev.evidence.get("ctr_test"),
+                "sequential": ev.evidence.get("sequential"),
                 "srm": ev.evidence.get("srm"),
-                "guardrails": ev.evidence.get("guardrails"),
+                "serving": ev.evidence.get("serving"),
+                "checks": (ev.evidence.get("verdict") or {}).get("checks"),
             }
             act["looks"].append(look)
             log.info("act %s: look %d -> %s", name, len(act["looks"]), ev.action)
@@ -166,6 +170,7 @@ def run_scenario(
     eval_cfg: EvaluateConfig,
     requests_per_look: int = 300,
     retrain_pause_s: float = 1.0,
+    with_broken_canary: bool = False,
 ) -> ScenarioReport:
     t0 = time.perf_counter()
     rep = ScenarioReport()
@@ -179,6 +184,10 @@ def run_scenario(
         rep.acts["c"] = run_act(
             "c", traffic, replace(retrain_cfg, fault="serving_skew"), eval_cfg, **kw
         )
+        if with_broken_canary:
+            rep.acts["d"] = run_act(
+                "d", traffic, replace(retrain_cfg, fault="broken_features"), eval_cfg, **kw
+            )
         traffic.wait_requests(20)  # a little traffic after the last rollback
     rep.requests, rep.failed, rep.retries = traffic.requests, traffic.failed, traffic.retries
     rep.seconds = round(time.perf_counter() - t0, 1)

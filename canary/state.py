@@ -107,6 +107,9 @@ class CanaryRecord(_Record):
     base_data: str | None = None
     msprt_p: float = 1.0  # the running minimum of the always-valid p-value
     looks: int = 0  # evaluations that updated msprt_p
+    # canary.inference.SequentialState as a dict: the p-value with its direction and the
+    # always-valid confidence sequence, carried from look to look.
+    sequential: dict[str, Any] | None = None
     offline: dict[str, float] | None = None
     bias: dict[str, float] | None = None  # its ARP and exposure Gini, for the trend
     mlflow_version: str | None = None  # registered model version (alias `challenger`)

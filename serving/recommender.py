@@ -15,6 +15,7 @@ Per batch:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -30,6 +31,7 @@ from feedback.ids import uuid7_batch
 from models.snapshot import FeatureSnapshot, UserFeatures
 from serving import repository as layout
 from serving.backend import InputError, check_int_matrix
+from serving.metrics import NO_VERSION, BatchMetrics
 from serving.routing import RoutingState
 
 log = logging.getLogger(__name__)
@@ -38,25 +40,61 @@ log = logging.getLogger(__name__)
 Retrieve = Callable[[int, UserFeatures], tuple[np.ndarray, np.ndarray]]
 
 
+class StateFileError(RuntimeError):
+    """A state file (routing.json, a version's features) is missing or unreadable and no
+    good copy of it was ever read. The message names the file."""
+
+
 @dataclass
 class _Watched:
-    """A file's parsed content, re-read when its mtime or size changes."""
+    """A file's parsed content, re-read when its mtime or size changes.
+
+    A file that turns unreadable (torn, truncated, deleted) keeps serving its last good
+    content: the problem is kept in `error` and reported once per change of the file
+    (`on_error`), never raised while a good copy exists. Without one, `get` raises
+    StateFileError naming the file.
+    """
 
     path: Path
     load: Callable[[Path], object]
+    on_error: Callable[[Path, str], None] | None = None
     value: object = None
-    stamp: tuple[int, int] | None = None
+    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the content in `value`
+    seen: tuple[int, int] | None = None  # the stamp last looked at, good or bad
+    error: str | None = None
 
     def get(self) -> object:
         try:
             st = self.path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            self.value, self.stamp = None, None
-            return None
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self.stamp:
-            self.value = self.load(self.path)
-            self.stamp = stamp
+            stamp = None
+        if stamp is not None and stamp == self.stamp:
+            self.error = None
+            return self.value
+        if stamp == self.seen and self.error is not None:  # still bad, already reported
+            return self._last_good()
+        self.seen = stamp
+        if stamp is None:
+            return self._bad(f"{self.path}: missing")
+        try:
+            value = self.load(self.path)
+        except Exception as exc:  # torn, truncated, not ours: keep what we had
+            return self._bad(f"{self.path}: unreadable ({type(exc).__name__}: {exc})")
+        self.value, self.stamp, self.error = value, stamp, None
+        return value
+
+    def _bad(self, message: str) -> object:
+        self.error = message
+        if self.stamp is not None:
+            log.error("%s; serving its last good copy", message)
+        if self.on_error is not None:
+            self.on_error(self.path, message)
+        return self._last_good()
+
+    def _last_good(self) -> object:
+        if self.stamp is None:
+            raise StateFileError(self.error)
         return self.value
 
 
@@ -73,7 +111,10 @@ class OnlineState:
         self.repo = Path(repo)
         self.check_interval_s = check_interval_s
         self.clock = clock
-        self._routing = _Watched(layout.routing_path(self.repo), RoutingState.load)
+        # Told (path, message) when a state file turns unreadable: `recommend` counts it on
+        # the metrics endpoint (serving.metrics.STATE_ERRORS).
+        self.on_error: list[Callable[[Path, str], None]] = []
+        self._routing = _Watched(layout.routing_path(self.repo), RoutingState.load, self._error)
         self._features: dict[int, _Watched] = {}
         self._meta: dict[int, dict] = {}
         self._checked = -float("inf")
@@ -81,13 +122,21 @@ class OnlineState:
         # (serving.inline's onnxruntime sessions) drops what left the routing, as below.
         self.on_routing: list[Callable[[list[int]], None]] = []
 
+    def _error(self, path: Path, message: str) -> None:
+        for fn in self.on_error:
+            fn(path, message)
+
     def refresh(self, force: bool = False) -> None:
-        """stat() the files we depend on, at most once per `check_interval_s`."""
+        """stat() the files we depend on, at most once per `check_interval_s`. A file that
+        turned bad keeps its last good content (see _Watched); nothing here raises for it."""
         now = self.clock()
         if not force and now - self._checked < self.check_interval_s:
             return
         self._checked = now
-        routing = self._routing.get()
+        try:
+            routing = self._routing.get()
+        except StateFileError:
+            routing = None
         if routing is not None:
             # A version that left the routing (promoted over, rolled back) would otherwise
             # keep its snapshot in this process forever: one more per retrain, for the life
@@ -98,32 +147,41 @@ class OnlineState:
             for fn in self.on_routing:
                 fn(routing.versions)
         for w in self._features.values():
-            w.get()
+            with contextlib.suppress(StateFileError):  # never read: its requests say why
+                w.get()
 
     @property
     def routing(self) -> RoutingState:
-        r = self._routing.value or self._routing.get()
-        if r is None:
-            raise RuntimeError(
-                f"{self._routing.path}: no routing state; run `northstar export` first"
-            )
-        return r
+        if self._routing.stamp is not None:
+            return self._routing.value
+        try:
+            return self._routing.get()
+        except StateFileError as exc:
+            raise StateFileError(f"{exc}; no routing state: run `northstar export` first") from None
 
     def features(self, version: int) -> FeatureSnapshot:
         w = self._features.get(version)
         if w is None:
             w = self._features[version] = _Watched(
-                layout.features_path(self.repo, version), FeatureSnapshot.load
+                layout.features_path(self.repo, version), FeatureSnapshot.load, self._error
             )
-        snap = w.value if w.stamp is not None else w.get()
-        if snap is None:
-            raise RuntimeError(f"{w.path}: no online features for retrieval version {version}")
-        return snap
+        if w.stamp is not None:
+            return w.value
+        try:
+            return w.get()
+        except StateFileError as exc:
+            raise StateFileError(
+                f"no online features for retrieval version {version}: {exc}"
+            ) from None
 
     def meta(self, version: int) -> dict:
         if version not in self._meta:  # a published version never changes
             self._meta[version] = layout.read_meta(self.repo, version)
         return self._meta[version]
+
+    def problems(self) -> list[str]:
+        """The state files that are bad right now (each still served from a good copy)."""
+        return [w.error for w in (self._routing, *self._features.values()) if w.error]
 
     def max_k(self) -> int:
         """The largest k every routed version can answer.
@@ -161,6 +219,21 @@ class BatchResult:
     results: list[RequestResult | InputError | RuntimeError]
     impressions: ServedImpressions  # the rows served in the batch, for the event log
     versions: dict[int, int] = field(default_factory=dict)  # version -> users served
+    # Per routed version: users, errors by reason (serving.metrics); latencies are added by
+    # `observe_latency` once the caller knows the batch's total time.
+    metrics: BatchMetrics = field(default_factory=BatchMetrics)
+    serve_s: dict[str, float] = field(default_factory=dict)  # version -> time serving it
+    # One per (answered request, routed version it touched): (version, its serve time)
+    answered: list[tuple[str, float]] = field(default_factory=list)
+
+    def observe_latency(self, total_s: float) -> BatchMetrics:
+        """Each answered request's latency: the batch's shared work (state, parsing, the
+        event log) plus the time spent on its own version(s), so a slow canary shows up in
+        the canary's latency and not in production's."""
+        shared = max(0.0, total_s - sum(self.serve_s.values()))
+        for version, own in self.answered:
+            self.metrics.add_latency(version, (shared + own) * 1000.0, 1)
+        return self.metrics
 
 
 # Above this many (row, candidate, seen item) comparisons the sort-based path is cheaper.
@@ -261,8 +334,12 @@ class Recommender:
     def run(self, parsed: list[ParsedRequest | InputError], retrieve: Retrieve) -> BatchResult:
         """Answer every parsed request of a batch; InputErrors pass through in place."""
         ok = [p for p in parsed if isinstance(p, ParsedRequest)]
+        metrics = BatchMetrics()
+        if bad := len(parsed) - len(ok):  # refused before routing: no version to blame
+            metrics.requests[NO_VERSION] += bad
+            metrics.errors[(NO_VERSION, "bad_input")] += bad
         if not ok:
-            return BatchResult(list(parsed), ServedImpressions.empty())
+            return BatchResult(list(parsed), ServedImpressions.empty(), metrics=metrics)
         user_ids = np.concatenate([p.user_ids for p in ok])  # (N,)
         ks = np.concatenate([p.ks for p in ok])
         n = len(user_ids)
@@ -290,17 +367,27 @@ class Recommender:
             cold=cold,
             prop=propensity,
         )
+        serve_s: dict[str, float] = {}
         for version in np.unique(routed):
             rows = np.flatnonzero(routed == version)
+            label = str(int(version))
+            t0 = time.perf_counter()
             error = serve(int(version), rows)
             fb = self.last_good
+            fell_back = False
             if error and fb is not None and fb != version:
                 log.warning(
                     "retrieval version %d failed (%s); answering with %d", version, error, fb
                 )
                 error = serve(fb, rows)
+                fell_back = error is None
+            serve_s[label] = time.perf_counter() - t0
+            metrics.requests[label] += len(rows)
             if error:
                 failed.update(dict.fromkeys(rows.tolist(), error))
+                metrics.errors[(label, "failed")] += len(rows)
+            elif fell_back:  # answered, but not by the version under test: its error
+                metrics.errors[(label, "fallback")] += len(rows)
             elif version == routing.production:
                 self.last_good = int(version)
 
@@ -308,6 +395,7 @@ class Recommender:
         # and the log's unique index stays fast when new keys land at its end.
         request_ids = uuid7_batch(n, rng=self._id_rng)
         results: list[RequestResult | InputError | RuntimeError] = []
+        answered: list[tuple[str, float]] = []
         start = 0
         for p in parsed:
             if not isinstance(p, ParsedRequest):
@@ -319,6 +407,9 @@ class Recommender:
             if errs:
                 results.append(RuntimeError(errs[0]))
                 continue
+            # One latency per (request, version it touched): a request for users of both
+            # arms counts in each, with that version's own serve time.
+            answered += [(v, serve_s[v]) for v in {str(int(v)) for v in np.unique(routed[sl])}]
             w = int(p.ks.max())
             results.append(
                 RequestResult(
@@ -338,7 +429,7 @@ class Recommender:
             int(v): int(c)
             for v, c in zip(*np.unique(served_by[good], return_counts=True), strict=True)
         }
-        return BatchResult(results, imp, versions)
+        return BatchResult(results, imp, versions, metrics, serve_s, answered)
 
     def _serve(
         self, version, rows, user_ids, ks, retrieve, ids, scores, counts, served_by, cold, prop

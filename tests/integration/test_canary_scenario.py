@@ -1,9 +1,12 @@
 """The canary loop end to end on a real tritonserver under simulated traffic.
 
-(a) retrain on feedback -> canary -> evaluate -> promote; (b) a candidate trained on
-shuffled labels is rejected offline and never reaches Triton; (c) a candidate that is
-fine offline but serves a permuted item table (training/serving skew) loses online and is
-rolled back automatically. Traffic runs throughout and must see zero failed requests.
+(a) retrain on feedback -> canary -> evaluate -> promote (a win, or non-inferior within 10%
+of production's CTR; the test says which); (b) a candidate trained on shuffled labels is
+rejected offline and never reaches Triton; (c) a candidate that is fine offline but serves
+a permuted item table (training/serving skew) loses online and is rolled back
+automatically; (d) a canary whose online features are torn falls back to production for
+its users and is rolled back by the serving guardrails. Traffic runs throughout and must
+see zero failed requests and zero retries.
 Then: a killed retrain and a corrupt export both leave production serving as before.
 
 Sizes: the "tiny" world (300 users, 200 items), small towers, a few epochs, the legacy ONNX
@@ -23,11 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from canary.decide import OfflineGates, OnlineGates
+from canary.decide import OfflineGates
+from canary.guardrails import GuardrailGates
 from canary.online import EvaluateConfig, status
 from canary.pipeline import RetrainConfig, retrain
 from canary.scenario import Traffic, run_scenario
 from canary.state import StateStore
+from canary.verdict import OnlineGates
 from fairness.gates import GateConfig
 from models.towers import TowerConfig
 from serving import repository as layout
@@ -102,15 +107,14 @@ def _configs(root: Path, server: TritonServer):
         **{k: v for k, v in common.items()},
         metrics_url=server.metrics_url,
         gates=OnlineGates(
+            min_users=50,  # the tiny world: 300 users, half of them in each arm
             min_impressions=1000,
             max_impressions=2500,
-            noninferiority_margin=0.05,
+            noninferiority_margin=0.10,  # at most 10% below production's CTR
             min_group_impressions=300,
-            # On 2 shared cores a freshly loaded version's p99 swings by tens of ms (93 vs
-            # 32 ms was seen); this scenario tests the CTR decisions, so only a gross latency
-            # regression may decide here. The p99 rule itself: tests/unit/test_canary_decide.py.
-            max_p99_ratio=4.0,
-            p99_slack_ms=250.0,
+            # The latency rule as shipped (Mann-Whitney and the p99 ratio, both needed),
+            # with a lower sample floor for the tiny world.
+            guardrails=GuardrailGates(min_requests=100, min_latency_requests=150),
         ),
     )
     sim = SimulateConfig(
@@ -131,14 +135,36 @@ def test_scenario_promote_reject_rollback(loop):
     root, server = loop
     rcfg, ecfg, sim = _configs(root, server)
     t0 = time.perf_counter()
-    rep = run_scenario(sim_cfg=sim, retrain_cfg=rcfg, eval_cfg=ecfg, requests_per_look=150)
+    rep = run_scenario(
+        sim_cfg=sim,
+        retrain_cfg=rcfg,
+        eval_cfg=ecfg,
+        requests_per_look=150,
+        with_broken_canary=True,
+    )
     print(json.dumps({"seconds": time.perf_counter() - t0, **rep.__dict__}, indent=1, default=str))
-    a, b, c = rep.acts["a"], rep.acts["b"], rep.acts["c"]
+    a, b, c, d = rep.acts["a"], rep.acts["b"], rep.acts["c"], rep.acts["d"]
 
-    # (a) promoted, with the numbers that justify it
+    # (a) promoted, with the numbers that justify it: a win (always-valid p < alpha, canary
+    # better) or non-inferior (the confidence sequence above -10% of production's CTR)
     assert a["retrain"]["status"] == "canary", a
     assert a["decision"] == "promote", a
     va = a["retrain"]["version"]
+    final = a["looks"][-1]
+    why = final["reasons"][0]
+    assert why.startswith(("canary wins", "canary non-inferior")), why
+    print(f"act (a) promoted as: {why.split(':')[0]}")
+    seq = final["sequential"]
+    if why.startswith("canary wins"):
+        assert seq["p_value"] < ecfg.gates.alpha and seq["direction"] == 1
+    else:
+        margin = ecfg.gates.noninferiority_margin * final["ctr_test"]["rate_a"]
+        assert seq["ci_low"] > -margin
+    # user-level evidence: sizes per arm, the delta-method interval, CUPED, serving metrics
+    assert final["ctr_test"]["users_a"] > 0 and final["ctr_test"]["users_b"] > 0
+    assert final["ctr_test"]["ci_low"] < final["ctr_test"]["diff"] < final["ctr_test"]["ci_high"]
+    assert "variance_reduction" in final["ctr_test"]
+    assert final["serving"]["canary"]["requests"] > 0
     # (b) rejected offline: no version exported, Triton still serves just production
     assert b["retrain"]["status"] == "rejected", b
     assert b["retrain"]["version"] is None
@@ -148,12 +174,22 @@ def test_scenario_promote_reject_rollback(loop):
     assert c["retrain"]["version"] == va + 1  # (b) never took a version number
     last = c["looks"][-1]
     assert last["canary"]["ctr"] < last["production"]["ctr"]
+    # (d) loads fine, but recommend cannot serve it: its users get production's answers,
+    # counted as canary fallbacks, and the guardrail rolls it back at the first look
+    assert d["retrain"]["status"] == "canary", d
+    assert d["decision"] == "rollback", d
+    assert d["retrain"]["version"] == va + 2
+    reason = d["looks"][-1]["reasons"][0]
+    assert reason.startswith("guardrail") and "fallback" in reason, reason
+    assert d["looks"][-1]["serving"]["canary"]["errors"].get("fallback", 0) > 0
+
     routing = RoutingState.load(layout.routing_path(rcfg.repo))
     assert routing.production == va and routing.canary is None
     assert ready_versions(server.grpc_url) == [va]
 
-    # zero failed requests while versions loaded, were promoted and rolled back
-    assert rep.failed == 0 and rep.requests > 0
+    # zero failed requests and zero retries while versions loaded, were promoted and
+    # rolled back, and while a broken canary was on trial
+    assert rep.failed == 0 and rep.retries == 0 and rep.requests > 0
 
     # every promotion and rollback in the history carries its numbers
     hist = StateStore(rcfg.state_dir).load()["history"]
@@ -163,9 +199,11 @@ def test_scenario_promote_reject_rollback(loop):
     for h in hist:
         if h["kind"] in ("promote", "rollback"):
             ev = h["evidence"]
-            assert ev["production"]["impressions"] > 0 and ev["canary"]["impressions"] > 0
-            assert ev["z_test"]["z"] is not None and ev["msprt"]["p_value"] is not None
             assert h["reasons"]
+            if h["reasons"][0].startswith("guardrail"):
+                continue  # (d): decided by serving metrics, before any CTR sample
+            assert ev["production"]["impressions"] > 0 and ev["canary"]["impressions"] > 0
+            assert ev["ctr_test"]["se"] > 0 and ev["sequential"]["p_value"] is not None
     rejected = next(h for h in hist if h["decision"] == "rejected")
     failed = [
         ch["name"]

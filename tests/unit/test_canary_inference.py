@@ -21,8 +21,9 @@ from canary.inference import (
     sequential_update,
     with_covariate,
 )
-from canary.latency import compare_latency, histogram_quantile
+from canary.latency import compare_latency
 from canary.stats import srm_chi2, two_proportion_z
+from serving.metrics import histogram_quantile
 
 ALPHA = 0.05
 TAU2 = 0.01**2

@@ -21,7 +21,7 @@ from serving import repository as layout
 from serving.backend import InputError
 from serving.inline import InlineRetrieval
 from serving.publish import ExportConfig, export
-from serving.recommender import OnlineState, Recommender, select_unseen
+from serving.recommender import OnlineState, Recommender, StateFileError, select_unseen
 from serving.routing import RoutingState
 from serving.testing import tiny_export
 from training.run import load_run
@@ -313,10 +313,38 @@ def test_recommender_falls_back_when_a_routed_version_fails(repo_copy):
             raise RuntimeError("version 9 is not at ready state")
         return retrieve(version, feats)
 
-    batch = rec.run([rec.parse(users, None, rec.begin())], fail_on_9)
+    bad = InputError("input 'k' has value 0")
+    batch = rec.run([rec.parse(users, None, rec.begin()), bad], fail_on_9)
     again = batch.results[0]
     np.testing.assert_array_equal(again.item_ids, first.item_ids)
     assert (again.model_version == 1).all()
+    # The users got production's answer, but the canary failed them: its error, not a pass.
+    m = batch.metrics
+    assert m.requests == {"9": 10, "none": 1}
+    assert m.errors == {("9", "fallback"): 10, ("none", "bad_input"): 1}
+    batch.observe_latency(1.0)
+    assert list(m.latency_ms) == ["9"] and len(m.latency_ms["9"]) == 1  # one request answered
+    assert m.latency_ms["9"][0] >= 1.0  # in ms, the batch's share included
+
+
+def test_recommender_counts_a_failure_without_fallback_per_routed_version(repo_copy):
+    repo, _ = repo_copy
+    rec = Recommender(repo, check_interval_s=0.0)
+    RoutingState(production=1, canary=2, canary_percent=50).save(layout.routing_path(repo))
+    users = np.arange(1000, 1040, dtype=np.int64)[:, None]
+    routed = RoutingState.load(layout.routing_path(repo)).version_for(users[:, 0])
+
+    def broken(version, feats):
+        raise RuntimeError(f"retrieval version {version}: features unreadable")
+
+    batch = rec.run([rec.parse(u[None, :], None, rec.begin()) for u in users], broken)
+    assert all(isinstance(r, RuntimeError) for r in batch.results)
+    m = batch.metrics
+    n2 = int((routed == 2).sum())
+    assert m.requests == {"1": 40 - n2, "2": n2}
+    # no production ever answered here, so nobody falls back: every user failed
+    assert m.errors == {("1", "failed"): 40 - n2, ("2", "failed"): n2}
+    assert len(batch.impressions) == 0
 
 
 def test_select_unseen_pads_when_too_few_remain():
@@ -449,3 +477,27 @@ def test_export_keeps_tuned_serving_configs_and_only_moves_versions(repo_copy, t
     assert settings() == (3, 123, "0.2", [3])  # tuning kept, production moved
     export(_cfg(tiny_run, repo, exporter="legacy", serving_configs="rewrite"))
     assert settings() == (1, 500, "0.0", [4])  # asked to rewrite: the defaults
+
+
+def test_a_torn_state_file_keeps_its_last_good_copy_and_is_reported_once(repo_copy):
+    repo, _ = repo_copy
+    rec = Recommender(repo, check_interval_s=0.0)
+    seen: list[tuple[str, str]] = []
+    rec.state.on_error.append(lambda path, msg: seen.append((path.name, msg)))
+    retrieve = InlineRetrieval(repo)
+    users = np.arange(1000, 1006, dtype=np.int64)[:, None]
+    good = rec.run([rec.parse(users, None, rec.begin())], retrieve).results[0]
+    feats = layout.features_path(repo, 1)
+    feats.write_bytes(feats.read_bytes()[:100])  # torn while serving
+    routing = layout.routing_path(repo)
+    routing.write_text(routing.read_text()[:10])  # truncated JSON
+    for _ in range(3):  # several refreshes: every batch is still answered, from memory
+        again = rec.run([rec.parse(users, None, rec.begin())], retrieve).results[0]
+        np.testing.assert_array_equal(again.item_ids, good.item_ids)
+    assert sorted(name for name, _ in seen) == ["features.npz", "routing.json"]  # once each
+    assert all(str(repo) in msg for _, msg in seen)  # every message names its file
+    assert len(rec.state.problems()) == 2
+    # a fresh reader with no good copy gets an error that names the file
+    fresh = Recommender(repo, check_interval_s=0.0)
+    with pytest.raises(StateFileError, match=r"routing\.json"):
+        fresh.begin()

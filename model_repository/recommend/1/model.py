@@ -7,6 +7,7 @@ only converts between Triton tensors and numpy and makes the BLS calls, or, with
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from feedback.hook import impression_logger
 from models.features import INPUT_NAMES, OUTPUT_NAMES
 from serving.backend import InputError
 from serving.inline import InlineRetrieval, inline_threads, resolve_retrieval_call
+from serving.metrics import NO_VERSION, BatchMetrics, TritonMetrics
 from serving.recommender import ImpressionSink, Recommender, RequestResult
 
 
@@ -44,6 +46,11 @@ class TritonPythonModel:
         # the responses go out; without either, the no-op sink keeps serving working.
         self.impressions = impression_logger(params) or ImpressionSink()
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+        # Per-version requests, errors and latency on Triton's metrics endpoint: what the
+        # canary's guardrails read (serving/metrics.py).
+        self.metrics = TritonMetrics(pb_utils)
+        # A torn or missing state file keeps its last good copy in service; say so loudly.
+        self.recommender.state.on_error.append(self._state_error)
         self.inline = None
         self.retrieve = self._retrieve
         self.retrieval_call = resolve_retrieval_call(
@@ -65,9 +72,14 @@ class TritonPythonModel:
                 logging.getLogger(__name__).warning("inline retrieval not warmed: %s", exc)
 
     def execute(self, requests):
+        started = time.perf_counter()
         try:
             max_k = self.recommender.begin()
         except Exception as exc:  # no routing state or metadata: every request gets the reason
+            lost = BatchMetrics()
+            lost.requests[NO_VERSION] += len(requests)
+            lost.errors[(NO_VERSION, "no_state")] += len(requests)
+            self._record(lost)
             return [
                 pb_utils.InferenceResponse(output_tensors=[], error=_error(str(exc)))
                 for _ in requests
@@ -88,7 +100,22 @@ class TritonPythonModel:
         if len(batch.impressions):
             self.impressions.write(batch.impressions)
 
-        return [self._response(r) for r in batch.results]
+        responses = [self._response(r) for r in batch.results]
+        self._record(batch.observe_latency(time.perf_counter() - started))
+        return responses
+
+    def _state_error(self, path, message):
+        logging.getLogger(__name__).error("recommend state file: %s", message)
+        try:
+            self.metrics.state_error(str(Path(path).relative_to(self.recommender.state.repo)))
+        except Exception as exc:  # a metrics failure must never fail a request
+            logging.getLogger(__name__).warning("state-file metric not recorded: %s", exc)
+
+    def _record(self, metrics):
+        try:
+            self.metrics.record(metrics)
+        except Exception as exc:  # a metrics failure must never fail a request
+            logging.getLogger(__name__).warning("recommend metrics not recorded: %s", exc)
 
     def _response(self, result):
         if isinstance(result, InputError):
