@@ -50,6 +50,8 @@ USER triton-server
 
 EXPOSE 8000 8001 8002
 
+# Ready means "can answer" (README, "What ready means"): strict readiness, and `recommend`
+# refuses to load when production cannot be served, so this check fails exactly then.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD python3 -c "import sys, urllib.request; \
 sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"

@@ -22,6 +22,7 @@ behind it.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -236,6 +237,7 @@ class SqliteEventLog:
         names = list(SCHEMAS[kind])
         good = list(zip(*(v.columns[f].tolist() for f in names), [now] * len(v.ok), strict=True))
         bad = [(kind, r, p, now) for r, p in zip(v.reasons, v.payloads, strict=True)]
+        reasons = v.reason_per_row()
         sql = (
             f"INSERT OR IGNORE INTO {table} ({', '.join(names)}, received_ts) "
             f"VALUES ({', '.join('?' * (len(names) + 1))})"
@@ -244,6 +246,16 @@ class SqliteEventLog:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # A replay of a stored event is acknowledged (a retry); an event that reuses
+                # a stored event_id with other content is refused, never silently dropped.
+                conflicts = _conflicts(conn, table, names, good)
+                if conflicts:
+                    for j in sorted(conflicts, reverse=True):
+                        row = good.pop(j)
+                        reason = "event_id: already stored with different content"
+                        reasons[int(v.ok[j])] = reason
+                        payload = json.dumps(dict(zip(names, row[:-1], strict=True)), default=str)
+                        bad.append((kind, reason, payload, now))
                 inserted = conn.executemany(sql, good).rowcount if good else 0
                 if bad:
                     conn.executemany(
@@ -261,7 +273,7 @@ class SqliteEventLog:
             inserted=inserted,
             duplicates=len(good) - inserted,
             quarantined=len(bad),
-            reasons=v.reason_per_row(),
+            reasons=reasons,
         )
 
     # ------------------------------------------------------------------ reading
@@ -402,3 +414,29 @@ __all__ = [
     "open_sink",
     "open_source",
 ]
+
+
+def _conflicts(conn, table: str, names: list[str], good: list[tuple]) -> set[int]:
+    """Indices into `good` whose event_id is stored (or earlier in the batch) with other
+    content. Compared field by field after validation, so a replay matches exactly."""
+    key = names.index("event_id")
+    first: dict[str, tuple] = {}
+    out: set[int] = set()
+    for j, row in enumerate(good):
+        content = row[:-1]  # without received_ts
+        seen = first.setdefault(row[key], content)
+        if seen != content:
+            out.add(j)
+    ids = list(first)
+    cols = ", ".join(names)
+    for s in range(0, len(ids), 500):  # SQLite's parameter limit
+        chunk = ids[s : s + 500]
+        stored = conn.execute(
+            f"SELECT {cols} FROM {table} WHERE event_id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+        for srow in stored:
+            eid = srow[key]
+            if tuple(srow) != first[eid]:
+                out.update(j for j, row in enumerate(good) if row[key] == eid)
+    return out

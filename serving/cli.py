@@ -35,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run tritonserver on the model repository until Ctrl-C",
         description="Settings are ServerConfig's fields (serving/server.py): from --config "
         "FILE (a [server] table or top level), then the flags below, then --set (the last "
-        "one given wins). Defaults are ServerConfig's.",
+        "one given wins). Defaults are ServerConfig's. The server is reported ready only "
+        "when it can answer: every model loaded and recommend able to serve production "
+        "(routing.json, its meta.json and features readable); otherwise serve stops with "
+        "the reason and the file.",
     )
     p.add_argument("--repo", help="model repository (repo; default model_repository)")
     p.add_argument("--host", help="listen address (host; 0.0.0.0: all)")

@@ -63,19 +63,35 @@ def unload_model(url: str, name: str) -> None:
         client.close()
 
 
-def ready_versions(url: str, name: str = layout.RETRIEVAL) -> list[int]:
-    """Versions of `name` Triton reports READY (repository index)."""
+def version_states(url: str, name: str = layout.RETRIEVAL) -> dict[int, str]:
+    """Version -> state (READY, LOADING, UNLOADING, UNAVAILABLE) from the repository index."""
     client = _grpc(url)
     try:
         index = client.get_model_repository_index(headers=auth.headers(), as_json=True)
         index = index.get("models", [])
     finally:
         client.close()
-    return sorted(
-        int(m["version"])
+    return {
+        int(m["version"]): m.get("state", "")
         for m in index
-        if m.get("name") == name and m.get("state") == "READY" and m.get("version")
-    )
+        if m.get("name") == name and m.get("version")
+    }
+
+
+def ready_versions(url: str, name: str = layout.RETRIEVAL) -> list[int]:
+    """Versions of `name` Triton reports READY (repository index)."""
+    return sorted(v for v, s in version_states(url, name).items() if s == "READY")
+
+
+def _wait_unloaded(url: str, timeout_s: float = 60.0) -> None:
+    # While a version is UNLOADING, strict readiness answers "not ready": wait it out, so a
+    # routing change hands back a ready server (bounded; a stuck unload is only logged).
+    deadline = time.monotonic() + timeout_s
+    while "UNLOADING" in version_states(url).values():
+        if time.monotonic() > deadline:
+            log.warning("retrieval versions still unloading after %.0f s", timeout_s)
+            return
+        time.sleep(0.1)
 
 
 def load_versions(url: str, repo: str | Path, versions: Iterable[int], *, base_config=None) -> None:
@@ -91,11 +107,33 @@ def load_versions(url: str, repo: str | Path, versions: Iterable[int], *, base_c
                 f"retrieval version {v} is incomplete (a half-finished export?): "
                 f"{'; '.join(why)}; nothing was loaded"
             )
+    # Triton keeps a version it refused as UNAVAILABLE until it restarts, and with strict
+    # readiness that makes the whole server "not ready" (a container health check would
+    # kill it for a refused canary). So a version Triton does not serve yet is opened here
+    # first: a torn or corrupt graph is refused before Triton ever sees it.
+    for v in sorted(set(versions) - set(ready_versions(url))):
+        check_graph(repo, v)
     base = base_config or layout.read_config(Path(repo) / layout.RETRIEVAL / layout.CONFIG_FILE)
     load_model(url, layout.RETRIEVAL, config=layout.with_versions(base, versions))
+    _wait_unloaded(url)
     missing = set(versions) - set(ready_versions(url))
     if missing:
         raise ServerError(f"retrieval versions {sorted(missing)} are not ready after loading")
+
+
+def check_graph(repo: str | Path, version: int) -> None:
+    """Open the version's model.onnx in onnxruntime on the CPU, or raise ServerError naming
+    the file: what Triton's load would do, without leaving a refused version behind."""
+    from models.onnx_session import onnx_session
+
+    path = layout.version_dir(repo, version) / layout.ONNX_FILE
+    try:
+        onnx_session(path)
+    except Exception as exc:  # onnxruntime raises its own types for a bad graph
+        raise ServerError(
+            f"retrieval version {version}: {path} does not load ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); nothing was loaded, the served versions are unchanged"
+        ) from exc
 
 
 def switch_routing(

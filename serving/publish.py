@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.files import PRIVATE_DIR, PRIVATE_FILE, private_dir
 from models.export import ParityReport, build_retrieval, check_parity, export_onnx, parity_user_ids
 from models.features import (
     INPUT_HISTORY,
@@ -200,12 +201,17 @@ def _publish_version(repo: Path, staging: Path, meta: dict) -> int:
 
 def _publish_features(repo: Path, version: int, run: Run) -> None:
     target = layout.features_dir(repo, version)
+    private_dir(target.parent)  # owner-only, like routing.json: they decide what is served
     staging = layout.make_staging_dir(target.parent, f"v{version}")
     try:
-        shutil.copyfile(run.features_path, staging / layout.FEATURES_FILE)
+        staging.chmod(PRIVATE_DIR)
+        copies = [(run.features_path, staging / layout.FEATURES_FILE)]
         for suffix in (".npz", ".json"):
             src = (run.path / VOCAB_FILE).with_suffix(suffix)
-            shutil.copyfile(src, staging / src.name)
+            copies.append((src, staging / src.name))
+        for src, dst in copies:
+            shutil.copyfile(src, dst)
+            dst.chmod(PRIVATE_FILE)
         if target.exists():  # left by an export whose version folder was later deleted
             shutil.rmtree(target)
         layout.publish_dir(staging, target)

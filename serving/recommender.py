@@ -306,6 +306,16 @@ class Recommender:
         # (e.g. routing.json names a version Triton has not loaded yet).
         self.last_good: int | None = None
 
+    def check_servable(self) -> int:
+        """Production's version, once its routing, metadata and features are readable now;
+        else the error names the file. `recommend` refuses to load (so the server is not
+        ready) when this fails: ready means it can answer."""
+        self.state.refresh(force=True)
+        production = self.state.routing.production
+        self.state.meta(production)
+        self.state.features(production)
+        return production
+
     def begin(self) -> int:
         """Refresh state for a new batch; returns the largest k requests may ask for."""
         self.state.refresh()
@@ -313,7 +323,12 @@ class Recommender:
 
     def parse(self, user_id: np.ndarray | None, k: np.ndarray | None, max_k: int) -> ParsedRequest:
         uid = check_int_matrix(
-            "user_id", user_id, width=1, low=np.iinfo(np.int64).min, what="raw user ids"
+            "user_id",
+            user_id,
+            width=1,
+            low=0,
+            # The event log refuses negative ids: a slate it could not log is never shown.
+            what="raw user ids, >= 0 like every id the event log stores",
         )
         b = uid.shape[0]
         if k is None:

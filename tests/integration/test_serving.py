@@ -205,6 +205,12 @@ BAD_RECOMMEND = {
         [("user_id", _uid(2), "INT64"), ("k", np.array([[3]], np.int32), "INT32")],
     ),
     "empty batch": ("user_id", [("user_id", np.zeros((0, 1), np.int64), "INT64")]),
+    # negative ids are refused at request time: the event log could not log the slate
+    "user_id negative": ("user_id", [("user_id", np.array([[-1]], np.int64), "INT64")]),
+    "user_id int64 min": (
+        "user_id",
+        [("user_id", np.array([[np.iinfo(np.int64).min]], np.int64), "INT64")],
+    ),
 }
 
 

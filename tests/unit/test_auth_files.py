@@ -116,3 +116,19 @@ def test_event_log_and_canary_registry_are_owner_only(tmp_path):
     assert _mode(tmp_path / "canary") == 0o700
     assert _mode(tmp_path / "canary" / "state.json") == 0o600
     assert _mode(tmp_path / "canary" / "mlflow.db") == 0o600
+
+
+def test_published_feature_snapshots_are_owner_only_whatever_the_umask(tmp_path):
+    from serving import repository as layout
+    from serving.testing import tiny_export
+
+    old = os.umask(0o022)
+    try:
+        _, repo, res = tiny_export(tmp_path / "repo")
+    finally:
+        os.umask(old)
+    folder = layout.features_dir(repo, res.version)
+    assert _mode(folder.parent) == 0o700 and _mode(folder) == 0o700
+    assert {p.name: _mode(p) for p in folder.iterdir()} == {
+        p.name: 0o600 for p in folder.iterdir()
+    }

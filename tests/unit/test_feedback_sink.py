@@ -52,9 +52,14 @@ def test_sink_and_source_are_the_interfaces(tmp_path):
 
 def test_same_event_id_is_stored_once(tmp_path):
     log = open_sink(tmp_path / "events.db")
-    r1 = log.write_interactions(_batch(["a", "b", "a"]))  # a duplicate inside one batch
+    rows = _batch(["a", "b", "c"])
+
+    def take(*idx):  # the same events again, exactly as first sent
+        return {k: v[list(idx)] for k, v in rows.items()}
+
+    r1 = log.write_interactions(take(0, 1, 0))  # a duplicate inside one batch
     assert (r1.inserted, r1.duplicates, r1.accepted.tolist()) == (2, 1, [True, True, True])
-    r2 = log.write_interactions(_batch(["b", "c"]))  # a retry overlapping the first
+    r2 = log.write_interactions(take(1, 2))  # a retry overlapping the first
     assert (r2.inserted, r2.duplicates) == (1, 1)
     df = log.read(INTERACTION)
     assert df["event_id"].tolist() == ["a", "b", "c"]
@@ -261,3 +266,41 @@ def test_concurrent_writer_processes_store_each_event_once(tmp_path):
         assert p.wait(timeout=60) == 0
     ids, _ = _batches_in_log(path)
     assert len(ids) == 35 * 100
+
+
+def test_a_replay_is_acknowledged_and_a_conflicting_reuse_of_an_event_id_is_refused(tmp_path):
+    import time as _time
+
+    from feedback.sink import open_sink, open_source
+
+    sink = open_sink(tmp_path / "events.db")
+    now = _time.time()
+
+    def batch(value, eid="e-1"):
+        return {
+            "event_id": np.array([eid], dtype=object),
+            "user_id": np.array([7]),
+            "item_id": np.array([9]),
+            "type": np.array(["watch"], dtype=object),
+            "value": np.array([value]),
+            "ts": np.array([now]),
+            "request_id": np.array([""], dtype=object),
+        }
+
+    first = sink.write_interactions(batch(30.0))
+    assert first.inserted == 1 and first.reasons == [""]
+    replay = sink.write_interactions(batch(30.0))  # a retry after a lost acknowledgement
+    assert replay.duplicates == 1 and replay.reasons == [""]
+    other = sink.write_interactions(batch(99.0))  # same id, other content
+    assert not other.accepted[0]
+    assert other.reasons == ["event_id: already stored with different content"]
+    # inside one batch too: the second copy with other content is refused
+    both = {k: np.concatenate([batch(1.0, "e-2")[k], batch(2.0, "e-2")[k]]) for k in batch(0)}
+    res = sink.write_interactions(both)
+    assert res.reasons == ["", "event_id: already stored with different content"]
+    src = open_source(tmp_path / "events.db")
+    stored = src.read("interaction")
+    assert stored.set_index("event_id")["value"].to_dict() == {"e-1": 30.0, "e-2": 1.0}
+    assert src.quarantine_counts()["interaction"] == {
+        "event_id: already stored with different content": 2
+    }

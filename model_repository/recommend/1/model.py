@@ -42,6 +42,13 @@ class TritonPythonModel:
             default_k=int(params.get("default_k", 10)),
             epsilon=float(params.get("exploration_epsilon", 0.0)),
         )
+        # Ready means "can answer": a repository whose production version cannot be served
+        # (routing.json, its meta.json or its features unreadable) fails this load, so the
+        # server never reports ready in that state. The error names the file.
+        try:
+            self.recommender.check_servable()
+        except Exception as exc:
+            raise RuntimeError(f"recommend cannot serve production: {exc}") from exc
         # NORTHSTAR_EVENT_LOG (or the `event_log` parameter): impressions are durable before
         # the responses go out; without either, the no-op sink keeps serving working.
         self.impressions = impression_logger(params) or ImpressionSink()

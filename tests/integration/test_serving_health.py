@@ -1,6 +1,7 @@
-"""`recommend`'s own per-version metrics on a real tritonserver's metrics endpoint, and a
-torn state file under live traffic: the server keeps answering from its last good copy and
-says so on the endpoint."""
+"""Health that tells the truth, on a real tritonserver: `recommend`'s own per-version
+metrics on the metrics endpoint; a torn state file under live traffic (the server keeps
+answering from its last good copy and says so); a refused version that leaves readiness as
+it was; and a server that never reports ready when production cannot be served."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from canary.prom import fetch, parse_prometheus, serving_metrics
 from serving import repository as layout
 from serving.client import RecommenderClient
-from serving.control import switch_routing
+from serving.control import ServerError, load_versions, ready_versions, switch_routing
 from serving.metrics import STATE_ERRORS
 from serving.routing import RoutingState
 from serving.server import ServerConfig, TritonServer
@@ -95,3 +96,42 @@ def test_a_torn_feature_file_under_traffic_keeps_serving_and_is_reported(two_ver
             assert errs and errs[0] >= 1, "the torn file was never reported on the endpoint"
         finally:
             path.write_bytes(good)
+
+
+def test_a_refused_version_leaves_readiness_as_it_was(two_versions):
+    _, repo, server = two_versions
+    switch_routing(repo, RoutingState(production=1), url=server.grpc_url, drain_s=0.0)
+    assert _ready(server, "/v2/health/ready") == 200  # the switch waited for the unload
+    onnx = layout.version_dir(repo, 2) / layout.ONNX_FILE
+    good = onnx.read_bytes()
+    try:
+        onnx.write_bytes(good[:1000])  # truncated after export
+        with pytest.raises(ServerError, match=r"version 2: .*model\.onnx does not load"):
+            load_versions(server.grpc_url, repo, [1, 2])
+        assert _ready(server, "/v2/health/ready") == 200  # the health check keeps passing
+        assert ready_versions(server.grpc_url) == [1]
+    finally:
+        onnx.write_bytes(good)
+
+
+def test_serve_refuses_to_be_ready_when_production_cannot_be_served(tmp_path):
+    _, _, repo = world_repo(tmp_path, versions=1)
+    layout.features_path(repo, 1).unlink()
+    server = TritonServer(
+        ServerConfig.on_free_ports(
+            str(repo), log_file=str(tmp_path / "tritonserver.log"), startup_timeout_s=300.0
+        )
+    )
+    with pytest.raises(ServerError, match=r"cannot serve production.*features\.npz"):
+        server.start()
+    server.stop()
+
+
+def _ready(server, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
