@@ -341,7 +341,9 @@ class Recommender:
                 dtype=np.int32,
                 low=1,
                 high=max_k + 1,
-                what="items per user",
+                # Triton parses JSON into INT32 first: a value past 2^31-1 wraps before it
+                # arrives here, and the message says so rather than show a surprise.
+                what="items per user; an INT32, so values past 2147483647 arrive wrapped",
                 rows=b,
             )[:, 0].astype(np.int64)
         return ParsedRequest(uid[:, 0], ks)

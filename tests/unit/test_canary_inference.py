@@ -71,10 +71,12 @@ def test_aa_fixed_test_holds_alpha_with_clustered_users_where_per_impression_doe
     assert naive_rej / reps > 0.12
 
 
-def test_aa_msprt_with_continuous_monitoring_holds_alpha(capsys):
+def test_aa_msprt_and_confidence_sequence_hold_alpha_under_continuous_monitoring(capsys):
+    # One A/A simulation, looked at 20 times: the always-valid p-value may fall below alpha,
+    # and the confidence sequence may miss 0, in at most alpha of the runs.
     rng = np.random.default_rng(2)
     reps, looks, per_look = 600, 20, 60
-    rejections = 0
+    rejections = misses = 0
     for _ in range(reps):
         ya, na, _ = _users(rng, looks * per_look)
         yb, nb, _ = _users(rng, looks * per_look)
@@ -84,26 +86,11 @@ def test_aa_msprt_with_continuous_monitoring_holds_alpha(capsys):
             t = delta_test(ArmUsers(ya[s], na[s]), ArmUsers(yb[s], nb[s]), cuped=False)
             state = sequential_update(state, diff=t.diff, var=t.var, tau2=TAU2, alpha=ALPHA)
         rejections += state.significant(ALPHA)
-    bound = ALPHA + _slack(reps)
-    _report(capsys, f"mSPRT over {looks} looks", reps, rejections / reps, bound)
-    assert rejections / reps <= bound
-
-
-def test_aa_confidence_sequence_covers_zero_at_every_look(capsys):
-    rng = np.random.default_rng(3)
-    reps, looks, per_look = 600, 20, 60
-    misses = 0
-    for _ in range(reps):
-        ya, na, _ = _users(rng, looks * per_look)
-        yb, nb, _ = _users(rng, looks * per_look)
-        state = SequentialState()
-        for k in range(1, looks + 1):
-            s = slice(0, k * per_look)
-            t = delta_test(ArmUsers(ya[s], na[s]), ArmUsers(yb[s], nb[s]), cuped=False)
-            state = sequential_update(state, diff=t.diff, var=t.var, tau2=TAU2, alpha=ALPHA)
         misses += not (state.ci_low <= 0 <= state.ci_high)
     bound = ALPHA + _slack(reps)
+    _report(capsys, f"mSPRT over {looks} looks", reps, rejections / reps, bound)
     _report(capsys, "confidence sequence misses 0", reps, misses / reps, bound)
+    assert rejections / reps <= bound
     assert misses / reps <= bound
 
 
