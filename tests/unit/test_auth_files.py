@@ -129,6 +129,4 @@ def test_published_feature_snapshots_are_owner_only_whatever_the_umask(tmp_path)
         os.umask(old)
     folder = layout.features_dir(repo, res.version)
     assert _mode(folder.parent) == 0o700 and _mode(folder) == 0o700
-    assert {p.name: _mode(p) for p in folder.iterdir()} == {
-        p.name: 0o600 for p in folder.iterdir()
-    }
+    assert {p.name: _mode(p) for p in folder.iterdir()} == {p.name: 0o600 for p in folder.iterdir()}
