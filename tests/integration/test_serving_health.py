@@ -135,3 +135,10 @@ def _ready(server, path: str) -> int:
         return urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=10).status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def test_the_autoscaler_metrics_are_what_this_triton_exports(two_versions):
+    # deploy/monitoring's adapter rule divides these two (tests/unit/test_deploy_manifests.py)
+    _, _, server = two_versions
+    names = {n for n, _, _ in parse_prometheus(fetch(server.metrics_url))}
+    assert {"nv_inference_queue_duration_us", "nv_inference_exec_count"} <= names

@@ -406,8 +406,9 @@ def test_adapter_rule_divides_triton_queue_time_by_executions():
 
 
 # Triton 2.51's inference metrics (docs/user_guide/metrics.md of the server). The pytriton
-# binary builds the names at run time, so they cannot be read out of it; the integration
-# tests that scrape a live server (canary guardrails) read this endpoint.
+# binary builds the names at run time, so they cannot be read out of it; the two the
+# autoscaler uses are checked on a live server's endpoint in
+# tests/integration/test_serving_health.py.
 TRITON_METRICS = {
     "nv_inference_request_success",
     "nv_inference_request_failure",
