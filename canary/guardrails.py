@@ -54,7 +54,7 @@ def check_guardrails(
     checks: list[Check] = []
     n = canary.requests
     if n:
-        failed = canary.error_count("failed", "fallback", "no_state")
+        failed = canary.error_count("failed", "fallback")
         rate = failed / n
         checks.append(
             Check(

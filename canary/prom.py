@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import urllib.request
 
+from serving.metrics import VersionMetrics, read_serving_metrics
+
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -32,10 +34,8 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-def serving_metrics(text: str):
+def serving_metrics(text: str) -> dict[str, VersionMetrics]:
     """`recommend`'s per-version counters (serving.metrics) from the endpoint's text."""
-    from serving.metrics import read_serving_metrics
-
     return read_serving_metrics(parse_prometheus(text))
 
 

@@ -224,9 +224,9 @@ def _route(cfg: ExportConfig, repo: Path, version: int) -> RoutingState:
     path = layout.routing_path(repo)
     current = RoutingState.load(path) if path.exists() else None
     moves = cfg.promote or current is None
-    routing = RoutingState(production=version, salt=current.salt if current else 0)
-    if not moves:
-        routing = current
+    routing = (
+        RoutingState(production=version, salt=current.salt if current else 0) if moves else current
+    )
     keep = cfg.serving_configs == "keep"
     retrieval_cfg = routing_config(
         repo,

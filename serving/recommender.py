@@ -86,8 +86,8 @@ class _Watched:
 
     def _bad(self, message: str) -> object:
         self.error = message
-        if self.stamp is not None:
-            log.error("%s; serving its last good copy", message)
+        kept = "serving its last good copy" if self.stamp is not None else "no good copy yet"
+        log.error("%s; %s", message, kept)
         if self.on_error is not None:
             self.on_error(self.path, message)
         return self._last_good()
@@ -384,7 +384,8 @@ class Recommender:
             cold=cold,
             prop=propensity,
         )
-        serve_s: dict[str, float] = {}
+        # version -> (its metrics label, seconds spent serving it in this batch)
+        spent: dict[int, tuple[str, float]] = {}
         for version in np.unique(routed):
             rows = np.flatnonzero(routed == version)
             label = str(int(version))
@@ -398,7 +399,7 @@ class Recommender:
                 )
                 error = serve(fb, rows)
                 fell_back = error is None
-            serve_s[label] = time.perf_counter() - t0
+            spent[int(version)] = (label, time.perf_counter() - t0)
             metrics.requests[label] += len(rows)
             if error:
                 failed.update(dict.fromkeys(rows.tolist(), error))
@@ -426,7 +427,8 @@ class Recommender:
                 continue
             # One latency per (request, version it touched): a request for users of both
             # arms counts in each, with that version's own serve time.
-            answered += [(v, serve_s[v]) for v in {str(int(v)) for v in np.unique(routed[sl])}]
+            touched = np.unique(routed[sl]) if len(p.user_ids) > 1 else routed[sl]
+            answered += [spent[int(v)] for v in touched]
             w = int(p.ks.max())
             results.append(
                 RequestResult(
@@ -446,6 +448,7 @@ class Recommender:
             int(v): int(c)
             for v, c in zip(*np.unique(served_by[good], return_counts=True), strict=True)
         }
+        serve_s = {label: secs for label, secs in spent.values()}
         return BatchResult(results, imp, versions, metrics, serve_s, answered)
 
     def _serve(

@@ -111,8 +111,7 @@ class TritonPythonModel:
         self._record(batch.observe_latency(time.perf_counter() - started))
         return responses
 
-    def _state_error(self, path, message):
-        logging.getLogger(__name__).error("recommend state file: %s", message)
+    def _state_error(self, path, _message):  # serving.recommender has logged it
         try:
             self.metrics.state_error(str(Path(path).relative_to(self.recommender.state.repo)))
         except Exception as exc:  # a metrics failure must never fail a request
