@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 DEMO ?= demo
 PRESET ?= demo
 
-.PHONY: venv demo test test-fast lint format loadtest bench soak gpu-check clean
+# Debian packages the tests and the demo start for real: redis-server (the online state and
+# the event stream) and nginx (the front proxy that bounds request bodies).
+SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx-light
+
+.PHONY: sysdeps venv demo test test-fast lint format loadtest bench soak gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +22,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
-venv: $(STAMP)
+sysdeps:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: sysdeps $(STAMP)
 
 ## demo: synthetic world -> train -> evaluate -> export -> serve -> recommend (gRPC + HTTP)
 demo: venv

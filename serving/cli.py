@@ -52,6 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="event log for impressions and interactions (event_log; default: "
         "$NORTHSTAR_EVENT_LOG)",
     )
+    p.add_argument(
+        "--front-proxy",
+        choices=["auto", "on", "off"],
+        help="nginx in front, bounding request bodies (front_proxy; auto: on unless the "
+        "host is loopback)",
+    )
     config_mod.add_config_args(p, "ServerConfig", "startup_timeout_s=300 exit_timeout_s=10")
     p.set_defaults(func=_serve)
 
@@ -115,6 +121,7 @@ _SERVE_FLAGS = (
     "log_file",
     "log_verbose",
     "event_log",
+    "front_proxy",
 )  # each flag's argparse dest is the ServerConfig field it sets
 
 
@@ -141,6 +148,11 @@ def _serve(args) -> int:
     print(f"  gRPC    {server.grpc_url}")
     print(f"  metrics {server.metrics_url}")
     print(f"  log     {server.log_path}")
+    if server.proxy is not None:
+        print(
+            f"  proxy   nginx on the HTTP and gRPC ports: bodies <= "
+            f"{cfg.proxy_max_body_bytes} bytes, uncompressed (serving/proxy.py)"
+        )
     if server.routing is not None:
         r = server.routing
         canary = f", canary {r.canary} at {r.canary_percent}%" if len(r.versions) > 1 else ""

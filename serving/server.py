@@ -34,6 +34,7 @@ from pathlib import Path
 from serving import auth
 from serving import repository as layout
 from serving.control import ServerError, load_versions, ready_versions
+from serving.proxy import FrontProxy, ProxyError, ProxyLimits
 from serving.routing import RoutingState
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,22 @@ class ServerConfig:
     # Lock the control plane (model load/unload, model config, shared memory, trace,
     # logging) behind the admin key (serving/auth.py). Off only for debugging.
     restrict_control: bool = True
+    # nginx in front of Triton's HTTP and gRPC ports (serving/proxy.py), bounding request
+    # bodies, which Triton 2.51 cannot: "on", "off", or "auto" = on when `host` listens
+    # beyond loopback (a server others can reach), off for a private development server.
+    front_proxy: str = "auto"
+    proxy_max_body_bytes: int = ProxyLimits.max_body_bytes
 
     def __post_init__(self) -> None:
+        if self.front_proxy not in ("auto", "on", "off"):
+            raise ValueError(
+                f"ServerConfig.front_proxy={self.front_proxy!r}: expected auto, on or off"
+            )
+        if self.proxy_max_body_bytes < 1024:
+            raise ValueError(
+                f"ServerConfig.proxy_max_body_bytes={self.proxy_max_body_bytes}: expected "
+                ">= 1024 (a recommend request alone is a few hundred bytes)"
+            )
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
@@ -189,6 +204,11 @@ class TritonServer:
         self.http_port = cfg.http_port or free_port(bind_host)
         self.grpc_port = cfg.grpc_port or free_port(bind_host)
         self.metrics_port = cfg.metrics_port or free_port(bind_host)
+        loopback = bind_host in ("127.0.0.1", "localhost", "::1")
+        self.proxied = cfg.front_proxy == "on" or (cfg.front_proxy == "auto" and not loopback)
+        self.proxy: FrontProxy | None = None
+        # Behind the proxy, Triton listens on loopback only: (http, grpc) ports, picked free.
+        self._upstream = (free_port(), free_port()) if self.proxied else None
         # Clients on this machine reach a 0.0.0.0 server through the loopback address.
         self.client_host = "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
         from feedback.sink import EVENT_LOG_ENV
@@ -215,16 +235,20 @@ class TritonServer:
 
     def command(self) -> list[str]:
         backends = str(self.cfg.backend_dir or prepare_backends())
+        if self._upstream is not None:
+            host, (http_port, grpc_port) = "127.0.0.1", self._upstream
+        else:
+            host, http_port, grpc_port = self.cfg.host, self.http_port, self.grpc_port
         cmd = [
             str(tritonserver_binary()),
             f"--model-repository={self.repo}",
             "--model-control-mode=explicit",
             *(f"--load-model={m}" for m in self.models),
             f"--backend-directory={backends}",
-            f"--http-address={self.cfg.host}",
-            f"--http-port={self.http_port}",
-            f"--grpc-address={self.cfg.host}",
-            f"--grpc-port={self.grpc_port}",
+            f"--http-address={host}",
+            f"--http-port={http_port}",
+            f"--grpc-address={host}",
+            f"--grpc-port={grpc_port}",
             f"--metrics-address={self.cfg.host}",
             f"--metrics-port={self.metrics_port}",
             *(f"--metrics-config={m}" for m in self.cfg.metrics_config),
@@ -267,17 +291,20 @@ class TritonServer:
             os.close(fd)
             self.log_path = Path(name)
         for attempt in range(PORT_ATTEMPTS):
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-            self.process = subprocess.Popen(
-                self.command(),
-                env=self.env(),
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                # Its own process group: Ctrl-C reaches us; we shut the server down in order.
-                start_new_session=True,
-            )
             try:
+                if self.proxied:
+                    self._start_proxy()
+                self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+                self.process = subprocess.Popen(
+                    self.command(),
+                    env=self.env(),
+                    stdout=self._log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    # Its own process group: Ctrl-C reaches us; we shut the server down in
+                    # order.
+                    start_new_session=True,
+                )
                 self._wait_ready()
                 self.routing = self._restore_routing()
                 return self
@@ -305,11 +332,29 @@ class TritonServer:
             )
             if not port
         ]
-        if not auto or not _PORT_TAKEN.search(error):
+        if not (auto or self._upstream) or not _PORT_TAKEN.search(error):
             return False
         for name in auto:
             setattr(self, name, free_port(self.cfg.host))
+        if self._upstream is not None:
+            self._upstream = (free_port(), free_port())
         return True
+
+    def _start_proxy(self) -> None:
+        assert self._upstream is not None
+        self.proxy = FrontProxy(
+            host=self.cfg.host,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            http_upstream=self._upstream[0],
+            grpc_upstream=self._upstream[1],
+            limits=ProxyLimits(max_body_bytes=self.cfg.proxy_max_body_bytes),
+        )
+        try:
+            self.proxy.start()
+        except ProxyError as exc:
+            self.proxy = None
+            raise ServerError(f"front proxy: {exc}") from exc
 
     def _restore_routing(self) -> RoutingState | None:
         """Serve what the durable routing says, whatever config.pbtxt lists.
@@ -389,6 +434,10 @@ class TritonServer:
             else:
                 rc = proc.returncode
             reap_orphan_stubs(server_pid=proc.pid)
+        # After Triton: requests in flight drained through the proxy first.
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None:
+            proxy.stop()
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -29,3 +29,12 @@ def pytest_collection_modifyitems(config, items) -> None:
         skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none")
         for item in gpu:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server (Debian's package) on a free port with its own data dir."""
+    from common.redis_server import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

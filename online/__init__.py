@@ -1,0 +1,1 @@
+"""The online state shared by every replica: per-user features read at request time."""

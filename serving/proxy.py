@@ -1,0 +1,182 @@
+"""The front proxy: nginx in front of Triton's HTTP and gRPC ports, bounding every request body.
+
+Triton 2.51 has no flag that limits a request body (its `--help` lists none; newer releases
+add `--http-max-input-size`), and its HTTP server inflates a `Content-Encoding: gzip` body
+in memory however large it unpacks. So `northstar serve` can run nginx on the public ports
+with Triton behind it on loopback, and nginx enforces, before anything reaches Triton:
+
+- at most `max_body_bytes` per request body, on HTTP (413 with a JSON error) and on gRPC
+  (RESOURCE_EXHAUSTED);
+- no compressed request bodies (HTTP 415; gRPC UNIMPLEMENTED, as the gRPC spec says for an
+  encoding the server does not accept), since a compressed size bounds nothing;
+- timeouts on slow bodies and headers.
+
+What the proxy does not do (and Triton and `recommend` do): the shape, type and range of
+each input, and the batch size (serving/README.md lists every check and where it lives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "nginx.conf.j2"
+INSTALL_HINT = "install Debian's nginx (apt-get install -y nginx-light; make venv does)"
+
+
+class ProxyError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """What one request may cost at the proxy: ServerConfig.proxy_* fields set these."""
+
+    # recommend's largest request (max_batch_size user ids) is a few KB and an ingest batch of
+    # 10,000 events about 2 MB as JSON: 4 MiB leaves room and still bounds a request's memory.
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: int = 10
+    read_timeout_s: int = 60
+    workers: int = 1
+    worker_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "body_timeout_s", "read_timeout_s", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ProxyLimits.{name}={getattr(self, name)}: expected >= 1")
+
+
+def nginx_binary() -> str:
+    # Debian installs it under /usr/sbin, which a non-root PATH often lacks.
+    path = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        raise ProxyError(f"nginx: not found; {INSTALL_HINT}")
+    return path
+
+
+def render_config(
+    *,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    http_upstream: int,
+    grpc_upstream: int,
+    run_dir: Path,
+    limits: ProxyLimits,
+) -> str:
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(TEMPLATE.read_text()).render(
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        http_upstream=http_upstream,
+        grpc_upstream=grpc_upstream,
+        run_dir=str(run_dir),
+        **limits.__dict__,
+    )
+
+
+class FrontProxy:
+    """`FrontProxy(...).start()` runs nginx on (host, http_port, grpc_port) in front of Triton
+    on 127.0.0.1 (http_upstream, grpc_upstream) until `stop()`."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        http_port: int,
+        grpc_port: int,
+        http_upstream: int,
+        grpc_upstream: int,
+        limits: ProxyLimits = ProxyLimits(),
+    ) -> None:
+        self.host = host
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.http_upstream = http_upstream
+        self.grpc_upstream = grpc_upstream
+        self.limits = limits
+        self.process: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        assert self._dir is not None, "start() first"
+        return Path(self._dir.name)
+
+    @property
+    def error_log(self) -> Path:
+        return self.run_dir / "error.log"
+
+    def start(self, startup_timeout_s: float = 30.0) -> FrontProxy:
+        binary = nginx_binary()
+        self._dir = tempfile.TemporaryDirectory(prefix="northstar-proxy-")
+        conf = self.run_dir / "nginx.conf"
+        conf.write_text(
+            render_config(
+                host=self.host,
+                http_port=self.http_port,
+                grpc_port=self.grpc_port,
+                http_upstream=self.http_upstream,
+                grpc_upstream=self.grpc_upstream,
+                run_dir=self.run_dir,
+                limits=self.limits,
+            )
+        )
+        # -e: errors before the config's error_log is open go to our file, not /var/log.
+        cmd = [binary, "-c", str(conf), "-p", str(self.run_dir), "-e", str(self.error_log)]
+        check = subprocess.run([*cmd, "-t", "-q"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise ProxyError(f"nginx refused its config {conf}: {check.stderr.strip()}")
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        self._wait_listening(startup_timeout_s)
+        return self
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout_s
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        pending = {self.http_port, self.grpc_port}
+        while pending and time.monotonic() < deadline:  # a bound on a hang only
+            if self.process.poll() is not None:
+                raise ProxyError(
+                    f"nginx exited with code {self.process.returncode} at start: {self.log_tail()}"
+                )
+            for port in list(pending):
+                with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+                    pending.discard(port)
+            if pending:
+                time.sleep(0.05)
+        if pending:
+            self.stop()
+            raise ProxyError(f"nginx not listening on {sorted(pending)} after {timeout_s} s")
+
+    def log_tail(self, lines: int = 10) -> str:
+        try:
+            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)  # graceful: finish the requests in flight
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
