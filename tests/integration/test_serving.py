@@ -192,6 +192,8 @@ BAD_RECOMMEND = {
         "'k'",
         [("user_id", _uid(), "INT64"), ("k", np.array([[np.nan]], np.float32), "FP32")],
     ),
+    # no batch dimension: Triton refuses it ("has no shape but model requires batch dimension")
+    "user_id scalar": ("user_id", [("user_id", np.array(1000, np.int64), "INT64")]),
     "wrong shape": ("user_id", [("user_id", np.array([[1000, 1001]], np.int64), "INT64")]),
     "missing input": ("user_id", [("k", np.array([[3]], np.int32), "INT32")]),
     "k zero": ("'k'", [("user_id", _uid(), "INT64"), ("k", np.array([[0]], np.int32), "INT32")]),
@@ -229,6 +231,37 @@ def test_bad_recommend_input_names_the_input_and_server_keeps_serving(served, ca
         assert "FP32" in err.value.message(), err.value.message()
     good = client.infer("recommend", [_inp(mod, "user_id", _uid(), "INT64")])
     assert (good.as_numpy("item_ids") >= 0).all()
+
+
+def _post_json(served, body: bytes) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{served.http_url}/v2/models/recommend/infer"
+    req = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_what_triton_and_recommend_decide_for_raw_http_json(served):
+    """Pinned so a Triton upgrade that changes them is noticed (README, "Hardening"):
+    a k past INT32 arrives wrapped and recommend's message says so; malformed JSON is
+    Triton's 500, which recommend never sees."""
+    k_big = (
+        b'{"inputs":[{"name":"user_id","shape":[1,1],"datatype":"INT64","data":[1000]},'
+        b'{"name":"k","shape":[1,1],"datatype":"INT32","data":[2147483648]}]}'
+    )
+    status, text = _post_json(served, k_big)
+    assert status == 400 and "'k'" in text and "arrive wrapped" in text, text
+    status, text = _post_json(served, b'{"inputs":[{"name":"user_id",')
+    assert status == 500 and "JSON" in text, text
+    status, _ = _post_json(
+        served, b'{"inputs":[{"name":"user_id","shape":[1,1],"datatype":"INT64","data":[1000]}]}'
+    )
+    assert status == 200
 
 
 # ---------------------------------------------------------------------------- NaN at ingest
