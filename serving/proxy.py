@@ -69,8 +69,9 @@ def render_config(
     grpc_port: int,
     http_upstream: int,
     grpc_upstream: int,
-    run_dir: Path,
+    run_dir: Path | str,
     limits: ProxyLimits,
+    error_log: str | None = None,
 ) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(TEMPLATE.read_text()).render(
@@ -80,8 +81,35 @@ def render_config(
         http_upstream=http_upstream,
         grpc_upstream=grpc_upstream,
         run_dir=str(run_dir),
+        error_log=error_log or f"{run_dir}/error.log",
         **limits.__dict__,
     )
+
+
+# The sidecar in deploy/base (triton-statefulset.yaml): nginx on the pod's 8000/8001, Triton
+# on loopback 8010/8011, temp files in the pod's /tmp, errors to the container log.
+K8S_SIDECAR = {
+    "host": "0.0.0.0",
+    "http_port": 8000,
+    "grpc_port": 8001,
+    "http_upstream": 8010,
+    "grpc_upstream": 8011,
+    "run_dir": "/tmp",
+    "error_log": "stderr",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.proxy > deploy/base/proxy/nginx.conf`: the sidecar's config."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--max-body-bytes", type=int, default=ProxyLimits.max_body_bytes)
+    args = p.parse_args(argv)
+    print(
+        render_config(**K8S_SIDECAR, limits=ProxyLimits(max_body_bytes=args.max_body_bytes)), end=""
+    )
+    return 0
 
 
 class FrontProxy:
@@ -180,3 +208,7 @@ class FrontProxy:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -207,7 +207,9 @@ def test_triton_probes_ports_and_mounts(target):
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["startupProbe"]["httpGet"]["path"] in ("/v2/health/live", "/v2/health/ready")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert ports == {"metrics": 8002}  # http and gRPC are the proxy's (below)
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] == 8000, f"{probe}: through the proxy"
     # The image's entrypoint adds the restricted-API flags from this file, or refuses.
     assert "command" not in c, "keep the image's ENTRYPOINT (python3 -m serving.auth exec)"
     env = {e["name"]: e for e in c["env"]}
@@ -232,6 +234,30 @@ def test_triton_probes_ports_and_mounts(target):
     assert "emptyDir" in vols[mounts["/tmp"]["name"]]
     gpus = c["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpus == 1) if target.endswith("gpu") else gpus is None
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_triton_is_reached_only_through_the_body_bounding_proxy(target):
+    from serving.proxy import K8S_SIDECAR, ProxyLimits, render_config
+
+    objs = render(target)
+    _, spec, triton = _triton(target)
+    args = triton["args"]
+    assert "--http-address=127.0.0.1" in args and "--grpc-address=127.0.0.1" in args
+    assert f"--http-port={K8S_SIDECAR['http_upstream']}" in args
+    assert f"--grpc-port={K8S_SIDECAR['grpc_upstream']}" in args
+    (proxy,) = [c for c in spec["containers"] if c["name"] == "proxy"]
+    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert ports == {"http": K8S_SIDECAR["http_port"], "grpc": K8S_SIDECAR["grpc_port"]}
+    mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    conf_name = vols["proxy-config"]["configMap"]["name"]
+    conf = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == conf_name]
+    assert proxy["command"][:3] == ["nginx", "-c", f"{mounts['proxy-config']}/nginx.conf"]
+    # The committed config is what the template renders today: re-render after an edit
+    # with `python -m serving.proxy > deploy/base/proxy/nginx.conf`.
+    assert conf[0]["data"]["nginx.conf"] == render_config(**K8S_SIDECAR, limits=ProxyLimits())
+    assert mounts["proxy-tmp"] == K8S_SIDECAR["run_dir"]
 
 
 @pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
