@@ -262,3 +262,192 @@ def main(cfg: IngestBenchConfig, out: str | None = None) -> dict:
     if out:
         Path(out).write_text(json.dumps(res, indent=1, default=str))
     return res
+
+
+# ---------------------------------------------------------------------------- Redis Stream
+
+
+@dataclass(frozen=True)
+class StreamBenchConfig:
+    """`northstar feedback bench --stream`: the Redis Stream path (feedback/stream.py)."""
+
+    events: int = 1_000_000  # interactions appended in the ingest figure
+    batch: int = 5_000  # rows per write call (one entry per partition touched)
+    partitions: int = 4
+    rate: float = 20_000.0  # events/s offered in the fixed-rate figure
+    seconds: float = 20.0  # length of the fixed-rate figure
+    url: str | None = None  # default: a redis-server (appendfsync always) in a temp dir
+    dir: str | None = None  # default: a temp folder, removed afterwards
+    seed: int = 0
+
+
+def _stream_consumer_proc(url: str, log: str, stop, ready) -> None:
+    from feedback.consume import ConsumerConfig, run_log_writer
+    from feedback.stream import StreamConfig
+
+    ready.set()
+    run_log_writer(
+        StreamConfig.from_url(url),
+        ConsumerConfig(consumer="bench", progress_every_s=0, trim_every_s=1.0),
+        log,
+        stop=_MpStop(stop),
+    )
+
+
+class _MpStop:
+    """A multiprocessing.Event with threading.Event's is_set/wait (what run() calls)."""
+
+    def __init__(self, ev) -> None:
+        self.ev = ev
+
+    def is_set(self) -> bool:
+        return self.ev.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.ev.wait(timeout)
+
+
+def run_stream_bench(cfg: StreamBenchConfig) -> dict:
+    """Three figures: produce rate (XADD acked, fsync'd), drain rate of a backlog by the
+    log writer, and lag while a consumer process keeps up with a fixed offered rate."""
+    import contextlib
+
+    from common.redis_server import RedisServer
+    from feedback.consume import ConsumerConfig, LogWriter, StreamConsumer
+    from feedback.lag import stream_lag
+    from feedback.sink import SqliteEventLog
+    from feedback.stream import StreamConfig, StreamSink, connect
+
+    root = Path(cfg.dir) if cfg.dir else Path(tempfile.mkdtemp(prefix="northstar-sbench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if not cfg.dir:
+            stack.callback(shutil.rmtree, root, True)
+        base = cfg.url or stack.enter_context(RedisServer(root / "redis")).url
+        res: dict = {"config": asdict(cfg)}
+        rng = np.random.default_rng(cfg.seed)
+
+        # 1. ingest: write calls of `batch` interactions, each acknowledged by EXEC.
+        url = f"{base}?prefix=bench-ingest-{uuid.uuid4().hex[:8]}&partitions={cfg.partitions}"
+        scfg = StreamConfig.from_url(url)
+        sink = StreamSink(scfg)
+        now = time.time()
+        elapsed = 0.0
+        for start in range(0, cfg.events, cfg.batch):
+            n = min(cfg.batch, cfg.events - start)
+            rows = _interaction_batch(rng, n, now, uuid7_batch(n, rng=rng))
+            t = time.perf_counter()
+            r = sink.write_interactions(rows)
+            elapsed += time.perf_counter() - t
+            assert r.inserted == n, r
+        sink.close()
+        res["ingest"] = {
+            "events": cfg.events,
+            "batch": cfg.batch,
+            "partitions": cfg.partitions,
+            "seconds": elapsed,
+            "events_per_s": cfg.events / elapsed,
+        }
+
+        # 2. drain: the log writer empties that backlog into SQLite (in-process).
+        log = SqliteEventLog(root / "drain.db")
+        consumer = StreamConsumer(
+            scfg, ConsumerConfig(consumer="drain", progress_every_s=0), LogWriter(log)
+        )
+        t = time.perf_counter()
+        stats = consumer.run(until_idle=True)
+        drain_s = time.perf_counter() - t
+        res["drain"] = {
+            "events": stats.events,
+            "stored": log.count("interaction"),
+            "seconds": drain_s,
+            "events_per_s": stats.events / drain_s,
+            "trimmed_entries": stats.trimmed,
+        }
+        consumer.close()
+        log.close()
+
+        # 3. fixed rate: a consumer process keeps up while this one offers `rate` ev/s.
+        url = f"{base}?prefix=bench-rate-{uuid.uuid4().hex[:8]}&partitions={cfg.partitions}"
+        scfg = StreamConfig.from_url(url)
+        ctx = mp.get_context("spawn")
+        stop, ready = ctx.Event(), ctx.Event()
+        sink = StreamSink(scfg)
+        client = connect(scfg)
+        proc = ctx.Process(
+            target=_stream_consumer_proc, args=(url, str(root / "rate.db"), stop, ready)
+        )
+        proc.start()
+        ready.wait(120)
+        tick = 0.1
+        per_tick = max(1, int(cfg.rate * tick))
+        behind: list[int] = []
+        age: list[float] = []
+        sent = 0
+        t0 = time.monotonic()
+        next_t = t0
+        while time.monotonic() - t0 < cfg.seconds:
+            if len(behind) < (time.monotonic() - t0) / 0.5:
+                # Sampled just before the next write: what the consumer has not caught up
+                # with one tick (0.1 s) after the previous write.
+                lag = [g for g in stream_lag(client, scfg) if g.group == "log"]
+                behind.append(sum(g.events_behind for g in lag))
+                age.append(max((g.oldest_unacked_age_s for g in lag), default=0.0))
+            rows = _interaction_batch(rng, per_tick, time.time(), uuid7_batch(per_tick, rng=rng))
+            sink.write_interactions(rows)
+            sent += per_tick
+            next_t += tick
+            time.sleep(max(0.0, next_t - time.monotonic()))
+        offered_s = time.monotonic() - t0
+        t_end = time.monotonic()
+        while time.monotonic() - t_end < 120:  # a bound on a hang
+            if sum(g.events_behind for g in stream_lag(client, scfg) if g.group == "log") == 0:
+                break
+            time.sleep(0.05)
+        catch_up_s = time.monotonic() - t_end
+        stop.set()
+        proc.join(60)
+        sink.close()
+        client.close()
+        with SqliteEventLog(root / "rate.db") as rate_log:
+            stored = rate_log.count("interaction")
+        res["rate"] = {
+            "offered_events_per_s": sent / offered_s,
+            "events": sent,
+            "stored": stored,
+            "lag_events_p50": float(np.median(behind)) if behind else 0.0,
+            "lag_events_max": max(behind, default=0),
+            "oldest_unacked_s_p50": float(np.median(age)) if age else 0.0,
+            "oldest_unacked_s_max": max(age, default=0.0),
+            "catch_up_s": catch_up_s,
+        }
+        return res
+
+
+def format_stream_bench(res: dict) -> str:
+    i, d, r = res["ingest"], res["drain"], res["rate"]
+    return "\n".join(
+        [
+            "figure                                        measured        target",
+            f"stream ingest (XADD acked, fsync), batch {i['batch']:<5} {i['events_per_s']:>10,.0f} "
+            f"ev/s   >= {INGEST_TARGET_EPS:,} ev/s  ({i['events']:,} events, "
+            f"{i['partitions']} partitions)",
+            f"log writer drain of that backlog              {d['events_per_s']:>10,.0f} ev/s   "
+            f"({d['stored']:,} stored once)",
+            f"fixed rate offered                            {r['offered_events_per_s']:>10,.0f} "
+            f"ev/s   ({r['events']:,} events, {r['stored']:,} stored)",
+            f"  lag (events behind) p50 / max               {r['lag_events_p50']:>10,.0f} / "
+            f"{r['lag_events_max']:,}",
+            f"  oldest unacked age p50 / max                {r['oldest_unacked_s_p50']:>10.2f} / "
+            f"{r['oldest_unacked_s_max']:.2f} s",
+            f"  caught up after the producer stopped        {r['catch_up_s']:>10.2f} s",
+        ]
+    )
+
+
+def main_stream(cfg: StreamBenchConfig, out: str | None = None) -> dict:
+    res = run_stream_bench(cfg)
+    print(format_stream_bench(res))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1, default=str))
+    return res

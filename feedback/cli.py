@@ -1,4 +1,4 @@
-"""`northstar feedback join|metrics|positives|quarantine|bench`."""
+"""`northstar feedback join|metrics|positives|quarantine|bench|consume|lag`."""
 
 from __future__ import annotations
 
@@ -77,7 +77,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", help="keep the files here (dir; default: temp, removed)")
     config_mod.add_config_args(p, "IngestBenchConfig", "small_batch=1000 click_rate=0.1")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="measure the Redis Stream path instead (StreamBenchConfig: events, batch, "
+        "partitions, rate, seconds, url; default starts a redis-server in a temp dir)",
+    )
+    p.add_argument("--url", help="stream bench: an existing redis:// URL (url)")
     p.set_defaults(func=_bench)
+
+    p = fsub.add_parser(
+        "consume",
+        help="move events from the Redis Stream into the SQLite log (until SIGTERM)",
+        description="A log-writer consumer (feedback/consume.py). Stream layout from the URL "
+        "query (prefix=, partitions=); consumer settings are ConsumerConfig's fields: "
+        "--config FILE, then the flags, then --set.",
+    )
+    p.add_argument("--url", required=True, help="redis://host:port/db[?prefix=..&partitions=..]")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--log", help="log writer: the SQLite event log to write (events.db)")
+    what.add_argument(
+        "--online-store",
+        help="features consumer: apply interactions to this online store (redis://...); "
+        "use --group features",
+    )
+    p.add_argument("--group", help="consumer group (group; default log)")
+    p.add_argument("--consumer", help="consumer name, stable across restarts (default host name)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
+    config_mod.add_config_args(p, "ConsumerConfig", "count=16 min_idle_ms=60000")
+    p.set_defaults(func=_consume)
+
+    p = fsub.add_parser("lag", help="per partition and group: lag, pending, events behind")
+    p.add_argument("--url", required=True, help="redis://host:port/db[?prefix=..&partitions=..]")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--metrics", action="store_true", help="print Prometheus text format")
+    p.set_defaults(func=_lag)
 
 
 def join_config(args):
@@ -168,9 +202,18 @@ def _quarantine(args) -> int:
 
 
 def bench_config(args):
-    """IngestBenchConfig from --config, then the flags, then --set."""
-    from feedback.bench import IngestBenchConfig
+    """IngestBenchConfig (StreamBenchConfig with --stream) from --config, flags, --set."""
+    from feedback.bench import IngestBenchConfig, StreamBenchConfig
 
+    if getattr(args, "stream", False):
+        flags = [
+            f"{key}={getattr(args, key)}"
+            for key in ("events", "batch", "url", "dir")
+            if getattr(args, key, None) is not None
+        ]
+        return config_mod.load(
+            StreamBenchConfig, args.config, flags + list(args.set), section="stream_bench"
+        )
     flags = [
         f"{key}={getattr(args, key)}"
         for key in ("events", "batch", "random_ids", "writers", "impressions", "dir")
@@ -180,7 +223,73 @@ def bench_config(args):
 
 
 def _bench(args) -> int:
-    from feedback.bench import main
+    from feedback.bench import main, main_stream
 
-    main(bench_config(args), out=args.out)
+    cfg = bench_config(args)
+    (main_stream if args.stream else main)(cfg, out=args.out)
+    return 0
+
+
+def consumer_config(args):
+    from feedback.consume import ConsumerConfig
+
+    flags = [
+        f"{key}={getattr(args, key)}"
+        for key in ("group", "consumer")
+        if getattr(args, key) is not None
+    ]
+    return config_mod.load(ConsumerConfig, args.config, flags + list(args.set), section="consume")
+
+
+def _consume(args) -> int:
+    import signal
+    import threading
+
+    from feedback.consume import run_log_writer
+    from feedback.stream import StreamConfig
+
+    cfg = consumer_config(args)
+    stream = StreamConfig.from_url(args.url)
+    stop = threading.Event()
+
+    def _stop(signum, _frame) -> None:
+        # Finish the batch in hand (commit + XACK), then return: a graceful drain.
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    stats = run_log_writer(
+        stream,
+        cfg,
+        args.log,
+        stop=stop,
+        metrics_port=args.metrics_port,
+        online_store=args.online_store,
+    )
+    print(
+        f"stopped: {stats.events:,} events in {stats.entries:,} entries "
+        f"({stats.quarantine_entries:,} quarantine entries), {stats.claimed:,} claimed, "
+        f"{stats.trimmed:,} trimmed, {stats.errors:,} errors"
+    )
+    return 0
+
+
+def _lag(args) -> int:
+    import json
+
+    from feedback.lag import format_lag, lag_dicts, lag_metrics, stream_lag
+    from feedback.stream import StreamConfig, connect
+
+    stream = StreamConfig.from_url(args.url)
+    client = connect(stream)
+    try:
+        rows = stream_lag(client, stream)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(lag_dicts(rows), indent=1))
+    elif args.metrics:
+        print(lag_metrics(rows), end="")
+    else:
+        print(format_lag(rows))
     return 0

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,9 @@ from feedback.events import (
     Columns,
     validate,
 )
+
+if TYPE_CHECKING:
+    from feedback.stream import StreamSink
 
 # The env var through which serving/server.py tells Triton models where the log is.
 EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"
@@ -73,6 +76,21 @@ class WriteResult:
         return np.asarray([r == "" for r in self.reasons], dtype=bool)
 
 
+@dataclass(frozen=True)
+class UpstreamEntry:
+    """One record of an upstream log for `SqliteEventLog.write_upstream`.
+
+    `key` is unique per upstream record (for a Redis stream: "<stream key>/<entry id>").
+    `rows` are the columns of one batch of `kind` events (None for none); `quarantine`
+    holds (kind, reason, payload) rows to store in the quarantine table as they are.
+    """
+
+    key: str
+    kind: str
+    rows: Mapping[str, Any] | None = None
+    quarantine: Sequence[tuple[str, str, str]] = ()
+
+
 @runtime_checkable
 class EventSink(Protocol):
     """Where serving and ingest write. Returns only once the batch is durable."""
@@ -95,13 +113,20 @@ class EventSource(Protocol):
     def quarantine_counts(self) -> dict[str, dict[str, int]]: ...  # kind -> reason -> n
 
 
-def open_sink(path_or_url: str | os.PathLike[str], **options: Any) -> SqliteEventLog:
+def open_sink(path_or_url: str | os.PathLike[str], **options: Any) -> SqliteEventLog | StreamSink:
     """Open (creating if needed) the event log at a path or URL.
 
     `events.db`, `/abs/events.db` and `sqlite:///abs/events.db` are the embedded log.
-    `kafka://...` is the documented place for a streaming backend (see feedback/README.md).
+    `redis://host:port/db?prefix=northstar&partitions=4` is the Redis Stream sink
+    (feedback/stream.py); a log-writer consumer (`northstar feedback consume`) moves its
+    entries into the SQLite log. `kafka://...` is the documented place for a Kafka
+    backend (see feedback/README.md).
     """
     s = os.fspath(path_or_url)
+    if s.startswith(("redis://", "rediss://", "unix://")):
+        from feedback.stream import StreamSink  # lazy: the embedded path never needs redis
+
+        return StreamSink.from_url(s, **options)
     if s.startswith("kafka://"):
         raise NotImplementedError(
             f"{s}: no Kafka sink in this build; implement EventSink with an idempotent "
@@ -115,8 +140,17 @@ def open_sink(path_or_url: str | os.PathLike[str], **options: Any) -> SqliteEven
 
 
 def open_source(path_or_url: str | os.PathLike[str]) -> SqliteEventLog:
-    """The reading side of `open_sink`; same URLs."""
-    return open_sink(path_or_url)
+    """The reading side of `open_sink`; same URLs, except a stream: the join reads the
+    SQLite log that the stream's log-writer consumer fills."""
+    s = os.fspath(path_or_url)
+    if s.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(
+            f"{s}: a stream is not readable by the join; read the SQLite log that "
+            "`northstar feedback consume --log PATH` writes"
+        )
+    sink = open_sink(s)
+    assert isinstance(sink, SqliteEventLog)
+    return sink
 
 
 class SqliteEventLog:
@@ -232,6 +266,22 @@ class SqliteEventLog:
 
     def _write(self, kind: str, rows: Mapping[str, Any]) -> WriteResult:
         now = time.time()
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = self._write_in(conn, kind, rows, now)
+                conn.execute("COMMIT")  # durable here: this is the acknowledgement
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return result
+
+    def _write_in(
+        self, conn: sqlite3.Connection, kind: str, rows: Mapping[str, Any], now: float
+    ) -> WriteResult:
+        """Validate and store one batch inside the caller's open transaction."""
         v = validate(kind, rows, now=now, max_future_s=self.max_future_s)
         table = _TABLES[kind]
         names = list(SCHEMAS[kind])
@@ -242,32 +292,22 @@ class SqliteEventLog:
             f"INSERT OR IGNORE INTO {table} ({', '.join(names)}, received_ts) "
             f"VALUES ({', '.join('?' * (len(names) + 1))})"
         )
-        with self._lock:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # A replay of a stored event is acknowledged (a retry); an event that reuses
-                # a stored event_id with other content is refused, never silently dropped.
-                conflicts = _conflicts(conn, table, names, good)
-                if conflicts:
-                    for j in sorted(conflicts, reverse=True):
-                        row = good.pop(j)
-                        reason = "event_id: already stored with different content"
-                        reasons[int(v.ok[j])] = reason
-                        payload = json.dumps(dict(zip(names, row[:-1], strict=True)), default=str)
-                        bad.append((kind, reason, payload, now))
-                inserted = conn.executemany(sql, good).rowcount if good else 0
-                if bad:
-                    conn.executemany(
-                        "INSERT INTO quarantine (kind, reason, payload, received_ts) "
-                        "VALUES (?, ?, ?, ?)",
-                        bad,
-                    )
-                conn.execute("COMMIT")  # durable here: this is the acknowledgement
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        # A replay of a stored event is acknowledged (a retry); an event that reuses
+        # a stored event_id with other content is refused, never silently dropped.
+        conflicts = _conflicts(conn, table, names, good)
+        if conflicts:
+            for j in sorted(conflicts, reverse=True):
+                row = good.pop(j)
+                reason = "event_id: already stored with different content"
+                reasons[int(v.ok[j])] = reason
+                payload = json.dumps(dict(zip(names, row[:-1], strict=True)), default=str)
+                bad.append((kind, reason, payload, now))
+        inserted = conn.executemany(sql, good).rowcount if good else 0
+        if bad:
+            conn.executemany(
+                "INSERT INTO quarantine (kind, reason, payload, received_ts) VALUES (?, ?, ?, ?)",
+                bad,
+            )
         return WriteResult(
             n=v.n,
             inserted=inserted,
@@ -275,6 +315,57 @@ class SqliteEventLog:
             quarantined=len(bad),
             reasons=reasons,
         )
+
+    def write_upstream(self, entries: Sequence[UpstreamEntry]) -> dict[str, WriteResult | None]:
+        """Store entries read from an upstream log (a stream partition) exactly once.
+
+        All entries go in ONE transaction (one fsync per consumer batch), and each entry's
+        key is recorded in the `upstream` table in that same transaction; an entry whose
+        key is already recorded is skipped. So a consumer that dies after this commit but
+        before it acknowledges upstream, and is handed the batch again, stores nothing
+        twice: events are idempotent anyway (INSERT OR IGNORE on event_id), and this makes
+        quarantine rows, which are plain receipts, idempotent too.
+
+        Returns key -> WriteResult for the entries stored now (None for a quarantine-only
+        entry); keys already stored are absent.
+        """
+        now = time.time()
+        out: dict[str, WriteResult | None] = {}
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Created lazily, not in _create_schema: logs that never see a stream
+                # keep schema version 1 byte for byte.
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS upstream "
+                    "(key TEXT PRIMARY KEY, received_ts REAL NOT NULL)"
+                )
+                for e in entries:
+                    if (
+                        e.key in out
+                        or conn.execute("SELECT 1 FROM upstream WHERE key = ?", (e.key,)).fetchone()
+                    ):
+                        continue
+                    result = None
+                    if e.rows is not None:
+                        result = self._write_in(conn, e.kind, e.rows, now)
+                    if e.quarantine:
+                        conn.executemany(
+                            "INSERT INTO quarantine (kind, reason, payload, received_ts) "
+                            "VALUES (?, ?, ?, ?)",
+                            [(k, r, p, now) for k, r, p in e.quarantine],
+                        )
+                    conn.execute(
+                        "INSERT INTO upstream (key, received_ts) VALUES (?, ?)", (e.key, now)
+                    )
+                    out[e.key] = result
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return out
 
     # ------------------------------------------------------------------ reading
 
@@ -409,6 +500,7 @@ __all__ = [
     "EventSink",
     "EventSource",
     "SqliteEventLog",
+    "UpstreamEntry",
     "WriteResult",
     "impression_rows",
     "open_sink",

@@ -30,6 +30,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
     register_soak(sub)
 
+    p = sub.add_parser(
+        "bench-online",
+        help="live state side by side: feature lookup, event stream, recommend snapshot vs Redis",
+        description="Starts its own redis-server and tritonservers; prints the tables and "
+        "writes bench-online.json/.md to --out. Settings: OnlineBenchConfig's fields.",
+    )
+    p.add_argument("--out", default=None, help="report folder (default reports/bench-online)")
+    config_mod.add_config_args(p, "OnlineBenchConfig", "lookup_users=20000 duration_s=5")
+    p.set_defaults(func=_bench_online)
+
+
+def _bench_online(args) -> int:
+    from loadtest.online_bench import (
+        OnlineBenchConfig,
+        format_online_bench,
+        run_online_bench,
+        write_reports,
+    )
+
+    flags = [f"out={args.out}"] if args.out else []
+    cfg = config_mod.load(OnlineBenchConfig, args.config, flags + list(args.set))
+    res = run_online_bench(cfg)
+    print(format_online_bench(res))
+    print(f"\nwrote {write_reports(res, cfg.out)}/bench-online.json, bench-online.md")
+    return 0
+
 
 def _bench(args) -> int:
     from loadtest.bench import run_bench

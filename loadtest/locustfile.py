@@ -15,6 +15,12 @@ Tasks, by weight:
 User ids are drawn Zipf-like from the known users (the repository's production feature
 snapshot, or a users parquet) plus a share of unknown ids (cold starts), see users.py.
 
+Several servers (replicas on one repository): `--grpc-url a:8001,b:8001` (and `--http-url`
+likewise). Each simulated user holds one client per server and sends each request to the
+next one in turn; a server that cannot be reached is skipped for a second and the request
+goes to the next one. Those retries are not failures: they are counted per server and
+reported when the run ends (log line "failover: ...", and `failover_counts()`).
+
 Thresholds: when the run ends, a p99 of `recommend` above --max-p99-ms or a failure
 ratio above --max-fail-ratio sets the exit code to 1 (locust's stop_on_threshold.py).
 
@@ -35,6 +41,7 @@ import random
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import grpc.experimental.gevent as grpc_gevent
@@ -52,6 +59,7 @@ from locust.stats import (  # noqa: E402
 
 from feedback.ingest import INPUTS as _FEEDBACK_INPUTS  # noqa: E402
 from loadtest.thresholds import threshold_failures  # noqa: E402
+from serving.client import split_urls, unreachable  # noqa: E402
 
 log = logging.getLogger("northstar.locust")
 
@@ -62,8 +70,18 @@ _REC_OUTPUTS = ("item_ids", "scores", "model_version", "request_id", "cold_start
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     g = parser.add_argument_group("northstar")
-    g.add_argument("--grpc-url", default="localhost:8001", env_var="NORTHSTAR_GRPC_URL")
-    g.add_argument("--http-url", default="localhost:8000", env_var="NORTHSTAR_HTTP_URL")
+    g.add_argument(
+        "--grpc-url",
+        default="localhost:8001",
+        env_var="NORTHSTAR_GRPC_URL",
+        help="host:port, or several comma-separated: round-robin with failover",
+    )
+    g.add_argument(
+        "--http-url",
+        default="localhost:8000",
+        env_var="NORTHSTAR_HTTP_URL",
+        help="host:port, or several comma-separated: round-robin with failover",
+    )
     g.add_argument(
         "--repo",
         default="model_repository",
@@ -162,20 +180,61 @@ class _TritonUser(User):
         self.opts = opts
         self.rng = np.random.default_rng(random.getrandbits(32))
         self.work = workload(environment)
-        self.client = self._make_client()
+        # One client per server; `client` (the first) answers the metadata questions.
+        self.clients = [self._make_client(u) for u in split_urls(self._urls())]
+        self.client = self.clients[0]
+        self._turn = random.randrange(len(self.clients))
+        self._down_until = [0.0] * len(self.clients)
         self.last_slate: tuple[int, str, np.ndarray] | None = None  # user, request id, items
         self.feedback_ready = False
         self.retrieval_dims = (0, 0)
 
     # -- protocol specifics ---------------------------------------------------------
-    def _make_client(self):
+    def _urls(self) -> str:
+        raise NotImplementedError
+
+    def _make_client(self, url: str):
+        raise NotImplementedError
+
+    def _infer_on(self, client, model: str, inputs, outputs):
         raise NotImplementedError
 
     def _infer(self, model: str, inputs, outputs):
-        raise NotImplementedError
+        """On the next server in turn; one that cannot be reached is skipped for DOWN_S and
+        the request goes to the next (counted in _failovers, not a failure)."""
+        n = len(self.clients)
+        if n == 1:
+            return self._infer_on(self.client, model, inputs, outputs)
+        self._turn = (self._turn + 1) % n
+        order = [(self._turn + i) % n for i in range(n)]
+        now = time.monotonic()
+        order.sort(key=lambda i: self._down_until[i] > now)  # stable: down ones last
+        last: Exception | None = None
+        for i in order:
+            try:
+                result = self._infer_on(self.clients[i], model, inputs, outputs)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                self._down_until[i] = time.monotonic() + DOWN_S
+                _failovers[self._url_of(i)] += 1
+                last = exc
+                continue
+            self._down_until[i] = 0.0
+            return result
+        assert last is not None
+        raise last
+
+    def _url_of(self, i: int) -> str:
+        return split_urls(self._urls())[i]
 
     # -- lifecycle -----------------------------------------------------------------
     def on_start(self) -> None:
+        for c in self.clients:  # the first server that answers says what is served
+            self.client = c
+            with contextlib.suppress(Exception):
+                if c.is_server_live():
+                    break
         try:
             self.feedback_ready = bool(self.client.is_model_ready(FEEDBACK))
         except Exception:  # an old server, or no such model: same answer
@@ -192,7 +251,8 @@ class _TritonUser(User):
         )
 
     def on_stop(self) -> None:
-        self.client.close()
+        for c in self.clients:
+            c.close()
 
     # -- tasks ---------------------------------------------------------------------
     @locust_task(10)
@@ -266,14 +326,17 @@ class _TritonUser(User):
 class TritonGrpcUser(_TritonUser):
     protocol = "grpc"
 
-    def _make_client(self):
+    def _urls(self) -> str:
+        return self.opts.grpc_url
+
+    def _make_client(self, url: str):
         import tritonclient.grpc as mod
 
         self.mod = mod
-        return mod.InferenceServerClient(self.opts.grpc_url)
+        return mod.InferenceServerClient(url)
 
-    def _infer(self, model, inputs, outputs):
-        return self.client.infer(model, inputs, outputs=outputs, client_timeout=self.opts.timeout_s)
+    def _infer_on(self, client, model, inputs, outputs):
+        return client.infer(model, inputs, outputs=outputs, client_timeout=self.opts.timeout_s)
 
     def _metadata(self, model: str) -> dict:
         return self.client.get_model_metadata(model, as_json=True)
@@ -282,17 +345,18 @@ class TritonGrpcUser(_TritonUser):
 class TritonHttpUser(_TritonUser):
     protocol = "http"
 
-    def _make_client(self):
+    def _urls(self) -> str:
+        return self.opts.http_url
+
+    def _make_client(self, url: str):
         import tritonclient.http as mod
 
         self.mod = mod
         t = self.opts.timeout_s
-        return mod.InferenceServerClient(
-            self.opts.http_url, connection_timeout=t, network_timeout=t
-        )
+        return mod.InferenceServerClient(url, connection_timeout=t, network_timeout=t)
 
-    def _infer(self, model, inputs, outputs):
-        return self.client.infer(model, inputs, outputs=outputs)
+    def _infer_on(self, client, model, inputs, outputs):
+        return client.infer(model, inputs, outputs=outputs)
 
     def _metadata(self, model: str) -> dict:
         return self.client.get_model_metadata(model)
@@ -301,6 +365,13 @@ class TritonHttpUser(_TritonUser):
 # ----------------------------------------------------------------------------- the end
 
 _warned: set[str] = set()
+DOWN_S = 1.0  # a server that could not be reached is skipped this long
+_failovers: Counter = Counter()  # server URL -> requests sent on to another server
+
+
+def failover_counts() -> dict[str, int]:
+    """Per server: requests it could not take that another server answered or was asked."""
+    return dict(_failovers)
 
 
 def _warn_once(message: str) -> None:
@@ -314,6 +385,10 @@ def _check_thresholds(environment, **_kwargs) -> None:
     opts = environment.parsed_options
     if opts is None:
         return
+    if _failovers:
+        total = sum(_failovers.values())
+        per = ", ".join(f"{u}: {n}" for u, n in sorted(_failovers.items()))
+        log.warning("failover: %d requests sent on to another server (%s)", total, per)
     problems = threshold_failures(
         environment.stats, max_p99_ms=opts.max_p99_ms, max_fail_ratio=opts.max_fail_ratio
     )

@@ -1,6 +1,7 @@
 """Write a trained two-tower model as one ONNX retrieval graph, and prove it matches PyTorch.
 
 One graph: user tower -> MatMul against the item-embedding table (an initializer)
+[-> Add of the per-item popularity prior, only when the run has one (beta > 0)]
 -> TopK -> Gather of raw item ids. `check_parity` runs it in onnxruntime beside the
 PyTorch module on real and cold users; publishing a version that passed into the
 model repository is `serving.publish`'s job.
@@ -53,7 +54,9 @@ class ParityReport:
 
 
 def build_retrieval(model: TwoTower, item_ids: np.ndarray, graph_k: int) -> TwoTowerRetrieval:
-    """The inference module export writes: `model`'s towers over the catalogue `item_ids`."""
+    """The inference module export writes: `model`'s towers over the catalogue `item_ids`,
+    with the model's popularity prior (`model.item_bias`) added to the scores when it has one
+    (`model.prior`, beta > 0); without one the graph is the plain MatMul -> TopK."""
     raw_ids = torch.as_tensor(np.asarray(item_ids), dtype=torch.long)
     return TwoTowerRetrieval.from_two_tower(model, raw_ids, graph_k).eval()
 
@@ -172,7 +175,7 @@ def check_parity(
     with torch.no_grad():
         tensors = [torch.from_numpy(feeds[n]) for n in INPUT_NAMES]
         t_ids, t_scores = (t.numpy() for t in module(*tensors))  # (B, K) each
-        all_scores = (module.user_tower(*tensors) @ module.item_embeddings.T).numpy()  # (B, N)
+        all_scores = module.scores(*tensors).numpy()  # (B, N), the item bias included
     session = onnx_session(onnx_path, prefer_gpu=prefer_gpu)
     o_ids, o_scores = run_onnx(session, feeds)
     # The dynamic batch axis: one row alone must give what it gave inside the batch.

@@ -2,6 +2,10 @@
 
 This is exactly the graph that export writes to ONNX and Triton serves, so
 that offline evaluation and serving rank with the same code.
+
+With a popularity prior (`models.prior`, beta > 0) the item table comes with a per-item
+bias, beta * log(1 + recent count), added to the scores before TopK (one Add in the graph).
+Without one (beta = 0) there is no bias buffer and the graph is the plain one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ class TwoTowerRetrieval(nn.Module):
         item_embeddings: torch.Tensor,
         raw_item_ids: torch.Tensor,
         k: int,
+        item_bias: torch.Tensor | None = None,
     ):
         super().__init__()
         if not 0 < k <= len(raw_item_ids):
@@ -28,18 +33,36 @@ class TwoTowerRetrieval(nn.Module):
         # Buffers become ONNX initializers: the catalogue travels inside model.onnx.
         self.register_buffer("item_embeddings", item_embeddings.detach().clone())  # (N, d)
         self.register_buffer("raw_item_ids", raw_item_ids.to(torch.long).clone())  # (N,)
+        self.register_buffer("item_bias", None)  # no prior: no buffer, no Add, the plain graph
+        if item_bias is not None and bool(torch.any(item_bias != 0)):
+            if item_bias.shape != (len(raw_item_ids),):
+                raise ValueError(
+                    f"item_bias has shape {tuple(item_bias.shape)}; expected ({len(raw_item_ids)},)"
+                )
+            bias = item_bias.detach().to(item_embeddings.dtype).clone()
+            self.register_buffer("item_bias", bias)  # (N,)
 
     @classmethod
     def from_two_tower(
         cls, model: TwoTower, raw_item_ids: torch.Tensor, k: int
     ) -> TwoTowerRetrieval:
         model = model.eval()
-        return cls(model.user_tower, model.item_embeddings(), raw_item_ids, k).eval()
+        bias = getattr(model, "item_bias", None) if getattr(model, "prior", None) else None
+        return cls(model.user_tower, model.item_embeddings(), raw_item_ids, k, bias).eval()
+
+    def scores(
+        self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, N) what TopK ranks: the dot product, plus the item bias when there is one."""
+        u = self.user_tower(user_index, user_cats, history)  # (B, d)
+        scores = u @ self.item_embeddings.T  # (B, N)
+        if self.item_bias is not None:
+            scores = scores + self.item_bias
+        return scores
 
     def forward(
         self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        u = self.user_tower(user_index, user_cats, history)  # (B, d)
-        scores = u @ self.item_embeddings.T  # (B, N)
+        scores = self.scores(user_index, user_cats, history)  # (B, N)
         top_scores, top_idx = torch.topk(scores, self.k, dim=1)  # (B, K) each
         return self.raw_item_ids[top_idx], top_scores

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.features import FeatureSpec
+from models.prior import PopularityPrior
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class TwoTower(nn.Module):
 
     Item categorical features live in a buffer so that `item_embeddings()` can
     compute the whole catalogue without the caller passing features around.
+
+    Ranking-time popularity prior (`models.prior`): `prior` says how to compute it
+    (beta, window; None = off) and `item_bias` (n_items,) holds it as of the newest data the
+    run saw, which is what the exported graph adds to the scores. Training never uses either:
+    they are set after training, with beta chosen on validation. Evaluation recomputes the
+    bias from each evaluation's own history, so offline numbers never see the future.
     """
 
     def __init__(self, spec: FeatureSpec, cfg: TowerConfig, item_cats: torch.Tensor):
@@ -88,6 +95,22 @@ class TwoTower(nn.Module):
         self.user_tower = UserTower(spec, cfg)
         self.item_tower = ItemTower(spec, cfg)
         self.register_buffer("item_cats", item_cats.to(torch.long))  # (n_items, C)
+        self.register_buffer("item_bias", torch.zeros(spec.n_items))  # (n_items,) 0 = no prior
+        self.prior: PopularityPrior | None = None
+
+    def set_prior(self, prior: PopularityPrior | None, bias: torch.Tensor | None = None) -> None:
+        """Turn the prior on (with `bias`, (n_items,)) or off (None: zeros)."""
+        self.prior = prior if prior is not None and prior.beta > 0 else None
+        with torch.no_grad():
+            if self.prior is None or bias is None:
+                self.item_bias.zero_()
+            else:
+                self.item_bias.copy_(torch.as_tensor(bias, dtype=self.item_bias.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs and checkpoints written before the prior existed have no item_bias: no prior.
+        state_dict.setdefault(prefix + "item_bias", torch.zeros_like(self.item_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def user_embed(
         self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor

@@ -18,11 +18,13 @@ import threading
 COMMAND_MODULES = (
     "training.cli",
     "serving.cli",
+    "serving.online_cli",
     "feedback.cli",
     "fairness.cli",
     "simulator.cli",
     "loadtest.cli",
     "canary.cli",
+    "diagnose.cli",
     "northstar.demo",
 )
 

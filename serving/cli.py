@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write the version but leave routing.json as it is",
     )
     p.add_argument(
-        "--url", default=None, help="gRPC address of a running server: load the version there first"
+        "--url",
+        default=None,
+        help="gRPC address of a running server, or several comma-separated (replicas on "
+        "one repository): load the version on every one first, then route to it",
     )
     config_mod.add_config_args(p, "ExportConfig", "overfetch=50 retrieval.instances=2")
     p.set_defaults(func=_export)
@@ -53,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "$NORTHSTAR_EVENT_LOG)",
     )
     p.add_argument(
+        "--online-store",
+        help="live user features and the routing record from this Redis (online_store; "
+        "redis://host:port/db; default: $NORTHSTAR_ONLINE_STORE, else per-version snapshots "
+        "and routing.json). Replicas on one repository share it: routing switches on all "
+        "of them at once",
+    )
+    p.add_argument(
         "--front-proxy",
         choices=["auto", "on", "off"],
         help="nginx in front, bounding request bodies (front_proxy; auto: on unless the "
@@ -71,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
-    p.add_argument("--url", default=None, help="host:port (default localhost:8001 / :8000)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="host:port (default localhost:8001 / :8000); several comma-separated: "
+        "round-robin over the replicas with failover",
+    )
     p.add_argument("--out", default=None, help="Parquet file for --all-users")
     p.add_argument("--batch-size", type=int, default=1024, help="users per --all-users request")
     p.add_argument("--repo", default="model_repository", help="where --all-users finds users")
@@ -122,6 +137,7 @@ _SERVE_FLAGS = (
     "log_verbose",
     "event_log",
     "front_proxy",
+    "online_store",
 )  # each flag's argparse dest is the ServerConfig field it sets
 
 
@@ -156,10 +172,21 @@ def _serve(args) -> int:
     if server.routing is not None:
         r = server.routing
         canary = f", canary {r.canary} at {r.canary_percent}%" if len(r.versions) > 1 else ""
-        where = layout.routing_path(cfg.repo)
+        where = (
+            f"epoch {server.routing_epoch} in {_redacted(server.online_store)}"
+            if server.online_store
+            else layout.routing_path(cfg.repo)
+        )
         print(f"  routing production {r.production}{canary} (from {where})")
     sys.stdout.flush()
     return serve_forever(server)
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for printing."""
+    import re
+
+    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def _recommend(args) -> int:

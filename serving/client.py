@@ -5,6 +5,18 @@
     async with AsyncRecommenderClient("localhost:8000", protocol="http") as c:
         recs = await c.recommend([1001], k=10)
 
+Several replicas (`tritonserver`s serving the same versions):
+
+    with RecommenderClient(urls=["10.0.0.1:8001", "10.0.0.2:8001"]) as c:  # or "a,b"
+        recs = c.recommend([1001], k=10)
+        c.failover.retries                      # requests answered by another replica
+
+`RecommenderClient` sends each request to the next replica in turn (round-robin); one
+that cannot be reached (gRPC UNAVAILABLE, a refused or reset connection) is skipped for
+`down_s` and the request goes to the next one, counted in `failover` (a recommend request
+is a read: asking another replica is safe). Other errors (a refused input, say) are
+raised, never retried elsewhere. With one URL nothing changes.
+
 The CLI, the load tests and the simulator all go through these classes. The
 connection itself (protocol, default URL per protocol, timeouts, admin headers,
 closing) lives once, in TritonTransport / AsyncTritonTransport: the clients and
@@ -14,9 +26,13 @@ not thread-safe (geventhttpclient): use one per thread; the gRPC client can be s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -31,6 +47,7 @@ from serving import auth
 from serving import repository as layout
 
 Protocol = Literal["grpc", "http"]
+T = TypeVar("T")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 _REC_OUTPUTS = (
     layout.REC_ITEM_IDS,
@@ -302,27 +319,87 @@ class AsyncTritonTransport(_Transport):
         await self.close()
 
 
+def split_urls(url: str | Sequence[str] | None = None, urls: Iterable[str] | None = None):
+    """Server addresses from `url` ("a", "a,b" or a list) and `urls`, in order, no repeats."""
+    parts: list[str] = []
+    for u in [url] if isinstance(url, str) or url is None else list(url):
+        parts += (u or "").split(",")
+    for u in urls or ():
+        parts += u.split(",")
+    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc` says the server could not be reached or went away mid-call (the
+    request may be sent to another replica), False for an answer (a refused input, a model
+    error): asking another replica would only repeat it."""
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return True
+    status = getattr(exc, "status", None)
+    status = (status() if callable(status) else status) or ""
+    if "UNAVAILABLE" in str(status):
+        return True
+    m = getattr(exc, "message", None)
+    text = str(m() if callable(m) else exc).lower()
+    return any(
+        p in text
+        for p in (
+            "failed to connect",
+            "connection refused",
+            "connection reset",
+            "socket closed",
+            "stream removed",
+            "broken pipe",
+        )
+    )
+
+
+@dataclass
+class FailoverStats:
+    """How a client with several replicas spread its requests."""
+
+    requests: Counter = field(default_factory=Counter)  # url -> calls it answered
+    failed: Counter = field(default_factory=Counter)  # url -> calls it could not take
+    retries: int = 0  # calls sent again to another replica after one was unreachable
+
+
 class _ClientBase:
-    """What both clients share: a transport, and how many users go in one request."""
+    """What both clients share: transports (one per server URL), and how many users go in
+    one request."""
 
     _transport_cls: type[_Transport]
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         protocol: Protocol = "grpc",
         *,
+        urls: Iterable[str] | None = None,
         timeout_s: float = 30.0,
         max_batch_size: int = 256,
         retrieval_batch_size: int = 1024,
         verbose: bool = False,
         transport: _Transport | None = None,
+        down_s: float = 1.0,
     ):
-        self.transport = transport or self._transport_cls(
-            url, protocol, timeout_s=timeout_s, verbose=verbose
-        )
+        addrs = split_urls(url, urls)
+        if transport is not None:
+            self.transports = [transport]
+        else:
+            self.transports = [
+                self._transport_cls(u, protocol, timeout_s=timeout_s, verbose=verbose)
+                for u in (addrs or [None])
+            ]
+        # The first server: what single-server callers (send_feedback, statistics) use.
+        self.transport = self.transports[0]
         self.max_batch_size = max_batch_size  # recommend's max_batch_size
         self.retrieval_batch_size = retrieval_batch_size
+        # A replica that could not be reached is skipped for this long (then tried again).
+        self.down_s = down_s
+        self.failover = FailoverStats()
+        self._next = itertools.count()
+        self._down_until = [0.0] * len(self.transports)
+        self._lock = threading.Lock()
 
     @property
     def protocol(self) -> Protocol:
@@ -331,6 +408,31 @@ class _ClientBase:
     @property
     def url(self) -> str:
         return self.transport.url
+
+    @property
+    def urls(self) -> list[str]:
+        return [t.url for t in self.transports]
+
+    def _order(self) -> list[int]:
+        """Replicas to try for one call: round-robin, the ones marked down last."""
+        n = len(self.transports)
+        start = next(self._next) % n
+        order = [(start + i) % n for i in range(n)]
+        now = time.monotonic()
+        return [i for i in order if self._down_until[i] <= now] + [
+            i for i in order if self._down_until[i] > now
+        ]
+
+    def _failed(self, i: int) -> None:
+        with self._lock:
+            self._down_until[i] = time.monotonic() + self.down_s
+            self.failover.failed[self.transports[i].url] += 1
+
+    def _answered(self, i: int, retried: int) -> None:
+        with self._lock:
+            self._down_until[i] = 0.0
+            self.failover.requests[self.transports[i].url] += 1
+            self.failover.retries += retried
 
     @property
     def timeout_s(self) -> float:
@@ -346,6 +448,28 @@ class RecommenderClient(_ClientBase):
 
     _transport_cls = TritonTransport
     transport: TritonTransport
+    transports: list[TritonTransport]
+
+    def _call(self, fn: Callable[[TritonTransport], T]) -> T:
+        """`fn` on the next replica; on one that cannot be reached, on the next (counted).
+        With one server: `fn` on it, errors raised as they come."""
+        if len(self.transports) == 1:
+            return fn(self.transport)
+        last: BaseException | None = None
+        retried = 0
+        for i in self._order():
+            try:
+                out = fn(self.transports[i])
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                self._failed(i)
+                last, retried = exc, retried + 1
+                continue
+            self._answered(i, retried)
+            return out
+        assert last is not None
+        raise last
 
     def recommend(
         self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10
@@ -354,10 +478,11 @@ class RecommenderClient(_ClientBase):
         uid = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         ks = np.broadcast_to(np.asarray(k, dtype=np.int32), uid.shape)
         out: list[Recommendation] = []
-        t = self.transport
+        mod = self.transport.mod
         for sl in _chunks(len(uid), self.max_batch_size):
-            ids, inputs, outputs = _recommend_request(t.mod, uid[sl], ks[sl])
-            out += _parse_recommendations(t.infer(layout.RECOMMEND, inputs, outputs), ids)
+            ids, inputs, outputs = _recommend_request(mod, uid[sl], ks[sl])
+            result = self._call(lambda t, i=inputs, o=outputs: t.infer(layout.RECOMMEND, i, o))
+            out += _parse_recommendations(result, ids)
         return out
 
     def retrieve(
@@ -371,10 +496,12 @@ class RecommenderClient(_ClientBase):
         """Raw `retrieval`: (item_ids (B, K), scores (B, K)), seen items included."""
         n = len(user_index)
         ids, scores = [], []
-        t = self.transport
+        mod = self.transport.mod
         for sl in _chunks(n, self.retrieval_batch_size):
-            inputs, outputs = _retrieve_request(t.mod, user_index[sl], user_cats[sl], history[sl])
-            r = t.infer(layout.RETRIEVAL, inputs, outputs, version=version)
+            inputs, outputs = _retrieve_request(mod, user_index[sl], user_cats[sl], history[sl])
+            r = self._call(
+                lambda t, i=inputs, o=outputs: t.infer(layout.RETRIEVAL, i, o, version=version)
+            )
             ids.append(r.as_numpy(OUTPUT_ITEM_IDS))
             scores.append(r.as_numpy(OUTPUT_SCORES))
         return np.concatenate(ids), np.concatenate(scores)
@@ -410,7 +537,8 @@ class RecommenderClient(_ClientBase):
         return self.transport.model_config(model)
 
     def close(self) -> None:
-        self.transport.close()
+        for t in self.transports:
+            t.close()
 
     def __enter__(self) -> RecommenderClient:
         return self
@@ -424,6 +552,14 @@ class AsyncRecommenderClient(_ClientBase):
 
     _transport_cls = AsyncTritonTransport
     transport: AsyncTritonTransport
+
+    def __init__(self, url: str | Sequence[str] | None = None, *args, **kw):
+        if len(several := split_urls(url, kw.get("urls"))) > 1:
+            raise ValueError(
+                f"AsyncRecommenderClient takes one server, got {several}; use "
+                "RecommenderClient for several (round-robin with failover)"
+            )
+        super().__init__(url, *args, **kw)
 
     async def recommend(
         self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10

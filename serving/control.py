@@ -9,24 +9,60 @@ start, a promote, a rollback) goes through `switch_routing`, in the one safe ord
 2. only then write routing.json: `recommend` re-reads it within a second;
 3. persist config.pbtxt with just the new routing's versions, for the next restart;
 4. optionally, after a drain, unload the versions nobody is routed to any more.
+
+Several replicas (`tritonserver`s on one model repository, a shared volume) are switched
+together: `switch_routing(..., urls=[a, b])` (or `url="a,b"`) first asks every replica
+whether it answers, then loads on each; any replica down or refusing stops the switch with
+an error naming it, before routing moves (versions already loaded on the others stay loaded
+and unrouted: harmless, and the next switch's drain unloads them). Only then is routing
+written, and only after the drain, on every replica, are the versions no routing names any
+more unloaded.
+
+Where routing is written: with an online store (explicit `store=`, $NORTHSTAR_ONLINE_STORE,
+or the repository's routing_store.json that `northstar serve --online-store` writes) the
+store's record is the truth, written by compare-and-set on its epoch with an instant a
+little ahead (serving.routing.SWITCH_DELAY_S) at which every replica switches together;
+routing.json is then mirrored from it for people and for servers without the store.
+Without a store, routing.json is the truth (one host).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving import auth
 from serving import repository as layout
-from serving.routing import RoutingState
+from serving.routing import SWITCH_DELAY_S, RoutingState, routing_of, routing_store_of
 
 log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
     """tritonserver failed to start or to load something; the message carries its log tail."""
+
+
+class ReplicaError(ServerError):
+    """One replica of several is down or refused a load: the switch stopped before routing
+    moved. `replica` is its URL."""
+
+    def __init__(self, replica: str, message: str):
+        self.replica = replica
+        super().__init__(message)
+
+
+def replica_urls(url: str | Sequence[str] | None = None, urls: Iterable[str] | None = None):
+    """The replicas' gRPC addresses, in order, without repeats: `url` may be one address,
+    "a,b" or a list; `urls` adds more."""
+    parts: list[str] = []
+    for u in [url] if isinstance(url, str) or url is None else list(url):
+        parts += [p.strip() for p in (u or "").split(",")]
+    for u in urls or ():
+        parts += [p.strip() for p in u.split(",")]
+    return list(dict.fromkeys(p for p in parts if p))
 
 
 def _grpc(url: str):
@@ -63,11 +99,15 @@ def unload_model(url: str, name: str) -> None:
         client.close()
 
 
-def version_states(url: str, name: str = layout.RETRIEVAL) -> dict[int, str]:
+def version_states(
+    url: str, name: str = layout.RETRIEVAL, *, timeout_s: float | None = None
+) -> dict[int, str]:
     """Version -> state (READY, LOADING, UNLOADING, UNAVAILABLE) from the repository index."""
     client = _grpc(url)
     try:
-        index = client.get_model_repository_index(headers=auth.headers(), as_json=True)
+        index = client.get_model_repository_index(
+            headers=auth.headers(), as_json=True, client_timeout=timeout_s
+        )
         index = index.get("models", [])
     finally:
         client.close()
@@ -78,9 +118,13 @@ def version_states(url: str, name: str = layout.RETRIEVAL) -> dict[int, str]:
     }
 
 
-def ready_versions(url: str, name: str = layout.RETRIEVAL) -> list[int]:
+def ready_versions(
+    url: str, name: str = layout.RETRIEVAL, *, timeout_s: float | None = None
+) -> list[int]:
     """Versions of `name` Triton reports READY (repository index)."""
-    return sorted(v for v, s in version_states(url, name).items() if s == "READY")
+    return sorted(
+        v for v, s in version_states(url, name, timeout_s=timeout_s).items() if s == "READY"
+    )
 
 
 def _wait_unloaded(url: str, timeout_s: float = 60.0) -> None:
@@ -136,39 +180,172 @@ def check_graph(repo: str | Path, version: int) -> None:
         ) from exc
 
 
+@dataclass
+class Switch:
+    """What `switch_routing` did."""
+
+    routing: RoutingState
+    replicas: list[str]
+    epoch: int = 0  # the store's epoch written; 0: routing.json only (no store)
+    effective_at: float | None = None  # wall-clock instant every replica switches (store)
+    unloaded: bool = False  # the drain ran and versions no longer routed were unloaded
+    # replica -> why unloading failed there (routing had already moved: logged, not raised)
+    unload_errors: dict[str, str] = field(default_factory=dict)
+
+
 def switch_routing(
     repo: str | Path,
     new: RoutingState,
     *,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
+    urls: Iterable[str] | None = None,
+    store: str | None = None,
     base_config=None,
     drain_s: float | None = None,
     progress: Callable[[str], None] | None = None,
-) -> None:
-    """Serve `new`: the one way routing.json and the served version set change.
+    delay_s: float = SWITCH_DELAY_S,
+) -> Switch:
+    """Serve `new`: the one way routing and the served version set change.
 
-    `base_config` is the retrieval ModelConfig whose version list is replaced (default:
-    the repository's config.pbtxt). Without `url` only the files change (a restart
-    serves them). With `url` and `drain_s`, the versions `new` no longer names are
-    unloaded after `drain_s` seconds, once `recommend` has re-read the routing.
-    `progress` is told "load" and then "route", so a caller can say which one failed.
+    `url`/`urls`: the replicas' gRPC addresses (`url` may be "a,b"). `store`: the online
+    store's URL when routing lives there (default: $NORTHSTAR_ONLINE_STORE, else the
+    repository's routing_store.json; neither: routing.json). `base_config` is the retrieval
+    ModelConfig whose version list is replaced (default: the repository's config.pbtxt).
+    Without replicas only the routing and files change (a restart serves them). With
+    replicas and `drain_s`, the versions no longer routed are unloaded on every replica
+    `drain_s` seconds after the switch took effect. `progress` is told "load" and then
+    "route", so a caller can say which one failed. `delay_s`: how far ahead of Redis's clock
+    the store's record takes effect (keep it above the replicas' re-read interval).
     """
     progress = progress or (lambda _phase: None)
     progress("load")
     repo = Path(repo)
+    replicas = replica_urls(url, urls)
+    where = routing_store_of(repo, store)
+    if where is not None:
+        return _switch_in_store(repo, new, replicas, where, base_config, drain_s, progress, delay_s)
     path = layout.routing_path(repo)
     current = RoutingState.load(path) if path.exists() else None
     check_shared_dims(repo, new)
     base = base_config or layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
-    if url:
-        keep = set(new.versions) | set(current.versions if current else ())
-        load_versions(url, repo, keep, base_config=base)
+    keep = set(new.versions) | set(current.versions if current else ())
+    _load_everywhere(replicas, repo, keep, base, "routing.json is unchanged")
     progress("route")
     new.save(path)
     layout.write_config(repo, layout.with_versions(base, new.versions))
-    if url and drain_s is not None:
+    done = Switch(new, replicas)
+    if replicas and drain_s is not None:
         time.sleep(drain_s)
-        load_versions(url, repo, new.versions, base_config=base)
+        _unload_everywhere(done, repo, set(new.versions), base)
+    return done
+
+
+def _switch_in_store(repo, new, replicas, where, base_config, drain_s, progress, delay_s):
+    from online.routing_store import RoutingStore
+
+    url, prefix = where
+    rs = RoutingStore.from_url(url, prefix=prefix)
+    try:
+        rec = _settled_record(rs, repo)
+        current = routing_of(rec.current, rs.key) if rec is not None else None
+        check_shared_dims(repo, new)
+        base = base_config or layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
+        keep = set(new.versions) | set(current.versions if current else ())
+        epoch = rec.epoch if rec is not None else 0
+        _load_everywhere(replicas, repo, keep, base, f"routing stays at epoch {epoch} ({url})")
+        progress("route")
+        # Compare-and-set: refused (StaleEpochError) if another controller wrote meanwhile.
+        written = rs.write(new.to_dict(), expect_epoch=epoch, delay_s=delay_s)
+        log.info(
+            "routing epoch %d in %s: %s from %.3f", written.epoch, url, new, written.effective_at
+        )
+        # The mirror, for people and for servers without the store; then the next restart's
+        # version list.
+        new.save(layout.routing_path(repo))
+        layout.write_config(repo, layout.with_versions(base, new.versions))
+        done = Switch(new, replicas, epoch=written.epoch, effective_at=written.effective_at)
+        if replicas and drain_s is not None:
+            # Every replica switches at effective_at; requests begun just before it finish
+            # on the old version within the drain.
+            time.sleep(max(0.0, written.effective_at - time.time()) + drain_s)
+            latest = rs.read()
+            if latest is None or latest.epoch != written.epoch:
+                log.warning(
+                    "routing moved past epoch %d during the drain: its switch unloads",
+                    written.epoch,
+                )
+            else:
+                _unload_everywhere(done, repo, set(new.versions), base)
+        return done
+    finally:
+        rs.close()
+
+
+def _settled_record(rs, repo: Path, bound_s: float = 60.0):
+    """The store's record once no switch is pending (one switch at a time); created from
+    routing.json when the store has none yet."""
+    rec = rs.read()
+    if rec is None:
+        path = layout.routing_path(repo)
+        if not path.exists():
+            return None
+        rec = rs.initialize(RoutingState.load(path).to_dict())
+        log.info("routing record created in %s from %s (epoch %d)", rs.url, path, rec.epoch)
+    deadline = time.monotonic() + bound_s
+    while rec is not None and rec.pending(time.time()):
+        if time.monotonic() > deadline:
+            raise ServerError(f"routing epoch {rec.epoch} still pending after {bound_s:.0f} s")
+        time.sleep(min(0.5, max(0.01, rec.effective_at - time.time() + 0.01)))
+        rec = rs.read()
+    return rec
+
+
+def _load_everywhere(replicas: list[str], repo: Path, keep: set[int], base, unchanged: str):
+    """Every replica answers, then every replica serves `keep`; else ReplicaError naming
+    the replica, before routing moves."""
+    from tritonclient.utils import InferenceServerException
+
+    for r in replicas:  # all of them answer before anything is loaded anywhere
+        try:
+            ready_versions(r, timeout_s=10.0)
+        except InferenceServerException as exc:
+            raise ReplicaError(
+                r,
+                f"replica {r} does not answer ({exc.message()}); nothing was loaded or "
+                f"switched: {unchanged}. Bring it back (or leave it out of the replicas) "
+                "and switch again",
+            ) from exc
+    loaded: list[str] = []
+    for r in replicas:
+        try:
+            load_versions(r, repo, keep, base_config=base)
+        except (ServerError, InferenceServerException) as exc:
+            why = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+            left = (
+                f"; versions {sorted(keep)} stay loaded and unrouted on {', '.join(loaded)} "
+                "(harmless: the next switch's drain unloads them)"
+                if loaded
+                else ""
+            )
+            raise ReplicaError(
+                r, f"replica {r}: loading {sorted(keep)} failed ({why}); {unchanged}{left}"
+            ) from exc
+        loaded.append(r)
+
+
+def _unload_everywhere(done: Switch, repo: Path, keep: set[int], base) -> None:
+    """After the drain: every replica serves only `keep`. Routing has moved already, so a
+    replica that fails here is logged and reported in `done.unload_errors`, not raised."""
+    from tritonclient.utils import InferenceServerException
+
+    for r in done.replicas:
+        try:
+            load_versions(r, repo, keep, base_config=base)
+        except (ServerError, InferenceServerException) as exc:
+            why = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+            done.unload_errors[r] = why
+            log.warning("replica %s: unloading versions no longer routed failed: %s", r, why)
+    done.unloaded = not done.unload_errors
 
 
 def check_shared_dims(repo: str | Path, routing: RoutingState) -> layout.RetrievalDims:

@@ -33,8 +33,9 @@ LATENCY = "northstar_recommend_latency_ms"
 STATE_ERRORS = "northstar_state_file_errors_total"
 # bad_input: refused before routing (400); no_state: routing or version metadata unreadable;
 # failed: the routed version (and any fallback) failed, the user got an error (500);
-# fallback: the routed version failed and production answered instead.
-REASONS = ("bad_input", "no_state", "failed", "fallback")
+# fallback: the routed version failed and production answered instead;
+# degraded: answered, but as a cold start: the online store did not answer (serving/live.py).
+REASONS = ("bad_input", "no_state", "failed", "fallback", "degraded")
 # Upper bounds in ms; +Inf is implied. Fine where a CPU request lands (1-50 ms).
 LATENCY_BUCKETS_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 5000)
 

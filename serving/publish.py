@@ -65,6 +65,26 @@ class ExportConfig:
     # scheduled retrain does not reset what an operator tuned; `retrieval`/`recommend`
     # set to anything but their defaults still win. rewrite: always write both from them.
     serving_configs: Literal["keep", "rewrite"] = "keep"
+    # The shared online store (serving/live.py). A store without a seed is seeded from this
+    # run's dataset; one already seeded is left alone: its live clicks are newer than the
+    # run's data, and every version reads it through its own vocabulary.
+    online_store: str | None = None
+
+
+def _seed_if_empty(url: str, run: Path) -> None:
+    from online.store import RedisFeatureStore
+    from serving.seed import seed_from_run
+
+    store = RedisFeatureStore(url)
+    try:
+        seeded = store.replay_from() is not None
+    finally:
+        store.close()
+    if seeded:
+        log.info("online store %s already seeded; left as it is", url)
+        return
+    stats = seed_from_run(run, url)
+    log.info("seeded online store %s: %d users in %.1f s", url, stats.users, stats.seconds)
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _publish_features(repo, version, run)
+    if cfg.online_store:  # before routing names the version: its users read the store
+        _seed_if_empty(cfg.online_store, run.path)
     routing = _route(cfg, repo, version)
     log.info(
         "exported %s as %s/%d (k=%d, graph k=%d, %s exporter); max |Δscore| %.2e",

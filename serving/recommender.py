@@ -28,11 +28,14 @@ import numpy as np
 from feedback.events import ServedImpressions
 from feedback.explore import rank_with_exploration
 from feedback.ids import uuid7_batch
+from models.features import FeatureVocab
 from models.snapshot import FeatureSnapshot, UserFeatures
+from online.cache import CachedFeatures
 from serving import repository as layout
 from serving.backend import InputError, check_int_matrix
+from serving.live import VOCAB_STEM, StoreFeatures
 from serving.metrics import NO_VERSION, BatchMetrics
-from serving.routing import RoutingState
+from serving.routing import RoutingState, StoreRouting
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +110,34 @@ class OnlineState:
         *,
         check_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        store: CachedFeatures | None = None,
     ):
         self.repo = Path(repo)
+        # The shared online store (serving/live.py): when set, every version reads live
+        # features from it through its own vocabulary, instead of its snapshot file.
+        self.store = store
+        self._live: dict[int, StoreFeatures] = {}
         self.check_interval_s = check_interval_s
         self.clock = clock
         # Told (path, message) when a state file turns unreadable: `recommend` counts it on
         # the metrics endpoint (serving.metrics.STATE_ERRORS).
         self.on_error: list[Callable[[Path, str], None]] = []
         self._routing = _Watched(layout.routing_path(self.repo), RoutingState.load, self._error)
+        # With the store, routing is its record (serving.routing.StoreRouting): re-read with
+        # the rest, at most once per check_interval_s, and switched at the record's instant;
+        # routing.json is only read while the store has no record. A failed read keeps the
+        # last good record and is counted as the state "file" routing.store.
+        self._store_routing: StoreRouting | None = None
+        if store is not None:
+            inner = store.store  # online.store.RedisFeatureStore: reuse its connection
+            self._store_routing = StoreRouting.from_client(
+                inner.redis,
+                prefix=inner.prefix,
+                url=inner.config.url,
+                on_error=functools.partial(
+                    self._error, layout.routing_path(self.repo).with_name("routing.store")
+                ),
+            )
         self._features: dict[int, _Watched] = {}
         self._meta: dict[int, dict] = {}
         self._checked = -float("inf")
@@ -133,25 +156,41 @@ class OnlineState:
         if not force and now - self._checked < self.check_interval_s:
             return
         self._checked = now
-        try:
-            routing = self._routing.get()
-        except StateFileError:
-            routing = None
-        if routing is not None:
+        routed = self._refresh_routing()
+        if routed is not None:
             # A version that left the routing (promoted over, rolled back) would otherwise
             # keep its snapshot in this process forever: one more per retrain, for the life
             # of the server. A late request for it simply loads it again.
-            for v in set(self._features) - set(routing.versions):
+            for v in set(self._features) - set(routed):
                 del self._features[v]
                 self._meta.pop(v, None)
+            for v in set(self._live) - set(routed):
+                del self._live[v]
             for fn in self.on_routing:
-                fn(routing.versions)
+                fn(list(routed))
         for w in self._features.values():
             with contextlib.suppress(StateFileError):  # never read: its requests say why
                 w.get()
 
+    def _refresh_routing(self) -> tuple[int, ...] | None:
+        """Re-read the routing source; the versions that may be routed to until the next
+        re-read (both sides of a pending switch), or None when there is no routing."""
+        if self._store_routing is not None and self._store_routing.refresh():
+            return self._store_routing.versions()
+        try:
+            return self._routing.get().versions
+        except StateFileError:
+            return None
+
+    @property
+    def routing_epoch(self) -> int:
+        """The store's routing epoch in service; 0 when routing comes from routing.json."""
+        return self._store_routing.epoch if self._store_routing is not None else 0
+
     @property
     def routing(self) -> RoutingState:
+        if self._store_routing is not None and self._store_routing.has_record:
+            return self._store_routing.routing()  # in force now: the record names the instant
         if self._routing.stamp is not None:
             return self._routing.value
         try:
@@ -159,7 +198,9 @@ class OnlineState:
         except StateFileError as exc:
             raise StateFileError(f"{exc}; no routing state: run `northstar export` first") from None
 
-    def features(self, version: int) -> FeatureSnapshot:
+    def features(self, version: int) -> FeatureSnapshot | StoreFeatures:
+        if self.store is not None:
+            return self._store_features(version)
         w = self._features.get(version)
         if w is None:
             w = self._features[version] = _Watched(
@@ -174,6 +215,24 @@ class OnlineState:
                 f"no online features for retrieval version {version}: {exc}"
             ) from None
 
+    def _store_features(self, version: int) -> StoreFeatures:
+        live = self._live.get(version)
+        if live is None:
+            path = layout.features_dir(self.repo, version) / VOCAB_STEM
+            try:  # a published version's vocabulary never changes: read once
+                vocab = FeatureVocab.load(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise StateFileError(
+                    f"no vocabulary for retrieval version {version} ({path}.json/.npz): {exc}"
+                ) from None
+            live = self._live[version] = StoreFeatures(vocab, self.store)
+        return live
+
+    def take_degraded(self) -> dict[int, int]:
+        """Per version: users answered as cold starts because the store did not answer."""
+        out = {v: live.take_degraded() for v, live in self._live.items()}
+        return {v: n for v, n in out.items() if n}
+
     def meta(self, version: int) -> dict:
         if version not in self._meta:  # a published version never changes
             self._meta[version] = layout.read_meta(self.repo, version)
@@ -181,7 +240,10 @@ class OnlineState:
 
     def problems(self) -> list[str]:
         """The state files that are bad right now (each still served from a good copy)."""
-        return [w.error for w in (self._routing, *self._features.values()) if w.error]
+        out = [w.error for w in (self._routing, *self._features.values()) if w.error]
+        if self._store_routing is not None and self._store_routing.last_error:
+            out.append(self._store_routing.last_error)
+        return out
 
     def max_k(self) -> int:
         """The largest k every routed version can answer.
@@ -292,8 +354,9 @@ class Recommender:
         check_interval_s: float = 1.0,
         epsilon: float = 0.0,
         seed: int | None = None,
+        store: CachedFeatures | None = None,
     ):
-        self.state = OnlineState(repo, check_interval_s=check_interval_s)
+        self.state = OnlineState(repo, check_interval_s=check_interval_s, store=store)
         self.default_k = int(default_k)
         # ε-greedy exploration (feedback/explore.py): the share of slates served a random
         # ranking of the unseen candidates, so the log supports off-policy evaluation.
@@ -408,6 +471,9 @@ class Recommender:
                 metrics.errors[(label, "fallback")] += len(rows)
             elif version == routing.production:
                 self.last_good = int(version)
+
+        for v, n in self.state.take_degraded().items():
+            metrics.errors[(str(v), "degraded")] += n
 
         # Time-ordered ids (UUIDv7 as 32 hex digits): impression event ids start with them,
         # and the log's unique index stays fast when new keys land at its end.

@@ -8,20 +8,46 @@ changes (`model_repository/recommend/state/routing.json`):
 A user goes to the canary when `hash_bucket(user_id ^ salt, 100) < canary_percent`.
 The hash is deterministic, so a user keeps seeing the same version for the
 whole test, and changing `salt` reshuffles who is in the canary.
+
+Past one machine (several `tritonserver` replicas on one repository) the routing lives
+in the online store instead (online/routing_store.py: a record with an epoch, written by
+compare-and-set, that names the instant it takes effect); `StoreRouting` below is how a
+replica reads it, and routing.json is then a mirror the controller writes for people and
+for servers started without the store. Which store a repository's routing lives in is
+recorded next to routing.json (`routing_store.json`, written by `northstar serve
+--online-store`), so every caller of serving.control.switch_routing finds it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.files import write_private
 from models.features import hash_bucket
+from serving import repository as layout
+
+if TYPE_CHECKING:
+    from online.routing_store import RoutingRecord, RoutingStore
+
+log = logging.getLogger(__name__)
 
 ROUTING_FILE = "routing.json"
+STORE_MARKER = "routing_store.json"  # next to routing.json: {"url": ..., "prefix": ...}
+# Replicas re-read routing at most this often (OnlineState's check_interval_s).
+REFRESH_S = 1.0
+# A switch in the store takes effect this long after it is written (Redis's clock). It must
+# exceed REFRESH_S plus a read's latency, so that every replica already holds the new record
+# at the instant and all of them switch at that instant rather than whenever they re-read.
+SWITCH_DELAY_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,9 @@ class RoutingState:
             out[bucket < self.canary_percent] = self.canary
         return out
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
@@ -85,3 +114,182 @@ class RoutingState:
         """Atomic (`recommend` polls this file and must never read half of it) and
         owner-only: whoever can write it chooses the model every user sees."""
         return write_private(path, self.to_json())
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+def store_marker_path(repo: str | Path) -> Path:
+    return layout.state_dir(repo) / STORE_MARKER
+
+
+def write_store_marker(repo: str | Path, url: str, prefix: str = "northstar") -> Path:
+    """Record that this repository's routing lives in the store at `url` (owner-only: the
+    URL may carry a password)."""
+    return write_private(store_marker_path(repo), json.dumps({"url": url, "prefix": prefix}))
+
+
+def routing_store_of(repo: str | Path, explicit: str | None = None) -> tuple[str, str] | None:
+    """(url, prefix) of the store holding `repo`'s routing, or None (routing.json only).
+
+    `explicit` first, then $NORTHSTAR_ONLINE_STORE, then the repository's marker: a
+    controller that forgot the store must not write a file the replicas no longer read.
+    """
+    from online.config import ONLINE_STORE_ENV
+
+    url = (explicit or "").strip() or os.environ.get(ONLINE_STORE_ENV, "").strip()
+    if url:
+        return url, "northstar"
+    return read_store_marker(repo)
+
+
+def read_store_marker(repo: str | Path) -> tuple[str, str] | None:
+    """(url, prefix) from the repository's routing_store.json, or None without one."""
+    path = store_marker_path(repo)
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        return str(d["url"]), str(d.get("prefix", "northstar"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc}); fix it or delete it") from exc
+
+
+def routing_of(d: dict, where: str) -> RoutingState:
+    try:
+        return RoutingState.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: bad routing ({exc})") from exc
+
+
+class StoreRouting:
+    """A replica's view of the routing record (online.routing_store), read at most once per
+    `refresh` (the caller calls it at most once a second).
+
+    `routing()` is the routing in force *now* on the wall clock: `previous` before the
+    record's effective_at, `current` from then on. So replicas that read the record at
+    different moments still switch at the same instant.
+
+    A read that fails (Redis down, slow, a malformed record) keeps the last good record in
+    service: nothing raises, `errors` counts it, `on_error(message)` is told each time, and
+    the log says so once per outage. A record with a lower epoch than the one held (same
+    generation) is stale (a lagging copy of Redis) and ignored.
+    """
+
+    def __init__(
+        self,
+        store: RoutingStore,
+        *,
+        wall: Callable[[], float] = time.time,
+        on_error: Callable[[str], None] | None = None,
+    ):
+        self.store = store
+        self.wall = wall
+        self.on_error = on_error
+        self.record: RoutingRecord | None = None
+        self._current: RoutingState | None = None
+        self._previous: RoutingState | None = None
+        self.errors = 0  # failed or refused reads since start
+        self.last_error: str | None = None
+        self.absent = False  # the store answered and has no record
+
+    @classmethod
+    def from_client(cls, client, *, prefix: str = "northstar", url: str = "", **kw):
+        from online.routing_store import RoutingStore
+
+        return cls(RoutingStore(client, prefix=prefix, url=url), **kw)
+
+    @property
+    def has_record(self) -> bool:
+        return self.record is not None
+
+    @property
+    def epoch(self) -> int:
+        return self.record.epoch if self.record is not None else 0
+
+    def refresh(self) -> bool:
+        """Read the record once; True when a record is in service (new or kept)."""
+        import redis
+
+        from online.routing_store import RoutingStoreError
+
+        current = previous = None
+        try:
+            rec = self.store.read()
+            if rec is not None:
+                current = routing_of(rec.current, f"{self.store.key} epoch {rec.epoch}")
+                previous = (
+                    routing_of(rec.previous, f"{self.store.key} epoch {rec.epoch} previous")
+                    if rec.previous is not None
+                    else None
+                )
+        except (redis.RedisError, OSError, RoutingStoreError, ValueError) as exc:
+            self._failed(f"routing store {self.store.url or self.store.key}: {exc}")
+            return self.record is not None
+        if self.last_error is not None:
+            log.warning("routing store %s answers again", self.store.url or self.store.key)
+            self.last_error = None
+        if rec is None:
+            if self.record is not None and not self.absent:
+                log.error(
+                    "routing store %s: the record %s is gone; keeping epoch %d",
+                    self.store.url,
+                    self.store.key,
+                    self.record.epoch,
+                )
+            self.absent = True
+            return self.record is not None
+        self.absent = False
+        held = self.record
+        if held is not None and rec.generation == held.generation and rec.epoch < held.epoch:
+            self.errors += 1
+            log.warning(
+                "routing store %s: epoch %d is older than the %d in service; ignored",
+                self.store.url,
+                rec.epoch,
+                held.epoch,
+            )
+            return True
+        if held is None or rec.epoch != held.epoch or rec.generation != held.generation:
+            log.info(
+                "routing epoch %d: %s from %.3f (before: %s)",
+                rec.epoch,
+                rec.current,
+                rec.effective_at,
+                rec.previous,
+            )
+        self.record, self._current, self._previous = rec, current, previous
+        return True
+
+    def _failed(self, message: str) -> None:
+        self.errors += 1
+        if self.last_error is None:
+            kept = (
+                f"keeping routing epoch {self.record.epoch}"
+                if self.record is not None
+                else "no routing record yet"
+            )
+            log.error("%s; %s", message, kept)
+        self.last_error = message
+        if self.on_error is not None:
+            self.on_error(message)
+
+    def routing(self) -> RoutingState:
+        """The routing in force now (requires a record: see has_record)."""
+        rec = self.record
+        if rec is None or self._current is None:
+            raise LookupError("no routing record read from the store yet")
+        if self._previous is not None and rec.pending(self.wall()):
+            return self._previous
+        return self._current
+
+    def versions(self) -> tuple[int, ...]:
+        """Every version that may be routed to until the next refresh: both sides of a
+        pending switch."""
+        rec = self.record
+        if rec is None or self._current is None:
+            return ()
+        if self._previous is not None and rec.pending(self.wall()):
+            extra = [v for v in self._current.versions if v not in self._previous.versions]
+            return (*self._previous.versions, *extra)
+        return self._current.versions

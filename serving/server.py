@@ -35,7 +35,7 @@ from serving import auth
 from serving import repository as layout
 from serving.control import ServerError, load_versions, ready_versions
 from serving.proxy import FrontProxy, ProxyError, ProxyLimits
-from serving.routing import RoutingState
+from serving.routing import RoutingState, read_store_marker, routing_of, write_store_marker
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ class ServerConfig:
     # The event log (feedback/README.md). Set (here or as NORTHSTAR_EVENT_LOG): `recommend`
     # logs impressions to it and the `feedback` ingest model is loaded as well.
     event_log: str | None = None
+    # The shared online store (online/, serving/live.py), e.g. redis://127.0.0.1:6379/0. Set
+    # (here or as NORTHSTAR_ONLINE_STORE): `recommend` reads live user features from it and
+    # the `feedback` model applies acknowledged clicks to it. Unset: per-version snapshots.
+    online_store: str | None = None
     # `--metrics-config` entries. Summary latencies add nv_inference_request_summary_us with
     # quantiles (p50..p99.9) per model version: the canary's p99 guardrail reads them.
     metrics_config: tuple[str, ...] = ("summary_latencies=true",)
@@ -214,10 +218,21 @@ class TritonServer:
         from feedback.sink import EVENT_LOG_ENV
 
         log_path = cfg.event_log or os.environ.get(EVENT_LOG_ENV) or None
-        self.event_log = str(Path(log_path).resolve()) if log_path else None
+        # A path is made absolute (the models run in another cwd); a URL (redis://…) is not.
+        self.event_log = (
+            None
+            if not log_path
+            else log_path
+            if "://" in str(log_path)
+            else str(Path(log_path).resolve())
+        )
+        from online.config import ONLINE_STORE_ENV
+
+        self.online_store = cfg.online_store or os.environ.get(ONLINE_STORE_ENV) or None
         self.models = tuple(cfg.models)
         self.admin_key: str | None = None  # resolved at start(): it may create the key file
         self.routing: RoutingState | None = None  # what start() found and restored
+        self.routing_epoch = 0  # the store's epoch start() found; 0: routing.json
         if self.event_log and layout.FEEDBACK not in self.models:
             self.models += (layout.FEEDBACK,)
 
@@ -269,6 +284,9 @@ class TritonServer:
                 raise FileNotFoundError(
                     f"{self.repo / model / layout.CONFIG_FILE}: missing; run `northstar export`"
                 )
+        if self.online_store:
+            self._check_online_store()
+            self._init_routing_store()
         if self.cfg.restrict_control:
             self.admin_key = auth.admin_key(create=True)
         # A server of this repository that was killed with its wrapper leaves stubs behind.
@@ -340,6 +358,48 @@ class TritonServer:
             self._upstream = (free_port(), free_port())
         return True
 
+    def _check_online_store(self) -> None:
+        """A store that does not answer is reported now, by URL, not as a model that failed
+        to load minutes later."""
+        from online.config import OnlineConfigError, OnlineStoreConfig, OnlineStoreError
+        from online.store import RedisFeatureStore
+
+        try:
+            RedisFeatureStore.from_config(OnlineStoreConfig(url=self.online_store)).close()
+        except (OnlineConfigError, OnlineStoreError) as exc:
+            raise ServerError(f"online store: {exc}") from None
+
+    def _init_routing_store(self) -> None:
+        """With the store, routing lives in it (serving/routing.py): record that next to
+        routing.json, so every switch_routing on this repository writes the store, and
+        create the record from routing.json if the store has none yet (an existing record
+        wins: it is the truth, routing.json only mirrors it)."""
+        from online.routing_store import RoutingStore, RoutingStoreError
+
+        try:
+            same = read_store_marker(self.repo) == (self.online_store, "northstar")
+        except ValueError:  # unreadable: written again below
+            same = False
+        try:
+            if not same:
+                write_store_marker(self.repo, self.online_store)
+        except OSError as exc:  # a read-only repository volume, say
+            log.warning(
+                "could not record the routing store next to routing.json (%s): controllers "
+                "must be given it (switch_routing(store=...) or $NORTHSTAR_ONLINE_STORE)",
+                exc,
+            )
+        path = layout.routing_path(self.repo)
+        rs = RoutingStore.from_url(self.online_store)
+        try:
+            if rs.read() is None and path.exists():
+                rec = rs.initialize(RoutingState.load(path).to_dict())
+                log.info("routing record created from %s (epoch %d)", path, rec.epoch)
+        except RoutingStoreError as exc:
+            raise ServerError(f"online store {self.online_store}: {exc}") from None
+        finally:
+            rs.close()
+
     def _start_proxy(self) -> None:
         assert self._upstream is not None
         self.proxy = FrontProxy(
@@ -362,20 +422,50 @@ class TritonServer:
         switch_routing() writes routing.json before it persists the config's version list, so a
         crash in between leaves a routed version that a restart would not load: every
         canary user would then get errors. Load it here, before anyone is told we are up.
+        With the online store the routing is the store's record (and a pending switch
+        needs both its sides).
         """
-        path = layout.routing_path(self.repo)
-        if layout.RETRIEVAL not in self.models or not path.exists():
+        if layout.RETRIEVAL not in self.models:
             return None
-        routing = RoutingState.load(path)
+        if self.online_store:  # the store's record, both sides of a pending switch
+            routing, routed, where = self._store_routing()
+        else:
+            path = layout.routing_path(self.repo)
+            if not path.exists():
+                return None
+            routing = RoutingState.load(path)
+            routed, where = set(routing.versions), str(path)
+        if routing is None:
+            return None
         ready = set(ready_versions(self.grpc_url))
-        missing = set(routing.versions) - ready
+        missing = routed - ready
         if missing:
-            log.warning("routing.json needs retrieval versions %s; loading them", sorted(missing))
-            load_versions(self.grpc_url, self.repo, ready | set(routing.versions))
+            log.warning("%s needs retrieval versions %s; loading them", where, sorted(missing))
+            load_versions(self.grpc_url, self.repo, ready | routed)
         return routing
+
+    def _store_routing(self) -> tuple[RoutingState | None, set[int], str]:
+        from online.routing_store import RoutingStore
+
+        rs = RoutingStore.from_url(self.online_store)
+        try:
+            rec = rs.read()
+        finally:
+            rs.close()
+        if rec is None:
+            return None, set(), self.online_store
+        now = time.time()
+        routing = routing_of(rec.in_force(now), rs.key)
+        routed = set(routing_of(rec.current, rs.key).versions) | set(routing.versions)
+        self.routing_epoch = rec.epoch
+        return routing, routed, f"routing epoch {rec.epoch} in {self.online_store}"
 
     def env(self) -> dict[str, str]:
         env = server_env()
+        if self.online_store:
+            from online.config import ONLINE_STORE_ENV
+
+            env[ONLINE_STORE_ENV] = self.online_store
         if self.event_log:
             from feedback.sink import EVENT_LOG_ENV
 

@@ -176,3 +176,32 @@ def ingest_only_server(root: str | Path):
         yield server, log
     finally:
         server.stop()
+
+
+def seeded_store(ds, root: str | Path):
+    """A real redis-server (its data in `root`) seeded with the world's users and
+    interactions, as `northstar online seed` would; the caller closes it."""
+    from common.redis_server import RedisServer
+    from online.store import RedisFeatureStore
+
+    redis = RedisServer(Path(root)).start()
+    store = RedisFeatureStore(redis.url)
+    try:
+        store.seed(ds.users, ds.interactions)
+    finally:
+        store.close()
+    return redis
+
+
+def wait_until(fn, what: str, *, bound_s: float = 120.0, poll_s: float = 0.05):
+    """fn()'s first truthy value. Tests wait on a condition, never on a delay; `bound_s`
+    only ends a hang, with `what` in the error."""
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise AssertionError(f"not within {bound_s:.0f} s: {what}")

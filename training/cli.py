@@ -1,4 +1,4 @@
-"""`northstar data …`, `northstar train`, `northstar evaluate`."""
+"""`northstar data …`, `northstar train`, `northstar evaluate`, `northstar tune`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder to write")
     config_mod.add_config_args(p, "TrainConfig", "epochs=5 tower.out_dim=32")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "tune",
+        help="hyper-parameter search on validation NDCG@10 (Optuna TPE, within a time budget)",
+        description="Trains one run per trial under OUT/trials/ and scores it on validation "
+        "NDCG@10 only (test is never evaluated). Writes OUT/best_config.toml (use it with "
+        "`northstar train --config`), OUT/best_config.json and OUT/study.json after every "
+        "trial. --config/--set give the fixed TrainConfig the trials start from.",
+    )
+    p.add_argument("--data", required=True, help="dataset folder (Parquet tables)")
+    p.add_argument("--out", required=True, help="folder for the trials and the best config")
+    p.add_argument("--trials", type=int, default=20, help="at most this many trials")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="no trial starts after this many seconds (a running one finishes)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    config_mod.add_config_args(p, "the base TrainConfig", "epochs=8 batch_size=512")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
     p.add_argument("--run", required=True)
@@ -100,9 +122,25 @@ def _evaluate(args) -> int:
     run = load_run(args.run)
     cfg = config_mod.build(TrainConfig, {**run.meta["train"], "data": args.data})
     ds, sp, train_df = load_training_data(cfg)
-    metrics = evaluate_splits(run.model, run.vocab, ds, sp, train_df)
+    metrics = evaluate_splits(run.model, run.vocab, ds, sp, train_df, cfg)
     path = Path(args.run) / METRICS_FILE
     old = json.loads(path.read_text()) if path.exists() else {}
     atomic_write_text(path, json.dumps({**old, **metrics}, indent=1))
-    print(format_table(metrics))
+    print(format_table({s: metrics[s] for s in ("val", "test") if s in metrics}))
+    return 0
+
+
+def _tune(args) -> int:
+    from training.train import TrainConfig
+    from training.tune import TuneConfig, tune
+
+    base = config_mod.load(TrainConfig, args.config, [*args.set, f"data={args.data}"])
+    tcfg = TuneConfig(
+        trials=args.trials, time_budget_s=args.time_budget, seed=args.seed, out=args.out
+    )
+    result = tune(base, tcfg)
+    print(
+        f"best of {result['completed']} trials: val ndcg@10 {result['best']['value']:.4f} "
+        f"with {result['best']['params']}\nwrote {result['best_config']}"
+    )
     return 0

@@ -64,3 +64,35 @@ def per_user_metrics(
     for k in hit_ks:
         out[f"hitrate@{k}"] = hit_rate_at_k(hits=hits, k=k)
     return out
+
+
+# Popularity bias of a ranking. The same definitions as `fairness.exposure` (position_weights,
+# item_exposure, gini, average_recommendation_popularity), restated here because training sits
+# below fairness in the import layers; tests/unit/test_baselines.py checks they agree.
+
+
+def exposure_gini_at_k(*, ranked: np.ndarray, n_items: int, k: int) -> float:
+    """Gini of item exposure over the whole catalogue, exposure(i) = sum over users of
+    1 / log2(1 + rank) for each top-k slot holding i (never-shown items count as 0).
+    0 = every item equally exposed, (n-1)/n = one item gets all of it."""
+    top = ranked[:, :k]
+    w = np.broadcast_to(1.0 / np.log2(1.0 + np.arange(1, top.shape[1] + 1)), top.shape)
+    valid = top >= 0
+    x = np.sort(np.bincount(top[valid], weights=w[valid], minlength=n_items).astype(np.float64))
+    n, total = x.size, x.sum()
+    if n == 0 or total <= 0:
+        return 0.0
+    i = np.arange(1, n + 1)
+    return float(((2 * i - n - 1) * x).sum() / (n * total))
+
+
+def arp_at_k(*, ranked: np.ndarray, popularity: np.ndarray, k: int) -> float:
+    """Average recommendation popularity: mean over users of the mean history count of the
+    items in their top k (Abdollahpouri et al. 2019). Users with an empty list are left out."""
+    top = ranked[:, :k]
+    valid = top >= 0
+    vals = np.where(valid, np.asarray(popularity, np.float64)[np.maximum(top, 0)], 0.0)
+    n = valid.sum(axis=1)
+    if not (n > 0).any():
+        return 0.0
+    return float((vals.sum(axis=1)[n > 0] / n[n > 0]).mean())

@@ -1,11 +1,12 @@
 """A run directory: everything a trained model is, readable without the training code path.
 
 RUN_DIR/
-  run.json       tower config, feature spec, data dir, train config
+  run.json       tower config, feature spec, data dir, train config, popularity prior
   vocab.npz/json raw-id and category vocabularies
   model.pt       state_dict only (loaded with weights_only=True: no pickle)
   features.npz   the online feature snapshot serving starts from
-  metrics.json   offline evaluation, model beside TopPop
+  metrics.json   offline evaluation, model beside the baselines, the prior's beta curve
+  prior_curve.png  NDCG@10 against ARP and exposure Gini for each beta (when a grid ran)
   checkpoint.pt  the last resumable training state
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from common.files import atomic_path, atomic_write_text
 from models.features import FeatureSpec, FeatureVocab
+from models.prior import PopularityPrior
 from models.towers import TowerConfig, TwoTower
 
 RUN_FILE = "run.json"
@@ -48,7 +50,9 @@ def save_run(path: Path, model: TwoTower, vocab: FeatureVocab, meta: dict[str, A
     vocab.save(path / VOCAB_FILE)
     with atomic_path(path / MODEL_FILE) as tmp:
         torch.save(model.state_dict(), tmp)
-    body = {"tower": asdict(model.cfg), "spec": asdict(model.spec), **meta}
+    prior = model.prior.to_dict() if model.prior is not None else None
+    body = {"tower": asdict(model.cfg), "spec": asdict(model.spec), "popularity_prior": prior}
+    body.update(meta)
     atomic_write_text(path / RUN_FILE, json.dumps(body, indent=1, default=str))
 
 
@@ -71,5 +75,7 @@ def load_run(path: str | Path) -> Run:
     state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
     model = TwoTower(spec, tower, item_cats=state["item_cats"])
     model.load_state_dict(state)
+    if meta.get("popularity_prior"):  # the bias itself is in model.pt (item_bias)
+        model.prior = PopularityPrior(**meta["popularity_prior"])
     model.eval()
     return Run(path, model, FeatureVocab.load(path / VOCAB_FILE), tower, meta)

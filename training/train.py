@@ -3,6 +3,11 @@
 Runs as one process, or under `torchrun` (DDP; gloo on CPU, nccl on GPU).
 Every epoch writes a resumable checkpoint; the best epoch by validation
 NDCG@10 is kept, and training stops after `patience` epochs without gain.
+
+After training, on validation only: the popularity prior's beta is chosen from
+`prior_betas` (`training.popularity`), and EASE's lambda from `ease_lambdas`. Then val
+and test are evaluated for the model and every baseline (`training.baselines`) through
+the same code, and metrics.json has each with the model's lift over it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from tqdm import tqdm
 from common.files import atomic_path, atomic_write_text
 from models.features import FeatureVocab
 from models.loss import StreamingFrequencyEstimator
+from models.prior import PopularityPrior, RecentWindow
 from models.snapshot import FeatureSnapshot
 from models.task import TwoTowerTrainTask
 from models.towers import TowerConfig, TwoTower
+from training.baselines import EASE, EASE_MAX_ITEMS, Baseline, parse_baseline
 from training.data import TrainingExamples
 from training.evaluate import evaluate, format_table
 from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, save_run
@@ -66,6 +73,40 @@ class TrainConfig:
     # retrain passes production's run). Used only when the catalogue, categories and tower
     # match; otherwise training starts fresh and metrics["warm_start"] says why.
     init_from: str | None = None
+    # Baselines evaluated beside the model on val and test (`training.baselines`):
+    # "toppop", "recentpop:<7d|10%>" (last days / newest share of the history), "ease".
+    baselines: tuple[str, ...] = ("toppop", "recentpop:7d", "recentpop:10%", "ease")
+    # EASE's L2 strength, chosen on validation NDCG@10. A given "ease:<lambda>" is used as is.
+    ease_lambdas: tuple[float, ...] = (20.0, 100.0, 500.0, 2000.0)
+    ease_max_items: int = EASE_MAX_ITEMS  # above this EASE is skipped (N x N float64 matrices)
+    # Ranking-time popularity prior beta * log(1 + recent count) (`models.prior`): beta is
+    # chosen on validation from this grid (0 always included; () or (0,) = off). Cosine
+    # scores lie in [-1, 1] and log(1 + count) in ~[0, 8], so useful betas are ~0.005-0.1.
+    prior_betas: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
+    prior_window: str = "10%"  # "recent": the newest 10% of the history, or e.g. "7d"
+    # The chosen beta keeps exposure Gini@10 within this (fairness's max_exposure_gini gate).
+    prior_max_gini: float | None = 0.95
+    # False: evaluate validation only (what `northstar tune` trials do: test stays unseen).
+    evaluate_test: bool = True
+
+    def __post_init__(self) -> None:
+        for spec in self.baselines:
+            parse_baseline(spec)  # a typo fails here, not after training
+        RecentWindow.parse(self.prior_window)
+        if any(b < 0 for b in self.prior_betas) or any(x <= 0 for x in self.ease_lambdas):
+            raise ValueError("TrainConfig: prior_betas must be >= 0 and ease_lambdas > 0")
+
+
+# Fields that only act after training: a checkpoint written under other values still resumes.
+_AFTER_TRAINING = (
+    "baselines",
+    "ease_lambdas",
+    "ease_max_items",
+    "prior_betas",
+    "prior_window",
+    "prior_max_gini",
+    "evaluate_test",
+)
 
 
 @dataclass(frozen=True)
@@ -315,6 +356,8 @@ class _Resume:
         fields = asdict(cfg) | {"out": None, "resume": None, "progress": None, "epochs": None}
         if fields["init_from"] is None:  # checkpoints written before warm starts still resume
             del fields["init_from"]
+        for name in _AFTER_TRAINING:
+            del fields[name]
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)
 
     def load(self, model, estimator, opt):
@@ -345,21 +388,136 @@ class _Resume:
             torch.save(state, tmp)
 
 
-def evaluate_splits(model, vocab, ds, sp, train_df) -> dict:
-    """val: history = train; test: history = train + val (they happened before the test)."""
-    val = evaluate(model=model, vocab=vocab, users=ds.users, known=train_df, target=sp.val)
-    known_test = pd.concat([train_df, sp.val], ignore_index=True).sort_values(
-        "timestamp", kind="stable"
+def _baselines(cfg: TrainConfig) -> list[Baseline]:
+    return [parse_baseline(b, ease_max_items=cfg.ease_max_items) for b in cfg.baselines]
+
+
+def _choose_ease(cfg, model_free_eval, n_items: int) -> tuple[list[Baseline], dict, dict]:
+    """(baselines with EASE's lambda chosen on val, {"ease": info}, the winner's val result).
+
+    `model_free_eval(baselines)` evaluates the validation split without the model."""
+    base = _baselines(cfg)
+    ease = [b for b in base if isinstance(b, EASE)]
+    given = any(s.strip().lower().startswith("ease:") for s in cfg.baselines)
+    if not ease or given or len(cfg.ease_lambdas) < 2 or n_items > cfg.ease_max_items:
+        return base, {}, {}
+    grid, best, best_res = {}, None, None
+    for lam in cfg.ease_lambdas:
+        res = model_free_eval([EASE(lam, max_items=cfg.ease_max_items)]).get("ease")
+        if res is None:
+            return base, {}, {}
+        grid[f"{lam:g}"] = res.summary["ndcg@10"]
+        if best is None or res.summary["ndcg@10"] > best_res.summary["ndcg@10"]:
+            best, best_res = lam, res
+    chosen = EASE(best, max_items=cfg.ease_max_items)
+    base = [chosen if isinstance(b, EASE) else b for b in base]
+    info = {"lambda_chosen_on": "val ndcg@10", "val_ndcg@10_by_lambda": grid}
+    return base, info, {"ease": best_res}
+
+
+def evaluate_splits(model, vocab, ds, sp, train_df, cfg: TrainConfig | None = None) -> dict:
+    """val: history = train; test: history = train + val (they happened before the test).
+
+    The model (with its popularity prior, if any) and every baseline of `cfg`, each through
+    `evaluate`; with a prior also "model_beta0", the same model without it. EASE's lambda is
+    chosen on val. metrics["baselines"] says what each baseline was, or why it was skipped.
+    """
+    cfg = TrainConfig() if cfg is None else cfg
+
+    def on_val(baselines, **kw):
+        return evaluate(
+            model=kw.pop("model", None),
+            vocab=vocab,
+            users=ds.users,
+            known=train_df,
+            target=sp.val,
+            baselines=baselines,
+            **kw,
+        )
+
+    baselines, ease_info, ease_val = _choose_ease(cfg, on_val, len(vocab.item_ids))
+    val = on_val([b for b in baselines if b.name not in ease_val], model=model)
+    val.update(ease_val)
+    out = {"val": {k: r.summary for k, r in val.items()}}
+    skipped = dict(val.skipped)
+    with_prior = getattr(model, "prior", None) is not None
+    if with_prior:
+        out["val"]["model_beta0"] = on_val([], model=model, prior=None)["model"].summary
+    if cfg.evaluate_test:
+        known_test = pd.concat([train_df, sp.val], ignore_index=True).sort_values(
+            "timestamp", kind="stable"
+        )
+
+        def on_test(baselines, **kw):
+            return evaluate(
+                model=model,
+                vocab=vocab,
+                users=ds.users,
+                known=known_test,
+                target=sp.test,
+                baselines=baselines,
+                **kw,
+            )
+
+        test = on_test(baselines)
+        out["test"] = {k: r.summary for k, r in test.items()}
+        skipped |= test.skipped
+        if with_prior:
+            out["test"]["model_beta0"] = on_test([], prior=None)["model"].summary
+    out["baselines"] = {
+        b.name: {
+            **b.describe(),
+            **(ease_info if isinstance(b, EASE) else {}),
+            "skipped": skipped.get(b.name),
+        }
+        for b in baselines
+    }
+    return out
+
+
+def _choose_prior(cfg, out, model, vocab, ds, sp, train_df) -> dict:
+    """Pick beta on validation, draw the curve, and set the model's prior with the bias as of
+    all the data (what serving starts from). Returns metrics["popularity_prior"]."""
+    from training.popularity import PLOT_FILE, beta_curve, choose_beta, plot_curve
+
+    if not any(b > 0 for b in cfg.prior_betas):
+        model.set_prior(None)
+        return {"beta": 0.0, "window": cfg.prior_window, "chosen_by": "prior off (no beta > 0)"}
+    curve = beta_curve(
+        model,
+        vocab=vocab,
+        users=ds.users,
+        known=train_df,
+        target=sp.val,
+        betas=cfg.prior_betas,
+        window=cfg.prior_window,
     )
-    test = evaluate(model=model, vocab=vocab, users=ds.users, known=known_test, target=sp.test)
+    beta, why = choose_beta(curve, cfg.prior_max_gini)
+    plot = plot_curve(curve, beta, out / PLOT_FILE, cfg.prior_max_gini)
+    prior = PopularityPrior(beta, cfg.prior_window)
+    everything = pd.concat([train_df, sp.val, sp.test], ignore_index=True)
+    bias = prior.bias(
+        vocab.item_index(everything["item_id"].to_numpy()),
+        everything["timestamp"].to_numpy(np.int64),
+        len(vocab.item_ids),
+    )
+    model.set_prior(prior, torch.from_numpy(bias))
+    log.info("popularity prior: beta %g (%s)", beta, why)
     return {
-        "val": {k: r.summary for k, r in val.items()},
-        "test": {k: r.summary for k, r in test.items()},
+        "beta": beta,
+        "window": cfg.prior_window,
+        "chosen_by": why,
+        "max_exposure_gini": cfg.prior_max_gini,
+        "curve_split": "val",
+        "curve": curve,
+        "plot": plot.name if plot else None,
     }
 
 
 def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None) -> dict:
-    metrics = evaluate_splits(model, vocab, ds, sp, train_df)
+    prior = _choose_prior(cfg, out, model, vocab, ds, sp, train_df)
+    metrics = evaluate_splits(model, vocab, ds, sp, train_df, cfg)
+    metrics["popularity_prior"] = prior
     metrics["train_seconds"] = round(seconds, 1)
     metrics["epochs"] = history
     if warm is not None:
@@ -385,8 +543,9 @@ def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None
         "wrote %s in %.1fs\n%s",
         out,
         seconds,
-        format_table({s: metrics[s] for s in ("val", "test")}),
+        format_table({s: metrics[s] for s in ("val", "test") if s in metrics}),
     )
-    if not math.isfinite(metrics["test"]["model"]["ndcg@10"]):
-        raise RuntimeError("test NDCG is not finite: training diverged")
+    final = "test" if cfg.evaluate_test else "val"
+    if not math.isfinite(metrics[final]["model"]["ndcg@10"]):
+        raise RuntimeError(f"{final} NDCG is not finite: training diverged")
     return metrics

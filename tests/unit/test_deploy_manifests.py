@@ -260,34 +260,385 @@ def test_triton_is_reached_only_through_the_body_bounding_proxy(target):
     assert mounts["proxy-tmp"] == K8S_SIDECAR["run_dir"]
 
 
+REDIS_URL = re.compile(r"^redis://(?P<host>[^:/?]+):(?P<port>\d+)/\d+(\?.*)?$")
+
+
+def _redis_host_port(url: str) -> tuple[str, int]:
+    m = REDIS_URL.match(url)
+    assert m, f"{url}: not a redis://host:port/db URL"
+    return m["host"], int(m["port"])
+
+
+def _assert_is_the_redis_service(objs: list[dict], url: str) -> None:
+    """`url` names the Service `redis` by its port, and that Service selects the Redis pod."""
+    host, port = _redis_host_port(url)
+    svc = one(objs, "Service", host)
+    assert port in {p["port"] for p in svc["spec"]["ports"]}, url
+    redis = one(objs, "StatefulSet", "redis")
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items(), f"{host} does not select Redis"
+
+
 @pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
-def test_each_replica_has_its_own_event_log(target):
-    """SQLite's WAL is never shared across pods: a per-pod ReadWriteOnce claim."""
-    sts, spec, c = _triton(target)
+def test_triton_writes_events_and_reads_features_through_the_redis_service(target):
+    """No per-pod state: events go to the Redis stream, users come from the online store."""
+    from feedback.stream import StreamConfig
+    from online.config import OnlineStoreConfig
+
+    objs = render(target)
+    sts, _, c = _triton(target)
     env = {e["name"]: e.get("value") for e in c["env"]}
-    log_dir = str(Path(env["NORTHSTAR_EVENT_LOG"]).parent)
-    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == log_dir]
-    templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
-    assert mount["name"] in templates, "the event log must be on a per-pod claim"
-    assert templates[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert mount["name"] not in {v["name"] for v in spec.get("volumes", [])}
-    # Scale-in keeps the claims: acknowledged events outlive the pod.
-    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
-    # Nobody else mounts a Triton log except replica 0's, next to it (same node).
-    for obj, pspec, _ in containers(render(target)):
+    stream = StreamConfig.from_url(env["NORTHSTAR_EVENT_LOG"])
+    _assert_is_the_redis_service(objs, stream.url)
+    assert "log" in stream.groups, "the log writer's group must exist from the first XADD"
+    store = OnlineStoreConfig(url=env["NORTHSTAR_ONLINE_STORE"])
+    _assert_is_the_redis_service(objs, store.url)
+    # The per-replica SQLite log is gone: no claim template, no log mount, nobody mounts
+    # an old `events-triton-<i>` claim.
+    assert not sts["spec"].get("volumeClaimTemplates")
+    assert "/var/lib/northstar" not in {m["mountPath"] for m in c["volumeMounts"]}
+    for obj, pspec, _ in containers(objs):
         for v in pspec.get("volumes", []):
             claim = v.get("persistentVolumeClaim", {}).get("claimName", "")
-            if claim.startswith(f"{mount['name']}-triton-"):
-                assert claim == f"{mount['name']}-triton-0", _name(obj)
-                terms = pspec["affinity"]["podAffinity"][
-                    "requiredDuringSchedulingIgnoredDuringExecution"
-                ]
-                assert any(
-                    t["topologyKey"] == "kubernetes.io/hostname"
-                    and t["labelSelector"]["matchLabels"].get("statefulset.kubernetes.io/pod-name")
-                    == "triton-0"
-                    for t in terms
-                ), f"{_name(obj)} mounts {claim} but may run on another node"
+            assert not claim.startswith("events-triton-"), f"{_name(obj)} mounts {claim}"
+
+
+def _parse_cli(argv: list[str]):
+    """`northstar ARGV` as the CLI parses it (argparse exits on an unknown flag)."""
+    from northstar.cli import build_parser
+
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:  # pragma: no cover - the message is on stderr
+        raise AssertionError(f"northstar {' '.join(argv)}: the CLI refuses it") from exc
+
+
+def northstar_commands(c: dict) -> list[list[str]]:
+    """Every `northstar` invocation a container runs: its args (the retrain image's
+    ENTRYPOINT is `northstar`), or each `northstar ...` line of an `sh -c` script, with
+    the container's literal env values substituted for $VAR / "$VAR"."""
+    import shlex
+
+    if "northstar/retrain" not in c["image"]:
+        return []
+    if "command" not in c:
+        return [[str(a) for a in c["args"]]]
+    if c["command"][0] not in ("/bin/sh", "sh"):
+        return []  # another program of the image (MLflow's server)
+    assert c["command"][1] in ("-c", "-ec"), c["command"]
+    script = "\n".join(c.get("args", [])) if len(c["command"]) == 2 else c["command"][2]
+    env = {e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e}
+    out = []
+    for line in script.splitlines():
+        line = line.strip().split(" || ")[0]
+        if not line.startswith("northstar "):
+            continue
+        for name, value in env.items():
+            line = line.replace(f'"${name}"', value).replace(f"${name}", value)
+        assert "$" not in line, f"{line}: an unexpanded variable"
+        out.append(shlex.split(line)[1:])
+    return out
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_northstar_command_parses_with_the_real_cli(target):
+    """Consumers, the join, the CronJobs, the bootstrap: what the pods run is a command
+    the CLI of this checkout accepts (flags renamed in code fail here, not in the cluster)."""
+    seen = 0
+    for _obj, _, c in containers(render(target)):
+        for argv in northstar_commands(c):
+            _parse_cli(argv)
+            seen += 1
+    assert seen, f"deploy/{target} runs no northstar command?"
+
+
+def _consumers(objs: list[dict]) -> list[tuple[dict, dict, object]]:
+    out = []
+    for obj, _, c in containers(objs):
+        for argv in northstar_commands(c):
+            args = _parse_cli(argv)
+            if args.command == "feedback" and args.feedback_command == "consume":
+                out.append((obj, c, args))
+    return out
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_one_active_consumer_per_group(target):
+    """The log writer and the features consumer: each group has exactly one workload, of
+    one pod, that never runs beside its replacement (feedback/README.md: one active log
+    writer), under a fixed consumer name, and nothing scales them."""
+    objs = render(target)
+    by_group: dict[str, list] = {}
+    for obj, c, args in _consumers(objs):
+        by_group.setdefault(args.group or "log", []).append((obj, c, args))
+    assert set(by_group) == {"log", "features"}, sorted(by_group)
+    scaled = {
+        o["spec"]["scaleTargetRef"]["name"] for o in objs if o["kind"] == "HorizontalPodAutoscaler"
+    }
+    for group, found in by_group.items():
+        assert len(found) == 1, f"group {group}: {[_name(o) for o, _, _ in found]}"
+        (obj, c, args) = found[0]
+        where = f"{_name(obj)} (group {group})"
+        assert obj["spec"]["replicas"] == 1, where
+        assert obj["metadata"]["name"] not in scaled, f"{where}: an HPA would add consumers"
+        if obj["kind"] == "Deployment":
+            assert obj["spec"]["strategy"]["type"] == "Recreate", where
+        else:
+            # A StatefulSet never runs two pods of one ordinal; one replica, ordered.
+            assert obj["kind"] == "StatefulSet", where
+            assert obj["spec"].get("podManagementPolicy", "OrderedReady") == "OrderedReady"
+            assert obj["spec"]["updateStrategy"]["type"] == "RollingUpdate", where
+            assert "rollingUpdate" not in obj["spec"]["updateStrategy"], where
+        assert args.consumer, f"{where}: a fixed --consumer name, stable across restarts"
+        assert "command" not in c, f"{where}: the image's ENTRYPOINT (northstar) runs it"
+        assert args.metrics_port, f"{where}: lag on --metrics-port"
+        assert args.metrics_port in {p["containerPort"] for p in c["ports"]}, where
+    (_, _, log) = by_group["log"][0]
+    (_, _, features) = by_group["features"][0]
+    assert log.log and not log.online_store
+    assert features.online_store and not features.log
+    _assert_is_the_redis_service(objs, features.online_store)
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_producers_and_consumers_agree_on_the_stream(target):
+    """Same Redis, prefix, partitions and groups; every consumer's group is created by
+    the producers (so its entries are kept before its consumer first runs)."""
+    from feedback.stream import StreamConfig
+
+    objs = render(target)
+    _, _, triton = _triton(target)
+    env = {e["name"]: e.get("value") for e in triton["env"]}
+    produced = StreamConfig.from_url(env["NORTHSTAR_EVENT_LOG"])
+    consumers = _consumers(objs)
+    assert consumers
+    for obj, _, args in consumers:
+        assert StreamConfig.from_url(args.url) == produced, _name(obj)
+        assert (args.group or "log") in produced.groups, _name(obj)
+
+
+def _log_writer(objs: list[dict]) -> tuple[dict, dict, object]:
+    (found,) = [(o, c, a) for o, c, a in _consumers(objs) if (a.group or "log") == "log"]
+    return found
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_the_sqlite_log_never_leaves_the_log_writer_pod(target):
+    """SQLite's WAL is never shared across nodes: the log is the log writer's own RWO claim,
+    and the only other process that opens it is the join in the same pod, which writes
+    the labels the CronJobs read (they have no event_log)."""
+    from canary.online import EvaluateConfig
+    from canary.pipeline import RetrainConfig
+    from common import config as config_mod
+
+    objs = render(target)
+    sts, writer, args = _log_writer(objs)
+    assert sts["kind"] == "StatefulSet"
+    spec = pod_spec(sts)
+    log_dir = str(Path(args.log).parent)
+    (mount,) = [m for m in writer["volumeMounts"] if m["mountPath"] == log_dir]
+    templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    assert mount["name"] in templates, "the log must be on the pod's own claim"
+    assert templates[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert mount["name"] not in {v["name"] for v in spec.get("volumes", [])}
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenScaled": "Retain",
+        "whenDeleted": "Retain",
+    }
+    claim_prefix = f"{mount['name']}-{sts['metadata']['name']}-"
+    # The join: in this pod, on the same file, into the shared labels folder.
+    joins = []
+    for obj, pspec, c in containers(objs):
+        for argv in northstar_commands(c):
+            parsed = _parse_cli(argv)
+            if parsed.command == "feedback" and parsed.feedback_command == "join":
+                joins.append((obj, pspec, c, parsed))
+        for v in pspec.get("volumes", []):
+            claim = v.get("persistentVolumeClaim", {}).get("claimName", "")
+            assert not claim.startswith(claim_prefix), f"{_name(obj)} mounts the log's claim"
+    ((obj, pspec, join, jargs),) = joins
+    assert obj is sts, f"the join runs in {_name(obj)}, not beside the log writer"
+    assert jargs.log == args.log
+    jmounts = {m["mountPath"]: m for m in join["volumeMounts"]}
+    assert jmounts[log_dir]["name"] == mount["name"] and not jmounts[log_dir].get("readOnly")
+    from feedback.join import parse_duration
+
+    window = parse_duration(jargs.window)
+    labels_claim = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    out_mount = max(
+        (m for m in join["volumeMounts"] if jargs.out.startswith(m["mountPath"] + "/")),
+        key=lambda m: len(m["mountPath"]),
+    )
+    join_claim = labels_claim[out_mount["name"]]
+    pvc = one(objs, "PersistentVolumeClaim", join_claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "the CronJobs read the labels too"
+    # The CronJobs read those labels, with the join's window, and never join themselves.
+    cm = one(objs, "ConfigMap", "northstar-loop")
+    for key, cls in (("retrain.yaml", RetrainConfig), ("evaluate.yaml", EvaluateConfig)):
+        cfg = config_mod.build(cls, yaml.safe_load(cm["data"][key]))
+        assert cfg.event_log is None, f"{key}: the join runs beside the log writer"
+        assert cfg.labels == jargs.out, key
+        assert cfg.join_window_s == window, f"{key}: the labels folder keeps one window"
+    for job in (o for o in objs if o["kind"] == "CronJob"):
+        jspec = pod_spec(job)
+        (c,) = jspec["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in jspec["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        labels_dir = str(Path(jargs.out).parent)
+        assert claims[mounts[labels_dir]] == join_claim, f"{_name(job)}: another labels volume"
+        assert "affinity" not in jspec, f"{_name(job)}: no longer tied to a node"
+
+
+# ----------------------------------------------------------------------------- Redis
+
+
+def _redis(objs: list[dict]) -> tuple[dict, dict, dict]:
+    sts = one(objs, "StatefulSet", "redis")
+    spec = pod_spec(sts)
+    (c,) = spec["containers"]
+    return sts, spec, c
+
+
+def _redis_conf(objs: list[dict]) -> tuple[str, dict[str, str]]:
+    """redis.conf as mounted (the file the container's command names) and its directives."""
+    _, spec, c = _redis(objs)
+    conf_path = Path(c["command"][1])
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    mount = mounts[str(conf_path.parent)]
+    assert mount.get("readOnly") is True
+    cm = one(objs, "ConfigMap", vols[mount["name"]]["configMap"]["name"])
+    text = cm["data"][conf_path.name]
+    directives = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            directives[key.lower()] = value.strip()
+    return text, directives
+
+
+def _redis_bytes(size: str) -> int:
+    """redis.conf's units: k/m/g are powers of 1000, kb/mb/gb of 1024 (case-insensitive)."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "kb": 2**10, "mb": 2**20, "gb": 2**30}
+    m = re.fullmatch(r"(\d+)([a-zA-Z]*)", size)
+    assert m, size
+    return int(m[1]) * units.get(m[2].lower(), 1)
+
+
+def _k8s_bytes(quantity: str) -> int:
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    m = re.fullmatch(r"(\d+)([a-zA-Z]*)", quantity)
+    assert m, quantity
+    return int(m[1]) * units.get(m[2], 1)
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_redis_persists_every_acknowledged_write(target):
+    """appendonly + appendfsync always on a PVC: an acknowledged EXEC is on disk."""
+    objs = render(target)
+    sts, _, c = _redis(objs)
+    assert c["command"][0] == "redis-server" and c["command"][1].endswith(".conf")
+    _, conf = _redis_conf(objs)
+    assert conf["appendonly"] == "yes"
+    assert conf["appendfsync"] == "always"
+    assert conf.get("no-appendfsync-on-rewrite", "no") == "no", "fsync also during rewrites"
+    # The data dir is the pod's own RWO claim, kept when the pod or the set goes.
+    assert sts["spec"]["replicas"] == 1
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == conf["dir"]]
+    templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    assert templates[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_redis_never_evicts(target):
+    """Every key is data (features, unacknowledged entries, lag counters): a full Redis
+    must refuse writes, which clients see, never evict, which nobody sees."""
+    objs = render(target)
+    _, _, c = _redis(objs)
+    _, conf = _redis_conf(objs)
+    assert conf["maxmemory-policy"] == "noeviction"
+    # maxmemory below the container's limit: Redis refuses writes before the kernel
+    # OOM-kills it, with room left for the AOF rewrite's fork.
+    limit = _k8s_bytes(c["resources"]["limits"]["memory"])
+    assert 0 < _redis_bytes(conf["maxmemory"]) <= 0.75 * limit
+    assert c["resources"]["requests"]["memory"] == c["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_redis_probes_and_service(target):
+    objs = render(target)
+    _, spec, c = _redis(objs)
+    assert "redis-cli" in " ".join(c["readinessProbe"]["exec"]["command"])
+    assert "ping" in " ".join(c["readinessProbe"]["exec"]["command"])
+    assert "redis-cli" in " ".join(c["livenessProbe"]["exec"]["command"])
+    assert c["startupProbe"]["tcpSocket"]["port"] == 6379
+    assert {p["containerPort"] for p in c["ports"]} == {6379}
+    svc = one(objs, "Service", "redis")
+    assert [p["port"] for p in svc["spec"]["ports"]] == [6379]
+    assert svc["spec"].get("clusterIP") != "None", "clients need one stable address"
+    # /data and /tmp writable, the root read-only (checked for every container above).
+    assert {"/data", "/tmp"} <= {m["mountPath"] for m in c["volumeMounts"]}
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
+
+
+def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
+    """redis-server 7.0 (the image's version) starts on the committed config, reports
+    the settings above, and the probes' own shell commands pass on it and fail without it."""
+    import socket
+    import subprocess
+    import time
+
+    server = shutil.which("redis-server")
+    if server is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli are not installed")
+    objs = render("overlays/cpu")
+    text, conf = _redis_conf(objs)
+    _, _, c = _redis(objs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = re.sub(r"^dir .*$", f"dir {tmp_path}", text, flags=re.M)
+    local = re.sub(r"^port .*$", f"port {port}", local, flags=re.M)
+    local = re.sub(r"^bind .*$", "bind 127.0.0.1", local, flags=re.M)
+    (tmp_path / "redis.conf").write_text(local)
+
+    def probe(name: str) -> int:
+        cmd = [a.replace("-p 6379", f"-p {port}") for a in c[name]["exec"]["command"]]
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip()
+
+    proc = subprocess.Popen([server, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if cli("ping") == "PONG":
+                break
+            time.sleep(0.05)
+        assert cli("config", "get", "appendfsync").split() == ["appendfsync", "always"]
+        assert cli("config", "get", "appendonly").split() == ["appendonly", "yes"]
+        assert cli("config", "get", "maxmemory-policy").split()[1] == "noeviction"
+        assert int(cli("config", "get", "maxmemory").split()[1]) == _redis_bytes(conf["maxmemory"])
+        assert probe("readinessProbe") == 0 and probe("livenessProbe") == 0
+        assert cli("set", "k", "v") == "OK"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert probe("readinessProbe") != 0 and probe("livenessProbe") != 0
+    assert list((tmp_path / "appendonlydir").glob("*.aof")), "no append-only file written"
 
 
 def test_service_and_disruption_budget():
@@ -396,6 +747,100 @@ def test_network_policy_splits_control_jobs_from_clients():
     assert deny["spec"]["podSelector"] == {} and "ingress" not in deny["spec"]
 
 
+def _pod_labels(obj: dict) -> dict:
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {})
+    return obj["spec"]["template"]["metadata"].get("labels", {})
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "matchLabels only, so this test can read it"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _workloads(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if o["kind"] in WORKLOADS]
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_only_triton_the_consumers_and_control_jobs_reach_redis(target):
+    objs = render(target)
+    redis_labels = _pod_labels(one(objs, "StatefulSet", "redis"))
+    policies = [
+        o
+        for o in objs
+        if o["kind"] == "NetworkPolicy" and _selects(o["spec"]["podSelector"], redis_labels)
+    ]
+    assert {p["metadata"]["name"] for p in policies} == {"default-deny-ingress", "redis"}
+    peers = []
+    for pol in policies:
+        for rule in pol["spec"].get("ingress", []):
+            assert {(p["port"], p.get("protocol", "TCP")) for p in rule["ports"]} == {(6379, "TCP")}
+            assert rule.get("from"), f"{pol['metadata']['name']}: a rule open to everyone"
+            for peer in rule["from"]:
+                # Pods of this namespace only: no namespaceSelector, no ipBlock.
+                assert set(peer) == {"podSelector"}, peer
+                assert peer["podSelector"].get("matchLabels"), "an empty selector is every pod"
+                peers.append(peer["podSelector"])
+    workloads = _workloads(objs) + _workloads(render("bootstrap"))
+    let_in = {_name(w) for w in workloads if any(_selects(sel, _pod_labels(w)) for sel in peers)}
+    assert let_in == {
+        "StatefulSet/triton",
+        "StatefulSet/northstar-log-writer",
+        "Deployment/northstar-features",
+        "CronJob/northstar-retrain",
+        "CronJob/northstar-canary-evaluate",
+        "Job/northstar-bootstrap-export",
+    }, sorted(let_in)
+    # Everything that names redis:// in its env or args is let in.
+    for w in workloads:
+        text = yaml.safe_dump(pod_spec(w))
+        if "redis://redis:" in text:
+            assert _name(w) in let_in, f"{_name(w)} uses Redis but the policy keeps it out"
+    # Triton's egress (it has an egress policy) reaches Redis on 6379, and DNS for the name.
+    triton = one(objs, "NetworkPolicy", "triton")
+    assert "Egress" in triton["spec"]["policyTypes"]
+    to_redis = [
+        r
+        for r in triton["spec"]["egress"]
+        for peer in r["to"]
+        if "podSelector" in peer
+        and "namespaceSelector" not in peer
+        and _selects(peer["podSelector"], redis_labels)
+    ]
+    assert to_redis and {p["port"] for r in to_redis for p in r["ports"]} == {6379}
+    dns = {
+        (p["port"], p["protocol"])
+        for r in triton["spec"]["egress"]
+        for p in r["ports"]
+        if p["port"] == 53
+    }
+    assert dns == {(53, "UDP"), (53, "TCP")}
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_each_overlay_serves_the_image_built_for_its_target(target):
+    """Dockerfile --build-arg TARGET=cpu|gpu; the overlay's tag says which."""
+    _, _, c = _triton(target)
+    tag = c["image"].rsplit(":", 1)[1]
+    assert tag.endswith("-" + target.rsplit("/", 1)[1]), c["image"]
+    cronjob = one(render(target), "CronJob", "northstar-retrain")
+    retrain_tag = pod_spec(cronjob)["containers"][0]["image"].rsplit(":", 1)[1]
+    assert tag.startswith(retrain_tag + "-"), "serving and retrain images: one release"
+
+
+def test_bootstrap_seeds_the_online_store_after_the_export():
+    (job,) = [o for o in render("bootstrap") if o["kind"] == "Job"]
+    (c,) = pod_spec(job)["containers"]
+    cmds = [_parse_cli(argv) for argv in northstar_commands(c)]
+    names = [(a.command, getattr(a, "online_command", None)) for a in cmds]
+    assert names.index(("online", "seed")) > names.index(("export", None))
+    (seed,) = [a for a in cmds if a.command == "online"]
+    (export,) = [a for a in cmds if a.command == "export"]
+    assert seed.run == export.run
+    _assert_is_the_redis_service(render("overlays/cpu"), seed.url)
+
+
 # ----------------------------------------------------------------------------- autoscaling
 
 
@@ -462,15 +907,19 @@ def test_the_rule_reads_only_metrics_triton_exports():
 # ----------------------------------------------------------------------------- the README
 
 
-def test_readme_says_what_was_validated_and_the_join_inputs():
+def test_readme_says_what_was_validated_and_how_to_start():
     text = (DEPLOY / "README.md").read_text()
     for needle in (
         "kubectl apply -k deploy/overlays/cpu",
         "kubectl create secret generic northstar-admin-key",
         "/v2/health/ready",
-        "events-triton-",
         "s3://",
         "Redis",
+        "northstar online seed",
+        "northstar feedback lag",
+        "appendfsync always",
+        "noeviction",
+        "--build-arg TARGET=cpu",
         "not run",
     ):
         assert needle in text, f"deploy/README.md lacks {needle!r}"

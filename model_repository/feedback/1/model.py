@@ -12,7 +12,9 @@ import triton_python_backend_utils as pb_utils
 from feedback.events import EventError
 from feedback.hook import event_log_location
 from feedback.ingest import RequestOutcome, ingest, parse_request
-from feedback.sink import EVENT_LOG_ENV, open_sink
+from feedback.live import ingest_sink
+from feedback.sink import EVENT_LOG_ENV
+from online.config import online_store_url
 
 
 def _error(message):
@@ -37,7 +39,9 @@ class TritonPythonModel:
                 f"feedback: no event log configured; set {EVENT_LOG_ENV} in the server's "
                 "environment or the `event_log` parameter in config.pbtxt"
             )
-        self.sink = open_sink(where)
+        # With an online store (NORTHSTAR_ONLINE_STORE), acknowledged clicks also reach the
+        # users' live features (feedback/live.py).
+        self.sink = ingest_sink(where, online_store_url(params))
 
     def execute(self, requests):
         parsed = []

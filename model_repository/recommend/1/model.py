@@ -17,6 +17,7 @@ from feedback.hook import impression_logger
 from models.features import INPUT_NAMES, OUTPUT_NAMES
 from serving.backend import InputError
 from serving.inline import InlineRetrieval, inline_threads, resolve_retrieval_call
+from serving.live import online_store_url, open_online_store
 from serving.metrics import NO_VERSION, BatchMetrics, TritonMetrics
 from serving.recommender import ImpressionSink, Recommender, RequestResult
 
@@ -37,10 +38,14 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"])  # .../recommend
         self.retrieval_model = params.get("retrieval_model", "retrieval")
+        # NORTHSTAR_ONLINE_STORE (or the `online_store` parameter): live features from the
+        # shared store (serving/live.py); without it, each version's snapshot file.
+        store_url = online_store_url(params)
         self.recommender = Recommender(
             model_dir.parent,
             default_k=int(params.get("default_k", 10)),
             epsilon=float(params.get("exploration_epsilon", 0.0)),
+            store=open_online_store(store_url) if store_url else None,
         )
         # Ready means "can answer": a repository whose production version cannot be served
         # (routing.json, its meta.json or its features unreadable) fails this load, so the

@@ -1,0 +1,1 @@
+"""Why the north star moved: ranked causes with evidence, and a remediation plan."""

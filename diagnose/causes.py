@@ -1,0 +1,563 @@
+"""Cause analysers: each returns a `Finding` with the part of the drop it explains.
+
+The north star here is CTR per impression (`clicked`). The drop D = CTR(reference) -
+CTR(current); a finding's `explained` is in the same units (CTR points) and its
+`share_of_drop` = explained / D. Shares come from different decompositions and are not
+additive: they rank the candidate causes, each with its own evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from diagnose.data import CUR, ITEM_GROUPS, REF, USER_GROUPS, Inputs
+from diagnose.decompose import shift_share
+
+
+@dataclass
+class Finding:
+    cause: str  # a stable id: population_shift, model_regression, feature_skew, ...
+    title: str
+    explained: float  # CTR points of the drop this cause accounts for
+    share_of_drop: float  # explained / drop (NaN when there is no drop)
+    evidence: dict[str, Any]
+    remediation: str
+    expected_recovery: float  # CTR points the remediation is expected to win back
+    plots: dict[str, str] = field(default_factory=dict)  # name -> base64 PNG
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cause": self.cause,
+            "title": self.title,
+            "explained": self.explained,
+            "share_of_drop": self.share_of_drop,
+            "expected_recovery": self.expected_recovery,
+            "remediation": self.remediation,
+            "evidence": self.evidence,
+        }
+
+
+def ctr(df: pd.DataFrame) -> float:
+    return float(df["clicked"].mean()) if len(df) else float("nan")
+
+
+def split(inp: Inputs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    w = inp.imp["window"]
+    return inp.imp[w == REF], inp.imp[w == CUR]
+
+
+def drop(inp: Inputs) -> float:
+    ref, cur = split(inp)
+    return ctr(ref) - ctr(cur)
+
+
+def _share(explained: float, d: float) -> float:
+    return explained / d if d > 0 else float("nan")
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    return df.to_dict(orient="records")
+
+
+# ------------------------------------------------------------------ where the drop is
+
+
+def where(inp: Inputs) -> dict[str, list[dict]]:
+    """Shift-share table for every dimension the inputs have."""
+    ref, cur = split(inp)
+    dims = [
+        *USER_GROUPS,
+        "user_tenure",
+        *ITEM_GROUPS,
+        "item_age",
+        "freshness",
+        "version",
+    ]
+    return {
+        d: _records(shift_share(ref, cur, d, min_n=inp.cfg.min_segment_impressions))
+        for d in dims
+        if d in inp.imp.columns
+    }
+
+
+def population_shift(inp: Inputs) -> Finding:
+    """Who arrives: the mix part of the shift-share over user groups (each alone and all
+    together); the dimension with the largest mix part is the explanation."""
+    ref, cur = split(inp)
+    d = drop(inp)
+    dims = [c for c in USER_GROUPS if c in inp.imp.columns]
+    rows, best = [], (0.0, None, None)
+    if len(dims) > 1:
+        joint = " × ".join(dims)
+        key = inp.imp[dims[0]].astype(str)
+        for c in dims[1:]:
+            key = key + " × " + inp.imp[c].astype(str)  # vectorised; a row-wise agg is slow
+        inp.imp[joint] = key
+        ref, cur = split(inp)
+        dims = [*dims, joint]
+    for dim in dims:
+        t = shift_share(ref, cur, dim, min_n=inp.cfg.min_segment_impressions)
+        mix, within = float(t["mix"].sum()), float(t["within"].sum())
+        rows.append({"dimension": dim, "mix": mix, "within": within})
+        if mix > best[0]:
+            best = (mix, dim, t)
+    explained, dim, table = best
+    ev: dict[str, Any] = {"dimensions": rows, "dimension": dim}
+    if table is not None:
+        ev["segments"] = _records(table.sort_values("mix", ascending=False))
+    return Finding(
+        cause="population_shift",
+        title=f"population mix shift ({dim})" if dim else "population mix shift",
+        explained=explained,
+        share_of_drop=_share(explained, d),
+        evidence=ev,
+        remediation="No model fix: the traffic changed. Report the north star mix-adjusted "
+        "(reweighted to the reference mix) and check acquisition; retrain on fresh data if "
+        "the new segments are under-served.",
+        expected_recovery=0.0,
+    )
+
+
+# ------------------------------------------------------------------ input drift
+
+
+def input_drift(inp: Inputs) -> dict[str, Any]:
+    """PSI and a distribution test per user feature (one row per request) and per item
+    feature (one row per impression), reference vs current."""
+    from canary.stats import psi
+
+    ref, cur = split(inp)
+    user_feats = [c for c in (*USER_GROUPS, "user_tenure", "history_len") if c in inp.imp]
+    item_feats = [
+        c for c in (*ITEM_GROUPS, "item_age", "item_popularity", "item_age_days") if c in inp.imp
+    ]
+    out = []
+    reqs = {w: f.drop_duplicates("request_id") for w, f in ((REF, ref), (CUR, cur))}
+    evid = _evidently_tests(inp, reqs, ref, cur, user_feats, item_feats)
+    for side, feats in (("user", user_feats), ("item", item_feats)):
+        for f in feats:
+            a = (reqs[REF] if side == "user" else ref)[f]
+            b = (reqs[CUR] if side == "user" else cur)[f]
+            numeric = pd.api.types.is_numeric_dtype(a)
+            if numeric:
+                p_psi = psi(expected=a.to_numpy(), actual=b.to_numpy(), bins=inp.cfg.drift_bins)
+                test, p = "ks", float(stats.ks_2samp(a, b).pvalue)
+            else:
+                p_psi = _psi_categorical(a, b)
+                test, p = "chi2", _chi2(a, b)
+            if evid and f in evid:
+                test, p = evid[f]
+            out.append(
+                {
+                    "side": side,
+                    "feature": f,
+                    "psi": p_psi,
+                    "test": test,
+                    "p_value": p,
+                    "drifted": bool(p_psi > 0.1 and p < 0.01),
+                }
+            )
+    return {"features": out, "engine": inp.cfg.drift_engine if evid else "scipy"}
+
+
+def _psi_categorical(a: pd.Series, b: pd.Series, eps: float = 1e-4) -> float:
+    pa = a.astype(str).value_counts(normalize=True)
+    pb = b.astype(str).value_counts(normalize=True)
+    idx = pa.index.union(pb.index)
+    e = np.maximum(pa.reindex(idx).fillna(0).to_numpy(), eps)
+    x = np.maximum(pb.reindex(idx).fillna(0).to_numpy(), eps)
+    return float(((x - e) * np.log(x / e)).sum())
+
+
+def _chi2(a: pd.Series, b: pd.Series) -> float:
+    t = pd.crosstab(
+        np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a.astype(str), b.astype(str)]
+    ).to_numpy()
+    if t.shape[1] < 2:
+        return 1.0
+    return float(stats.chi2_contingency(t)[1])
+
+
+def _evidently_tests(inp, reqs, ref, cur, user_feats, item_feats) -> dict[str, tuple]:
+    """feature -> (test name, p-value) from Evidently's ValueDrift (KS for numbers,
+    chi-square for categories); {} when the engine is scipy."""
+    if inp.cfg.drift_engine != "evidently":
+        return {}
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    out: dict[str, tuple] = {}
+    for feats, a, b in ((user_feats, reqs[REF], reqs[CUR]), (item_feats, ref, cur)):
+        if not feats:
+            continue
+        num = [f for f in feats if pd.api.types.is_numeric_dtype(a[f])]
+        cat = [f for f in feats if f not in num]
+        dd = DataDefinition(numerical_columns=num, categorical_columns=cat)
+        metrics = [ValueDrift(column=f, method="ks" if f in num else "chisquare") for f in feats]
+        snap = Report(metrics).run(
+            current_data=Dataset.from_pandas(b[feats].reset_index(drop=True), data_definition=dd),
+            reference_data=Dataset.from_pandas(a[feats].reset_index(drop=True), data_definition=dd),
+        )
+        for f, m in zip(feats, snap.dict()["metrics"], strict=True):
+            out[f] = ("ks" if f in num else "chi2") + " (evidently)", float(m["value"])
+    return out
+
+
+# ------------------------------------------------------------------ model and predictions
+
+
+def _previous_version(inp: Inputs) -> int:
+    if inp.cfg.previous_version >= 0:
+        return inp.cfg.previous_version
+    ref, _ = split(inp)
+    return int(ref["model_version"].value_counts().idxmax())
+
+
+def prediction_drift(inp: Inputs) -> dict[str, Any]:
+    """Served score distributions (greedy slots) and top-K churn per returning user."""
+    from canary.stats import psi
+
+    ref, cur = split(inp)
+    a = ref.loc[~ref["explored"], "score"].to_numpy()
+    b = cur.loc[~cur["explored"], "score"].to_numpy()
+    out: dict[str, Any] = {
+        "score_psi": psi(expected=a, actual=b) if len(a) and len(b) else None,
+        "score_ks_p": float(stats.ks_2samp(a, b).pvalue) if len(a) and len(b) else None,
+        "score_quantiles": {
+            w: np.quantile(x, [0.1, 0.5, 0.9]).tolist() if len(x) else None
+            for w, x in ((REF, a), (CUR, b))
+        },
+    }
+    k = inp.cfg.k
+    top = {}
+    for w, f in ((REF, ref), (CUR, cur)):
+        g = f[(~f["explored"]) & (f["position"] < k)]
+        top[w] = g.groupby("user_id")["item_id"].agg(lambda s: set(s.tolist()))
+    both = top[REF].index.intersection(top[CUR].index)
+    if len(both):
+        jac = [
+            len(top[REF][u] & top[CUR][u]) / max(len(top[REF][u] | top[CUR][u]), 1) for u in both
+        ]
+        out["topk_churn"] = float(1.0 - np.mean(jac))
+        out["churn_users"] = len(both)
+    else:
+        out["topk_churn"], out["churn_users"] = None, 0
+    return out
+
+
+def snips(values: np.ndarray, target: np.ndarray, propensity: np.ndarray) -> tuple[float, float]:
+    """Self-normalised IPS: Σ w·y / Σ w with w = π_target / π_logging; also the effective
+    sample size (Σ w)² / Σ w². NaN when no logged action has target probability."""
+    w = np.asarray(target, np.float64) / np.asarray(propensity, np.float64)
+    s = w.sum()
+    if s <= 0:
+        return float("nan"), 0.0
+    return float((w * values).sum() / s), float(s * s / (w * w).sum())
+
+
+def slotted_snips(
+    values: np.ndarray, target: np.ndarray, propensity: np.ndarray, position: np.ndarray
+) -> tuple[float, float]:
+    """SNIPS per slot, averaged over the slots the target policy fills (it fills each
+    once per request, so slots weigh equally); the effective sample sizes add up. A slot
+    with no logged support is left out."""
+    est, ess = [], 0.0
+    for p in np.unique(position):
+        sel = position == p
+        v, e = snips(values[sel], target[sel], propensity[sel])
+        if np.isfinite(v):
+            est.append(v)
+            ess += e
+    return (float(np.mean(est)), ess) if est else (float("nan"), 0.0)
+
+
+def model_regression(inp: Inputs) -> Finding:
+    """The model got worse vs the traffic got harder: an estimate of what the previous
+    model would have done on the current traffic, against what the current one did."""
+    ref, cur = split(inp)
+    d = drop(inp)
+    prev = _previous_version(inp)
+    pred = prediction_drift(inp)
+    explore_ref, explore_cur = ctr(ref[ref["explored"]]), ctr(cur[cur["explored"]])
+    ev: dict[str, Any] = {
+        "previous_version": prev,
+        "versions_current": {
+            f"v{k}": int(v) for k, v in cur["model_version"].value_counts().items()
+        },
+        "exploration_ctr": {REF: explore_ref, CUR: explore_cur},
+        "prediction_drift": pred,
+    }
+    new = cur[cur["model_version"] != prev]
+    prev_ref_greedy = ctr(ref[(ref["model_version"] == prev) & ~ref["explored"]])
+    if not len(new):
+        ev["note"] = "the version serving the reference window serves the current one too"
+        explained = 0.0
+    else:
+        new_greedy = new[~new["explored"]]
+        old_cur = cur[(cur["model_version"] == prev) & ~cur["explored"]]
+        method, v_prev, ess = "", float("nan"), 0.0
+        if inp.previous_recs is not None:
+            recs = inp.previous_recs[["user_id", "position", "item_id"]].drop_duplicates(
+                ["user_id", "position"]
+            )
+            m = cur[["user_id", "position", "item_id"]].merge(
+                recs.rename(columns={"item_id": "_prev_item"}),
+                on=["user_id", "position"],
+                how="left",
+            )
+            target = (m["_prev_item"].to_numpy() == cur["item_id"].to_numpy()).astype(float)
+            v_prev, ess = slotted_snips(
+                cur["clicked"].to_numpy(float),
+                target,
+                cur["propensity"].to_numpy(),
+                cur["position"].to_numpy(),
+            )
+            method = "snips"
+        if not (ess >= 30) and len(old_cur) >= inp.cfg.min_segment_impressions:
+            v_prev, method = ctr(old_cur), "concurrent"  # a canary split: observed directly
+        if not (ess >= 30) and method != "concurrent":
+            v_prev = prev_ref_greedy * (explore_cur / explore_ref) if explore_ref > 0 else np.nan
+            method = "projection"
+        explained = float(len(new_greedy) / len(cur) * (v_prev - ctr(new_greedy)))
+        ev.update(
+            {
+                "method": method,
+                "previous_model_on_current_traffic": v_prev,
+                "effective_sample_size": ess,
+                "previous_model_on_reference": prev_ref_greedy,
+                "current_model_on_current_traffic": ctr(new_greedy),
+                "traffic_effect": prev_ref_greedy - v_prev,
+                "share_of_traffic_on_new_versions": len(new) / len(cur),
+            }
+        )
+        if not np.isfinite(explained):
+            explained = 0.0
+    return Finding(
+        cause="model_regression",
+        title="the served model got worse",
+        explained=explained,
+        share_of_drop=_share(explained, d),
+        evidence=ev,
+        remediation=f"Roll back to v{prev} (`northstar canary rollback`), then find what "
+        "changed in the new version's training data or config before retraining.",
+        expected_recovery=max(explained, 0.0),
+    )
+
+
+# ------------------------------------------------------------------ labels
+
+
+def label_delay(inp: Inputs) -> Finding:
+    """Labels that have not arrived: late interactions (after the window, or after the
+    label was written) on each window's impressions, and labels still immature."""
+    ref, cur = split(inp)
+    d = drop(inp)
+    late = inp.late
+    per = {}
+    for w, f in ((REF, ref), (CUR, cur)):
+        lw = late[late["event_id"].isin(f.loc[~f["clicked"], "event_id"])]
+        per[w] = {
+            "impressions": len(f),
+            "late_impressions": int(lw["event_id"].nunique()),
+            "late_rate": lw["event_id"].nunique() / max(len(f), 1),
+            "late_reasons": {str(k): int(v) for k, v in lw["reason"].value_counts().items()},
+            "pending": inp.pending[w],
+            "pending_share": inp.pending[w] / max(inp.pending[w] + len(f), 1),
+        }
+    delays = {
+        w: (f.loc[f["clicked"], "label_ts"] - f.loc[f["clicked"], "impression_ts"]).to_numpy()
+        for w, f in ((REF, ref), (CUR, cur))
+    }
+    late_excess = per[CUR]["late_rate"] - per[REF]["late_rate"]
+    # Immature labels: impressions whose window had not closed at the watermark were
+    # labelled before every click could arrive (a join run with --as-of).
+    immature = 0.0
+    wm = inp.watermark
+    if wm is not None and np.isfinite(wm) and len(delays[REF]):
+        age = np.clip(wm - cur["impression_ts"].to_numpy(), 0, inp.window_s)
+        ref_d = np.sort(delays[REF])
+        complete = np.searchsorted(ref_d, age, side="right") / len(ref_d)
+        c = float(np.mean(complete))
+        if 0 < c < 1:
+            immature = ctr(cur) * (1 / c - 1)
+    explained = float(late_excess + immature)
+    ev = {
+        "windows": per,
+        "late_excess_rate": late_excess,
+        "immature_deficit": immature,
+        "delay_quantiles_s": {
+            w: np.quantile(x, [0.5, 0.9, 0.99]).tolist() if len(x) else None
+            for w, x in delays.items()
+        },
+        "late_delay_median_s": {
+            w: float(np.median(late.loc[late["event_id"].isin(f["event_id"]), "delay_s"]))
+            if late["event_id"].isin(f["event_id"]).any()
+            else None
+            for w, f in ((REF, ref), (CUR, cur))
+        },
+        "ctr_with_late_clicks": {
+            w: (f["clicked"].sum() + per[w]["late_impressions"]) / max(len(f), 1)
+            for w, f in ((REF, ref), (CUR, cur))
+        },
+        "window_s": inp.window_s,
+    }
+    return Finding(
+        cause="label_delay",
+        title="labels that have not arrived (late or pending clicks)",
+        explained=explained,
+        share_of_drop=_share(explained, d),
+        evidence=ev,
+        remediation="Wait for labels: nothing is wrong with users or the model. Re-read the "
+        "north star once the late clicks are in (or widen the attribution window), and fix "
+        "the delay upstream (client batching, consumer lag).",
+        expected_recovery=max(explained, 0.0),
+    )
+
+
+# ------------------------------------------------------------------ skew
+
+
+def feature_skew(inp: Inputs) -> Finding:
+    """What the server used for a user (the feature log) against what training saw for
+    the same user and time; per feature, the mismatch rate and the CTR it costs."""
+    d = drop(inp)
+    served = inp.served_features
+    training = inp.training_features if inp.training_features is not None else inp.users
+    empty = Finding(
+        cause="feature_skew",
+        title="training-serving skew",
+        explained=0.0,
+        share_of_drop=_share(0.0, d),
+        evidence={"note": "no feature log given (--served-features)"},
+        remediation="",
+        expected_recovery=0.0,
+    )
+    if served is None or training is None:
+        return empty
+    feats = [c for c in served.columns if c not in ("user_id", "ts") and c in training.columns]
+    if not feats:
+        empty.evidence = {"note": "the feature log shares no feature with the training data"}
+        return empty
+    imp = inp.imp[["event_id", "user_id", "impression_ts", "clicked", "window"]]
+    imp = imp.sort_values("impression_ts", kind="stable")
+    s = served.rename(columns={f: f"_served_{f}" for f in feats}).sort_values("ts")
+    s = s.astype({"user_id": np.int64, "ts": np.float64})
+    m = pd.merge_asof(
+        imp, s, left_on="impression_ts", right_on="ts", by="user_id", direction="backward"
+    )
+    tr = training.rename(columns={f: f"_train_{f}" for f in feats})
+    if "ts" in training.columns:
+        tr = tr.sort_values("ts").astype({"user_id": np.int64, "ts": np.float64})
+        m = pd.merge_asof(
+            m.drop(columns=["ts"]).sort_values("impression_ts"),
+            tr.rename(columns={"ts": "_train_ts"}),
+            left_on="impression_ts",
+            right_on="_train_ts",
+            by="user_id",
+            direction="backward",
+        )
+    else:
+        m = m.merge(
+            tr[["user_id", *[f"_train_{f}" for f in feats]]].drop_duplicates("user_id"),
+            on="user_id",
+            how="left",
+        )
+    rows = []
+    for f in feats:
+        sv, tv = m[f"_served_{f}"], m[f"_train_{f}"]
+        known = sv.notna() & tv.notna()
+        mis = known & (sv.astype(str) != tv.astype(str))
+        cost = {}
+        for w in (REF, CUR):
+            inw = (m["window"] == w) & known
+            rate = float(mis[inw].mean()) if inw.any() else 0.0
+            # CTR gap matched - mismatched within each training value, weighted by mismatches
+            g = pd.DataFrame({"v": tv[inw].astype(str), "mis": mis[inw], "c": m["clicked"][inw]})
+            by = g.groupby(["v", "mis"])["c"].agg(["mean", "size"]).unstack("mis")
+            gap = 0.0
+            if ("mean", True) in by.columns and ("mean", False) in by.columns:
+                ok = by[("size", True)].notna() & by[("mean", False)].notna()
+                wts = by.loc[ok, ("size", True)]
+                if wts.sum() > 0:
+                    gap = float(
+                        ((by.loc[ok, ("mean", False)] - by.loc[ok, ("mean", True)]) * wts).sum()
+                        / wts.sum()
+                    )
+            cost[w] = {"mismatch_rate": rate, "ctr_gap": gap, "cost": rate * gap}
+        rows.append(
+            {
+                "feature": f,
+                "mismatch_rate": {w: cost[w]["mismatch_rate"] for w in cost},
+                "ctr_gap_matched_minus_mismatched": {w: cost[w]["ctr_gap"] for w in cost},
+                "explained": cost[CUR]["cost"] - cost[REF]["cost"],
+            }
+        )
+    worst = max(rows, key=lambda r: r["explained"])
+    explained = float(worst["explained"])
+    return Finding(
+        cause=f"feature_skew:{worst['feature']}" if explained > 0 else "feature_skew",
+        title=f"training-serving skew in `{worst['feature']}`",
+        explained=explained,
+        share_of_drop=_share(explained, d),
+        evidence={"features": rows, "feature": worst["feature"]},
+        remediation=f"Fix the skewed feature `{worst['feature']}` at serving (the online "
+        "store's writer or encoder), rebuild the store, then re-check that served and "
+        "training values agree; no retrain is needed.",
+        expected_recovery=max(explained, 0.0),
+    )
+
+
+# ------------------------------------------------------------------ staleness
+
+
+def stale_model(inp: Inputs) -> Finding:
+    """Model age, traffic on items newer than the model, new users without history; the
+    part of the drop in those segments (mix and within) of the freshness split."""
+    ref, cur = split(inp)
+    d = drop(inp)
+    ev: dict[str, Any] = {}
+    for w, f in ((REF, ref), (CUR, cur)):
+        age = (f["impression_ts"] - f["model_cutoff"]) / 86_400.0
+        e = {"model_age_days": float(age.mean()) if age.notna().any() else None}
+        if "item_age" in f:
+            newer = f["item_age"] == "newer_than_model"
+            e["impressions_on_newer_items"] = float(newer.mean())
+            e["clicks_on_newer_items"] = (
+                float(f.loc[f["clicked"], "item_age"].eq("newer_than_model").mean())
+                if f["clicked"].any()
+                else 0.0
+            )
+        if "user_tenure" in f:
+            e["impressions_new_users"] = float((f["user_tenure"] == "new").mean())
+        ev[w] = e
+    explained = 0.0
+    if "freshness" in inp.imp:
+        t = shift_share(ref, cur, "freshness", min_n=1)
+        ev["freshness"] = _records(t)
+        explained = float(t.loc[t["segment"] != "known", "total"].sum())
+    return Finding(
+        cause="stale_model",
+        title="stale model: catalogue and users it never saw",
+        explained=explained,
+        share_of_drop=_share(explained, d),
+        evidence=ev,
+        remediation="Retrain on fresh data (`northstar retrain --set mode=warm_window`) so "
+        "the new items and new users get learned, and retrain on a schedule that keeps the "
+        "model younger than the catalogue's churn.",
+        expected_recovery=max(explained, 0.0),
+    )
+
+
+ANALYSERS: tuple[Callable[[Inputs], Finding], ...] = (
+    population_shift,
+    model_regression,
+    label_delay,
+    feature_skew,
+    stale_model,
+)

@@ -1,0 +1,52 @@
+"""Clients with several server URLs: how addresses are read and which errors send a
+request on to another replica (the failover itself runs against real servers in
+tests/integration/test_replicas.py)."""
+
+from __future__ import annotations
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from serving.client import AsyncRecommenderClient, RecommenderClient, split_urls, unreachable
+
+
+def test_split_urls():
+    assert split_urls("a:1") == ["a:1"]
+    assert split_urls("a:1, b:2,") == ["a:1", "b:2"]
+    assert split_urls(["a:1", "b:2"], ["b:2", "c:3"]) == ["a:1", "b:2", "c:3"]
+    assert split_urls(None) == []
+
+
+@pytest.mark.parametrize(
+    ("exc", "moves_on"),
+    [
+        (
+            InferenceServerException(
+                "failed to connect to all addresses", "StatusCode.UNAVAILABLE"
+            ),
+            True,
+        ),
+        (InferenceServerException("Socket closed", "StatusCode.UNAVAILABLE"), True),
+        (InferenceServerException("Stream removed", "StatusCode.UNKNOWN"), True),
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (
+            InferenceServerException("input 'k': expected >= 1", "StatusCode.INVALID_ARGUMENT"),
+            False,
+        ),
+        (InferenceServerException("retrieval version 3 failed", "StatusCode.INTERNAL"), False),
+        (InferenceServerException("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED"), False),
+    ],
+)
+def test_which_errors_go_to_another_replica(exc, moves_on):
+    assert unreachable(exc) is moves_on
+
+
+def test_one_url_or_several():
+    with RecommenderClient("h1:8001, h2:8001") as c:
+        assert c.urls == ["h1:8001", "h2:8001"] and c.url == "h1:8001"
+    with RecommenderClient(urls=["h1:8001"]) as c:
+        assert c.urls == ["h1:8001"]
+    with RecommenderClient() as c:  # the protocol's default
+        assert c.urls == ["localhost:8001"]
+    with pytest.raises(ValueError, match="takes one server"):
+        AsyncRecommenderClient("h1:8001,h2:8001")
