@@ -56,7 +56,19 @@ def diagnose_config(args):
     values = config_mod.read_file(args.config) if args.config else {}
     values = values.get("diagnose", values)
     values.update({f: getattr(args, f) for f in _FLAGS if getattr(args, f, None) is not None})
+    given = set(values) | {s.split("=", 1)[0] for s in args.set or []}
+    for field, what in _REQUIRED.items():
+        if field not in given:
+            raise ValueError(f"--{field}: required; expected {what}")
     return config_mod.load(DiagnoseConfig, None, args.set, base=values)
+
+
+# The fields without a default: a missing one is named as its flag, with what it takes.
+_REQUIRED = {
+    "labels": "the join's output folder (`northstar feedback join --out`)",
+    "current": "the window to diagnose, YYYY-MM-DD:YYYY-MM-DD (UTC)",
+    "out": "the report folder",
+}
 
 
 def _diagnose(args) -> int:

@@ -31,26 +31,58 @@ class DiagnoseConfig:
     plots: bool = True
 
     def __post_init__(self) -> None:
+        # Messages name the flag (`--reference-weeks`), which is also the field's name.
         if self.drift_engine not in ("evidently", "scipy"):
-            raise ValueError(f"drift_engine={self.drift_engine!r}: expected evidently or scipy")
+            raise ValueError(f"--drift-engine {self.drift_engine}: expected evidently or scipy")
         if self.reference_weeks < 1:
-            raise ValueError(f"reference_weeks={self.reference_weeks}: expected >= 1")
+            raise ValueError(f"--reference-weeks {self.reference_weeks}: expected >= 1")
         if self.min_segment_impressions < 1:
-            raise ValueError("min_segment_impressions: expected >= 1")
-        parse_window(self.current)
-        if self.reference:
-            parse_window(self.reference)
+            raise ValueError(
+                f"min_segment_impressions={self.min_segment_impressions}: expected >= 1"
+            )
+        self.windows()
 
     def windows(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """((ref_start, ref_end), (cur_start, cur_end)) in unix seconds, end exclusive."""
-        cur = parse_window(self.current)
+        cur = flag_window("current", self.current)
         if self.reference:
-            ref = parse_window(self.reference)
+            ref = flag_window("reference", self.reference)
         else:
             ref = (cur[0] - self.reference_weeks * 7 * DAY_S, cur[0])
         if ref[1] > cur[0]:
-            raise ValueError(f"reference {self.reference!r} overlaps current {self.current!r}")
+            raise ValueError(
+                f"--reference {self.reference}: ends {day(ref[1] - DAY_S)}, after --current "
+                f"{self.current} starts ({day(cur[0])}); expected a reference window that "
+                "ends before the current one"
+            )
         return ref, cur
+
+    def reference_flag(self) -> str:
+        """How the reference window was given: `--reference A:B` or `--reference-weeks N`."""
+        if self.reference:
+            return f"--reference {self.reference}"
+        (r0, r1), _ = self.windows()
+        return f"--reference-weeks {self.reference_weeks} ({day(r0)}:{day(r1 - DAY_S)})"
+
+
+WINDOW_FORMAT = "YYYY-MM-DD or YYYY-MM-DD:YYYY-MM-DD (UTC dates, both days included)"
+
+
+def day(ts: float) -> str:
+    """Unix seconds -> its UTC date, YYYY-MM-DD."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).date().isoformat()
+
+
+def flag_window(name: str, text: str) -> tuple[float, float]:
+    """`parse_window`, with an error that names the flag (`--current`) and the format."""
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        detail = str(exc).removeprefix(f"window {text!r}: ")
+        why = "" if detail.startswith("expected") else f"; {detail}"
+        raise ValueError(
+            f"--{name.replace('_', '-')} {text or '(empty)'}: expected {WINDOW_FORMAT}{why}"
+        ) from None
 
 
 def parse_window(text: str) -> tuple[float, float]:

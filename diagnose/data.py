@@ -9,13 +9,14 @@ rankings. `annotate` adds, per impression, the columns the analysers slice by.
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from diagnose.config import DiagnoseConfig
+from diagnose.config import DiagnoseConfig, day
 from feedback.events import IMPRESSION
 from feedback.join import read_labels, read_state, read_statuses
 from feedback.sink import open_source
@@ -57,30 +58,88 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise ValueError(f"{path}: expected .parquet, .csv or .json")
 
 
-def _optional(path: str) -> pd.DataFrame | None:
-    return read_table(path) if path else None
+def _optional(path: str, flag: str) -> pd.DataFrame | None:
+    """The table at `path` ("" = not given); errors name the flag that gave it."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file (leave {flag} out to skip it)")
+    try:
+        return read_table(path)
+    except ValueError as exc:  # wrong suffix
+        raise ValueError(f"{flag} {path}: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 def _need(df: pd.DataFrame | None, cols: tuple[str, ...], what: str) -> None:
     if df is not None and (missing := [c for c in cols if c not in df.columns]):
-        raise ValueError(f"{what}: missing column(s) {missing}")
+        raise ValueError(f"{what}: missing column(s) {missing}; expected {list(cols)}")
+
+
+def _labels_dir(path: str) -> Path:
+    labels_dir = Path(path)
+    if not labels_dir.exists():
+        raise FileNotFoundError(
+            f"--labels {path}: no such folder; expected the join's output "
+            f"(`northstar feedback join --log EVENTS.db --out {path}`)"
+        )
+    if not labels_dir.is_dir():
+        raise ValueError(f"--labels {path}: not a folder; expected the join's output folder")
+    return labels_dir
+
+
+def _no_labels_in(flag: str, lab: pd.DataFrame, t0: float, t1: float) -> ValueError:
+    """'no labelled impressions in this window', with where the labels are and what to do."""
+    ts = lab["impression_ts"].to_numpy()
+    first, last = day(float(ts.min())), day(float(ts.max()))
+    if ts.max() < t0:
+        hint = f"labels end at {last}; run `northstar feedback join` or pick an earlier window"
+    elif ts.min() >= t1:
+        hint = f"labels start at {first}; pick a later window"
+    else:
+        hint = f"labels cover {first}..{last} with a gap here; pick another window"
+    return ValueError(f"{flag}: no labelled impressions in this window ({hint})")
+
+
+def _check_log(path: str) -> None:
+    if path.startswith(("redis://", "rediss://", "unix://", "kafka://")):
+        raise ValueError(
+            f"--log {path}: a stream, not a log; expected the SQLite event log that "
+            "`northstar feedback consume --log PATH` writes"
+        )
+    if path.startswith("sqlite://"):  # open_sink's URL form
+        path = path.removeprefix("sqlite://")
+    if not Path(path).is_file():
+        # open_source would create an empty log here and count nothing as pending.
+        raise FileNotFoundError(
+            f"--log {path}: no such file; expected the event log the join read "
+            "(leave --log out to skip the pending-label count)"
+        )
 
 
 def load(cfg: DiagnoseConfig) -> Inputs:
     (r0, r1), (c0, c1) = cfg.windows()
-    labels_dir = Path(cfg.labels)
-    if not labels_dir.is_dir():
-        raise FileNotFoundError(f"{labels_dir}: no labels folder (run `northstar feedback join`)")
+    labels_dir = _labels_dir(cfg.labels)
+    if cfg.log:
+        _check_log(cfg.log)
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise FileNotFoundError(
+            f"--data {cfg.data}: no such folder; expected users.parquet, items.parquet, "
+            "interactions.parquet (leave --data out to skip the segments)"
+        )
     lab = read_labels(labels_dir)
+    if lab.empty:
+        raise ValueError(
+            f"--labels {cfg.labels}: holds no labels yet; expected the join's output "
+            f"(`northstar feedback join --log EVENTS.db --out {cfg.labels}`)"
+        )
     ts = lab["impression_ts"].to_numpy()
     in_ref, in_cur = (ts >= r0) & (ts < r1), (ts >= c0) & (ts < c1)
+    if not in_cur.any():
+        raise _no_labels_in(f"--current {cfg.current}", lab, c0, c1)
+    if not in_ref.any():
+        raise _no_labels_in(cfg.reference_flag(), lab, r0, r1)
     imp = lab[in_ref | in_cur].copy()
     imp["window"] = np.where(in_cur[in_ref | in_cur], CUR, REF)
-    if not (imp["window"] == REF).any() or not (imp["window"] == CUR).any():
-        raise ValueError(
-            f"{labels_dir}: labels hold {int(in_ref.sum())} reference and {int(in_cur.sum())} "
-            "current impressions; both windows need some"
-        )
     state = read_state(labels_dir) or {}
     window_s = float(state.get("window_s", cfg.window_s))
     watermark = state.get("watermark")
@@ -103,8 +162,11 @@ def load(cfg: DiagnoseConfig) -> Inputs:
 
     pending = {REF: 0, CUR: 0}
     if cfg.log:
-        with open_source(cfg.log) as src:
-            logged = src.read(IMPRESSION)[["event_id", "ts"]]
+        try:
+            with open_source(cfg.log) as src:
+                logged = src.read(IMPRESSION)[["event_id", "ts"]]
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"--log {cfg.log}: not a readable event log ({exc})") from None
         unlabelled = logged[~logged["event_id"].isin(lab["event_id"])]
         t = unlabelled["ts"].to_numpy()
         pending = {REF: int(((t >= r0) & (t < r1)).sum()), CUR: int(((t >= c0) & (t < c1)).sum())}
@@ -116,14 +178,14 @@ def load(cfg: DiagnoseConfig) -> Inputs:
         items = read_table(data / "items.parquet") if (data / "items.parquet").exists() else None
         f = data / "interactions.parquet"
         interactions = read_table(f) if f.exists() else None
-    versions = _optional(cfg.versions)
-    _need(versions, ("model_version", "trained_until"), "versions table")
-    served = _optional(cfg.served_features)
-    _need(served, ("user_id", "ts"), "served features")
-    training = _optional(cfg.training_features)
-    _need(training, ("user_id",), "training features")
-    recs = _optional(cfg.previous_recs)
-    _need(recs, ("user_id", "position", "item_id"), "previous recs")
+    versions = _optional(cfg.versions, "--versions")
+    _need(versions, ("model_version", "trained_until"), f"--versions {cfg.versions}")
+    served = _optional(cfg.served_features, "--served-features")
+    _need(served, ("user_id", "ts"), f"--served-features {cfg.served_features}")
+    training = _optional(cfg.training_features, "--training-features")
+    _need(training, ("user_id",), f"--training-features {cfg.training_features}")
+    recs = _optional(cfg.previous_recs, "--previous-recs")
+    _need(recs, ("user_id", "position", "item_id"), f"--previous-recs {cfg.previous_recs}")
     inputs = Inputs(
         cfg=cfg,
         imp=imp,
