@@ -41,6 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_retrain)
 
+    from canary import freshness_cycles
+
+    f = sub.add_parser(
+        "freshness-cycles",
+        help="retrain cycles with live vs frozen features (canary/freshness_cycles.py)",
+    )
+    freshness_cycles.add_arguments(f)
+    f.set_defaults(func=freshness_cycles.run_args)
+
     c = sub.add_parser("canary", help="the canary on trial: status, evaluate, promote, rollback")
     csub = c.add_subparsers(dest="canary_command", required=True)
     for name, help_ in (

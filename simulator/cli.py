@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", default=None, help="the server's event log, for --reconcile")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.set_defaults(func=_simulate)
+    # `northstar simulate freshness ...`: live online features against the frozen snapshot.
+    from simulator.freshness_cli import register as register_freshness
+
+    register_freshness(p.add_subparsers(dest="simulate_command", metavar="{freshness}"))
 
 
 def simulate_config(args):

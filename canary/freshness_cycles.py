@@ -1,0 +1,403 @@
+"""Retrain cycles in the closed loop, with live online features and with frozen snapshots.
+
+    python -m canary.freshness_cycles --preset small --cycles 5 --dir reports/freshness
+
+For each arm (`frozen`: per-version feature snapshots; `live`: the shared online store on
+a real redis-server, seeded from the world's dataset), on its own real tritonserver and
+event log, with the same world, run and simulator seed: closed-loop traffic runs in the
+background the whole time (`canary.scenario.Traffic`), and `cycles` times in a row a
+retrain (the demo's settings: production's weights fine-tuned on the newest 60 days + the
+feedback, `warm_window`; offline gates; a 50% canary) is tested online and its decision
+applied (`canary.scenario.run_act`). Per cycle it reports the incumbent's and the
+canary's CTR at the deciding look (canary.online's user-level test, with its z), the
+decision, and the north star of all the traffic served during the cycle (CTR, Wilson 95%;
+engaged value per impression), joined from the event log with every window closed.
+
+The A/B without retrains is `northstar simulate freshness` (simulator/freshness.py), whose
+`prepare` and `arm_server` this module reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from simulator.freshness import ARMS, arm_server, fmt, join_labels, prepare, served_north_star
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CyclesConfig:
+    """`python -m canary.freshness_cycles --config FILE` ([cycles] table or top level) and
+    `--set KEY=VALUE`; these defaults are the only ones."""
+
+    dir: str = "reports/freshness"  # work folder: world, run, one folder per arm
+    preset: str = "small"
+    seed: int = 0
+    world: str | None = None
+    run: str | None = None
+    train_epochs: int = 12  # the base model, when trained here
+    cycles: int = 5
+    arms: tuple[str, ...] = ARMS
+    users: int = 500  # simulated population
+    batch: int = 200  # requests per traffic batch
+    k: int = 10
+    concurrency: int = 4
+    requests_per_look: int = 300
+    max_looks: int = 20
+    canary_percent: int = 50
+    retrain_epochs: int = 2
+    retrain_lr: float = 0.001
+    window_days: float = 60.0
+    min_impressions: int = 3000  # per arm, before the CTR test may decide
+    max_impressions: int = 8000  # per arm: the fixed horizon (non-inferiority)
+    out: str | None = None  # results JSON; default DIR/cycles.json
+
+    def __post_init__(self) -> None:
+        if self.cycles < 1:
+            raise ValueError(f"CyclesConfig.cycles={self.cycles}: expected >= 1")
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or not self.arms:
+            raise ValueError(f"CyclesConfig.arms={self.arms}: expected some of {ARMS}")
+
+
+def _configs(cfg: CyclesConfig, srv, root: Path, world: Path):
+    """The demo's retrain, evaluation and traffic settings (canary/demo.py) on this arm."""
+    from canary.decide import OfflineGates
+    from canary.guardrails import GuardrailGates
+    from canary.online import EvaluateConfig
+    from canary.pipeline import RetrainConfig
+    from canary.verdict import OnlineGates
+    from fairness.gates import GateConfig
+    from simulator import SimulateConfig
+    from training.train import TrainConfig
+
+    common = {
+        "state_dir": str(root / "canary"),
+        "repo": str(srv.repo),
+        "url": srv.grpc_url,
+        "labels": str(root / "labels"),
+        "event_log": str(srv.event_log),
+    }
+    retrain_cfg = RetrainConfig(
+        **common,
+        data=str(world),
+        mode="warm_window",
+        window_days=cfg.window_days,
+        train=TrainConfig(
+            epochs=cfg.retrain_epochs, lr=cfg.retrain_lr, progress=False, seed=cfg.seed
+        ),
+        canary_percent=cfg.canary_percent,
+        gates=OfflineGates(min_metric_ratio=0.9),
+        fairness=GateConfig(max_gap=None, min_ratio=None, max_group_drop=0.05),
+    )
+    eval_cfg = EvaluateConfig(
+        **common,
+        metrics_url=srv.metrics_url,
+        gates=OnlineGates(
+            min_impressions=cfg.min_impressions,
+            max_impressions=cfg.max_impressions,
+            guardrails=GuardrailGates(max_p99_ratio=2.0, p99_slack_ms=50.0),
+        ),
+    )
+    sim = SimulateConfig(
+        world=str(world),
+        users=cfg.users,
+        requests=cfg.batch,
+        url=srv.grpc_url,
+        protocol="grpc",
+        k=cfg.k,
+        concurrency=cfg.concurrency,
+        seed=cfg.seed + 1000,
+        request_id_share=1.0,
+    )
+    return retrain_cfg, eval_cfg, sim
+
+
+def _cycle_row(i: int, act: dict[str, Any]) -> dict[str, Any]:
+    """What the cycle decided, and on which numbers (the deciding look)."""
+    r = act["retrain"]
+    looks = act.get("looks") or []
+    last = looks[-1] if looks else {}
+    prod, can, test = (
+        last.get("production") or {},
+        last.get("canary") or {},
+        last.get("ctr_test") or {},
+    )
+    return {
+        "cycle": i,
+        "retrain": r["status"],
+        "retrain_reasons": r["reasons"],
+        "incumbent": prod.get("version"),
+        "candidate": r["version"],
+        "incumbent_ctr": prod.get("ctr"),
+        "canary_ctr": can.get("ctr"),
+        "incumbent_impressions": prod.get("impressions"),
+        "canary_impressions": can.get("impressions"),
+        "diff": test.get("diff"),
+        "z": test.get("z"),
+        "ci": [test.get("ci_low"), test.get("ci_high")],
+        "looks": len(looks),
+        "decision": act.get("decision") or ("none" if r["status"] != "canary" else "undecided"),
+        "reason": (last.get("reasons") or [""])[0],
+        "seconds": act.get("seconds"),
+    }
+
+
+def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, Any]:
+    from canary.scenario import Traffic, run_act
+
+    root = Path(cfg.dir) / f"cycles-{name}"
+    t0 = time.perf_counter()
+    cycles: list[dict[str, Any]] = []
+    spans: list[tuple[int, int]] = []
+    with arm_server(root, run, live=name == "live", world=world, k=cfg.k) as srv:
+        retrain_cfg, eval_cfg, sim = _configs(cfg, srv, root, world)
+        with Traffic(sim) as traffic:
+            traffic.wait_requests(cfg.requests_per_look, timeout_s=600)  # production only
+            for i in range(1, cfg.cycles + 1):
+                start = len(traffic.reports)
+                act = run_act(
+                    f"{name}-{i}",
+                    traffic,
+                    retrain_cfg,
+                    eval_cfg,
+                    max_looks=cfg.max_looks,
+                    requests_per_look=cfg.requests_per_look,
+                )
+                spans.append((start, len(traffic.reports)))
+                row = _cycle_row(i, act)
+                cycles.append(row)
+                log.info(
+                    "%s cycle %d/%d: v%s %s vs v%s %s -> %s (%s s)",
+                    name,
+                    i,
+                    cfg.cycles,
+                    row["incumbent"],
+                    fmt(row["incumbent_ctr"]),
+                    row["candidate"],
+                    fmt(row["canary_ctr"]),
+                    row["decision"],
+                    row["seconds"],
+                )
+        reports = list(traffic.reports)
+        labels = join_labels(srv.event_log, root / "labels-final", sim.window_s)
+    for row, (a, b) in zip(cycles, spans, strict=True):
+        reps = reports[a:b]
+        ids = pd.Index([rid for r in reps for rid in r.request_ids]).unique()
+        lab = labels[labels["request_id"].isin(ids)]
+        ns = served_north_star(lab)
+        row["served"] = ns[0] if ns else None
+        row["served_by_version"] = served_north_star(lab, by=["model_version"])
+        shown = sum(r.items_returned for r in reps)
+        row["served_requests"] = sum(r.requests for r in reps)
+        row["reshown_clicked_share"] = (
+            sum(r.rewatch_impressions for r in reps) / shown if shown else math.nan
+        )
+    return {
+        "arm": name,
+        "online_store": name == "live",
+        "requests": traffic.requests,
+        "failed": traffic.failed,
+        "retried": traffic.retries,
+        "traffic_errors": traffic.errors,
+        "cycles": cycles,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run_cycles(cfg: CyclesConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    world, run = prepare(
+        cfg.dir,
+        preset=cfg.preset,
+        seed=cfg.seed,
+        world=cfg.world,
+        run=cfg.run,
+        train_epochs=cfg.train_epochs,
+    )
+    arms = {}
+    load = []
+    for name in cfg.arms:
+        arms[name] = run_arm(cfg, name, world, run)
+        load.append(list(os.getloadavg()))
+    result = {
+        "config": asdict(cfg),
+        "world": str(world),
+        "run": str(run),
+        "arms": arms,
+        "load_average": load,
+        "cpus": os.cpu_count(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out = Path(cfg.out) if cfg.out else Path(cfg.dir) / "cycles.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def merge_results(paths: list[str]) -> dict[str, Any]:
+    """One result with the arms of several results files (runs of one arm each)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    arms = {name: arm for part in parts for name, arm in part["arms"].items()}
+    load = [la for part in parts for la in part["load_average"]]
+    seconds = max(part["seconds"] for part in parts)
+    return {**parts[0], "arms": arms, "load_average": load, "seconds": seconds}
+
+
+def cycles_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| arm | cycle | incumbent CTR | canary CTR | diff [95% CI], z | decision | "
+        "served CTR [95% Wilson] | served value / imp | re-shown clicked |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, arm in result["arms"].items():
+        for c in arm["cycles"]:
+            s = c.get("served") or {}
+            lo, hi = c["ci"]
+            lines.append(
+                f"| {name} | {c['cycle']} | v{c['incumbent']} {fmt(c['incumbent_ctr'])} | "
+                f"v{c['candidate']} {fmt(c['canary_ctr'])} | {fmt(c['diff'], '+.4f')} "
+                f"[{fmt(lo, '+.4f')}, {fmt(hi, '+.4f')}], z {fmt(c['z'], '.2f')} | "
+                f"{c['decision']} | {fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, "
+                f"{fmt(s.get('ctr_high'))}] | {fmt(s.get('value_per_impression'), '.2f')} | "
+                f"{100 * c['reshown_clicked_share']:.2f}% |"
+            )
+    return "\n".join(lines)
+
+
+def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
+    """Per cycle: incumbent and canary CTR at the deciding look; the served north star
+    (CTR with its Wilson interval) of the traffic during the cycle; per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"frozen": "#c0504d", "live": "#4f81bd"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, arm in result["arms"].items():
+        cyc = arm["cycles"]
+        x = [c["cycle"] for c in cyc]
+        col = colors.get(name, "grey")
+        inc = [incumbent_ctr(c) for c in cyc]
+        axes[0].plot(x, inc, "o-", color=col, label=f"{name}: incumbent")
+        axes[0].plot(
+            x, [_nan(c["canary_ctr"]) for c in cyc], "s", color=col, alpha=0.6, label="canary"
+        )
+        for c, y in zip(cyc, inc, strict=True):
+            mark = {"promote": "P", "rollback": "R"}.get(c["decision"], "-")
+            axes[0].annotate(mark, (c["cycle"], y), textcoords="offset points", xytext=(4, -12))
+        s = [c.get("served") or {} for c in cyc]
+        y = [_nan(v.get("ctr")) for v in s]
+        err = [
+            [yy - _nan(v.get("ctr_low")) for yy, v in zip(y, s, strict=True)],
+            [_nan(v.get("ctr_high")) - yy for yy, v in zip(y, s, strict=True)],
+        ]
+        axes[1].errorbar(x, y, yerr=err, fmt="o-", capsize=4, color=col, label=name)
+        axes[2].plot(
+            x,
+            [_nan(v.get("value_per_impression")) for v in s],
+            "o-",
+            color=col,
+            label=name,
+        )
+    axes[0].set_title(
+        "incumbent vs canary CTR at the deciding look\n(P promote, R rollback, - no canary: "
+        "incumbent's served CTR)",
+        fontsize=9,
+    )
+    axes[1].set_title("served CTR per cycle (95% Wilson)", fontsize=10)
+    axes[2].set_title("served engaged value / impression per cycle", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("retrain cycle")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def incumbent_ctr(c: dict[str, Any]) -> float:
+    """The incumbent's CTR at the deciding look; in a cycle without a canary, the served CTR
+    of the version that served most of the cycle (the incumbent)."""
+    if c.get("incumbent_ctr") is not None:
+        return float(c["incumbent_ctr"])
+    rows = c.get("served_by_version") or []
+    if not rows:
+        return math.nan
+    return _nan(max(rows, key=lambda r: r["impressions"])["ctr"])
+
+
+def _nan(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from common import config as config_mod
+
+    p.add_argument("--dir", help=f"work folder (default {CyclesConfig.dir})")
+    p.add_argument("--preset", help=f"world size (default {CyclesConfig.preset})")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--cycles", type=int, help=f"retrain cycles (default {CyclesConfig.cycles})")
+    p.add_argument("--figure", default=None, help="write the per-cycle plot (PNG) here")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: merge the arms of these results files (e.g. one process per arm), "
+        "print the table and draw --figure",
+    )
+    config_mod.add_config_args(p, "CyclesConfig", "users=500 arms=live")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """`northstar freshness-cycles`: run (or merge) the arms, print the table, draw."""
+    from common import config as config_mod
+
+    if args.from_json:
+        result = merge_results(args.from_json)
+    else:
+        flags = [
+            f"{k}={getattr(args, k)}"
+            for k in ("dir", "preset", "seed", "cycles")
+            if getattr(args, k) is not None
+        ]
+        cfg = config_mod.load(CyclesConfig, args.config, flags + list(args.set), section="cycles")
+        result = run_cycles(cfg)
+    print(cycles_table(result))
+    print(f"\nload average after each arm: {result['load_average']}; {result['seconds']} s")
+    if args.figure:
+        print(f"figure: {plot_cycles(result, args.figure)}")
+    return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m canary.freshness_cycles", description=__doc__.splitlines()[0]
+    )
+    add_arguments(p)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return run_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""`northstar simulate freshness`: the closed-loop A/B of live features vs the frozen snapshot.
+
+    northstar simulate freshness --preset small --requests 6000 --dir reports/freshness \\
+        [--figure simulator/figures/freshness_ab.png] [--set users=1000 batch=200]
+
+Prints the table (Markdown) and writes DIR/freshness.json (or --set out=...).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import config as config_mod
+
+# Shorthand flag (argparse dest) -> FreshnessConfig field.
+_FLAGS = (
+    ("dir", "dir"),
+    ("preset", "preset"),
+    ("seed", "seed"),
+    ("world", "world"),
+    ("run", "run"),
+    ("users", "users"),
+    ("requests", "requests"),
+    ("batch", "batch"),
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from simulator.freshness import FreshnessConfig as d
+
+    p = sub.add_parser(
+        "freshness",
+        help="A/B in the closed loop: live online features (Redis) vs the frozen snapshot",
+        description="Settings are FreshnessConfig's fields (simulator/freshness.py): from "
+        "--config FILE (a [freshness] table or top level), then the flags, then --set.",
+    )
+    p.add_argument("--dir", help=f"work folder (dir; default {d.dir})")
+    p.add_argument("--preset", help=f"world size when no --world (default {d.preset})")
+    p.add_argument("--seed", type=int, help=f"world, training and simulator seed ({d.seed})")
+    p.add_argument("--world", help="an existing world folder (northstar data synth --out)")
+    p.add_argument("--run", help="an existing run trained on that world")
+    p.add_argument("--users", type=int, help=f"simulated population (default {d.users})")
+    p.add_argument("--requests", type=int, help=f"slates per arm (default {d.requests})")
+    p.add_argument("--batch", type=int, help=f"requests per batch (default {d.batch})")
+    p.add_argument("--figure", default=None, help="write the bar plot (PNG) here")
+    config_mod.add_config_args(p, "FreshnessConfig", "users=1000 batch=200 arms=live")
+    p.set_defaults(func=_freshness)
+
+
+def _freshness(args) -> int:
+    from simulator.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
+
+    flags = [
+        f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
+    ]
+    cfg = config_mod.load(FreshnessConfig, args.config, flags + list(args.set), section="freshness")
+    result = run_freshness(cfg)
+    print(ab_table(result))
+    la = ", ".join(f"{x:.2f}" for x in result["load_average"])
+    print(f"\nload average at the end: {la} on {result['cpus']} CPUs; {result['seconds']} s")
+    if args.figure:
+        print(f"figure: {plot_ab(result, args.figure)}")
+    return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
