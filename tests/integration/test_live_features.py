@@ -40,8 +40,9 @@ def live(tmp_path_factory):
             online_store=redis.url,
             log_file=str(root / "tritonserver.log"),
         )
-    ).start()
-    try:
+    )
+    try:  # a server that fails to start must not leave redis-server running
+        server.start()
         yield ds, server, redis, events
     finally:
         server.stop()
