@@ -25,13 +25,21 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from simulator.freshness import ARMS, arm_server, fmt, join_labels, prepare, served_north_star
+from simulator.freshness import (
+    ARMS,
+    arm_server,
+    fmt,
+    join_labels,
+    prepare,
+    served_north_star,
+    write_study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -231,19 +239,7 @@ def run_cycles(cfg: CyclesConfig) -> dict[str, Any]:
     for name in cfg.arms:
         arms[name] = run_arm(cfg, name, world, run)
         load.append(list(os.getloadavg()))
-    result = {
-        "config": asdict(cfg),
-        "world": str(world),
-        "run": str(run),
-        "arms": arms,
-        "load_average": load,
-        "cpus": os.cpu_count(),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    out = Path(cfg.out) if cfg.out else Path(cfg.dir) / "cycles.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    return result
+    return write_study(cfg, world, run, arms, load, t0, "cycles.json")
 
 
 def merge_results(paths: list[str]) -> dict[str, Any]:

@@ -548,16 +548,22 @@ def run_freshness(cfg: FreshnessConfig) -> dict[str, Any]:
         log.info("arm %s: %d requests in batches of %d", name, cfg.requests, cfg.batch)
         arms[name] = run_arm(cfg, name, world, run, template)
         log.info("arm %s: %s", name, _line(arms[name]))
+    return write_study(cfg, world, run, arms, list(os.getloadavg()), t0, "freshness.json")
+
+
+def write_study(cfg, world, run, arms: dict, load_average: list, t0: float, name: str) -> dict:
+    """A study's result (config, world, run, arms, load, seconds), written to `cfg.out` or
+    `cfg.dir/name` as JSON; the A/B here and the retrain cycles (canary) both use it."""
     result = {
         "config": asdict(cfg),
         "world": str(world),
         "run": str(run),
         "arms": arms,
-        "load_average": list(os.getloadavg()),
+        "load_average": load_average,
         "cpus": os.cpu_count(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.dir) / "freshness.json"
+    out = Path(cfg.out) if cfg.out else Path(cfg.dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     return result
