@@ -14,7 +14,7 @@ decision, and the north star of all the traffic served during the cycle (CTR, Wi
 engaged value per impression), joined from the event log with every window closed.
 
 The A/B without retrains is `northstar simulate freshness` (simulator/freshness.py), whose
-`prepare` and `arm_server` this module reuses.
+`prepare_for` and `arm_server` this module reuses.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from simulator.freshness import (
     arm_server,
     fmt,
     join_labels,
-    prepare,
+    prepare_for,
     served_north_star,
     write_study,
 )
@@ -226,14 +226,7 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
 
 def run_cycles(cfg: CyclesConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
-    world, run = prepare(
-        cfg.dir,
-        preset=cfg.preset,
-        seed=cfg.seed,
-        world=cfg.world,
-        run=cfg.run,
-        train_epochs=cfg.train_epochs,
-    )
+    world, run = prepare_for(cfg)
     arms = {}
     load = []
     for name in cfg.arms:

@@ -91,6 +91,19 @@ class FreshnessConfig:
 # ---------------------------------------------------------------------------- world + run
 
 
+def prepare_for(cfg) -> tuple[Path, Path]:
+    """`prepare` with a study config's dir, preset, seed, world, run and train_epochs (the
+    A/B's and the retrain cycles' configs share them)."""
+    return prepare(
+        cfg.dir,
+        preset=cfg.preset,
+        seed=cfg.seed,
+        world=cfg.world,
+        run=cfg.run,
+        train_epochs=cfg.train_epochs,
+    )
+
+
 def prepare(
     root: str | Path,
     *,
@@ -534,14 +547,7 @@ def run_arm(
 def run_freshness(cfg: FreshnessConfig) -> dict[str, Any]:
     """Prepare the world and run, then each arm in turn; returns (and writes) the results."""
     t0 = time.perf_counter()
-    world, run = prepare(
-        cfg.dir,
-        preset=cfg.preset,
-        seed=cfg.seed,
-        world=cfg.world,
-        run=cfg.run,
-        train_epochs=cfg.train_epochs,
-    )
+    world, run = prepare_for(cfg)
     template = export_template(Path(cfg.dir) / "export", run, k=cfg.k)
     arms = {}
     for name in cfg.arms:
