@@ -3,7 +3,7 @@
     with RecommenderClient("localhost:8001") as c:          # gRPC (default)
         recs = c.recommend([1001, 1002], k=10)
     async with AsyncRecommenderClient("localhost:8000", protocol="http") as c:
-        recs = await c.recommend([1001], k=10)
+        recs = await c.recommend([1001], k=10)  # several URLs work here too
 
 Several replicas (`tritonserver`s serving the same versions):
 
@@ -14,7 +14,8 @@ Several replicas (`tritonserver`s serving the same versions):
 `RecommenderClient` sends each request to the next replica in turn (round-robin); one
 that cannot be reached (gRPC UNAVAILABLE, a refused or reset connection) is skipped for
 `down_s` and the request goes to the next one, counted in `failover` (a recommend request
-is a read: asking another replica is safe). Other errors (a refused input, say) are
+is a read: asking another replica is safe; feedback is idempotent by event_id, so a batch
+re-sent to another replica is stored once). Other errors (a refused input, say) are
 raised, never retried elsewhere. With one URL nothing changes.
 
 The CLI, the load tests and the simulator all go through these classes. The
@@ -30,7 +31,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -423,7 +424,11 @@ class _ClientBase:
             i for i in order if self._down_until[i] > now
         ]
 
-    def _failed(self, i: int) -> None:
+    def _failed(self, i: int, exc: Exception) -> None:
+        """Replica i could not take a call: mark it down, or raise `exc` when the error is
+        not about reaching it (a refused input is the same on every replica)."""
+        if not unreachable(exc):
+            raise exc
         with self._lock:
             self._down_until[i] = time.monotonic() + self.down_s
             self.failover.failed[self.transports[i].url] += 1
@@ -461,9 +466,7 @@ class RecommenderClient(_ClientBase):
             try:
                 out = fn(self.transports[i])
             except Exception as exc:
-                if not unreachable(exc):
-                    raise
-                self._failed(i)
+                self._failed(i, exc)
                 last, retried = exc, retried + 1
                 continue
             self._answered(i, retried)
@@ -515,9 +518,8 @@ class RecommenderClient(_ClientBase):
         """
         from serving.ingest_client import DEFAULT_RETRY, send_interactions
 
-        return send_interactions(
-            self.transport, events, batch_size=batch_size, retry=retry or DEFAULT_RETRY
-        )
+        # Through this client, so batches fail over across its replicas like reads do.
+        return send_interactions(self, events, batch_size=batch_size, retry=retry or DEFAULT_RETRY)
 
     def is_live(self) -> bool:
         return self.transport.is_live()
@@ -548,18 +550,32 @@ class RecommenderClient(_ClientBase):
 
 
 class AsyncRecommenderClient(_ClientBase):
-    """asyncio client (tritonclient.grpc.aio / tritonclient.http.aio); same methods, awaited."""
+    """asyncio client (tritonclient.grpc.aio / tritonclient.http.aio); same methods, awaited,
+    and the same round-robin with failover over several replicas."""
 
     _transport_cls = AsyncTritonTransport
     transport: AsyncTritonTransport
 
-    def __init__(self, url: str | Sequence[str] | None = None, *args, **kw):
-        if len(several := split_urls(url, kw.get("urls"))) > 1:
-            raise ValueError(
-                f"AsyncRecommenderClient takes one server, got {several}; use "
-                "RecommenderClient for several (round-robin with failover)"
-            )
-        super().__init__(url, *args, **kw)
+    transports: list[AsyncTritonTransport]
+
+    async def _call(self, fn: Callable[[AsyncTritonTransport], Awaitable[T]]) -> T:
+        """The sync client's failover, awaited: `fn` on the next replica, and on the next
+        one (counted) when a replica cannot be reached."""
+        if len(self.transports) == 1:
+            return await fn(self.transport)
+        last: BaseException | None = None
+        retried = 0
+        for i in self._order():
+            try:
+                out = await fn(self.transports[i])
+            except Exception as exc:
+                self._failed(i, exc)
+                last, retried = exc, retried + 1
+                continue
+            self._answered(i, retried)
+            return out
+        assert last is not None
+        raise last
 
     async def recommend(
         self, user_ids: int | Sequence[int] | np.ndarray, k: int | Sequence[int] = 10
@@ -567,10 +583,13 @@ class AsyncRecommenderClient(_ClientBase):
         uid = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         ks = np.broadcast_to(np.asarray(k, dtype=np.int32), uid.shape)
         out: list[Recommendation] = []
-        t = self.transport
+        mod = self.transport.mod
         for sl in _chunks(len(uid), self.max_batch_size):
-            ids, inputs, outputs = _recommend_request(t.mod, uid[sl], ks[sl])
-            out += _parse_recommendations(await t.infer(layout.RECOMMEND, inputs, outputs), ids)
+            ids, inputs, outputs = _recommend_request(mod, uid[sl], ks[sl])
+            result = await self._call(
+                lambda t, i=inputs, o=outputs: t.infer(layout.RECOMMEND, i, o)
+            )
+            out += _parse_recommendations(result, ids)
         return out
 
     async def retrieve(
@@ -582,10 +601,12 @@ class AsyncRecommenderClient(_ClientBase):
         version: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         ids, scores = [], []
-        t = self.transport
+        mod = self.transport.mod
         for sl in _chunks(len(user_index), self.retrieval_batch_size):
-            inputs, outputs = _retrieve_request(t.mod, user_index[sl], user_cats[sl], history[sl])
-            r = await t.infer(layout.RETRIEVAL, inputs, outputs, version=version)
+            inputs, outputs = _retrieve_request(mod, user_index[sl], user_cats[sl], history[sl])
+            r = await self._call(
+                lambda t, i=inputs, o=outputs: t.infer(layout.RETRIEVAL, i, o, version=version)
+            )
             ids.append(r.as_numpy(OUTPUT_ITEM_IDS))
             scores.append(r.as_numpy(OUTPUT_SCORES))
         return np.concatenate(ids), np.concatenate(scores)
@@ -603,7 +624,8 @@ class AsyncRecommenderClient(_ClientBase):
         return await self.transport.statistics(model)
 
     async def close(self) -> None:
-        await self.transport.close()
+        for t in self.transports:
+            await t.close()
 
     async def __aenter__(self) -> AsyncRecommenderClient:
         return self

@@ -7,7 +7,8 @@
 The connection is serving.client's TritonTransport, the one every client goes through:
 pass a URL (a connection is opened and closed here), a TritonTransport, a
 RecommenderClient (`RecommenderClient.send_feedback` delegates here) or a tritonclient
-InferenceServerClient; a passed connection is used as it is and left open. Retrying is
+InferenceServerClient; a passed connection is used as it is and left open. With several
+replicas a batch that one cannot take goes to the next (RecommenderClient's failover). Retrying is
 safe because the log stores an event_id once: a batch whose response was lost is re-sent
 and the second copy is ignored.
 """
@@ -27,7 +28,7 @@ from common.retry import RetryPolicy, retrying
 from feedback.events import Interaction, to_columns
 from feedback.ids import uuid7_batch
 from feedback.ingest import INPUTS, MODEL_NAME, OUTPUTS
-from serving.client import AsyncTritonTransport, TritonTransport
+from serving.client import AsyncTritonTransport, RecommenderClient, TritonTransport, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -89,27 +90,50 @@ def _tensor_array(name: str, values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=_NUMPY[dtype]).reshape(-1, 1)
 
 
-def _transport(client_or_url: Any, protocol: str, timeout_s: float) -> tuple[TritonTransport, bool]:
-    """(transport, opened here): a URL opens one; anything else is borrowed as it is."""
-    if client_or_url is None or isinstance(client_or_url, str):
-        return TritonTransport(client_or_url, protocol, timeout_s=timeout_s), True
-    if isinstance(client_or_url, AsyncTritonTransport) or isinstance(
-        getattr(client_or_url, "transport", None), AsyncTritonTransport
-    ):
-        raise TypeError("client_or_url: an asyncio client; send_interactions is sync")
-    if isinstance(client_or_url, TritonTransport):
-        return client_or_url, False
-    inner = getattr(client_or_url, "transport", None)  # serving.client.RecommenderClient
-    if isinstance(inner, TritonTransport):
-        return inner, False
-    if hasattr(client_or_url, "infer"):  # a tritonclient InferenceServerClient
-        module = type(client_or_url).__module__
-        proto = "http" if module.startswith("tritonclient.http") else protocol
-        return TritonTransport(protocol=proto, timeout_s=timeout_s, client=client_or_url), False
-    raise TypeError(
-        "client_or_url: expected a URL, a TritonTransport, a RecommenderClient or a "
-        f"tritonclient client, got {type(client_or_url).__name__}"
-    )
+class _Sender:
+    """Where batches go: one connection, or a RecommenderClient's replicas with its
+    failover (an unreachable replica is skipped and the batch goes to the next one)."""
+
+    def __init__(self, client_or_url: Any, protocol: str, timeout_s: float):
+        self.client: RecommenderClient | None = None
+        self.transport: TritonTransport | None = None
+        self.opened = False
+        if client_or_url is None or isinstance(client_or_url, str):
+            if len(split_urls(client_or_url)) > 1:
+                self.client = RecommenderClient(client_or_url, protocol, timeout_s=timeout_s)
+            else:
+                self.transport = TritonTransport(client_or_url, protocol, timeout_s=timeout_s)
+            self.opened = True
+        elif isinstance(client_or_url, AsyncTritonTransport) or isinstance(
+            getattr(client_or_url, "transport", None), AsyncTritonTransport
+        ):
+            raise TypeError("client_or_url: an asyncio client; send_interactions is sync")
+        elif isinstance(client_or_url, TritonTransport):
+            self.transport = client_or_url
+        elif isinstance(client_or_url, RecommenderClient):
+            self.client = client_or_url
+        elif hasattr(client_or_url, "infer"):  # a tritonclient InferenceServerClient
+            module = type(client_or_url).__module__
+            proto = "http" if module.startswith("tritonclient.http") else protocol
+            self.transport = TritonTransport(
+                protocol=proto, timeout_s=timeout_s, client=client_or_url
+            )
+        else:
+            raise TypeError(
+                "client_or_url: expected a URL (or several, comma-separated), a "
+                "TritonTransport, a RecommenderClient or a tritonclient client, got "
+                f"{type(client_or_url).__name__}"
+            )
+
+    def send(self, model: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        if self.client is not None:
+            return self.client._call(lambda t: _infer(t, model, arrays))
+        assert self.transport is not None
+        return _infer(self.transport, model, arrays)
+
+    def close(self) -> None:
+        if self.opened:
+            (self.client or self.transport).close()
 
 
 def _infer(transport: TritonTransport, model: str, arrays: dict[str, np.ndarray]):
@@ -130,9 +154,10 @@ def send_interactions(
 ) -> IngestResult:
     """Send events in batches; retry a failed batch with exponential backoff and jitter.
 
-    `client_or_url`: a URL ("host:port"; None: the protocol's localhost port), opened with
-    `protocol` and `timeout_s` and closed at the end; or a connection to borrow (a
-    TritonTransport, a RecommenderClient, a tritonclient client), which keeps its own
+    `client_or_url`: a URL ("host:port"; None: the protocol's localhost port) or several
+    ("a:8001,b:8001": replicas, with failover), opened with `protocol` and `timeout_s` and
+    closed at the end; or a connection to borrow (a TritonTransport, a RecommenderClient,
+    whose replicas are used with its failover, a tritonclient client), which keeps its own
     protocol and timeout and stays open.
     A batch that still fails when the retry policy gives up is reported (failed_batches,
     and "send failed: ..." reasons) rather than raised, so a caller can count and move on.
@@ -143,7 +168,7 @@ def send_interactions(
     accepted = np.zeros(n, dtype=bool)
     reasons = [""] * n
     res = IngestResult(accepted, reasons)
-    transport, opened = _transport(client_or_url, protocol, timeout_s)
+    sender = _Sender(client_or_url, protocol, timeout_s)
 
     def _count(_exc: BaseException, _attempt: int) -> None:
         res.retries += 1
@@ -160,7 +185,7 @@ def send_interactions(
             try:
                 for attempt in retrying(retry, retry_if=_retryable, on_retry=_count):
                     with attempt:
-                        ok, why = _infer(transport, model_name, arrays)
+                        ok, why = sender.send(model_name, arrays)
                 accepted[sl] = ok.astype(bool)
                 reasons[sl] = [w.decode() if isinstance(w, bytes) else str(w) for w in why]
             except Exception as exc:
@@ -170,8 +195,7 @@ def send_interactions(
                 reasons[sl] = [f"send failed: {msg}"] * (sl.stop - sl.start)
                 log.warning("feedback batch %d failed: %s", res.batches, msg)
     finally:
-        if opened:
-            transport.close()
+        sender.close()
     return res
 
 

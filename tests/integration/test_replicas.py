@@ -7,6 +7,8 @@
 - the routing epoch only grows; a stale writer's compare-and-set is refused;
 - `kill -9` of one replica under traffic from a client spreading over both: zero failed
   requests, the retries on the other replica counted and reported;
+- the asyncio client and the feedback sender, given both replicas with one of them dead,
+  answer and store everything through the other, the failovers counted;
 - a replica that is down blocks a switch with an error naming it, and routing is unchanged;
 - a replica started again takes its routing from the store, not from what it had.
 
@@ -15,6 +17,7 @@ Nothing is mocked. The waits below are bounded only to turn a hang into a failur
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -27,8 +30,9 @@ import pytest
 from common.redis_server import RedisServer
 from online.routing_store import RoutingStore, StaleEpochError
 from serving import repository as layout
-from serving.client import RecommenderClient
+from serving.client import AsyncRecommenderClient, RecommenderClient
 from serving.control import ReplicaError, ready_versions, switch_routing
+from serving.ingest_client import send_interactions
 from serving.routing import RoutingState
 from serving.server import ServerConfig, TritonServer
 from serving.testing import seeded_store, world_repo
@@ -60,8 +64,14 @@ class Fleet:
 
 
 def _start(repo, redis_url, log) -> TritonServer:
+    # Replicas share one event stream on the same Redis, as they would in production.
     return TritonServer(
-        ServerConfig.on_free_ports(str(repo), online_store=redis_url, log_file=str(log))
+        ServerConfig.on_free_ports(
+            str(repo),
+            online_store=redis_url,
+            event_log=f"{redis_url}?groups=log",
+            log_file=str(log),
+        )
     ).start()
 
 
@@ -256,12 +266,51 @@ def test_kill_9_of_one_replica_under_traffic_fails_no_request(fleet):
     assert stats.retries > 0 and stats.failed[b] > 0 and stats.failed[a] == 0
 
 
-def test_a_replica_that_is_down_blocks_the_switch(fleet):
-    a, b = fleet.urls
+def _kill_b(fleet: Fleet) -> str:
     victim = fleet.servers[1]
     if victim.is_alive():  # when run alone
         victim.process.kill()
         victim.stop()
+    return victim.grpc_url
+
+
+def test_async_and_feedback_clients_fail_over_to_the_replica_that_is_up(fleet):
+    a, _ = fleet.urls
+    b = _kill_b(fleet)
+    users = _users(fleet)[:40]
+
+    async def ask() -> tuple[int, object]:
+        # the dead replica first: the first request must move on to the live one
+        async with AsyncRecommenderClient(urls=[b, a]) as client:
+            answered = 0
+            for i in range(0, len(users), BATCH):
+                recs = await client.recommend(users[i : i + BATCH], 5)
+                answered += sum(len(r.item_ids) == 5 for r in recs)
+            return answered, client.failover
+
+    answered, stats = asyncio.run(ask())
+    assert answered == len(users)
+    assert stats.failed[b] >= 1 and stats.retries >= 1 and stats.requests[a] >= 1
+
+    n = 30
+    events = {
+        "event_id": np.array([f"replicas-{i}" for i in range(n)], dtype=object),
+        "user_id": users[:n],
+        "item_id": np.full(n, int(fleet.ds.items["item_id"].iloc[0])),
+        "type": np.array(["click"] * n, dtype=object),
+        "value": np.ones(n),
+        "ts": np.full(n, time.time()),
+        "request_id": np.array([""] * n, dtype=object),
+    }
+    first = send_interactions(f"{b},{a}", events, batch_size=8)
+    assert first.accepted.all() and first.failed_batches == 0, first.errors
+    again = send_interactions(f"{b},{a}", events, batch_size=8)  # a resend: acknowledged
+    assert again.accepted.all() and again.failed_batches == 0, again.errors
+
+
+def test_a_replica_that_is_down_blocks_the_switch(fleet):
+    a, _ = fleet.urls
+    b = _kill_b(fleet)
     before = fleet.record()
     mirror = layout.routing_path(fleet.repo).read_text()
     loaded = ready_versions(a)

@@ -48,5 +48,4 @@ def test_one_url_or_several():
         assert c.urls == ["h1:8001"]
     with RecommenderClient() as c:  # the protocol's default
         assert c.urls == ["localhost:8001"]
-    with pytest.raises(ValueError, match="takes one server"):
-        AsyncRecommenderClient("h1:8001,h2:8001")
+    assert AsyncRecommenderClient("h1:8001,h2:8001").urls == ["h1:8001", "h2:8001"]
