@@ -47,10 +47,13 @@ log = logging.getLogger(__name__)
 class EvaluateConfig:
     state_dir: str = "canary"
     repo: str = "model_repository"
-    url: str | None = "localhost:8001"  # Triton gRPC: loads and unloads versions
+    # Triton gRPC: loads and unloads versions; "a,b" or dns:NAME:PORT for every replica
+    url: str | None = "localhost:8001"
     # Triton's Prometheus endpoint, where `recommend` publishes its per-version serving
     # metrics. None: no guardrails, so the canary is never promoted (gates.
     # require_serving_metrics=False lifts that for offline replays of labels).
+    # Triton's metrics endpoint, or several ("a,b", dns:NAME:PORT): the guardrails read the
+    # per-version counters summed over every replica.
     metrics_url: str | None = "localhost:8002"
     labels: str | None = None  # feedback join output
     event_log: str | None = None  # when set, the join runs first, into `labels`
@@ -216,10 +219,10 @@ def gather_evidence(
         srm = srm_chi2(observed=[a.users, b.users], shares=[100 - pct, pct])
     serving_p = serving_c = None
     if cfg.metrics_url:
-        from canary.prom import fetch, serving_metrics
+        from canary.prom import fleet_serving_metrics
 
         try:
-            m = serving_metrics(fetch(cfg.metrics_url))
+            m = fleet_serving_metrics(cfg.metrics_url)
             serving_p, serving_c = m.get(str(prod.version)), m.get(str(canary.version))
         except OSError as exc:  # no numbers: the verdict says "cannot decide"
             log.warning("metrics endpoint %s unreachable (%s)", cfg.metrics_url, exc)

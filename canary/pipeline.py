@@ -66,7 +66,8 @@ WARM_MODES = ("warm_start", "warm_window")  # start from production's weights
 class RetrainConfig:
     state_dir: str = "canary"  # state.json, mlflow.db, runs/<id>/, the retrain lock
     repo: str = "model_repository"
-    # Triton gRPC address; None changes only files (the next server start serves them).
+    # Triton gRPC address ("a,b" or dns:NAME:PORT for every replica); None changes only
+    # files (the next server start serves them).
     url: str | None = "localhost:8001"
     labels: str | None = None  # feedback join output (feedback/README.md)
     event_log: str | None = None  # when set, the join runs first, into `labels`

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import urllib.request
 
+from serving.discovery import split_urls
 from serving.metrics import VersionMetrics, read_serving_metrics
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
@@ -37,6 +38,16 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
 def serving_metrics(text: str) -> dict[str, VersionMetrics]:
     """`recommend`'s per-version counters (serving.metrics) from the endpoint's text."""
     return read_serving_metrics(parse_prometheus(text))
+
+
+def fleet_serving_metrics(metrics_urls: str, timeout: float = 5.0) -> dict[str, VersionMetrics]:
+    """The same counters summed over every replica: `metrics_urls` is one endpoint, "a,b"
+    or dns:NAME:PORT (serving.discovery). Every replica must answer (OSError otherwise):
+    guardrails on a partial sum would undercount the errors of the one that did not."""
+    samples = []
+    for url in split_urls(metrics_urls):
+        samples += parse_prometheus(fetch(url, timeout))
+    return read_serving_metrics(samples)
 
 
 def fetch(metrics_url: str, timeout: float = 5.0) -> str:

@@ -46,6 +46,7 @@ from models.features import (
 )
 from serving import auth
 from serving import repository as layout
+from serving.discovery import split_urls
 
 Protocol = Literal["grpc", "http"]
 T = TypeVar("T")
@@ -318,16 +319,6 @@ class AsyncTritonTransport(_Transport):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-def split_urls(url: str | Sequence[str] | None = None, urls: Iterable[str] | None = None):
-    """Server addresses from `url` ("a", "a,b" or a list) and `urls`, in order, no repeats."""
-    parts: list[str] = []
-    for u in [url] if isinstance(url, str) or url is None else list(url):
-        parts += (u or "").split(",")
-    for u in urls or ():
-        parts += u.split(",")
-    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -11,7 +11,8 @@ start, a promote, a rollback) goes through `switch_routing`, in the one safe ord
 4. optionally, after a drain, unload the versions nobody is routed to any more.
 
 Several replicas (`tritonserver`s on one model repository, a shared volume) are switched
-together: `switch_routing(..., urls=[a, b])` (or `url="a,b"`) first asks every replica
+together: `switch_routing(..., urls=[a, b])` (or `url="a,b"`, or `url="dns:NAME:PORT"` for
+every address a headless Service has now, as under an autoscaler) first asks every replica
 whether it answers, then loads on each; any replica down or refusing stops the switch with
 an error naming it, before routing moves (versions already loaded on the others stay loaded
 and unrouted: harmless, and the next switch's drain unloads them). Only then is routing
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from serving import auth
 from serving import repository as layout
+from serving.discovery import split_urls
 from serving.routing import SWITCH_DELAY_S, RoutingState, routing_of, routing_store_of
 
 log = logging.getLogger(__name__)
@@ -54,15 +56,8 @@ class ReplicaError(ServerError):
         super().__init__(message)
 
 
-def replica_urls(url: str | Sequence[str] | None = None, urls: Iterable[str] | None = None):
-    """The replicas' gRPC addresses, in order, without repeats: `url` may be one address,
-    "a,b" or a list; `urls` adds more."""
-    parts: list[str] = []
-    for u in [url] if isinstance(url, str) or url is None else list(url):
-        parts += [p.strip() for p in (u or "").split(",")]
-    for u in urls or ():
-        parts += [p.strip() for p in u.split(",")]
-    return list(dict.fromkeys(p for p in parts if p))
+# The replicas' gRPC addresses: one, "a,b", a list, or dns:NAME:PORT (serving.discovery).
+replica_urls = split_urls
 
 
 def _grpc(url: str):

@@ -159,7 +159,9 @@ def read_serving_metrics(
         elif name == LATENCY + "_bucket":
             le = labels.get("le", "")
             bound = float("inf") if le in ("+Inf", "inf") else float(le)
-            buckets.setdefault(v, {})[bound] = value
+            # summed: the samples may come from several replicas (canary.prom)
+            per = buckets.setdefault(v, {})
+            per[bound] = per.get(bound, 0.0) + value
     for v, cum in buckets.items():
         bounds = np.array(sorted(cum), dtype=np.float64)
         c = np.array([cum[b] for b in bounds], dtype=np.float64)

@@ -76,8 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
     # `northstar simulate freshness ...`: live online features against the frozen snapshot.
     from simulator.freshness_cli import register as register_freshness
+    from simulator.freshness_cli import register_depth
 
-    register_freshness(p.add_subparsers(dest="simulate_command", metavar="{freshness}"))
+    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth}")
+    register_freshness(studies)
+    register_depth(studies)
 
 
 def simulate_config(args):

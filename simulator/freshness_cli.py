@@ -47,6 +47,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_freshness)
 
 
+def register_depth(sub: argparse._SubParsersAction) -> None:
+    from simulator.depth import DepthConfig as d
+
+    p = sub.add_parser(
+        "depth",
+        help="in-process closed loop: which live state makes CTR fall (seen filter, "
+        "history, prior), and how true relevance decays down the model's ranking",
+        description="Settings are DepthConfig's fields (simulator/depth.py): from --config "
+        "FILE (a [depth] table or top level), then the flags, then --set. Reuses the world "
+        "and run that `simulate freshness` put in --dir (trains them the first time).",
+    )
+    p.add_argument("--dir", help=f"work folder (default {d.dir})")
+    p.add_argument("--preset", help=f"world size when --dir has none (default {d.preset})")
+    p.add_argument("--seed", type=int, help=f"world, training and loop seed ({d.seed})")
+    config_mod.add_config_args(p, "DepthConfig", "users=500 rounds=12")
+    p.set_defaults(func=_depth)
+
+
+def _depth(args) -> int:
+    from simulator.depth import DepthConfig, run_depth, tables
+
+    flags = [f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k)]
+    cfg = config_mod.load(DepthConfig, args.config, flags + list(args.set), section="depth")
+    result = run_depth(cfg, progress=lambda name: print(f"arm done: {name}", flush=True))
+    print(tables(result))
+    print(f"\n{result['users']} users; prior {result['prior']}; written to {result['path']}")
+    return 0
+
+
 def _freshness(args) -> int:
     from simulator.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
 

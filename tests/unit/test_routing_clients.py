@@ -49,3 +49,16 @@ def test_one_url_or_several():
     with RecommenderClient() as c:  # the protocol's default
         assert c.urls == ["localhost:8001"]
     assert AsyncRecommenderClient("h1:8001,h2:8001").urls == ["h1:8001", "h2:8001"]
+
+
+def test_dns_entries_expand_to_every_address_the_name_has_now():
+    from serving.discovery import DiscoveryError
+
+    got = split_urls("dns:localhost:8001")
+    assert got and all(u.endswith(":8001") for u in got)
+    assert "127.0.0.1:8001" in got or "[::1]:8001" in got
+    assert split_urls(["dns:localhost:8001", "b:2"])[-1] == "b:2"
+    with pytest.raises(DiscoveryError, match=r"no-such-host\.invalid does not resolve"):
+        split_urls("dns:no-such-host.invalid:8001")
+    with pytest.raises(ValueError, match="expected dns:NAME:PORT"):
+        split_urls("dns:triton-headless")

@@ -56,3 +56,13 @@ def test_batch_metrics_latency_per_user():
 @pytest.mark.parametrize("text", ["", "garbage\n# only comments\n", TEXT.replace("version", "v")])
 def test_read_serving_metrics_without_the_families_is_empty(text):
     assert read_serving_metrics(parse_prometheus(text)) == {}
+
+
+def test_counters_from_several_replicas_add_up():
+    one = read_serving_metrics(parse_prometheus(TEXT))
+    both = read_serving_metrics(parse_prometheus(TEXT) + parse_prometheus(TEXT))
+    for v, m in one.items():
+        assert both[v].requests == 2 * m.requests
+        assert both[v].errors == {r: 2 * n for r, n in m.errors.items()}
+        assert both[v].answered == 2 * m.answered
+        assert both[v].latency_quantile(0.5) == m.latency_quantile(0.5)
