@@ -43,6 +43,7 @@ from canary import decide, faults
 from canary.faults import Fault
 from canary.state import Busy, CanaryRecord, ProductionRecord, StateStore, new_id
 from fairness.gates import GateConfig
+from feedback.tiers import TierConfig
 from serving import repository as layout
 from serving.control import switch_routing
 from serving.publish import ExportConfig
@@ -84,6 +85,13 @@ class RetrainConfig:
     window_days: float = 60.0
     # Fewer new positive labels than this since the last model: skip, nothing to learn.
     min_new_labels: int = 0
+    # Which feedback labels the candidate learns from (feedback/tiers.py): "final" every
+    # written positive; "weak" also impressions still in their window that have a click (a
+    # fast schedule, hours fresher); "strong" only final long watches and likes (a slow,
+    # cleaner schedule). `tiers` sets the strong threshold and the weak/strong loss weights
+    # (weak_weight 1 here: every positive counts the same unless a schedule says otherwise).
+    label_tier: Literal["final", "weak", "strong"] = "final"
+    tiers: TierConfig = field(default_factory=lambda: TierConfig(weak_weight=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
     # Export: the largest k `recommend` serves and the over-fetch; None takes production's,
     # which is what a canary must match (versions served side by side share one config).
@@ -516,7 +524,8 @@ def collect(
     loads it once and passes it to every step; without it, it is loaded here). Positives
     newer than `since_label_ts` (the last retrain's cursor) count as new.
     """
-    from feedback.join import JoinConfig, export_positives, run_join
+    from feedback.join import JoinConfig, run_join
+    from feedback.tiers import export_tiered
     from training.schema import Dataset
 
     joined = None
@@ -536,7 +545,7 @@ def collect(
     run_dir.mkdir(parents=True, exist_ok=True)
     pos = pd.DataFrame(columns=["user_id", "item_id", "timestamp", "event_type", "value"])
     if cfg.labels and Path(cfg.labels).exists():
-        export_positives(cfg.labels, run_dir / "positives.parquet")
+        export_tiered(cfg.labels, run_dir / "positives.parquet", cfg.label_tier, cfg.tiers)
         pos = pd.read_parquet(run_dir / "positives.parquet")
     known = pos["user_id"].isin(ds.users["user_id"]) & pos["item_id"].isin(ds.items["item_id"])
     dropped = int((~known).sum())

@@ -678,6 +678,15 @@ def read_labels(out: str | Path) -> pd.DataFrame:
     return table.to_pandas()
 
 
+def read_pending(out: str | Path) -> pd.DataFrame:
+    """Impressions whose window is still open, as label rows with what has been attributed
+    to them so far (`clicked` may already be True: a weak label before it is final)."""
+    state = read_state(out)
+    if state is None:
+        return new_labels(_empty_impressions())
+    return _read_pending(Path(out), state)
+
+
 def read_statuses(out: str | Path) -> pd.DataFrame:
     """Every interaction's attribution status (one row per interaction in the log)."""
     table = _read_partitioned(Path(out) / STATUS_DIR, STATUS_SCHEMA, columns=STATUS_SCHEMA.names)

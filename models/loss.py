@@ -50,6 +50,7 @@ def in_batch_softmax_loss(
     neg_emb: torch.Tensor | None = None,
     neg_ids: torch.Tensor | None = None,
     neg_log_q: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax over the batch's positives (plus optional random negatives).
 
@@ -61,7 +62,8 @@ def in_batch_softmax_loss(
     item equals row i's positive is masked: it is the same item, not a negative.
 
     Shapes: user_emb (B, d), item_emb (B, d), item_ids (B,), log_q (B,),
-    neg_emb (N, d), neg_ids (N,), neg_log_q (N,). Returns the mean loss.
+    neg_emb (N, d), neg_ids (N,), neg_log_q (N,). Returns the mean loss; with `weight`
+    (B,), the weighted mean (a weak label counts less than a strong one, feedback.tiers).
     """
     logits = user_emb @ item_emb.T / temperature - log_q.unsqueeze(0)  # (B, B)
     same = item_ids.unsqueeze(1) == item_ids.unsqueeze(0)
@@ -72,4 +74,7 @@ def in_batch_softmax_loss(
         neg = neg.masked_fill(item_ids.unsqueeze(1) == neg_ids.unsqueeze(0), float("-inf"))
         logits = torch.cat([logits, neg], dim=1)
     target = torch.arange(len(item_ids), device=logits.device)
-    return F.cross_entropy(logits, target)
+    if weight is None:
+        return F.cross_entropy(logits, target)
+    per_row = F.cross_entropy(logits, target, reduction="none")
+    return (per_row * weight).sum() / weight.sum().clamp(min=1e-12)

@@ -41,4 +41,5 @@ class TwoTowerTrainTask(nn.Module):
             neg_emb=neg_emb,
             neg_ids=neg_items,
             neg_log_q=neg_log_q,
+            weight=batch.get("weight"),
         )

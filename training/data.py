@@ -25,6 +25,8 @@ class TrainingExamples:
     item_index: np.ndarray  # (N,)
     pos_in_user: np.ndarray  # (N,) how many earlier interactions this user has
     history_len: int
+    # (N,) per-example loss weight (a `weight` column: feedback.tiers); None = all 1
+    weight: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_index)
@@ -45,6 +47,11 @@ class TrainingExamples:
         cats_table = vocab.encode_user_cats(users_sorted)
         cat_rows = np.searchsorted(users_sorted["user_id"].to_numpy(np.int64), raw_users)
         hashed = len(vocab.user_ids) + hash_bucket(raw_users, vocab.n_hash_buckets)
+        weight = None
+        if "weight" in train.columns:
+            weight = train["weight"].fillna(1.0).to_numpy(np.float32)
+            if not (np.isfinite(weight).all() and (weight > 0).all()):
+                raise ValueError("weight: expected finite values > 0 for every interaction")
         return cls(
             user_index=vocab.user_index(raw_users),
             user_hashed=hashed,
@@ -52,6 +59,7 @@ class TrainingExamples:
             item_index=vocab.item_index(train["item_id"].to_numpy()),
             pos_in_user=pos,
             history_len=vocab.history_len,
+            weight=weight,
         )
 
     def batch(
@@ -67,9 +75,12 @@ class TrainingExamples:
         if cold_mask is not None:
             # Train the shared hashed rows on real users so cold starts get a useful vector.
             user_index = np.where(cold_mask, self.user_hashed[rows], user_index)
-        return {
+        out = {
             "user_index": torch.from_numpy(user_index[:, None]),
             "user_cats": torch.from_numpy(self.user_cats[rows]),
             "history": torch.from_numpy(history),
             "item_index": torch.from_numpy(self.item_index[rows]),
         }
+        if self.weight is not None:
+            out["weight"] = torch.from_numpy(self.weight[rows])
+        return out

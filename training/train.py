@@ -144,7 +144,10 @@ def load_training_data(cfg: TrainConfig, dataset: Dataset | None = None):
     train_df = sp.train
     if cfg.extra_interactions:
         extra = pd.read_parquet(cfg.extra_interactions)
-        train_df = pd.concat([train_df, extra[train_df.columns]], ignore_index=True)
+        # A `weight` column (feedback.tiers: weak < strong) weights those rows in the loss;
+        # the base log's rows get 1.
+        cols = [*train_df.columns, *(["weight"] if "weight" in extra.columns else [])]
+        train_df = pd.concat([train_df, extra[cols]], ignore_index=True)
         train_df = train_df.sort_values("timestamp", kind="stable")
     return ds, sp, train_df
 

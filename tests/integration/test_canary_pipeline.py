@@ -21,6 +21,7 @@ from canary.pipeline import RetrainConfig, collect, retrain
 from canary.state import CanaryRecord, ProductionRecord, StateStore
 from fairness.gates import GateConfig
 from feedback.join import LABEL_SCHEMA
+from feedback.tiers import TierConfig
 from models.towers import TowerConfig
 from serving import repository as layout
 from serving.publish import ExportConfig, export
@@ -102,7 +103,13 @@ def test_collect_counts_new_labels_and_shuffles_only_what_is_learned(world, tmp_
     n_pos = got.positives
     assert n_pos > 50 and got.new_positives == n_pos and got.evidence()["positives"] == n_pos
     extra = pd.read_parquet(got.extra)
-    assert list(extra.columns) == ["user_id", "item_id", "timestamp", "event_type", "value"]
+    assert list(extra.columns)[:5] == ["user_id", "item_id", "timestamp", "event_type", "value"]
+    assert (extra["weight"] == 1.0).all() and extra["final"].all()  # the default: every final
+    # the slow schedule learns from strong labels only: these clicks are 60 s watches
+    strong = collect(replace(cfg, label_tier="strong"), tmp_path / "rs", str(root / "data"))
+    assert strong.positives == 0
+    long_enough = replace(cfg, label_tier="strong", tiers=TierConfig(strong_watch_s=30.0))
+    assert collect(long_enough, tmp_path / "rl", str(root / "data")).positives == n_pos
     assert got.label_ts == float(extra["timestamp"].max())  # the cursor a retrain consumes
     # only labels after the cursor are new
     cursor = float(extra["timestamp"].median())
