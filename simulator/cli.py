@@ -76,11 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
     # `northstar simulate freshness ...`: live online features against the frozen snapshot.
     from simulator.freshness_cli import register as register_freshness
-    from simulator.freshness_cli import register_depth
+    from simulator.freshness_cli import register_depth, register_tiers
 
-    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth}")
+    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth,tiers}")
     register_freshness(studies)
     register_depth(studies)
+    register_tiers(studies)
 
 
 def simulate_config(args):

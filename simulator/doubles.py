@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +60,13 @@ class LocalRecommender:
         noise: float = 1.0,
         seed: int = 0,
         model_version: int = 1,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         from training.synth import World
 
         self.world = World.load(world_dir)
-        self.logger = ImpressionLogger(sink)
+        # the driver's clock, so impressions and the clicks on them share one timeline
+        self.logger = ImpressionLogger(sink, clock=clock)
         self.epsilon, self.overfetch, self.noise = epsilon, overfetch, noise
         self.model_version = model_version
         self.rng = np.random.default_rng(seed)

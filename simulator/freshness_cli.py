@@ -76,6 +76,34 @@ def _depth(args) -> int:
     return 0
 
 
+def register_tiers(sub: argparse._SubParsersAction) -> None:
+    from simulator.label_tiers import TiersStudyConfig as d
+
+    p = sub.add_parser(
+        "tiers",
+        help="what each label tier is worth: retrain on the loop's feedback one tier at a "
+        "time (final, weighted, strong only, weak with pending)",
+        description="Settings are TiersStudyConfig's fields (simulator/label_tiers.py): from "
+        "--config FILE (a [tiers] table or top level), then the flags, then --set.",
+    )
+    p.add_argument("--dir", help=f"work folder (default {d.dir})")
+    p.add_argument("--preset", help=f"world size when --dir has none (default {d.preset})")
+    p.add_argument("--seed", type=int, help=f"world, training and loop seed ({d.seed})")
+    config_mod.add_config_args(p, "TiersStudyConfig", "requests=20000 weak_weight=0.5")
+    p.set_defaults(func=_tiers)
+
+
+def _tiers(args) -> int:
+    from simulator.label_tiers import TiersStudyConfig, run_study, table
+
+    flags = [f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k)]
+    cfg = config_mod.load(TiersStudyConfig, args.config, flags + list(args.set), section="tiers")
+    result = run_study(cfg, progress=lambda line: print(line, flush=True))
+    print(table(result))
+    print(f"\njoin: {result['join']}; {result['seconds']} s; written to {result['path']}")
+    return 0
+
+
 def _freshness(args) -> int:
     from simulator.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
 

@@ -1,0 +1,231 @@
+"""What each label tier is worth offline: retrain on the loop's feedback, one tier at a time.
+
+The loop's own traffic is simulated into a real event log (`simulate` with the in-process
+recommender and sink, the world's click, watch and like model), joined by the real join,
+and the positives of each schedule (`feedback.tiers.select_positives`) are given to the
+same warm fine-tune of the production run (no popularity prior in any arm, so that only
+the labels differ):
+
+- `no feedback`: the fine-tune on the base log alone (the control);
+- `final`: every written positive, weight 1 (what a retrain used before tiers);
+- `final, weighted`: the same, weak positives at `weak_weight`;
+- `strong`: final long watches and likes only (the slow schedule);
+- `weak`: every attributed impression at the cut, still-pending ones included (the fast
+  schedule), weak at `weak_weight`.
+
+The simulated traffic spans `span_windows` attribution windows on a fake clock, so at the
+cut the newest window is still pending: only `weak` sees it. Each candidate is scored on
+the world's test split (NDCG@10, as `northstar train` reports it) and on what the world
+knows and the log does not: the mean true relevance of its top 10 (simulator.depth), the
+quantity clicks in the loop follow.
+
+    northstar simulate tiers --dir reports/tiers [--set requests=20000 epochs=2]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from common.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ARMS = ("no feedback", "final", "final, weighted", "strong", "weak")
+
+
+@dataclass
+class TiersStudyConfig:
+    dir: str = "reports/tiers"
+    preset: str = "small"
+    seed: int = 0
+    world: str | None = None
+    run: str | None = None
+    train_epochs: int = 12  # the production run, when --dir has none yet
+    users: int = 2000  # simulated population
+    requests: int = 20_000  # slates in the simulated loop
+    span_windows: float = 4.0  # the traffic spans this many windows; the newest is pending
+    window_s: float = 1800.0
+    epochs: int = 2  # the warm fine-tune of canary `warm_window`
+    lr: float = 0.001
+    strong_watch_s: float = 1200.0
+    weak_weight: float = 0.5
+    eval_users: int = 500  # users whose top 10 is scored against the world's relevance
+    out: str | None = None  # default DIR/tiers.json
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.users < 1 or self.epochs < 1:
+            raise ValueError("requests, users and epochs must be >= 1")
+        if not self.span_windows > 1:
+            raise ValueError(f"span_windows={self.span_windows}: expected > 1")
+
+
+def simulate_log(cfg: TiersStudyConfig, world_dir: Path, root: Path) -> tuple[Path, float]:
+    """The loop's traffic into a fresh SQLite event log, on a clock that spreads it over
+    `span_windows` windows ending now; returns (log, the clock's last reading: the cut)."""
+    from feedback.sink import open_sink
+    from simulator.config import SimulateConfig
+    from simulator.doubles import LocalRecommender, SinkSender
+    from simulator.driver import simulate
+
+    path = root / "events.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    sink = open_sink(path)
+    span = cfg.span_windows * cfg.window_s
+    # the driver reads the clock about three times a request (sent, answered, events)
+    step = span / (3.0 * cfg.requests)
+    ticks = itertools.count()
+    start = time.time() - span
+
+    def clock() -> float:
+        return start + next(ticks) * step
+
+    sim = SimulateConfig(
+        world=str(world_dir),
+        users=cfg.users,
+        requests=cfg.requests,
+        seed=cfg.seed,
+        window_s=cfg.window_s,
+        resend_share=0.0,
+        # no click later than a window: the cut then leaves exactly the newest window open
+        max_delay_s=cfg.window_s,
+    )
+    local = LocalRecommender(world_dir, sink, seed=cfg.seed, clock=clock)
+    simulate(sim, client_factory=lambda: local, sender=SinkSender(sink), clock=clock)
+    return path, clock()
+
+
+def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
+    from feedback.join import JoinConfig, run_join
+    from feedback.sink import open_source
+    from feedback.tiers import TierConfig, export_tiered
+    from simulator.depth import DepthConfig, build, relevance_by_depth
+    from simulator.freshness import prepare
+    from training.train import TrainConfig, train
+
+    root = Path(cfg.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data, prod = prepare(
+        root,
+        preset=cfg.preset,
+        seed=cfg.seed,
+        world=cfg.world,
+        run=cfg.run,
+        train_epochs=cfg.train_epochs,
+    )
+    t0 = time.perf_counter()
+    events, cut = simulate_log(cfg, data, root)
+    labels = root / "labels"
+    if labels.exists():
+        import shutil
+
+        shutil.rmtree(labels)
+    # The join at the cut, seeing only what had happened by then: impressions of the
+    # newest window are still pending, and clicks after the cut do not exist yet.
+    joined = run_join(
+        JoinConfig(log=str(events), out=str(labels), window_s=cfg.window_s, as_of=cut),
+        source=_Upto(open_source(str(events)), cut),
+    )
+    if progress:
+        progress(f"simulated and joined: {joined.labels_written} final, {joined.pending} pending")
+    weighted = TierConfig(strong_watch_s=cfg.strong_watch_s, weak_weight=cfg.weak_weight)
+    plans = {
+        "no feedback": None,
+        "final": ("final", replace(weighted, weak_weight=1.0)),
+        "final, weighted": ("final", weighted),
+        "strong": ("strong", weighted),
+        "weak": ("weak", weighted),
+    }
+    base = TrainConfig(
+        data=str(data),
+        init_from=str(prod),
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        resume=False,
+        progress=False,
+        # No prior in any arm: a beta chosen per arm would differ between arms and hide the
+        # labels' effect. No baselines either: they do not depend on the labels.
+        prior_betas=(0.0,),
+        baselines=(),
+    )
+    arms: dict[str, dict[str, Any]] = {}
+    for name, plan in plans.items():
+        out = root / "runs" / name.replace(", ", "-").replace(" ", "-")
+        counts: dict[str, int] = {}
+        extra = None
+        if plan is not None:
+            use, tiers = plan
+            extra = out.parent / f"{out.name}.parquet"
+            extra.parent.mkdir(parents=True, exist_ok=True)
+            counts = export_tiered(labels, extra, use, tiers)
+        metrics = train(
+            replace(base, out=str(out), extra_interactions=str(extra) if extra else None)
+        )
+        loop = build(
+            DepthConfig(dir=str(root), world=str(data), run=str(out), users=cfg.eval_users)
+        )
+        depth = relevance_by_depth(loop, (0.0,))
+        arms[name] = {
+            "positives": counts,
+            "ndcg@10": _test_ndcg(metrics),
+            "true_relevance@10": depth[0]["rel@1-10"],
+            "oracle_relevance@10": depth[-1]["rel@1-10"],
+        }
+        if progress:
+            progress(f"{name}: {arms[name]}")
+    result = {
+        "config": asdict(cfg),
+        "join": {"final": joined.labels_written, "pending": joined.pending},
+        "arms": arms,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    path = Path(cfg.out) if cfg.out else root / "tiers.json"
+    atomic_write_text(path, json.dumps(result, indent=1, default=str))
+    result["path"] = str(path)
+    return result
+
+
+class _Upto:
+    """An event source that shows only events up to `cut` (event time)."""
+
+    def __init__(self, source, cut: float):
+        self.source, self.cut = source, cut
+
+    def snapshot(self) -> dict[str, int]:
+        return self.source.snapshot()
+
+    def read(self, kind: str, *, after: int, upto: int):
+        df = self.source.read(kind, after=after, upto=upto)
+        return df[df["ts"] <= self.cut]
+
+    def quarantine_counts(self) -> dict[str, dict[str, int]]:
+        return self.source.quarantine_counts()
+
+
+def _test_ndcg(metrics: dict) -> float | None:
+    """The model's NDCG@10 on the test split from `train`'s metrics (None if absent)."""
+    try:
+        return float(metrics["test"]["model"]["ndcg@10"])
+    except (KeyError, TypeError):
+        return None
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| positives from | positives (weak / strong / not final) | test NDCG@10 | "
+        "true relevance of top 10 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, arm in result["arms"].items():
+        c = arm["positives"]
+        pos = f"{c['positives']} ({c['weak']} / {c['strong']} / {c['not_final']})" if c else "–"
+        ndcg = f"{arm['ndcg@10']:.4f}" if arm["ndcg@10"] is not None else "–"
+        lines.append(f"| {name} | {pos} | {ndcg} | {arm['true_relevance@10']:.3f} |")
+    return "\n".join(lines)
