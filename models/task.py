@@ -5,18 +5,70 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.loss import in_batch_softmax_loss
 from models.towers import TwoTower
 
 
+class StabilityTerm(nn.Module):
+    """Distillation against production's top K: keeps a retrain's scores near the model it
+    would replace, where that model is confident.
+
+    A retrain that starts from production still drifts: every epoch on new data moves users
+    and items, and users see their lists reshuffle for no reason they can tell (the canary's
+    churn guardrail rejects candidates for exactly this). For each user in the batch the
+    frozen production model (the teacher) picks its top `k` items over the whole catalogue;
+    the term is the KL divergence from the teacher's softmax over those k scores to the
+    candidate's softmax over the same items, times `weight`. Only the order and spread of
+    production's best items are held; everything below its top k is free to change.
+    """
+
+    def __init__(self, teacher: TwoTower, *, weight: float, k: int, temperature: float):
+        super().__init__()
+        if not weight > 0 or k < 2:
+            raise ValueError(f"stability weight={weight}, k={k}: expected weight > 0, k >= 2")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.weight, self.temperature = float(weight), float(temperature)
+        self.k = min(int(k), teacher.spec.n_items)
+        with torch.no_grad():
+            self.register_buffer("teacher_items", teacher.item_embeddings())  # (N, d)
+
+    def train(self, mode: bool = True) -> StabilityTerm:
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout, whatever the task's mode
+        return self
+
+    def forward(
+        self, student: TwoTower, batch: dict[str, torch.Tensor], student_user: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            tu = self.teacher.user_embed(batch["user_index"], batch["user_cats"], batch["history"])
+            top, idx = (tu @ self.teacher_items.T).topk(self.k, dim=1)  # (B, k)
+        b, k = idx.shape
+        items = student.item_embed(idx.reshape(-1)).view(b, k, -1)  # (B, k, d)
+        scores = (student_user.unsqueeze(1) * items).sum(-1)  # (B, k)
+        log_p = F.log_softmax(scores / self.temperature, dim=1)
+        q = F.softmax(top / self.temperature, dim=1)
+        return self.weight * F.kl_div(log_p, q, reduction="batchmean")
+
+
 class TwoTowerTrainTask(nn.Module):
-    def __init__(self, model: TwoTower, temperature: float, n_random_negatives: int = 0):
+    def __init__(
+        self,
+        model: TwoTower,
+        temperature: float,
+        n_random_negatives: int = 0,
+        stability: StabilityTerm | None = None,
+    ):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.n_random_negatives = n_random_negatives
+        self.stability = stability
 
     def forward(
         self,
@@ -32,7 +84,7 @@ class TwoTowerTrainTask(nn.Module):
             # Uniform draws: an item is among the N negatives with probability ~ N / n_items.
             q = len(neg_items) / self.model.spec.n_items
             neg_log_q = torch.full((len(neg_items),), math.log(q), device=neg_emb.device)
-        return in_batch_softmax_loss(
+        loss = in_batch_softmax_loss(
             user_emb=user,
             item_emb=item,
             item_ids=batch["item_index"],
@@ -43,3 +95,6 @@ class TwoTowerTrainTask(nn.Module):
             neg_log_q=neg_log_q,
             weight=batch.get("weight"),
         )
+        if self.stability is not None:
+            loss = loss + self.stability(self.model, batch, user)
+        return loss
