@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from models.features import FeatureSpec
 from models.prior import PopularityPrior
+from models.sequence import SequenceEncoder
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,23 @@ class TowerConfig:
     hidden_dim: int = 128  # one hidden layer: enough to mix ids, categories and history
     out_dim: int = 64  # d=64: the dimension loadtest/RESULTS.md measures the retrieval ceiling at
     dropout: float = 0.0  # measured 2.8x TopPop on "demo" without it; early stopping regularises
+    # How the user tower reads the last H items: "mean" = masked mean of their embeddings
+    # (order-blind); "sequence" = causal self-attention with position embeddings
+    # (`models.sequence`), for worlds where what comes next depends on what came last.
+    user_encoder: Literal["mean", "sequence"] = "mean"
+    seq_layers: int = 2  # "sequence" only: Transformer blocks
+    seq_heads: int = 2  # "sequence" only: attention heads; must divide id_dim
+
+    def __post_init__(self) -> None:
+        if self.user_encoder not in ("mean", "sequence"):
+            raise ValueError(f"TowerConfig.user_encoder={self.user_encoder!r}: mean | sequence")
+        if self.user_encoder == "sequence" and (
+            self.seq_layers < 1 or self.seq_heads < 1 or self.id_dim % self.seq_heads
+        ):
+            raise ValueError(
+                f"TowerConfig: seq_layers={self.seq_layers} and seq_heads={self.seq_heads} must "
+                f"be >= 1 and seq_heads must divide id_dim={self.id_dim}"
+            )
 
 
 def _mlp(in_dim: int, cfg: TowerConfig) -> nn.Sequential:
@@ -31,7 +50,8 @@ def _mlp(in_dim: int, cfg: TowerConfig) -> nn.Sequential:
 
 
 class UserTower(nn.Module):
-    """user id (with hashed rows for unknown users) + categorical features + history mean."""
+    """user id (with hashed rows for unknown users) + categorical features + history, read
+    as a masked mean or by the sequence encoder (`TowerConfig.user_encoder`)."""
 
     def __init__(self, spec: FeatureSpec, cfg: TowerConfig):
         super().__init__()
@@ -41,6 +61,11 @@ class UserTower(nn.Module):
         )
         # Row 0 is padding so that the masked mean ignores empty history slots.
         self.history_emb = nn.Embedding(spec.n_items + 1, cfg.id_dim, padding_idx=0)
+        self.sequence = None  # "mean": no module, so mean runs keep their state_dict keys
+        if cfg.user_encoder == "sequence":
+            self.sequence = SequenceEncoder(
+                cfg.id_dim, spec.history_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout
+            )
         in_dim = cfg.id_dim * 2 + cfg.cat_dim * len(spec.user_cat_cardinalities)
         self.mlp = _mlp(in_dim, cfg)
 
@@ -50,9 +75,12 @@ class UserTower(nn.Module):
         # user_index (B, 1), user_cats (B, C), history (B, H) -> (B, d)
         uid = self.user_emb(user_index[:, 0])  # (B, id_dim)
         cats = [emb(user_cats[:, i]) for i, emb in enumerate(self.cat_embs)]  # C x (B, cat_dim)
-        mask = (history > 0).unsqueeze(-1).to(uid.dtype)  # (B, H, 1)
-        hist_sum = (self.history_emb(history) * mask).sum(dim=1)  # (B, id_dim)
-        hist = hist_sum / mask.sum(dim=1).clamp(min=1.0)
+        if self.sequence is not None:
+            hist = self.sequence(self.history_emb(history), history > 0)  # (B, id_dim)
+        else:
+            mask = (history > 0).unsqueeze(-1).to(uid.dtype)  # (B, H, 1)
+            hist_sum = (self.history_emb(history) * mask).sum(dim=1)  # (B, id_dim)
+            hist = hist_sum / mask.sum(dim=1).clamp(min=1.0)
         x = torch.cat([uid, hist, *cats], dim=-1)
         return F.normalize(self.mlp(x), dim=-1)
 

@@ -65,7 +65,7 @@ class TiersStudyConfig:
             raise ValueError(f"span_windows={self.span_windows}: expected > 1")
 
 
-def simulate_log(cfg: TiersStudyConfig, world_dir: Path, root: Path) -> tuple[Path, float]:
+def simulate_log(cfg, world_dir: Path, root: Path) -> tuple[Path, float]:
     """The loop's traffic into a fresh SQLite event log, on a clock that spreads it over
     `span_windows` windows ending now; returns (log, the clock's last reading: the cut)."""
     from feedback.sink import open_sink
@@ -101,9 +101,28 @@ def simulate_log(cfg: TiersStudyConfig, world_dir: Path, root: Path) -> tuple[Pa
     return path, clock()
 
 
-def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
+def feedback_labels(cfg, world_dir: Path, root: Path):
+    """Simulate the loop's traffic (`simulate_log`) and join it at the cut, seeing only what
+    had happened by then: impressions of the newest window are still pending, and clicks
+    after the cut do not exist yet. `cfg` needs users, requests, seed, window_s and
+    span_windows. Returns (labels folder, JoinReport)."""
+    import shutil
+
     from feedback.join import JoinConfig, run_join
     from feedback.sink import open_source
+
+    events, cut = simulate_log(cfg, world_dir, root)
+    labels = root / "labels"
+    if labels.exists():
+        shutil.rmtree(labels)
+    joined = run_join(
+        JoinConfig(log=str(events), out=str(labels), window_s=cfg.window_s, as_of=cut),
+        source=_Upto(open_source(str(events)), cut),
+    )
+    return labels, joined
+
+
+def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
     from feedback.tiers import TierConfig, export_tiered
     from simulator.depth import DepthConfig, build, relevance_by_depth
     from simulator.freshness import prepare
@@ -120,18 +139,7 @@ def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
         train_epochs=cfg.train_epochs,
     )
     t0 = time.perf_counter()
-    events, cut = simulate_log(cfg, data, root)
-    labels = root / "labels"
-    if labels.exists():
-        import shutil
-
-        shutil.rmtree(labels)
-    # The join at the cut, seeing only what had happened by then: impressions of the
-    # newest window are still pending, and clicks after the cut do not exist yet.
-    joined = run_join(
-        JoinConfig(log=str(events), out=str(labels), window_s=cfg.window_s, as_of=cut),
-        source=_Upto(open_source(str(events)), cut),
-    )
+    labels, joined = feedback_labels(cfg, data, root)
     if progress:
         progress(f"simulated and joined: {joined.labels_written} final, {joined.pending} pending")
     weighted = TierConfig(strong_watch_s=cfg.strong_watch_s, weak_weight=cfg.weak_weight)

@@ -56,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="no trial starts after this many seconds (a running one finishes)",
     )
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument(
+        "--user-encoders",
+        default="mean,sequence",
+        help="user tower history encoders to search over (tower.user_encoder), comma-separated",
+    )
     config_mod.add_config_args(p, "the base TrainConfig", "epochs=8 batch_size=512")
     p.set_defaults(func=_tune)
 
@@ -136,7 +141,11 @@ def _tune(args) -> int:
 
     base = config_mod.load(TrainConfig, args.config, [*args.set, f"data={args.data}"])
     tcfg = TuneConfig(
-        trials=args.trials, time_budget_s=args.time_budget, seed=args.seed, out=args.out
+        trials=args.trials,
+        time_budget_s=args.time_budget,
+        seed=args.seed,
+        out=args.out,
+        user_encoders=tuple(e.strip() for e in args.user_encoders.split(",") if e.strip()),
     )
     result = tune(base, tcfg)
     print(

@@ -32,7 +32,7 @@ from models.features import FeatureVocab
 from models.loss import StreamingFrequencyEstimator
 from models.prior import PopularityPrior, RecentWindow
 from models.snapshot import FeatureSnapshot
-from models.task import TwoTowerTrainTask
+from models.task import StabilityTerm, TwoTowerTrainTask
 from models.towers import TowerConfig, TwoTower
 from training.baselines import EASE, EASE_MAX_ITEMS, Baseline, parse_baseline
 from training.data import TrainingExamples
@@ -73,6 +73,11 @@ class TrainConfig:
     # retrain passes production's run). Used only when the catalogue, categories and tower
     # match; otherwise training starts fresh and metrics["warm_start"] says why.
     init_from: str | None = None
+    # With init_from: weight of the stability term (models.task.StabilityTerm), the KL from
+    # the starting model's softmax over its own top `stability_k` items to the candidate's.
+    # 0 = off. It holds what users see still while the retrain learns the new data.
+    stability_weight: float = 0.0
+    stability_k: int = 20
     # Baselines evaluated beside the model on val and test (`training.baselines`):
     # "toppop", "recentpop:<7d|10%>" (last days / newest share of the history), "ease".
     baselines: tuple[str, ...] = ("toppop", "recentpop:7d", "recentpop:10%", "ease")
@@ -90,6 +95,11 @@ class TrainConfig:
     evaluate_test: bool = True
 
     def __post_init__(self) -> None:
+        if self.stability_weight < 0 or self.stability_k < 2:
+            raise ValueError(
+                f"stability_weight={self.stability_weight}, stability_k={self.stability_k}: "
+                "expected weight >= 0 and k >= 2"
+            )
         for spec in self.baselines:
             parse_baseline(spec)  # a typo fails here, not after training
         RecentWindow.parse(self.prior_window)
@@ -182,7 +192,22 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     if warm_state is not None:
         model.load_state_dict(warm_state)
     model = model.to(device)
-    task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives)
+    stability = None
+    if cfg.stability_weight > 0 and warm_state is not None:
+        teacher = TwoTower(vocab.spec, cfg.tower, item_cats)
+        teacher.load_state_dict(warm_state)
+        stability = StabilityTerm(
+            teacher.to(device),
+            weight=cfg.stability_weight,
+            k=cfg.stability_k,
+            temperature=cfg.temperature,
+        )
+        warm["stability"] = {"weight": cfg.stability_weight, "k": stability.k}
+    elif cfg.stability_weight > 0:
+        # Nothing to hold still without a starting model: say so rather than ignore it.
+        warm["stability"] = "off: no warm start to hold still"
+        log.warning("stability_weight=%s ignored: %s", cfg.stability_weight, warm["reason"])
+    task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives, stability)
     estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
     if warm_state is not None:
         # The loaded weights are calibrated to a converged logQ correction; a cold estimator
@@ -359,6 +384,11 @@ class _Resume:
         fields = asdict(cfg) | {"out": None, "resume": None, "progress": None, "epochs": None}
         if fields["init_from"] is None:  # checkpoints written before warm starts still resume
             del fields["init_from"]
+        if not fields["stability_weight"]:  # ... and those before the stability term
+            del fields["stability_weight"], fields["stability_k"]
+        if fields["tower"]["user_encoder"] == "mean":  # ... and those before the sequence tower
+            for name in ("user_encoder", "seq_layers", "seq_heads"):
+                del fields["tower"][name]
         for name in _AFTER_TRAINING:
             del fields[name]
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)

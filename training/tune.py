@@ -1,11 +1,11 @@
 """`northstar tune`: hyper-parameter search on validation only (Optuna, TPE, a time budget).
 
 Each trial is one `train()` run under OUT/trials/NNNN with sampled learning rate, id and
-output embedding sizes, temperature, an epoch cap and the popularity prior's beta; its score
-is the run's validation NDCG@10 (with early stopping and the prior, both also on
-validation). Trials evaluate validation only (`evaluate_test=False`) and only TopPop beside
-the model, so the test split stays unseen until a final `northstar train` with the best
-config. After every trial OUT/ gets:
+output embedding sizes, the user tower's history encoder (mean or sequence), temperature, an
+epoch cap and the popularity prior's beta; its score is the run's validation NDCG@10 (with
+early stopping and the prior, both also on validation). Trials evaluate validation only
+(`evaluate_test=False`) and only TopPop beside the model, so the test split stays unseen
+until a final `northstar train` with the best config. After every trial OUT/ gets:
 
   best_config.toml   the full TrainConfig of the best trial: `northstar train --config` it
                      (with beta fixed to the tuned value)
@@ -47,12 +47,17 @@ class TuneConfig:
     temperature: tuple[float, float] = (0.02, 0.2)
     id_dims: tuple[int, ...] = (32, 48, 64)
     out_dims: tuple[int, ...] = (32, 64)
+    # The user tower's history encoder (TowerConfig.user_encoder): which one a dataset wants
+    # (order-blind mean or causal attention) is a property of the data, so validation picks.
+    user_encoders: tuple[str, ...] = ("mean", "sequence")
     min_epochs: int = 1  # the epoch cap is sampled in [min_epochs, base.epochs]
     max_beta: float = 0.1  # the prior's beta is sampled uniformly in [0, max_beta]
 
     def __post_init__(self) -> None:
         if self.trials < 1 or not self.time_budget_s > 0:
             raise ValueError("TuneConfig: trials must be >= 1 and time_budget_s > 0")
+        if not self.user_encoders or not set(self.user_encoders) <= {"mean", "sequence"}:
+            raise ValueError(f"TuneConfig.user_encoders={self.user_encoders}: mean, sequence")
 
 
 def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, dict[str, Any]]:
@@ -61,11 +66,17 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         "temperature": trial.suggest_float("temperature", *cfg.temperature, log=True),
         "tower.id_dim": trial.suggest_categorical("tower.id_dim", list(cfg.id_dims)),
         "tower.out_dim": trial.suggest_categorical("tower.out_dim", list(cfg.out_dims)),
+        "tower.user_encoder": trial.suggest_categorical(
+            "tower.user_encoder", list(cfg.user_encoders)
+        ),
         "epochs": trial.suggest_int("epochs", min(cfg.min_epochs, base.epochs), base.epochs),
         "prior_beta": trial.suggest_float("prior_beta", 0.0, cfg.max_beta),
     }
     tower = dataclasses.replace(
-        base.tower, id_dim=params["tower.id_dim"], out_dim=params["tower.out_dim"]
+        base.tower,
+        id_dim=params["tower.id_dim"],
+        out_dim=params["tower.out_dim"],
+        user_encoder=params["tower.user_encoder"],
     )
     trial_cfg = dataclasses.replace(
         base,

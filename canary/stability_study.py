@@ -1,0 +1,164 @@
+"""What the stability term buys: churn and accuracy of a retrain, with and without it.
+
+The same loop feedback as `northstar simulate tiers` (simulated traffic on one clock, the
+real join at a cut), the same warm fine-tune of the production run on the final
+positives, once per stability weight (`TrainConfig.stability_weight`; 0 = off). Each
+candidate is compared with production exactly as the retrain's offline gates compare
+them (`canary.offline.compare_offline`: both rank the newest slice with the same
+history): accuracy on that slice and the top-K overlap the churn guardrail reads
+(`OfflineGates.min_topk_overlap`).
+
+    northstar stability-study --dir reports/stability [--set weights=0,0.5,2 requests=20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from common.files import atomic_write_text
+
+
+@dataclass
+class StabilityStudyConfig:
+    dir: str = "reports/stability"
+    preset: str = "small"
+    seed: int = 0
+    world: str | None = None
+    run: str | None = None
+    train_epochs: int = 12  # the production run, when --dir has none yet
+    users: int = 2000
+    requests: int = 20_000
+    span_windows: float = 4.0
+    window_s: float = 1800.0
+    epochs: int = 2  # the warm fine-tune of canary `warm_window`
+    lr: float = 0.001
+    weights: tuple[float, ...] = (0.0, 0.5, 2.0)
+    k: int = 20  # the stability term's top k
+    eval_k: int = 10  # churn and accuracy at this list length, as the offline gates
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self.weights = tuple(float(w) for w in self.weights)
+        if any(w < 0 for w in self.weights) or not self.weights:
+            raise ValueError(f"weights={self.weights}: expected one or more values >= 0")
+
+
+def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
+    from canary.decide import OfflineGates
+    from canary.offline import compare_offline
+    from feedback.tiers import TierConfig, export_tiered
+    from simulator.freshness import prepare
+    from simulator.label_tiers import feedback_labels
+    from training.run import load_run
+    from training.train import TrainConfig, train
+
+    root = Path(cfg.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data, prod_dir = prepare(
+        root,
+        preset=cfg.preset,
+        seed=cfg.seed,
+        world=cfg.world,
+        run=cfg.run,
+        train_epochs=cfg.train_epochs,
+    )
+    t0 = time.perf_counter()
+    labels, joined = feedback_labels(cfg, data, root)
+    extra = root / "positives.parquet"
+    counts = export_tiered(labels, extra, "final", TierConfig(weak_weight=1.0))
+    if progress:
+        progress(f"feedback: {counts['positives']} final positives")
+    base = TrainConfig(
+        data=str(data),
+        init_from=str(prod_dir),
+        extra_interactions=str(extra),
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        resume=False,
+        progress=False,
+        stability_k=cfg.k,
+        # the same prior grid for every arm would pick per-arm betas: hold it off
+        prior_betas=(0.0,),
+        baselines=("toppop",),
+    )
+    production = load_run(prod_dir)
+    gate = OfflineGates().min_topk_overlap
+    arms = []
+    for w in cfg.weights:
+        out = root / "runs" / f"stability-{w:g}"
+        train(replace(base, out=str(out), stability_weight=w))
+        rep = compare_offline(
+            candidate=load_run(out), production=production, train_cfg=base, k=cfg.eval_k
+        )
+        metric = f"ndcg@{cfg.eval_k}"
+        arms.append(
+            {
+                "stability_weight": w,
+                metric: rep.candidate[metric],
+                "production_" + metric: rep.production[metric],
+                "topk_overlap": rep.overlap,
+                "churn": 1 - rep.overlap,
+                "passes_churn_gate": rep.overlap >= gate,
+                "users": rep.users,
+            }
+        )
+        if progress:
+            progress(f"stability {w:g}: {arms[-1]}")
+    result = {
+        "config": asdict(cfg),
+        "positives": counts,
+        "join": {"final": joined.labels_written, "pending": joined.pending},
+        "min_topk_overlap": gate,
+        "arms": arms,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    path = Path(cfg.out) if cfg.out else root / "stability.json"
+    atomic_write_text(path, json.dumps(result, indent=1, default=str))
+    result["path"] = str(path)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    k = result["config"]["eval_k"]
+    lines = [
+        f"| stability weight | NDCG@{k} (production) | top-{k} churn vs production | "
+        f"churn gate (overlap ≥ {result['min_topk_overlap']}) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for a in result["arms"]:
+        lines.append(
+            f"| {a['stability_weight']:g} | {a[f'ndcg@{k}']:.4f} "
+            f"({a[f'production_ndcg@{k}']:.4f}) | {a['churn']:.3f} | "
+            f"{'passes' if a['passes_churn_gate'] else 'rejects'} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from common import config as config_mod
+
+    p.add_argument("--dir", help=f"work folder (default {StabilityStudyConfig.dir})")
+    p.add_argument("--preset", help=f"world size (default {StabilityStudyConfig.preset})")
+    p.add_argument("--seed", type=int)
+    config_mod.add_config_args(p, "StabilityStudyConfig", "weights=0,0.5,2 requests=20000")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    from common import config as config_mod
+
+    flags = [
+        f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k) is not None
+    ]
+    cfg = config_mod.load(
+        StabilityStudyConfig, args.config, flags + list(args.set), section="stability"
+    )
+    result = run_study(cfg, progress=lambda line: print(line, flush=True))
+    print(table(result))
+    print(f"\n{result['seconds']} s; written to {result['path']}")
+    return 0
