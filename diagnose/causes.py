@@ -19,6 +19,10 @@ from scipy import stats
 from diagnose.data import CUR, ITEM_GROUPS, REF, USER_GROUPS, Inputs
 from diagnose.decompose import shift_share
 
+# A served feature whose commonest value covers this share of the current window (and
+# clearly less of the reference) is stuck, not merely skewed.
+STUCK_SHARE = 0.95
+
 
 @dataclass
 class Finding:
@@ -469,11 +473,17 @@ def feature_skew(inp: Inputs) -> Finding:
             how="left",
         )
     rows = []
+    any_mis = np.zeros(len(m), bool)
     for f in feats:
         sv, tv = m[f"_served_{f}"], m[f"_train_{f}"]
         known = sv.notna() & tv.notna()
         mis = known & (sv.astype(str) != tv.astype(str))
+        any_mis |= mis.to_numpy()
         cost = {}
+        # matched CTR per training value in the reference: the fallback when a window has
+        # no matched impressions for a value (a feature stuck at one value leaves none)
+        ref_ok = (m["window"] == REF) & known & ~mis
+        ref_matched = m["clicked"][ref_ok].groupby(tv[ref_ok].astype(str)).mean()
         for w in (REF, CUR):
             inw = (m["window"] == w) & known
             rate = float(mis[inw].mean()) if inw.any() else 0.0
@@ -481,34 +491,68 @@ def feature_skew(inp: Inputs) -> Finding:
             g = pd.DataFrame({"v": tv[inw].astype(str), "mis": mis[inw], "c": m["clicked"][inw]})
             by = g.groupby(["v", "mis"])["c"].agg(["mean", "size"]).unstack("mis")
             gap = 0.0
-            if ("mean", True) in by.columns and ("mean", False) in by.columns:
-                ok = by[("size", True)].notna() & by[("mean", False)].notna()
+            if ("mean", True) in by.columns:
+                matched = (
+                    by[("mean", False)]
+                    if ("mean", False) in by.columns
+                    else pd.Series(np.nan, index=by.index)
+                )
+                few = (
+                    by[("size", False)].fillna(0) < 30
+                    if ("size", False) in by.columns
+                    else pd.Series(True, index=by.index)
+                )
+                matched = matched.where(~few, by.index.to_series().map(ref_matched))
+                ok = by[("size", True)].notna() & matched.notna()
                 wts = by.loc[ok, ("size", True)]
                 if wts.sum() > 0:
                     gap = float(
-                        ((by.loc[ok, ("mean", False)] - by.loc[ok, ("mean", True)]) * wts).sum()
-                        / wts.sum()
+                        ((matched[ok] - by.loc[ok, ("mean", True)]) * wts).sum() / wts.sum()
                     )
             cost[w] = {"mismatch_rate": rate, "ctr_gap": gap, "cost": rate * gap}
+        top_share = {}
+        for w in (REF, CUR):
+            v = sv[(m["window"] == w) & sv.notna()].astype(str)
+            top_share[w] = float(v.value_counts(normalize=True).iloc[0]) if len(v) else 0.0
         rows.append(
             {
                 "feature": f,
+                "top_value_share": top_share,
+                "stuck": bool(top_share[CUR] >= STUCK_SHARE and top_share[REF] < STUCK_SHARE - 0.1),
                 "mismatch_rate": {w: cost[w]["mismatch_rate"] for w in cost},
                 "ctr_gap_matched_minus_mismatched": {w: cost[w]["ctr_gap"] for w in cost},
                 "explained": cost[CUR]["cost"] - cost[REF]["cost"],
             }
         )
+    # Impressions served with a feature training would not have seen: the relevance
+    # analysers leave them out, so a skew is not counted twice.
+    inp.imp["served_mismatch"] = (
+        pd.Series(any_mis, index=m["event_id"].to_numpy())
+        .reindex(inp.imp["event_id"].to_numpy())
+        .fillna(False)
+        .astype(bool)
+        .to_numpy()
+    )
     worst = max(rows, key=lambda r: r["explained"])
     explained = float(worst["explained"])
+    kind = "feature_stuck" if worst["stuck"] else "feature_skew"
+    cause = f"{kind}:{worst['feature']}" if explained > 0 else "feature_skew"
+    what = "stuck at one value at serving" if worst["stuck"] else "training-serving skew"
     return Finding(
-        cause=f"feature_skew:{worst['feature']}" if explained > 0 else "feature_skew",
-        title=f"training-serving skew in `{worst['feature']}`",
+        cause=cause,
+        title=f"{what} in `{worst['feature']}`",
         explained=explained,
         share_of_drop=_share(explained, d),
         evidence={"features": rows, "feature": worst["feature"]},
-        remediation=f"Fix the skewed feature `{worst['feature']}` at serving (the online "
-        "store's writer or encoder), rebuild the store, then re-check that served and "
-        "training values agree; no retrain is needed.",
+        remediation=(
+            f"The served `{worst['feature']}` collapsed to one value: find the writer or "
+            "default that pins it (a failed lookup falling back to a constant, an encoder "
+            "reading the wrong column), fix it and rebuild the online store; no retrain."
+            if worst["stuck"]
+            else f"Fix the skewed feature `{worst['feature']}` at serving (the online "
+            "store's writer or encoder), rebuild the store, then re-check that served and "
+            "training values agree; no retrain is needed."
+        ),
         expected_recovery=max(explained, 0.0),
     )
 
@@ -554,10 +598,158 @@ def stale_model(inp: Inputs) -> Finding:
     )
 
 
-ANALYSERS: tuple[Callable[[Inputs], Finding], ...] = (
+# ------------------------------------------------------------------ relevance drift
+
+
+def _label(inp: Inputs) -> pd.Series:
+    """Clicked, counting the late clicks too: relevance is judged on what users did,
+    not on when their clicks arrived."""
+    return inp.imp["clicked"] | inp.imp["event_id"].isin(inp.late["event_id"])
+
+
+def relevance_drift(inp: Inputs) -> list[Finding]:
+    """Same model, same kind of user, same score: fewer clicks. On the traffic no other
+    cause touches (the reference's version, known users and items, served features as
+    training saw them), the current CTR is set against what the reference's CTR per cell
+    (user group × popularity bucket × score quintile × position band) predicts. The
+    relative shortfall that every popularity bucket shares is users' tastes moving
+    (`taste_drift`); what a bucket loses beyond the least-hit one, and beyond twice its
+    own noise, is item-side (`popularity_shock`)."""
+    _, cur_all = split(inp)
+    d = drop(inp)
+    imp = inp.imp
+    prev = _previous_version(inp)
+    clean = (imp["model_version"] == prev).to_numpy()
+    if "freshness" in imp:
+        clean &= (imp["freshness"] == "known").to_numpy()
+    if "served_mismatch" in imp:
+        clean &= ~imp["served_mismatch"].to_numpy(bool)
+    c = imp.loc[clean, ["window", "user_id", "score", "position"]].copy()
+    c["y"] = _label(inp)[clean].to_numpy()
+    groups = [g for g in USER_GROUPS if g in imp]
+    c["group"] = imp.loc[clean, groups].astype(str).agg(" × ".join, axis=1) if groups else ""
+    c["bucket"] = imp.loc[clean, "popularity"].to_numpy() if "popularity" in imp else "all"
+    r, k = c[c["window"] == REF], c[c["window"] == CUR]
+    ev: dict[str, Any] = {"clean_impressions": {REF: len(r), CUR: len(k)}}
+    zero = [
+        Finding(
+            cause=name,
+            title=title,
+            explained=0.0,
+            share_of_drop=_share(0.0, d),
+            evidence=ev,
+            remediation="",
+            expected_recovery=0.0,
+        )
+        for name, title in (
+            ("taste_drift", "users' tastes drifted from what the model learned"),
+            ("popularity_shock", "a popularity shock: what was popular lost its appeal"),
+        )
+    ]
+    min_n = inp.cfg.min_segment_impressions
+    if len(r) < min_n or len(k) < min_n:
+        ev["note"] = "too little traffic that no other cause touches in one of the windows"
+        return zero
+    edges = np.quantile(r["score"].to_numpy(), [0.2, 0.4, 0.6, 0.8])
+    band = np.minimum(c["position"].to_numpy() // 3, 3)
+    cell = np.searchsorted(edges, c["score"].to_numpy()) * 10 + band
+    # The bucket is part of the cell: at one score a head item (pushed by its popularity)
+    # and a tail item are not the same bet, and a change in who arrives moves the mix.
+    c["cell"] = c["bucket"].astype(str) + "|" + cell.astype(str)
+    c["fine"] = c["group"] + "|" + c["cell"]
+    r, k = c[c["window"] == REF], c[c["window"] == CUR]
+    coarse = r.groupby("cell")["y"].mean()
+    fine = r.groupby("fine")["y"].agg(["mean", "size"])
+    fine = fine.loc[fine["size"] >= 20, "mean"]
+    # a sparse fine cell falls back to its coarse cell scaled by the user group's ratio
+    r_coarse = r["cell"].map(coarse)
+    factor = r.groupby("group")["y"].sum() / r_coarse.groupby(r["group"]).sum().clip(lower=1e-9)
+    fallback = k["cell"].map(coarse) * k["group"].map(factor).fillna(1.0)
+    expect = k["fine"].map(fine).fillna(fallback).fillna(r["y"].mean())
+    t = pd.DataFrame({"bucket": k["bucket"], "e": expect.to_numpy(), "y": k["y"].astype(float)})
+    t["v"] = t["e"] * (1 - t["e"])
+    t = t.groupby("bucket").agg(
+        n=("y", "size"), expected=("e", "sum"), clicks=("y", "sum"), var=("v", "sum")
+    )
+    t["shortfall"] = (t["expected"] - t["clicks"]) / t["expected"].clip(lower=1e-9)
+    t["se"] = np.sqrt(t["var"]) / t["expected"].clip(lower=1e-9)
+    t = t.drop(columns="var")
+    big = t[t["n"] >= min_n]
+    uniform = float(max(big["shortfall"].min(), 0.0)) if len(big) else 0.0
+    n_cur = max(len(cur_all), 1)
+    taste = float((t["expected"] * uniform).sum() / n_cur)
+    # beyond the shared part, only what a bucket's own noise (2 SE) does not explain
+    excess = (t["shortfall"] - uniform - 2 * t["se"]).clip(lower=0)
+    item_side = float((t["expected"] * excess).sum() / n_cur)
+    ev.update(
+        {
+            "expected_ctr_current": float(t["expected"].sum() / max(len(k), 1)),
+            "observed_ctr_current": float(t["clicks"].sum() / max(len(k), 1)),
+            "reference_ctr": float(r["y"].mean()),
+            "shared_shortfall": uniform,
+            "by_popularity_bucket": _records(t.reset_index()),
+        }
+    )
+    taste_f, pop_f = zero
+    taste_f.explained, taste_f.share_of_drop = taste, _share(taste, d)
+    taste_f.remediation = (
+        "Retrain on the recent window (`northstar retrain --set mode=warm_window`) and "
+        "shorten the retrain cadence: the model's user representations no longer match "
+        "what users click, in every segment and at every score."
+    )
+    taste_f.expected_recovery = max(taste, 0.0)
+    pop_f.explained, pop_f.share_of_drop = item_side, _share(item_side, d)
+    worst = t["shortfall"].idxmax() if len(t) else None
+    pop_f.evidence = {**ev, "hit_bucket": worst}
+    pop_f.remediation = (
+        f"Recompute the popularity prior from recent clicks (the `{worst}` bucket lost "
+        "its appeal, the model still pushes it), retrain on the recent window, and raise "
+        "exploration until the new head is learned."
+    )
+    pop_f.expected_recovery = max(item_side, 0.0)
+    return [taste_f, pop_f]
+
+
+# ------------------------------------------------------------------ is the drop real?
+
+
+def drop_test(inp: Inputs, alpha: float) -> dict[str, Any]:
+    """The drop against its noise: each window's CTR is a ratio of sums over users, so
+    its variance is the delta method's, clustered by user (a user's impressions are not
+    independent draws). The windows are taken as independent, which is conservative when
+    the same users are in both. One-sided: a drop is significant when p < alpha."""
+    out: dict[str, Any] = {"alpha": alpha, "clustered_by": "user"}
+    var = 0.0
+    for w, f in zip((REF, CUR), split(inp), strict=True):
+        g = f.groupby("user_id")["clicked"].agg(["sum", "size"])
+        n = float(g["size"].sum())
+        rate = float(g["sum"].sum()) / n if n else float("nan")
+        v = float(((g["sum"] - rate * g["size"]) ** 2).sum()) / n**2 if n else float("nan")
+        out[w] = {"ctr": rate, "se": float(np.sqrt(v)), "users": len(g)}
+        var += v
+    d = out[REF]["ctr"] - out[CUR]["ctr"]
+    se = float(np.sqrt(var))
+    z = d / se if se > 0 else float("nan")
+    half = float(stats.norm.ppf(1 - alpha)) * se
+    out.update(
+        {
+            "drop": d,
+            "se": se,
+            "z": z,
+            "p_value": float(stats.norm.sf(z)) if np.isfinite(z) else float("nan"),
+            "ci": [d - half, d + half],
+        }
+    )
+    out["significant"] = bool(np.isfinite(z) and out["p_value"] < alpha)
+    return out
+
+
+# In this order: feature_skew marks the mismatched impressions relevance_drift leaves out.
+ANALYSERS: tuple[Callable[[Inputs], Finding | list[Finding]], ...] = (
     population_shift,
     model_regression,
     label_delay,
     feature_skew,
     stale_model,
+    relevance_drift,
 )

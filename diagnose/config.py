@@ -65,7 +65,10 @@ class DiagnoseConfig:
         return f"--reference-weeks {self.reference_weeks} ({day(r0)}:{day(r1 - DAY_S)})"
 
 
-WINDOW_FORMAT = "YYYY-MM-DD or YYYY-MM-DD:YYYY-MM-DD (UTC dates, both days included)"
+WINDOW_FORMAT = (
+    "YYYY-MM-DD or YYYY-MM-DD:YYYY-MM-DD (UTC dates, both days included) or START/END "
+    "(ISO 8601 times)"
+)
 
 
 def day(ts: float) -> str:
@@ -86,7 +89,11 @@ def flag_window(name: str, text: str) -> tuple[float, float]:
 
 
 def parse_window(text: str) -> tuple[float, float]:
-    """'2026-11-01:2026-11-07' -> [Nov 1 00:00, Nov 8 00:00) UTC; one date is one day."""
+    """'2026-11-01:2026-11-07' -> [Nov 1 00:00, Nov 8 00:00) UTC; one date is one day.
+    An ISO 8601 interval of times, '2026-11-30T01:00:00Z/2026-11-30T01:20:00Z', is taken
+    as it is (end excluded): a canary's trial lasts minutes, not days."""
+    if "/" in text:
+        return _parse_interval(text)
     parts = [p.strip() for p in text.split(":")] if text else []
     if len(parts) not in (1, 2) or not all(parts):
         raise ValueError(f"window {text!r}: expected YYYY-MM-DD or YYYY-MM-DD:YYYY-MM-DD")
@@ -100,3 +107,24 @@ def parse_window(text: str) -> tuple[float, float]:
     t0 = datetime(start.year, start.month, start.day, tzinfo=timezone.utc).timestamp()
     t1 = datetime(end.year, end.month, end.day, tzinfo=timezone.utc) + timedelta(days=1)
     return t0, t1.timestamp()
+
+
+def _parse_interval(text: str) -> tuple[float, float]:
+    parts = [p.strip() for p in text.split("/")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"window {text!r}: expected START/END (ISO 8601 times)")
+    out = []
+    for p in parts:
+        try:
+            t = datetime.fromisoformat(p.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"window {text!r}: {exc}") from None
+        out.append((t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp())
+    if out[1] <= out[0]:
+        raise ValueError(f"window {text!r}: ends before it starts")
+    return out[0], out[1]
+
+
+def iso(ts: float) -> str:
+    """Unix seconds -> an ISO 8601 UTC time, as a START/END window takes it."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")

@@ -29,7 +29,7 @@ UNKNOWN = "unknown"
 
 @dataclass
 class Inputs:
-    cfg: DiagnoseConfig
+    cfg: DiagnoseConfig | None  # None: built by the monitor, which has no report config
     imp: pd.DataFrame  # one row per labelled impression in either window, `window` column
     pending: dict[str, int]  # window -> impressions in the log without a label yet
     late: pd.DataFrame  # late interactions on the windows' impressions: event_id, delay_s
@@ -116,16 +116,44 @@ def _check_log(path: str) -> None:
         )
 
 
-def load(cfg: DiagnoseConfig) -> Inputs:
-    (r0, r1), (c0, c1) = cfg.windows()
-    labels_dir = _labels_dir(cfg.labels)
-    if cfg.log:
-        _check_log(cfg.log)
-    if cfg.data and not Path(cfg.data).is_dir():
+def logged_impressions(path: str) -> pd.DataFrame:
+    """event_id, ts of every impression in the event log (`--log`)."""
+    try:
+        with open_source(path) as src:
+            return src.read(IMPRESSION)[["event_id", "ts"]]
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"--log {path}: not a readable event log ({exc})") from None
+
+
+def dataset(
+    folder: str,
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None, pd.DataFrame | None]:
+    """users, items, interactions from the `--data` folder; None for a missing table."""
+    if not folder:
+        return None, None, None
+    data = Path(folder)
+    return tuple(  # type: ignore[return-value]
+        read_table(data / f"{n}.parquet") if (data / f"{n}.parquet").exists() else None
+        for n in ("users", "items", "interactions")
+    )
+
+
+def check_paths(labels: str, log: str, data: str) -> Path:
+    """The checks `load` makes before reading: --labels, --log and --data exist."""
+    labels_dir = _labels_dir(labels)
+    if log:
+        _check_log(log)
+    if data and not Path(data).is_dir():
         raise FileNotFoundError(
-            f"--data {cfg.data}: no such folder; expected users.parquet, items.parquet, "
+            f"--data {data}: no such folder; expected users.parquet, items.parquet, "
             "interactions.parquet (leave --data out to skip the segments)"
         )
+    return labels_dir
+
+
+def load(cfg: DiagnoseConfig) -> Inputs:
+    (r0, r1), (c0, c1) = cfg.windows()
+    labels_dir = check_paths(cfg.labels, cfg.log, cfg.data)
     lab = read_labels(labels_dir)
     if lab.empty:
         raise ValueError(
@@ -162,22 +190,12 @@ def load(cfg: DiagnoseConfig) -> Inputs:
 
     pending = {REF: 0, CUR: 0}
     if cfg.log:
-        try:
-            with open_source(cfg.log) as src:
-                logged = src.read(IMPRESSION)[["event_id", "ts"]]
-        except sqlite3.DatabaseError as exc:
-            raise ValueError(f"--log {cfg.log}: not a readable event log ({exc})") from None
+        logged = logged_impressions(cfg.log)
         unlabelled = logged[~logged["event_id"].isin(lab["event_id"])]
         t = unlabelled["ts"].to_numpy()
         pending = {REF: int(((t >= r0) & (t < r1)).sum()), CUR: int(((t >= c0) & (t < c1)).sum())}
 
-    data = Path(cfg.data) if cfg.data else None
-    users = items = interactions = None
-    if data is not None:
-        users = read_table(data / "users.parquet") if (data / "users.parquet").exists() else None
-        items = read_table(data / "items.parquet") if (data / "items.parquet").exists() else None
-        f = data / "interactions.parquet"
-        interactions = read_table(f) if f.exists() else None
+    users, items, interactions = dataset(cfg.data)
     versions = _optional(cfg.versions, "--versions")
     _need(versions, ("model_version", "trained_until"), f"--versions {cfg.versions}")
     served = _optional(cfg.served_features, "--served-features")

@@ -3,16 +3,24 @@
 `generate(fault, ...)` draws a reference window and a current window of served slates and
 clicks from one process; `fault` changes ONE part of that process in the current window:
 
-| fault            | what changes in the current window                                        |
-| ---------------- | ------------------------------------------------------------------------- |
-| `none`           | nothing (same process, fresh draws)                                       |
-| `mix_shift`      | who arrives: low-activity users (who click less) are 5x as likely         |
-| `feature_skew`   | the online store serves a wrong `age_bucket` for 70% of users; the model  |
-|                  | scores them with the wrong age centroid                                   |
-| `delayed_labels` | 60% of clicks are sent ~40x later (most after the attribution window)     |
-| `stale_catalogue`| many items released after the model's training cutoff, and many new users |
-|                  | without history; the model (trained long ago) knows neither               |
-| `worse_model`    | a new model version with noisier scores serves every request              |
+| fault              | what changes in the current window                                      |
+| ------------------ | ----------------------------------------------------------------------- |
+| `none`             | nothing (same process, fresh draws)                                     |
+| `mix_shift`        | who arrives: low-activity users (who click less) are 5x as likely       |
+| `feature_skew`     | the online store serves a wrong `age_bucket` for 70% of users; the      |
+|                    | model scores them with the wrong age centroid                           |
+| `delayed_labels`   | 60% of clicks are sent ~40x later (most after the attribution window)   |
+| `stale_catalogue`  | many items released after the model's training cutoff, and many new     |
+|                    | users without history; the model (trained long ago) knows neither      |
+| `worse_model`      | a new model version with noisier scores serves every request            |
+| `taste_drift`      | users' tastes move: each taste vector keeps half of itself, the rest is |
+|                    | redrawn; the model still scores with what it learned                    |
+| `feature_stuck`    | the online store serves `age_bucket` stuck at one value for every user  |
+| `popularity_shock` | the items that were popular lose their appeal (clicks on the head       |
+|                    | fall), while the model's popularity prior still pushes them             |
+| `history_truncated`| serving reads only each user's last 2 history items (training saw all): |
+|                    | the model barely knows the user's own taste; the feature log's          |
+|                    | `history_len` says 2 where training saw the full count                  |
 
 The world: users have a taste vector (age and gender centroids plus their own part) and an
 activity level (a click-propensity offset); items have a genre centroid plus their own
@@ -46,7 +54,14 @@ FAULTS = (
     "delayed_labels",
     "stale_catalogue",
     "worse_model",
+    "taste_drift",
+    "feature_stuck",
+    "popularity_shock",
+    "history_truncated",
 )
+# What serving keeps of a user's history under `history_truncated`, and how much of the
+# user's own taste the model can still read from so little.
+TRUNCATED_HISTORY, TRUNCATED_KNOWLEDGE = 2, 0.2
 DAY = 86_400.0
 # Reference 2026-10-18..2026-10-31, current 2026-11-01..2026-11-07 (UTC, inclusive dates).
 REF_START = 1_792_281_600.0  # 2026-10-18T00:00:00Z
@@ -65,13 +80,14 @@ GENRES = ("action", "comedy", "drama", "docs", "kids")
 
 @dataclass
 class World:
-    users: pd.DataFrame  # user_id, gender, age_bucket, activity
+    users: pd.DataFrame  # user_id, gender, age_bucket, activity, history_len
     items: pd.DataFrame  # item_id, genre, provider, release_ts
     interactions: pd.DataFrame  # training data: user_id, item_id, timestamp, event_type, value
     versions: pd.DataFrame  # model_version, trained_until
     impressions: pd.DataFrame  # the log's impression columns
     clicks: pd.DataFrame  # the log's interaction columns
-    served_features: pd.DataFrame  # user_id, ts, gender, age_bucket, activity (what was served)
+    # user_id, ts, gender, age_bucket, activity, history_len: what was served
+    served_features: pd.DataFrame
     previous_recs: pd.DataFrame  # user_id, position, item_id: the reference model's top k
     meta: dict = field(default_factory=dict)
 
@@ -105,6 +121,13 @@ def generate(
     gen_c = rng.normal(0, 0.4, (len(GENDERS), dim))
     own = rng.normal(0, 0.7, (n_users, dim))
     u_vec = age_c[age] + gen_c[gender] + own
+    # Taste drift keeps each user's marginal taste distribution (so random slates click as
+    # before) but decorrelates it from what the model learned.
+    keep = 0.5
+    u_vec_cur = u_vec
+    if fault == "taste_drift":
+        fresh_taste = rng.normal(0, 1.0, u_vec.shape) * u_vec.std(axis=0)
+        u_vec_cur = keep * u_vec + np.sqrt(1 - keep**2) * fresh_taste
     # The stale world adds a cohort of users who signed up after the model's cutoff.
     late_cohort = rng.random(n_users) < (0.45 if fault == "stale_catalogue" else 0.0)
     has_history = (rng.random(n_users) > 0.1) & ~late_cohort
@@ -124,6 +147,8 @@ def generate(
         release[wave] = CUR_START - rng.uniform(0.5, 5, wave.sum()) * DAY
         pop[wave] *= 3.0  # new releases are promoted: they get shown
     pop = pop / pop.sum()
+    # The popularity shock hits the items the model's prior pushes most: the top decile.
+    shocked = (pop >= np.quantile(pop, 0.9)) & (fault == "popularity_shock")
 
     users = pd.DataFrame(
         {
@@ -167,10 +192,18 @@ def generate(
     )
     noise = {1: 0.35, 2: 1.6}
 
-    def model_scores(version, cutoff, user_idx, served_age, served_gender, req_ts, noise_rng):
+    user_hist = np.zeros(n_users, np.int64)
+    user_hist[hist_users] = n_hist
+    # the history length as training saw it: the users table is the training features
+    users["history_len"] = user_hist
+
+    def model_scores(
+        version, cutoff, user_idx, served_age, served_gender, req_ts, noise_rng, truncated=False
+    ):
         knows_user = has_history[user_idx]
         u_model = age_c[served_age] + gen_c[served_gender]
-        u_model = u_model + np.where(knows_user[:, None], own[user_idx], 0.0)
+        known = TRUNCATED_KNOWLEDGE if truncated else 1.0
+        u_model = u_model + np.where(knows_user[:, None], known * own[user_idx], 0.0)
         known_item = release < cutoff
         i_model = np.where(known_item[:, None], i_vec, genre_c[genre] * 0.2)
         s = u_model @ i_model.T + 0.8 * np.log(pop * n_items)[None, :]
@@ -192,10 +225,19 @@ def generate(
         version = 2 if (current and fault == "worse_model") else 1
         cutoff = cutoff_v2 if version == 2 else cutoff_v1
         served_age = age[u].copy()
+        served_gender = gender[u].copy()
+        if current and fault == "feature_stuck":
+            served_age[:] = 0
         if current and fault == "feature_skew":
             bad = wrng.random(n_req) < 0.7
             served_age[bad] = (served_age[bad] + 1 + wrng.integers(0, 2, bad.sum())) % len(AGES)
-        scores = model_scores(version, cutoff, u, served_age, gender[u], ts, wrng)
+        truncated = current and fault == "history_truncated"
+        served_hist = user_hist[u]
+        if truncated:
+            served_hist = np.minimum(served_hist, TRUNCATED_HISTORY)
+        scores = model_scores(
+            version, cutoff, u, served_age, served_gender, ts, wrng, truncated=truncated
+        )
         order = np.argsort(-scores, axis=1)[:, :n_candidates]
         cand_scores = np.take_along_axis(scores, order, axis=1)
         cand_valid = np.isfinite(cand_scores)
@@ -209,13 +251,15 @@ def generate(
         )
         shown = ranking.item_ids  # (B, k) raw ids
         idx = shown - 10_000
-        aff = np.einsum("bd,bkd->bk", u_vec[u], i_vec[idx])
+        aff = np.einsum("bd,bkd->bk", (u_vec_cur if current else u_vec)[u], i_vec[idx])
         exam = 1.0 / (1.0 + np.arange(k)) ** 0.6
         logit = (
             -3.2
             + 0.9 * aff
             + np.vectorize(ACTIVITY_BIAS.get)(np.asarray(ACTIVITY)[activity[u]])[:, None]
         )
+        if current:
+            logit = logit - 1.5 * shocked[idx]
         p = exam[None, :] * (1.0 / (1.0 + np.exp(-logit)))
         click = wrng.random(p.shape) < p
         delay = wrng.lognormal(np.log(90.0), 1.0, p.shape)
@@ -235,6 +279,8 @@ def generate(
             "click": click,
             "click_ts": imp_ts + delay,
             "served_age": served_age,
+            "served_gender": served_gender,
+            "served_hist": served_hist,
         }
 
     ref = window(REF_START, REF_DAYS, ref_requests, current=False)
@@ -283,9 +329,10 @@ def generate(
                 {
                     "user_id": w["u"].astype(np.int64),
                     "ts": w["ts"],
-                    "gender": np.asarray(GENDERS)[gender[w["u"]]],
+                    "gender": np.asarray(GENDERS)[w["served_gender"]],
                     "age_bucket": np.asarray(AGES)[w["served_age"]],
                     "activity": np.asarray(ACTIVITY)[activity[w["u"]]],
+                    "history_len": w["served_hist"].astype(np.int64),
                 }
             )
         )

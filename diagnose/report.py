@@ -59,6 +59,7 @@ def markdown(body: dict) -> str:
         f"- current CTR {_fmt(s['current']['ctr'])} over {s['current']['impressions']:,} "
         "impressions",
         f"- drop {_fmt(s['drop'])} ({_pct(s['relative_drop'])} of the reference)",
+        _drop_test_line(s),
         "",
         "## Ranked causes",
         "",
@@ -103,6 +104,18 @@ def markdown(body: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _drop_test_line(s: dict) -> str:
+    t = s.get("drop_test")
+    if not t:
+        return ""
+    lo, hi = t["ci"]
+    verdict = "significant" if t["significant"] else "not significant"
+    return (
+        f"- drop test (clustered by user, one-sided α = {t['alpha']}): {verdict}, "
+        f"p = {t['p_value']:.3g}, interval {_fmt(lo)}..{_fmt(hi)}"
+    )
 
 
 def make_plots(result, inp: Inputs) -> dict[str, str]:

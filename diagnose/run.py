@@ -13,6 +13,7 @@ from diagnose.causes import (
     Finding,
     ctr,
     drop,
+    drop_test,
     input_drift,
     prediction_drift,
     split,
@@ -24,6 +25,9 @@ from diagnose.data import CUR, REF, Inputs, load
 # A cause enters the plan when it explains at least this share of the drop.
 PLAN_MIN_SHARE = 0.2
 ONLY_LABELS_SHARE = 0.7
+# One-sided level of the drop's significance test: the suite's healthy runs measure how
+# often a drop is claimed where there is none.
+ALPHA = 0.01
 
 
 @dataclass
@@ -80,7 +84,8 @@ def analyse(inp: Inputs, *, progress: bool = True) -> Diagnosis:
     bar = tqdm(total=len(steps) + 3, desc="diagnose", disable=not progress, unit="step")
     for fn in steps:
         bar.set_postfix_str(fn.__name__)
-        findings.append(fn(inp))
+        found = fn(inp)
+        findings.extend(found if isinstance(found, list) else [found])
         bar.update()
     bar.set_postfix_str("where")
     w = where(inp)
@@ -93,22 +98,27 @@ def analyse(inp: Inputs, *, progress: bool = True) -> Diagnosis:
     bar.close()
     ranked = rank(findings)
     top = ranked[0]
+    test = drop_test(inp, ALPHA)
+    significant = test["significant"]
     summary = {
         "north_star": "CTR per impression",
         "reference": {"window": list(inp.windows[REF]), "impressions": len(ref), "ctr": ctr(ref)},
         "current": {"window": list(inp.windows[CUR]), "impressions": len(cur), "ctr": ctr(cur)},
         "drop": d,
         "relative_drop": d / ctr(ref) if ctr(ref) > 0 else math.nan,
-        "top_cause": top.cause,
-        "headline": headline(ranked, d),
+        "significant": significant,
+        "drop_test": test,
+        # No cause is named for a drop the noise explains: that would be a false alarm.
+        "top_cause": top.cause if significant else None,
+        "headline": headline(ranked, d, test),
         "only_labels": bool(
-            d > 0 and top.cause == "label_delay" and top.share_of_drop >= ONLY_LABELS_SHARE
+            significant and top.cause == "label_delay" and top.share_of_drop >= ONLY_LABELS_SHARE
         ),
     }
     return Diagnosis(
         summary=summary,
         findings=ranked,
-        plan=plan(ranked, d),
+        plan=plan(ranked, d) if significant else [],
         where=w,
         drift=drift,
         prediction=pred,
@@ -116,9 +126,15 @@ def analyse(inp: Inputs, *, progress: bool = True) -> Diagnosis:
     )
 
 
-def headline(ranked: list[Finding], d: float) -> str:
+def headline(ranked: list[Finding], d: float, test: dict[str, Any] | None = None) -> str:
     if not d > 0:
         return "No drop: the current window's north star is not below the reference."
+    if test is not None and not test["significant"]:
+        lo, hi = test["ci"]
+        return (
+            f"No significant drop: CTR fell {d:.4f}, within noise (p = {test['p_value']:.2g}, "
+            f"{1 - test['alpha']:.0%} interval {lo:+.4f}..{hi:+.4f}, clustered by user)."
+        )
     top = ranked[0]
     if top.cause == "label_delay" and top.share_of_drop >= ONLY_LABELS_SHARE:
         return (

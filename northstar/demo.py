@@ -159,8 +159,40 @@ def audit_stage(cfg: DemoConfig, server, root: Path) -> None:
     print(f"report: {paths['html']}")
 
 
+def diagnose_stage(cfg: DemoConfig, server, root: Path) -> None:
+    """Why act (c)'s canary was rolled back: `northstar diagnose` on the demo's own labels,
+    log and world, the canary's trial window against the window before it."""
+    from diagnose.rollback import diagnose_rollback
+
+    _banner("9. diagnose act (c)'s rollback: its trial window against the one before")
+    scenario = root / "canary_scenario.json"
+    act = json.loads(scenario.read_text()).get("acts", {}).get("c") if scenario.exists() else None
+    if not act or act["retrain"]["status"] != "canary" or act.get("decision") != "rollback":
+        print(f"act (c) did not end in a rollback ({scenario}); nothing to diagnose")
+        return
+    try:
+        result, dcfg = diagnose_rollback(
+            state_dir=root / "canary",
+            version=int(act["retrain"]["version"]),
+            labels=root / "labels",
+            log=server.event_log,
+            data=root / "data",
+            out=root / "reports" / "diagnose",
+        )
+    except (ValueError, FileNotFoundError) as exc:  # e.g. no labels yet in the trial window
+        print(f"no diagnosis: {exc}")
+        return
+    print(f"current {dcfg.current}, reference {dcfg.reference}")
+    print(result.summary["headline"])
+    top = result.summary["top_cause"]
+    if top is None:  # the canary had half the traffic: the overall drop can be noise
+        top = f"{result.findings[0].cause} (ranked first; the overall drop is not significant)"
+    print(f"top cause: {top}")
+    print(f"report: {Path(dcfg.out) / 'report.html'}")
+
+
 # Stages that need the running server: (cfg, server, root) -> None. Canary appends itself.
-STAGES: list = [feedback_stage, audit_stage, canary_stage]
+STAGES: list = [feedback_stage, audit_stage, canary_stage, diagnose_stage]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,7 @@
 """diagnose/alerts.yaml and deploy/monitoring/grafana-dashboard.json read only metrics the
 project exports: every metric name in every PromQL expression is checked against names
-collected from the code (serving/metrics.py, feedback/lag.py) and Triton's documented set."""
+collected from the code (serving/metrics.py, feedback/lag.py, diagnose/monitor.py) and
+Triton's documented set."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diagnose.monitor import METRICS as MONITOR_METRICS
 from feedback.lag import lag_metrics
 from serving.metrics import ERRORS, LATENCY, REASONS, REQUESTS, STATE_ERRORS
 
@@ -44,7 +46,9 @@ def _exported() -> set[str]:
     lag = set(re.findall(r"^# TYPE (\S+) ", lag_metrics([]), flags=re.MULTILINE))
     assert lag, "feedback.lag exports no metric"
     serving = {REQUESTS, ERRORS, STATE_ERRORS} | {LATENCY + s for s in HISTOGRAM_SERIES}
-    return serving | lag | _triton_metrics()
+    # diagnose.monitor's families, as its collector exposes them (counters with _total)
+    monitor = set(MONITOR_METRICS)
+    return serving | lag | monitor | _triton_metrics()
 
 
 EXPORTED = _exported()
@@ -95,6 +99,25 @@ def test_exported_names_come_from_the_code():
     assert {REQUESTS, ERRORS, LATENCY + "_bucket", STATE_ERRORS} <= EXPORTED
     assert "northstar_stream_oldest_unacked_age_seconds" in EXPORTED
     assert "nv_inference_queue_duration_us" in EXPORTED
+    assert "northstar_monitor_ctr" in EXPORTED
+
+
+def test_the_monitor_alerts_link_their_report():
+    """Each alert on the monitor's families carries a link to the diagnosis the monitor
+    runs for it (GET /reports/alert/<alertname>/report.html)."""
+    monitor_rules = [r for r in _rules() if metric_names(r["expr"]) & set(MONITOR_METRICS)]
+    names = {r["alert"] for r in monitor_rules}
+    assert {
+        "NorthstarNorthStarDrop",
+        "NorthstarInputDrift",
+        "NorthstarLabelLag",
+        "NorthstarCanaryGuardrailBreach",
+    } <= names
+    for r in monitor_rules:
+        if r["alert"] == "NorthstarMonitorStale":
+            continue
+        link = r["annotations"].get("report", "")
+        assert link.endswith(f"/reports/alert/{r['alert']}/report.html"), r["alert"]
 
 
 def _rules() -> list[dict]:
@@ -191,3 +214,9 @@ def test_dashboard_has_the_panels_the_diagnosis_needs():
     assert uses(ERRORS, REQUESTS, where=lambda e: reasons(e) == {"degraded"})  # degraded share
     assert uses("northstar_stream_oldest_unacked_age_seconds")  # consumer lag
     assert uses("nv_inference_queue_duration_us", "nv_inference_exec_count")  # queue / exec
+    assert uses("northstar_monitor_ctr", "northstar_monitor_ctr_baseline") or (
+        uses("northstar_monitor_ctr") and uses("northstar_monitor_ctr_baseline")
+    )  # the north star against its trailing baseline
+    assert uses("northstar_monitor_feature_psi")  # drift
+    assert uses("northstar_monitor_label_watermark_lag_seconds")  # label lag
+    assert uses("northstar_monitor_canary_guardrail_breaches_total")  # canary guardrails
