@@ -42,9 +42,11 @@ RUN python3 -m pip install --no-cache-dir "numpy==1.26.4" "pandas==2.3.3" \
 # cpu: onnxruntime in the Python backend (models/onnx_session.py, serving/inline.py, the
 # cpu `retrieval`'s model.py). 1.23.2: the newest release with a wheel for this image's
 # Python 3.10 (pyproject's onnxruntime-gpu pin has none); it reads the export's opset 18.
+# faiss-cpu: versions exported with index.mode hnsw|ivf search their faiss index in the
+# stub (models/ann.py).
 RUN if [ "$TARGET" = cpu ]; then \
-      python3 -m pip install --no-cache-dir "onnxruntime==1.23.2" \
-      && python3 -c "import onnxruntime"; \
+      python3 -m pip install --no-cache-dir "onnxruntime==1.23.2" "faiss-cpu==1.15.1" \
+      && python3 -c "import onnxruntime, faiss"; \
     fi
 
 # The project modules the Python models import, and nothing else (no torch, no training).
@@ -52,7 +54,8 @@ WORKDIR /opt/northstar
 COPY common/__init__.py common/files.py common/config.py common/stub_python.py common/
 COPY online/__init__.py online/cache.py online/config.py online/rows.py online/state.py \
      online/store.py online/view.py online/routing_store.py online/
-COPY models/__init__.py models/features.py models/onnx_session.py models/snapshot.py models/
+COPY models/__init__.py models/features.py models/onnx_session.py models/snapshot.py \
+     models/ann.py models/
 COPY serving/__init__.py serving/auth.py serving/backend.py serving/inline.py \
      serving/live.py serving/metrics.py serving/recommender.py serving/repository.py serving/routing.py \
      serving/

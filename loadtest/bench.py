@@ -34,6 +34,7 @@ import numpy as np
 from loadtest import catalogue
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, infer_request
 from loadtest.users import UserSampler
+from models.compact_export import MODES, IndexConfig
 from models.features import INPUT_HISTORY, INPUT_USER_CATS, INPUT_USER_INDEX
 from serving import repository as layout
 
@@ -76,6 +77,14 @@ class BenchConfig:
     impressions: bool = False
     retrieval: layout.RetrievalServing = field(default_factory=layout.RetrievalServing)
     recommend: layout.RecommendServing = field(default_factory=layout.RecommendServing)
+    # Rows (f): `recommend` serving the same catalogue exported with each of these retrieval
+    # modes (exact, int8, hnsw, ivf: models/compact_export.py), each version on its own
+    # server, at `mode_concurrency`, with the recall or overlap its export measured.
+    retrieval_modes: tuple[str, ...] = ()
+    mode_concurrency: tuple[int, ...] = (32,)
+    index: IndexConfig = field(default_factory=IndexConfig)  # mode is set per row
+    # Untrained catalogues with items around this many centres (catalogue.CatalogueShape).
+    item_clusters: int = 0
 
 
 # The smoke configuration: tiny shapes and short windows, every row present.
@@ -379,6 +388,75 @@ def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dic
     return rows
 
 
+def bench_modes(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dict]:
+    """Rows (f): for each retrieval mode, route production to that version of the catalogue,
+    start a server and measure `recommend` at cfg.mode_concurrency. Routing is put back to
+    the exact baseline afterwards (the catalogue is cached and shared)."""
+    from models.export import ParityError
+    from serving.client import RecommenderClient
+    from serving.routing import RoutingState
+    from serving.server import ServerConfig, TritonServer
+
+    versions: dict[str, int] = {}
+    rows: list[dict] = []
+    n = br.shape.n_items
+    for m in cfg.retrieval_modes:
+        try:
+            versions[m] = br.version if br.trained else catalogue.variant(br, m, cfg.index)
+        except ParityError as exc:  # the export's own check refused it: a result, not a crash
+            log.warning("(f) %s refused at export: %s", m, exc)
+            nan = float("nan")
+            refused = {"concurrency": 0, "qps": nan, "p50_ms": nan, "p99_ms": nan, "failures": 0}
+            rows.append(_row("f", f"{m} retrieval: refused at export", n, refused, error=str(exc)))
+    _, singles = _payloads(br, cfg)
+    payloads = tuple(_recommend_request(u, cfg.k) for u in singles)
+    routing_path = layout.routing_path(br.repo)
+    saved = RoutingState.load(routing_path)
+    try:
+        for mode, version in versions.items():
+            RoutingState(production=version, salt=saved.salt).save(routing_path)
+            catalogue.write_serving_configs(br.repo, cfg.retrieval, cfg.recommend)
+            info = layout.read_meta(br.repo, version).get("index", {"mode": "exact"})
+            quality = {
+                k: info[k]
+                for k in ("recall", "recall_k", "search_param", "search_value", "overlap_mean")
+                if k in info
+            }
+            server_cfg = ServerConfig.on_free_ports(
+                str(br.repo), log_file=str(out / f"tritonserver-{n}-{mode}.log")
+            )
+            with (
+                _without_env(_EVENT_LOG_ENV),
+                TritonServer(server_cfg) as server,
+                LoadGenerator() as gen,
+                RecommenderClient(server.grpc_url) as client,
+            ):
+                cpu = _CpuWatch(server.process.pid)
+                for c in cfg.mode_concurrency:
+                    spec = LoadSpec(
+                        "grpc", server.grpc_url, payloads, 1, c, cfg.duration_s, cfg.warmup_s
+                    )
+                    res, extra = _run_load(gen, spec, cpu, client, (layout.RECOMMEND,))
+                    what = f"Triton recommend, {mode} retrieval{_quality_text(quality)}"
+                    rows.append(
+                        _row("f", what, n, res, mode=mode, version=version, **quality, **extra)
+                    )
+                    log.info("(f) %s %s", _fmt(rows[-1]), quality)
+    finally:
+        saved.save(routing_path)
+        catalogue.write_serving_configs(br.repo, cfg.retrieval, cfg.recommend)
+    return rows
+
+
+def _quality_text(q: dict) -> str:
+    if "recall" in q:
+        width = f"{q['search_param']}={q['search_value']}"
+        return f" (recall@{q['recall_k']} {q['recall']:.3f}, {width})"
+    if "overlap_mean" in q:
+        return f" (top-K overlap with fp32 {q['overlap_mean']:.3f})"
+    return ""
+
+
 _EVENT_LOG_ENV = "NORTHSTAR_EVENT_LOG"  # feedback.sink.EVENT_LOG_ENV
 
 
@@ -449,6 +527,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     unknown = set(cfg.rows) - set("abcde")
     if unknown:
         raise ValueError(f"rows: unknown {sorted(unknown)}; expected some of a, b, c, d, e")
+    bad_modes = set(cfg.retrieval_modes) - (set(MODES) - {"auto"})
+    if bad_modes:
+        raise ValueError(
+            f"retrieval_modes: unknown {sorted(bad_modes)}; expected some of exact, int8, hnsw, ivf"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc)
@@ -465,12 +548,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         repos = [catalogue.from_existing(cfg.run, cfg.repo or "model_repository")]
     else:
         shape = TINY_SHAPE if cfg.tiny else catalogue.CatalogueShape(n_users=cfg.n_users)
+        shape = dataclasses.replace(shape, item_clusters=cfg.item_clusters)
         repos = [
             catalogue.build(dataclasses.replace(shape, n_items=n), cfg.cache) for n in cfg.items
         ]
     for br in repos:
         t0 = time.perf_counter()
         rows = bench_size(br, cfg, out)
+        if cfg.retrieval_modes:
+            rows += bench_modes(br, cfg, out)
         result["sizes"].append(
             {
                 "n_items": br.shape.n_items,

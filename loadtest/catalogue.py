@@ -10,18 +10,23 @@ can vary batching, instances and onnxruntime options without re-exporting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from common.files import atomic_write_text
 from models.towers import TowerConfig
 from serving import repository as layout
+
+if TYPE_CHECKING:  # torch comes with it: imported where an export runs
+    from models.compact_export import IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,10 @@ class CatalogueShape:
     k: int = 100  # ExportConfig's defaults: top-200 candidates come out of the graph
     overfetch: int = 100
     tower: TowerConfig = BENCH_TOWER
+    # 0: item id embeddings as initialised (iid random, which ANN indexes cannot prune: any
+    # item may be any user's best). > 0: items drawn around this many centres, the kind of
+    # structure a trained catalogue has, so ANN rows measure what a trained model would get.
+    item_clusters: int = 0
 
     @property
     def key(self) -> str:
@@ -46,6 +55,7 @@ class CatalogueShape:
             f"items{self.n_items}-users{self.n_users}-int{self.n_interactions}-h{self.history_len}"
             f"-hb{self.n_hash_buckets}-k{self.k}+{self.overfetch}"
             f"-t{t.id_dim}.{t.cat_dim}.{t.hidden_dim}.{t.out_dim}"
+            + (f"-c{self.item_clusters}" if self.item_clusters else "")
         )
 
 
@@ -68,12 +78,15 @@ def build(shape: CatalogueShape, cache: str | Path | None = None) -> BenchRepo:
     """The cached run + repository for `shape`, built (and exported) on first use."""
     root = Path(cache or default_cache()) / shape.key
     root.parent.mkdir(parents=True, exist_ok=True)
+    if (root / "built.json").exists():  # written whole at the end: no need to wait for a
+        return _build_locked(shape, root)  # builder of a variant that holds the lock
     # One builder per shape: concurrent test sessions or benchmarks wait for it.
     with FileLock(root.parent / f".{shape.key}.lock"):  # blocks until the builder is done
         return _build_locked(shape, root)
 
 
 def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
+    from models.compact_export import IndexConfig
     from serving.publish import ExportConfig, export
     from serving.testing import build_tiny_run
 
@@ -94,6 +107,8 @@ def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
         n_hash_buckets=shape.n_hash_buckets,
         tower=shape.tower,
     )
+    if shape.item_clusters:
+        plant_item_clusters(root / "run", shape.item_clusters)
     # 64 parity users: the check materialises (users, n_items) scores, 0.3 GB at 1M items.
     res = export(
         ExportConfig(
@@ -102,6 +117,7 @@ def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
             k=shape.k,
             overfetch=shape.overfetch,
             parity_users=64,
+            index=IndexConfig(mode="exact"),  # the fp32 baseline; `variant` adds the others
         )
     )
     info = {"version": res.version, "graph_k": res.graph_k, "shape": asdict(shape)}
@@ -147,3 +163,77 @@ def write_serving_configs(
     routing = RoutingState.load(layout.routing_path(repo))
     layout.write_config(repo, routing_config(repo, routing, "cpu", retrieval))
     layout.write_config(repo, layout.recommend_config(recommend))
+
+
+def plant_item_clusters(run: Path, clusters: int, *, spread: float = 0.35, seed: int = 0) -> None:
+    """Overwrite the run's item id embeddings with points around `clusters` centres."""
+    import numpy as np
+    import torch
+
+    from training.run import load_run, save_run
+
+    r = load_run(run)
+    weight = r.model.item_tower.item_emb.weight
+    n, dim = weight.shape
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    points = centres[rng.integers(0, clusters, n)]
+    points += spread * rng.standard_normal((n, dim)).astype(np.float32)
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(points))
+    meta = json.loads((Path(run) / "run.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("tower", "spec", "popularity_prior")}
+    save_run(Path(run), r.model, r.vocab, {**meta, "item_clusters": clusters})
+
+
+def variant(br: BenchRepo, mode: str, index: IndexConfig | None = None) -> int:
+    """The version of `br`'s run exported with `index.mode = mode` (not routed), exported on
+    first use and remembered in built.json; the exact baseline is br.version."""
+    from models.compact_export import IndexConfig
+    from serving.publish import ExportConfig, export
+
+    index = dataclasses.replace(index or IndexConfig(), mode=mode)
+    if mode == "exact":
+        return br.version
+    root = br.repo.parent
+    key = variant_key(index)
+    known = json.loads((root / "built.json").read_text()).get("variants", {})
+    if key in known:  # built.json is replaced whole: readable while another variant builds
+        return int(known[key])
+    with FileLock(root.parent / f".{root.name}.lock"):
+        done = root / "built.json"
+        info = json.loads(done.read_text())
+        known = info.setdefault("variants", {})
+        if key in known and (layout.version_dir(br.repo, known[key]) / layout.META_FILE).exists():
+            return int(known[key])
+        log.info("exporting %s with index.mode=%s", br.repo, mode)
+        res = export(
+            ExportConfig(
+                run=str(br.run),
+                repo=str(br.repo),
+                k=br.shape.k,
+                overfetch=br.shape.overfetch,
+                parity_users=64,
+                promote=False,
+                index=index,
+            )
+        )
+        known[key] = res.version
+        atomic_write_text(done, json.dumps(info, indent=1, default=str))
+        return res.version
+
+
+# The IndexConfig fields each mode's export reads: a variant is rebuilt only when one changes.
+_VARIANT_FIELDS = {
+    "int8": ("rerank", "min_overlap"),
+    "hnsw": ("hnsw_m", "hnsw_ef_construction", "ef_search", "min_recall", "recall_k"),
+    "ivf": ("ivf_lists", "nprobe", "min_recall", "recall_k"),
+}
+
+
+def variant_key(index: IndexConfig) -> str:
+    fields = dataclasses.asdict(index)
+    return json.dumps(
+        {"mode": index.mode, **{f: fields[f] for f in _VARIANT_FIELDS[index.mode]}},
+        sort_keys=True,
+    )

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default=None, help="(c) sweep, e.g. 1,2,4,8,16,32,64")
     p.add_argument("--label", default=None, help="a name for this configuration")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny shapes, short windows")
+    p.add_argument(
+        "--retrieval", default=None, help="rows (f) per retrieval mode, e.g. exact,int8,hnsw"
+    )
     config_mod.add_config_args(
         p, "BenchConfig", "recommend.instances=1 retrieval.max_queue_delay_us=200"
     )
@@ -83,6 +86,7 @@ def bench_config(args):
         ("duration_s", args.duration),
         ("concurrency", args.concurrency),
         ("label", args.label),
+        ("retrieval_modes", getattr(args, "retrieval", None)),
     ):
         if val is not None:
             flags.append(f"{key}={val}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.ann import ANN_MODES, AnnSearch
 from models.features import (
     INPUT_HISTORY,
     INPUT_NAMES,
@@ -97,11 +98,19 @@ class RetrievalRunner:
     ):
         version_dir = Path(version_dir)
         self.meta = json.loads((version_dir / "meta.json").read_text())
-        self.session = onnx_session(
-            version_dir / "model.onnx",
-            intra_op_threads=intra_op_threads,
-            allow_spinning=allow_spinning,
-        )
+        # An ANN version (models/ann.py) answers from its user tower and faiss index; its
+        # model.onnx is the exact graph, kept for the gpu target and other readers.
+        self.mode = self.meta.get("index", {}).get("mode", "exact")
+        self.ann: AnnSearch | None = None
+        self.session = None
+        if self.mode in ANN_MODES:
+            self.ann = AnnSearch(version_dir, self.meta, threads=intra_op_threads)
+        else:
+            self.session = onnx_session(
+                version_dir / "model.onnx",
+                intra_op_threads=intra_op_threads,
+                allow_spinning=allow_spinning,
+            )
         b = self.meta["bounds"]
         d = self.meta["dims"]
         self.widths = {
@@ -144,6 +153,9 @@ class RetrievalRunner:
             n: np.concatenate([f[n] for f in batch]) if len(batch) > 1 else batch[0][n]
             for n in INPUT_NAMES
         }
-        ids, scores = self.session.run(list(OUTPUT_NAMES), feeds)  # (ΣB, K) each
+        if self.ann is not None:
+            ids, scores = self.ann.run(feeds)
+        else:
+            ids, scores = self.session.run(list(OUTPUT_NAMES), feeds)  # (ΣB, K) each
         cuts = np.cumsum(sizes)[:-1]
         return list(zip(np.split(ids, cuts), np.split(scores, cuts), strict=True))

@@ -9,7 +9,9 @@ decides which versions exist: `routing.json` only names versions Triton loaded, 
 this only loads versions `routing.json` names.
 
 The cost is memory: every `recommend` instance holds each routed version's item
-table once more (25.6 MB at 100k items, d=64; 256 MB at 1M).
+table once more (25.6 MB at 100k items, d=64; 256 MB at 1M). A version exported with an
+int8 table or an ANN index (models/compact_export.py) runs the same way: RetrievalRunner
+opens its int8 model.onnx, or its user tower and faiss index (models/ann.py).
 """
 
 from __future__ import annotations

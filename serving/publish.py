@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from common.files import PRIVATE_DIR, PRIVATE_FILE, private_dir
+from models import ann as ann_mod
+from models import compact_export as compact
 from models.export import ParityReport, build_retrieval, check_parity, export_onnx, parity_user_ids
 from models.features import (
     INPUT_HISTORY,
@@ -69,6 +71,9 @@ class ExportConfig:
     # run's dataset; one already seeded is left alone: its live clicks are newer than the
     # run's data, and every version reads it through its own vocabulary.
     online_store: str | None = None
+    # How the version retrieves: exact fp32, an int8 item table, or a faiss ANN index, each
+    # checked against exact search at export (models/compact_export.py); auto: by size.
+    index: compact.IndexConfig = field(default_factory=compact.IndexConfig)
 
 
 def _seed_if_empty(url: str, run: Path) -> None:
@@ -122,28 +127,42 @@ def export(cfg: ExportConfig) -> ExportResult:
     k = min(cfg.k, spec.n_items)
     graph_k = min(cfg.k + cfg.overfetch, spec.n_items)
     module = build_retrieval(run.model, run.vocab.item_ids, graph_k)
+    mode = compact.choose_mode(cfg.index, spec.n_items, cfg.target)
     repo = layout.init_repository(cfg.repo)
 
     staging = layout.make_staging_dir(layout.retrieval_dir(repo), "export")
     try:
-        exporter = export_onnx(
-            module, spec, staging / layout.ONNX_FILE, opset=cfg.opset, exporter=cfg.exporter
-        )
         users = parity_user_ids(snapshot, cfg.parity_users, cfg.parity_cold_users, cfg.seed)
-        report = check_parity(
-            module,
-            staging / layout.ONNX_FILE,
-            snapshot.lookup(users),
-            users,
-            score_atol=cfg.score_atol,
-            tie_atol=cfg.tie_atol,
-            prefer_gpu=cfg.target == "gpu",
-        )
+        index_meta: dict = {"mode": mode}
+        if mode == "int8":  # model.onnx is the int8 graph, checked against fp32 by overlap
+            exporter = "legacy+int8"
+            report, index_meta = compact.write_int8(
+                module, spec, staging, snapshot.lookup(users), users, cfg.index,
+                opset=cfg.opset, score_atol=cfg.score_atol,
+            )  # fmt: skip
+        else:
+            exporter = export_onnx(
+                module, spec, staging / layout.ONNX_FILE, opset=cfg.opset, exporter=cfg.exporter
+            )
+            report = check_parity(
+                module,
+                staging / layout.ONNX_FILE,
+                snapshot.lookup(users),
+                users,
+                score_atol=cfg.score_atol,
+                tie_atol=cfg.tie_atol,
+                prefer_gpu=cfg.target == "gpu",
+            )
+        if mode in ann_mod.ANN_MODES:  # the exact graph stays; the cpu runners use the index
+            index_meta = compact.write_ann(
+                module, spec, staging, snapshot.lookup(users), users, cfg.index, mode,
+                opset=cfg.opset, score_atol=cfg.score_atol, seed=cfg.seed,
+            )  # fmt: skip
         shutil.copyfile(
             layout.SOURCE_REPO / layout.RETRIEVAL / layout.BACKEND_FILE,
             staging / layout.BACKEND_FILE,
         )
-        meta = _meta(cfg, run, k, graph_k, exporter, report)
+        meta = {**_meta(cfg, run, k, graph_k, exporter, report), "index": index_meta}
         version = _publish_version(repo, staging, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -152,6 +171,8 @@ def export(cfg: ExportConfig) -> ExportResult:
     if cfg.online_store:  # before routing names the version: its users read the store
         _seed_if_empty(cfg.online_store, run.path)
     routing = _route(cfg, repo, version)
+    if mode != "exact":
+        log.info("version %d retrieves by %s", version, compact.index_summary(index_meta))
     log.info(
         "exported %s as %s/%d (k=%d, graph k=%d, %s exporter); max |Δscore| %.2e",
         run.path,

@@ -267,6 +267,12 @@ def incomplete_reasons(repo: str | Path, version: int) -> list[str]:
     """
     vdir = version_dir(repo, version)
     need = [vdir / ONNX_FILE, vdir / META_FILE, features_path(repo, version)]
+    try:  # an ANN version also needs its index (models/ann.py); json only, no faiss here
+        mode = json.loads((vdir / META_FILE).read_text()).get("index", {}).get("mode")
+    except (OSError, ValueError):
+        mode = None
+    if mode in ("hnsw", "ivf"):
+        need += [vdir / name for name in ("user_tower.onnx", "items.faiss", "items.npz")]
     return [f"missing {p}" for p in need if not p.exists()]
 
 
