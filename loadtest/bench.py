@@ -8,7 +8,9 @@ Rows, per catalogue size (queries = users scored):
   (d) the naive peer (loadtest/naive.py): FastAPI + PyTorch eager, one request at a time,
       in its own uvicorn process, over a concurrency sweep;
   (e) faiss IndexFlatIP over the same item embeddings (search only: user embeddings are
-      computed beforehand, not timed).
+      computed beforehand, not timed);
+  (g) the batching peer (loadtest/ray_peer.py): Ray Serve with @serve.batch running the
+      same model.onnx, snapshot and seen filter as `recommend`, over the same sweep as (d).
 
 The machine is shared and noisy, so every figure that goes into a ratio is measured in
 the same run, one after the other, with the load average recorded beside it. The load
@@ -41,6 +43,9 @@ from serving import repository as layout
 log = logging.getLogger(__name__)
 
 
+ROWS = ("a", "b", "c", "d", "e", "g")  # (f) is per retrieval mode: `retrieval_modes`
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     # Catalogue sizes; each gets its own untrained repository (catalogue.py) and server.
@@ -62,11 +67,16 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # (c)
     # (d) collapses past 16 (p99 of seconds); these levels pair with (c)'s for the ratios.
     naive_concurrency: tuple[int, ...] = (1, 16, 32, 64)
+    # (g): the batching peer's levels and its batcher (recommend batches up to 64 users in
+    # the same ~ms; the peer gets the same chance).
+    peer_concurrency: tuple[int, ...] = (1, 16, 32, 64)
+    peer_max_batch_size: int = 64
+    peer_batch_wait_ms: float = 1.0
     k: int = 10  # items per recommend request
     zipf_a: float = 0.8
     unknown_share: float = 0.05
     seed: int = 0
-    rows: tuple[str, ...] = ("a", "b", "c", "d", "e")
+    rows: tuple[str, ...] = ROWS
     label: str = ""  # a name for this configuration (RESULTS.md steps)
     tiny: bool = False  # smoke shapes (TINY_SHAPE) instead of the production tower
     # Threads for the in-process rows and the naive peer; 0 = every core the machine has
@@ -111,6 +121,7 @@ def tiny_config(out: str, cache: str | None = None) -> BenchConfig:
         batch_size=32,
         concurrency=(1, 4),
         naive_concurrency=(1, 4),
+        peer_concurrency=(1, 4),
         label="smoke",
         tiny=True,
     )
@@ -301,6 +312,7 @@ def _payloads(br: catalogue.BenchRepo, cfg: BenchConfig):
 
 def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dict]:
     from loadtest.naive import NaiveServer
+    from loadtest.ray_peer import RayPeerServer
     from serving.client import RecommenderClient
     from serving.server import ServerConfig, TritonServer
 
@@ -314,6 +326,17 @@ def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dic
         if "d" in cfg.rows:  # starts in the background while tritonserver loads
             naive = stack.enter_context(
                 NaiveServer(br.run, br.repo, threads=ceiling_threads(cfg), log_dir=out)
+            )
+        peer = None
+        if "g" in cfg.rows:  # Ray takes tens of seconds to come up: start it early too
+            peer = stack.enter_context(
+                RayPeerServer(
+                    br.repo,
+                    threads=ceiling_threads(cfg),
+                    max_batch_size=cfg.peer_max_batch_size,
+                    batch_wait_ms=cfg.peer_batch_wait_ms,
+                    log_dir=out,
+                )
             )
         server = None
         if need_triton:
@@ -331,6 +354,8 @@ def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dic
                 server = stack.enter_context(TritonServer(server_cfg))
         if naive is not None:
             naive.wait_ready()
+        if peer is not None:
+            peer.wait_ready()
         gen = stack.enter_context(LoadGenerator())
 
         # Order: (a), (e), (b), then (c) and (d) at each concurrency back to back (the pairs
@@ -368,7 +393,9 @@ def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dic
         naive_cpu = _CpuWatch(naive.process.pid) if naive is not None else None
         c_levels = cfg.concurrency if server is not None and "c" in cfg.rows else ()
         d_levels = cfg.naive_concurrency if naive is not None else ()
-        for c in sorted(set(c_levels) | set(d_levels)):
+        g_levels = cfg.peer_concurrency if peer is not None else ()
+        peer_cpu = _CpuWatch(peer.process.pid) if peer is not None else None
+        for c in sorted(set(c_levels) | set(d_levels) | set(g_levels)):
             if c in c_levels:
                 spec = LoadSpec(
                     "grpc", server.grpc_url, rec_payloads, 1, c, cfg.duration_s, cfg.warmup_s
@@ -382,6 +409,13 @@ def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dic
                 what = "naive FastAPI + torch eager, 1 user/request"
                 rows.append(_row("d", what, n, res, **extra))
                 log.info("(d) %s", _fmt(rows[-1]))
+            if c in g_levels:
+                # the same paths as (d): one user per HTTP request, batched inside the peer
+                spec = LoadSpec("http", peer.url, naive_paths, 1, c, cfg.duration_s, cfg.warmup_s)
+                res, extra = _run_load(gen, spec, peer_cpu)
+                what = "Ray Serve @serve.batch + onnxruntime, 1 user/request"
+                rows.append(_row("g", what, n, res, **extra))
+                log.info("(g) %s", _fmt(rows[-1]))
         if "a" in cfg.rows:
             rows.append(measure_onnx(br, batches, cfg))
             log.info("(a) %s", _fmt(rows[-1]))
@@ -524,9 +558,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     from common import config as config_mod
     from loadtest import report
 
-    unknown = set(cfg.rows) - set("abcde")
+    unknown = set(cfg.rows) - set(ROWS)
     if unknown:
-        raise ValueError(f"rows: unknown {sorted(unknown)}; expected some of a, b, c, d, e")
+        raise ValueError(f"rows: unknown {sorted(unknown)}; expected some of {', '.join(ROWS)}")
     bad_modes = set(cfg.retrieval_modes) - (set(MODES) - {"auto"})
     if bad_modes:
         raise ValueError(

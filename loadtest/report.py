@@ -4,7 +4,11 @@ Targets (README, "Serving speed"), each a ratio inside one run, where (a) is
 the mean of the ceiling's measurements (one at each end of the run):
   (b)/(a) >= 0.9;
   (c) at some concurrency >= 32: >= 0.5 x (a) with p99 <= 50 ms;
-  (c)/(d) >= 5 at every concurrency both sweeps share in 16..64 (the project aims for 10).
+  (c)/(d) >= 5 at every concurrency both sweeps share in 16..64 (the project aims for 10);
+  (c)/(g) >= 1 at every concurrency both share in 16..64, p99 of both beside it (the
+      batching peer, Ray Serve: a stack that batches must be beaten at its own game);
+  (c) p50 <= (d) p50 at concurrency 1 (at low load nothing should cost more than the naive
+      one-at-a-time server).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ C_P99_MS = 50.0
 C_MIN_CONCURRENCY = 32
 C_OVER_D = 5.0
 C_OVER_D_AIM = 10.0
+C_OVER_G = 1.0
 PEER_CONCURRENCY = (16, 64)  # inclusive range where (c)/(d) is judged
 _VERDICT = {True: "PASS", False: "FAIL", None: "info"}
 
@@ -80,6 +85,29 @@ def checks(rows: list[dict]) -> list[dict]:
                 worst >= C_OVER_D,
             )
         )
+    g = _rows(rows, "g")
+    peer = {r["concurrency"]: r for r in g if lo <= r["concurrency"] <= top}
+    shared = [rc for rc in c if rc["concurrency"] in peer]
+    if shared:
+        ratios = {
+            rc["concurrency"]: rc["qps"] / max(peer[rc["concurrency"]]["qps"], 1e-9)
+            for rc in shared
+        }
+        worst = min(ratios.values())
+        text = ", ".join(
+            f"{ratios[rc['concurrency']]:.2f}x @{rc['concurrency']} "
+            f"(p99 {_num(rc['p99_ms'])} vs {_num(peer[rc['concurrency']]['p99_ms'])} ms)"
+            for rc in shared
+        )
+        out.append(
+            _check("(c)/(g)", worst, text, f">= {C_OVER_G:.0f}x at {lo}..{top}", worst >= C_OVER_G)
+        )
+    c1 = next((r for r in c if r["concurrency"] == 1), None)
+    d1 = next((r for r in d if r["concurrency"] == 1), None)
+    if c1 and d1:
+        v = c1["p50_ms"] / max(d1["p50_ms"], 1e-9)
+        text = f"{_num(c1['p50_ms'])} vs {_num(d1['p50_ms'])} ms ({v:.2f}x)"
+        out.append(_check("(c)/(d) p50 @1", v, text, "<= 1.0x", v <= 1.0))
     if a and e:
         v = e["qps"] / a["qps"]
         out.append(_check("(e)/(a)", v, f"{v:.2f}x", "information", None))
@@ -165,6 +193,7 @@ def plot(result: dict, path: str | Path) -> Path:
         for name, style, label in (
             ("c", "o-", "(c) Triton recommend, 1 user/request"),
             ("d", "s--", "(d) naive FastAPI + torch eager"),
+            ("g", "v-.", "(g) Ray Serve @serve.batch"),
         ):
             rs = [r for r in _rows(rows, name) if not math.isnan(r["p99_ms"])]
             if not rs:

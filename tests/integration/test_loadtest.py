@@ -78,13 +78,13 @@ def test_loadtest_driver_serves_feedback(tmp_path):
 
 
 def test_bench_smoke_produces_every_row(tmp_path):
-    """`northstar bench --tiny`: rows (a)-(e), the checks, JSON, PNG and HTML."""
+    """`northstar bench --tiny`: rows (a)-(e) and (g), the checks, JSON, PNG and HTML."""
     proc = subprocess.run(
         [sys.executable, "-m", "northstar", "bench", "--tiny", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
         check=False,
     )
     out = proc.stdout + proc.stderr
@@ -92,12 +92,12 @@ def test_bench_smoke_produces_every_row(tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     (size,) = result["sizes"]
     rows = size["rows"]
-    assert {r["row"] for r in rows} == set("abcde")
+    assert {r["row"] for r in rows} == set("abcdeg")
     for r in rows:
         assert r["qps"] > 0 and r["failures"] == 0, r
         assert r["p99_ms"] >= r["p50_ms"] > 0, r
     assert [r["concurrency"] for r in rows if r["row"] == "c"] == [1, 4]
-    assert {c["name"] for c in size["checks"]} >= {"(b)/(a)", "(e)/(a)"}
+    assert {c["name"] for c in size["checks"]} >= {"(b)/(a)", "(e)/(a)", "(c)/(d) p50 @1"}
     assert "untrained" in result["weights"]
     assert "(b)/(a)" in out and "targets:" in out  # the printed table
     assert (tmp_path / "bench.png").stat().st_size > 10_000
