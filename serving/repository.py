@@ -121,7 +121,12 @@ class RecommendServing:
     """Triton settings for the `recommend` front door."""
 
     max_batch_size: int = 256
-    max_queue_delay_us: int = 1000
+    # 0: a request that finds an instance free runs at once instead of waiting for company.
+    # Under load batches still form, from what queued while both instances were busy: at
+    # concurrency 32 the batches and the throughput were the same as with 1000 us, and at
+    # concurrency 1 the p50 fell by the ~1 ms every lone request used to wait
+    # (loadtest/RESULTS.md, step 6).
+    max_queue_delay_us: int = 0
     # Two instances: one prepares a batch while the other waits on its BLS call.
     instances: int = 2
     default_k: int = 10  # what a request without `k` gets
