@@ -6,7 +6,8 @@ positives, once per stability weight (`TrainConfig.stability_weight`; 0 = off). 
 candidate is compared with production exactly as the retrain's offline gates compare
 them (`canary.offline.compare_offline`: both rank the newest slice with the same
 history): accuracy on that slice and the top-K overlap the churn guardrail reads
-(`OfflineGates.min_topk_overlap`).
+(`OfflineGates.min_topk_overlap`). Neither side has a popularity prior in this comparison:
+the term holds the learned scores, and a prior picked per run would move the lists too.
 
     northstar stability-study --dir reports/stability [--set weights=0,0.5,2 requests=20000]
 """
@@ -52,23 +53,12 @@ def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
     from canary.decide import OfflineGates
     from canary.offline import compare_offline
     from feedback.tiers import TierConfig, export_tiered
-    from simulator.freshness import prepare
-    from simulator.label_tiers import feedback_labels
+    from simulator.label_tiers import study_feedback
     from training.run import load_run
     from training.train import TrainConfig, train
 
-    root = Path(cfg.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    data, prod_dir = prepare(
-        root,
-        preset=cfg.preset,
-        seed=cfg.seed,
-        world=cfg.world,
-        run=cfg.run,
-        train_epochs=cfg.train_epochs,
-    )
     t0 = time.perf_counter()
-    labels, joined = feedback_labels(cfg, data, root)
+    root, data, prod_dir, labels, joined = study_feedback(cfg)
     extra = root / "positives.parquet"
     counts = export_tiered(labels, extra, "final", TierConfig(weak_weight=1.0))
     if progress:
@@ -88,6 +78,10 @@ def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
         baselines=("toppop",),
     )
     production = load_run(prod_dir)
+    # Churn of what the term holds: the learned scores. Production's popularity prior is
+    # taken off its ranking here, as the candidates are trained and ranked without one
+    # (a prior chosen per run would move the lists for reasons of its own).
+    production.model.set_prior(None)
     gate = OfflineGates().min_topk_overlap
     arms = []
     for w in cfg.weights:

@@ -14,17 +14,14 @@ Run it in its own process (the benchmark does):
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from loadtest.peer_process import PeerProcess
 
 
 @dataclass
@@ -104,8 +101,10 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-class NaiveServer:
+class NaiveServer(PeerProcess):
     """The naive peer in its own uvicorn process; `with NaiveServer(run, repo) as s: s.url`."""
+
+    name = "naive"
 
     def __init__(
         self,
@@ -116,68 +115,18 @@ class NaiveServer:
         log_dir: str | Path | None = None,
         startup_timeout_s: float = 120.0,
     ):
-        from serving.server import free_port
-
+        super().__init__(log_dir=log_dir, startup_timeout_s=startup_timeout_s)
         self.run, self.repo, self.threads = Path(run), Path(repo), threads
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"naive-{self.port}.log"
-        self.startup_timeout_s = startup_timeout_s
-        self.process: subprocess.Popen | None = None
 
-    def start(self) -> NaiveServer:
-        env = {
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "NAIVE_RUN": str(self.run.resolve()),
             "NAIVE_REPO": str(self.repo.resolve()),
             "NAIVE_THREADS": str(self.threads),
         }
+
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "uvicorn", "loadtest.naive:app", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--workers", "1", "--log-level", "warning"]
-        cmd += ["--no-access-log"]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
-            self.process = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=str(Path(__file__).resolve().parents[1]),
-                start_new_session=True,
-            )
-        return self
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"naive server exited with code {self.process.returncode}; log "
-                    f"{self.log_path}:\n{self.log_path.read_text()[-4000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"naive server not ready after {self.startup_timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def __enter__(self) -> NaiveServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return [*cmd, "--no-access-log"]

@@ -19,19 +19,17 @@ the Serve controller and proxy), all in that process's session:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from loadtest.peer_process import PeerProcess
 
 
 @dataclass(frozen=True)
@@ -129,8 +127,10 @@ def serve_forever(cfg: PeerConfig, port: int) -> None:
         ray.shutdown()
 
 
-class RayPeerServer:
+class RayPeerServer(PeerProcess):
     """The peer in its own process; `with RayPeerServer(repo) as s: s.wait_ready(); s.url`."""
+
+    name = "ray-peer"
 
     def __init__(
         self,
@@ -142,72 +142,19 @@ class RayPeerServer:
         log_dir: str | Path | None = None,
         startup_timeout_s: float = 300.0,
     ):
-        from serving.server import free_port
-
+        # a clean stop (serve.shutdown + ray.shutdown in the child) takes seconds
+        super().__init__(log_dir=log_dir, startup_timeout_s=startup_timeout_s, stop_timeout_s=60)
         self.repo, self.threads = Path(repo), threads
         self.max_batch_size, self.batch_wait_ms = max_batch_size, batch_wait_ms
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"ray-peer-{self.port}.log"
-        self.startup_timeout_s = startup_timeout_s
-        self.process: subprocess.Popen | None = None
 
-    def start(self) -> RayPeerServer:
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "loadtest.ray_peer", "--repo", str(self.repo.resolve())]
         cmd += ["--port", str(self.port), "--threads", str(self.threads)]
         cmd += ["--max-batch-size", str(self.max_batch_size)]
-        cmd += ["--batch-wait-ms", str(self.batch_wait_ms)]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
-            self.process = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=str(Path(__file__).resolve().parents[1]),
-                start_new_session=True,  # Ray's daemons join this session: one killpg ends all
-            )
-        return self
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"ray peer exited with code {self.process.returncode}; log "
-                    f"{self.log_path}:\n{self.log_path.read_text()[-4000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2.0) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"ray peer not ready after {self.startup_timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()  # serve.shutdown + ray.shutdown in the child
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        # whatever Ray left in the session (workers a shutdown did not reap)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def __enter__(self) -> RayPeerServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return [*cmd, "--batch-wait-ms", str(self.batch_wait_ms)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,29 +47,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_freshness)
 
 
-def register_depth(sub: argparse._SubParsersAction) -> None:
-    from simulator.depth import DepthConfig as d
-
+def _study_parser(sub, name: str, cls, module: str, help_: str, example: str, func):
+    """A study's subcommand: --dir/--preset/--seed, then --config and --set for the rest of
+    its config class's fields."""
     p = sub.add_parser(
-        "depth",
-        help="in-process closed loop: which live state makes CTR fall (seen filter, "
-        "history, prior), and how true relevance decays down the model's ranking",
-        description="Settings are DepthConfig's fields (simulator/depth.py): from --config "
-        "FILE (a [depth] table or top level), then the flags, then --set. Reuses the world "
-        "and run that `simulate freshness` put in --dir (trains them the first time).",
+        name,
+        help=help_,
+        description=f"Settings are {cls.__name__}'s fields ({module}): from --config FILE "
+        f"(a [{name}] table or top level), then the flags, then --set. Reuses the world "
+        "and run already in --dir (trains them the first time).",
     )
-    p.add_argument("--dir", help=f"work folder (default {d.dir})")
-    p.add_argument("--preset", help=f"world size when --dir has none (default {d.preset})")
-    p.add_argument("--seed", type=int, help=f"world, training and loop seed ({d.seed})")
-    config_mod.add_config_args(p, "DepthConfig", "users=500 rounds=12")
-    p.set_defaults(func=_depth)
+    p.add_argument("--dir", help=f"work folder (default {cls.dir})")
+    p.add_argument("--preset", help=f"world size when --dir has none (default {cls.preset})")
+    p.add_argument("--seed", type=int, help=f"world, training and loop seed ({cls.seed})")
+    config_mod.add_config_args(p, cls.__name__, example)
+    p.set_defaults(func=func)
+
+
+def _study_config(cls, args, section: str):
+    flags = [f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k)]
+    return config_mod.load(cls, args.config, flags + list(args.set), section=section)
+
+
+def register_depth(sub: argparse._SubParsersAction) -> None:
+    from simulator.depth import DepthConfig
+
+    _study_parser(
+        sub,
+        "depth",
+        DepthConfig,
+        "simulator/depth.py",
+        "in-process closed loop: which live state makes CTR fall (seen filter, history, "
+        "prior), and how true relevance decays down the model's ranking",
+        "users=500 rounds=12",
+        _depth,
+    )
 
 
 def _depth(args) -> int:
     from simulator.depth import DepthConfig, run_depth, tables
 
-    flags = [f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k)]
-    cfg = config_mod.load(DepthConfig, args.config, flags + list(args.set), section="depth")
+    cfg = _study_config(DepthConfig, args, "depth")
     result = run_depth(cfg, progress=lambda name: print(f"arm done: {name}", flush=True))
     print(tables(result))
     print(f"\n{result['users']} users; prior {result['prior']}; written to {result['path']}")
@@ -77,27 +95,24 @@ def _depth(args) -> int:
 
 
 def register_tiers(sub: argparse._SubParsersAction) -> None:
-    from simulator.label_tiers import TiersStudyConfig as d
+    from simulator.label_tiers import TiersStudyConfig
 
-    p = sub.add_parser(
+    _study_parser(
+        sub,
         "tiers",
-        help="what each label tier is worth: retrain on the loop's feedback one tier at a "
-        "time (final, weighted, strong only, weak with pending)",
-        description="Settings are TiersStudyConfig's fields (simulator/label_tiers.py): from "
-        "--config FILE (a [tiers] table or top level), then the flags, then --set.",
+        TiersStudyConfig,
+        "simulator/label_tiers.py",
+        "what each label tier is worth: retrain on the loop's feedback one tier at a time "
+        "(final, weighted, strong only, weak with pending)",
+        "requests=20000 weak_weight=0.5",
+        _tiers,
     )
-    p.add_argument("--dir", help=f"work folder (default {d.dir})")
-    p.add_argument("--preset", help=f"world size when --dir has none (default {d.preset})")
-    p.add_argument("--seed", type=int, help=f"world, training and loop seed ({d.seed})")
-    config_mod.add_config_args(p, "TiersStudyConfig", "requests=20000 weak_weight=0.5")
-    p.set_defaults(func=_tiers)
 
 
 def _tiers(args) -> int:
     from simulator.label_tiers import TiersStudyConfig, run_study, table
 
-    flags = [f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k)]
-    cfg = config_mod.load(TiersStudyConfig, args.config, flags + list(args.set), section="tiers")
+    cfg = _study_config(TiersStudyConfig, args, "tiers")
     result = run_study(cfg, progress=lambda line: print(line, flush=True))
     print(table(result))
     print(f"\njoin: {result['join']}; {result['seconds']} s; written to {result['path']}")

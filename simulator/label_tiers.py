@@ -122,11 +122,12 @@ def feedback_labels(cfg, world_dir: Path, root: Path):
     return labels, joined
 
 
-def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
-    from feedback.tiers import TierConfig, export_tiered
-    from simulator.depth import DepthConfig, build, relevance_by_depth
+def study_feedback(cfg):
+    """What a feedback study starts from: its folder, the world and production run (made
+    the first time: `simulator.freshness.prepare`), and the loop's labels joined at the cut.
+    `cfg` has dir, preset, seed, world, run, train_epochs and what `feedback_labels` reads.
+    Returns (root, world dir, production run dir, labels dir, JoinReport)."""
     from simulator.freshness import prepare
-    from training.train import TrainConfig, train
 
     root = Path(cfg.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -138,8 +139,17 @@ def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
         run=cfg.run,
         train_epochs=cfg.train_epochs,
     )
-    t0 = time.perf_counter()
     labels, joined = feedback_labels(cfg, data, root)
+    return root, data, prod, labels, joined
+
+
+def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
+    from feedback.tiers import TierConfig, export_tiered
+    from simulator.depth import DepthConfig, build, relevance_by_depth
+    from training.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    root, data, prod, labels, joined = study_feedback(cfg)
     if progress:
         progress(f"simulated and joined: {joined.labels_written} final, {joined.pending} pending")
     weighted = TierConfig(strong_watch_s=cfg.strong_watch_s, weak_weight=cfg.weak_weight)

@@ -4,6 +4,8 @@ tests/integration/test_replicas.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -48,7 +50,15 @@ def test_one_url_or_several():
         assert c.urls == ["h1:8001"]
     with RecommenderClient() as c:  # the protocol's default
         assert c.urls == ["localhost:8001"]
-    assert AsyncRecommenderClient("h1:8001,h2:8001").urls == ["h1:8001", "h2:8001"]
+
+    async def several() -> list[str]:  # the asyncio client is made inside a running loop
+        client = AsyncRecommenderClient("h1:8001,h2:8001")
+        try:
+            return client.urls
+        finally:
+            await client.close()
+
+    assert asyncio.run(several()) == ["h1:8001", "h2:8001"]
 
 
 def test_dns_entries_expand_to_every_address_the_name_has_now():

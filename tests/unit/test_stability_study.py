@@ -18,7 +18,6 @@ def test_a_strong_term_lowers_churn(tmp_path):
         users=100,
         requests=400,
         epochs=2,
-        lr=0.01,
         weights=(0.0, 20.0),
     )
     result = run_study(cfg)
