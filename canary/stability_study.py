@@ -22,28 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_text
+from simulator.label_tiers import FeedbackStudyConfig, study_feedback
 
 
 @dataclass
-class StabilityStudyConfig:
+class StabilityStudyConfig(FeedbackStudyConfig):
     dir: str = "reports/stability"
-    preset: str = "small"
-    seed: int = 0
-    world: str | None = None
-    run: str | None = None
-    train_epochs: int = 12  # the production run, when --dir has none yet
-    users: int = 2000
-    requests: int = 20_000
-    span_windows: float = 4.0
-    window_s: float = 1800.0
-    epochs: int = 2  # the warm fine-tune of canary `warm_window`
-    lr: float = 0.001
     weights: tuple[float, ...] = (0.0, 0.5, 2.0)
     k: int = 20  # the stability term's top k
     eval_k: int = 10  # churn and accuracy at this list length, as the offline gates
-    out: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.weights = tuple(float(w) for w in self.weights)
         if any(w < 0 for w in self.weights) or not self.weights:
             raise ValueError(f"weights={self.weights}: expected one or more values >= 0")
@@ -53,7 +43,6 @@ def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
     from canary.decide import OfflineGates
     from canary.offline import compare_offline
     from feedback.tiers import TierConfig, export_tiered
-    from simulator.label_tiers import study_feedback
     from training.run import load_run
     from training.train import TrainConfig, train
 

@@ -35,6 +35,30 @@ class Finding:
     expected_recovery: float  # CTR points the remediation is expected to win back
     plots: dict[str, str] = field(default_factory=dict)  # name -> base64 PNG
 
+    @classmethod
+    def of(
+        cls,
+        *,
+        cause: str,
+        title: str,
+        explained: float,
+        drop: float,
+        evidence: dict[str, Any],
+        remediation: str,
+        recovers: bool = True,
+    ) -> Finding:
+        """A finding whose share of the drop and expected recovery follow from `explained`:
+        a remediation that `recovers` wins back the part the cause explains, no more."""
+        return cls(
+            cause=cause,
+            title=title,
+            explained=explained,
+            share_of_drop=_share(explained, drop),
+            evidence=evidence,
+            remediation=remediation,
+            expected_recovery=max(explained, 0.0) if recovers else 0.0,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "cause": self.cause,
@@ -115,16 +139,16 @@ def population_shift(inp: Inputs) -> Finding:
     ev: dict[str, Any] = {"dimensions": rows, "dimension": dim}
     if table is not None:
         ev["segments"] = _records(table.sort_values("mix", ascending=False))
-    return Finding(
+    return Finding.of(
         cause="population_shift",
         title=f"population mix shift ({dim})" if dim else "population mix shift",
         explained=explained,
-        share_of_drop=_share(explained, d),
+        drop=d,
         evidence=ev,
         remediation="No model fix: the traffic changed. Report the north star mix-adjusted "
         "(reweighted to the reference mix) and check acquisition; retrain on fresh data if "
         "the new segments are under-served.",
-        expected_recovery=0.0,
+        recovers=False,
     )
 
 
@@ -342,15 +366,14 @@ def model_regression(inp: Inputs) -> Finding:
         )
         if not np.isfinite(explained):
             explained = 0.0
-    return Finding(
+    return Finding.of(
         cause="model_regression",
         title="the served model got worse",
         explained=explained,
-        share_of_drop=_share(explained, d),
+        drop=d,
         evidence=ev,
         remediation=f"Roll back to v{prev} (`northstar canary rollback`), then find what "
         "changed in the new version's training data or config before retraining.",
-        expected_recovery=max(explained, 0.0),
     )
 
 
@@ -411,16 +434,15 @@ def label_delay(inp: Inputs) -> Finding:
         },
         "window_s": inp.window_s,
     }
-    return Finding(
+    return Finding.of(
         cause="label_delay",
         title="labels that have not arrived (late or pending clicks)",
         explained=explained,
-        share_of_drop=_share(explained, d),
+        drop=d,
         evidence=ev,
         remediation="Wait for labels: nothing is wrong with users or the model. Re-read the "
         "north star once the late clicks are in (or widen the attribution window), and fix "
         "the delay upstream (client batching, consumer lag).",
-        expected_recovery=max(explained, 0.0),
     )
 
 
@@ -433,14 +455,14 @@ def feature_skew(inp: Inputs) -> Finding:
     d = drop(inp)
     served = inp.served_features
     training = inp.training_features if inp.training_features is not None else inp.users
-    empty = Finding(
+    empty = Finding.of(
         cause="feature_skew",
         title="training-serving skew",
         explained=0.0,
-        share_of_drop=_share(0.0, d),
+        drop=d,
         evidence={"note": "no feature log given (--served-features)"},
         remediation="",
-        expected_recovery=0.0,
+        recovers=False,
     )
     if served is None or training is None:
         return empty
@@ -538,11 +560,11 @@ def feature_skew(inp: Inputs) -> Finding:
     kind = "feature_stuck" if worst["stuck"] else "feature_skew"
     cause = f"{kind}:{worst['feature']}" if explained > 0 else "feature_skew"
     what = "stuck at one value at serving" if worst["stuck"] else "training-serving skew"
-    return Finding(
+    return Finding.of(
         cause=cause,
         title=f"{what} in `{worst['feature']}`",
         explained=explained,
-        share_of_drop=_share(explained, d),
+        drop=d,
         evidence={"features": rows, "feature": worst["feature"]},
         remediation=(
             f"The served `{worst['feature']}` collapsed to one value: find the writer or "
@@ -553,7 +575,6 @@ def feature_skew(inp: Inputs) -> Finding:
             "store's writer or encoder), rebuild the store, then re-check that served and "
             "training values agree; no retrain is needed."
         ),
-        expected_recovery=max(explained, 0.0),
     )
 
 
@@ -585,16 +606,15 @@ def stale_model(inp: Inputs) -> Finding:
         t = shift_share(ref, cur, "freshness", min_n=1)
         ev["freshness"] = _records(t)
         explained = float(t.loc[t["segment"] != "known", "total"].sum())
-    return Finding(
+    return Finding.of(
         cause="stale_model",
         title="stale model: catalogue and users it never saw",
         explained=explained,
-        share_of_drop=_share(explained, d),
+        drop=d,
         evidence=ev,
         remediation="Retrain on fresh data (`northstar retrain --set mode=warm_window`) so "
         "the new items and new users get learned, and retrain on a schedule that keeps the "
         "model younger than the catalogue's churn.",
-        expected_recovery=max(explained, 0.0),
     )
 
 
@@ -632,14 +652,14 @@ def relevance_drift(inp: Inputs) -> list[Finding]:
     r, k = c[c["window"] == REF], c[c["window"] == CUR]
     ev: dict[str, Any] = {"clean_impressions": {REF: len(r), CUR: len(k)}}
     zero = [
-        Finding(
+        Finding.of(
             cause=name,
             title=title,
             explained=0.0,
-            share_of_drop=_share(0.0, d),
+            drop=d,
             evidence=ev,
             remediation="",
-            expected_recovery=0.0,
+            recovers=False,
         )
         for name, title in (
             ("taste_drift", "users' tastes drifted from what the model learned"),
@@ -690,24 +710,30 @@ def relevance_drift(inp: Inputs) -> list[Finding]:
             "by_popularity_bucket": _records(t.reset_index()),
         }
     )
-    taste_f, pop_f = zero
-    taste_f.explained, taste_f.share_of_drop = taste, _share(taste, d)
-    taste_f.remediation = (
-        "Retrain on the recent window (`northstar retrain --set mode=warm_window`) and "
-        "shorten the retrain cadence: the model's user representations no longer match "
-        "what users click, in every segment and at every score."
-    )
-    taste_f.expected_recovery = max(taste, 0.0)
-    pop_f.explained, pop_f.share_of_drop = item_side, _share(item_side, d)
     worst = t["shortfall"].idxmax() if len(t) else None
-    pop_f.evidence = {**ev, "hit_bucket": worst}
-    pop_f.remediation = (
-        f"Recompute the popularity prior from recent clicks (the `{worst}` bucket lost "
-        "its appeal, the model still pushes it), retrain on the recent window, and raise "
-        "exploration until the new head is learned."
-    )
-    pop_f.expected_recovery = max(item_side, 0.0)
-    return [taste_f, pop_f]
+    return [
+        Finding.of(
+            cause="taste_drift",
+            title=zero[0].title,
+            explained=taste,
+            drop=d,
+            evidence=ev,
+            remediation="Retrain on the recent window (`northstar retrain --set "
+            "mode=warm_window`) and shorten the retrain cadence: the model's user "
+            "representations no longer match what users click, in every segment and at "
+            "every score.",
+        ),
+        Finding.of(
+            cause="popularity_shock",
+            title=zero[1].title,
+            explained=item_side,
+            drop=d,
+            evidence={**ev, "hit_bucket": worst},
+            remediation=f"Recompute the popularity prior from recent clicks (the `{worst}` "
+            "bucket lost its appeal, the model still pushes it), retrain on the recent "
+            "window, and raise exploration until the new head is learned.",
+        ),
+    ]
 
 
 # ------------------------------------------------------------------ is the drop real?

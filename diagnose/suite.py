@@ -35,8 +35,9 @@ SIZE = {"n_users": 3000, "ref_requests": 5000, "cur_requests": 3500}
 JSON_FILE, MD_FILE = "suite.json", "suite.md"
 
 
-def run_one(fault: str, seed: int, folder: Path, size: dict[str, int]) -> dict[str, Any]:
-    """One planted world, diagnosed; what the suite's table needs from it."""
+def diagnose_planted(fault: str, seed: int, folder: Path, size: dict[str, int], **overrides):
+    """A planted world with `fault`, written to `folder` and diagnosed (nothing written but
+    the world). `overrides`: DiagnoseConfig fields."""
     paths = write_world(generate(fault, seed=seed, **size), folder)
     cfg = DiagnoseConfig(
         labels=str(paths["labels"]),
@@ -50,8 +51,14 @@ def run_one(fault: str, seed: int, folder: Path, size: dict[str, int]) -> dict[s
         previous_recs=str(paths["previous_recs"]),
         drift_engine="scipy",
         plots=False,
+        **overrides,
     )
-    result = diagnose(cfg, progress=False, write=False)
+    return diagnose(cfg, progress=False, write=False)
+
+
+def run_one(fault: str, seed: int, folder: Path, size: dict[str, int]) -> dict[str, Any]:
+    """One planted world, diagnosed; what the suite's table needs from it."""
+    result = diagnose_planted(fault, seed, folder, size)
     s = result.summary
     top = result.findings[0]
     second = result.findings[1] if len(result.findings) > 1 else None

@@ -96,9 +96,8 @@ def select_positives(
     if use == "strong":
         pos = pos[pos["tier"] == STRONG]
     pos = pos.sort_values("label_ts", kind="stable")
-    strongest = pos.groupby(["user_id", "item_id"], sort=False)["tier"].transform(
-        lambda t: STRONG if (t == STRONG).any() else WEAK
-    )
+    any_strong = (pos["tier"] == STRONG).groupby([pos["user_id"], pos["item_id"]]).transform("any")
+    strongest = np.where(any_strong.to_numpy(bool), STRONG, WEAK).astype(object)
     pos = pos.assign(tier=strongest).drop_duplicates(["user_id", "item_id"], keep="first")
     weight = np.where(pos["tier"] == STRONG, cfg.strong_weight, cfg.weak_weight)
     return pd.DataFrame(

@@ -40,8 +40,11 @@ ARMS = ("no feedback", "final", "final, weighted", "strong", "weak")
 
 
 @dataclass
-class TiersStudyConfig:
-    dir: str = "reports/tiers"
+class FeedbackStudyConfig:
+    """What every study on the loop's simulated feedback shares: the world and production
+    run, the simulated traffic and its cut, and the warm fine-tune each arm runs."""
+
+    dir: str = "reports/feedback"
     preset: str = "small"
     seed: int = 0
     world: str | None = None
@@ -53,10 +56,7 @@ class TiersStudyConfig:
     window_s: float = 1800.0
     epochs: int = 2  # the warm fine-tune of canary `warm_window`
     lr: float = 0.001
-    strong_watch_s: float = 1200.0
-    weak_weight: float = 0.5
-    eval_users: int = 500  # users whose top 10 is scored against the world's relevance
-    out: str | None = None  # default DIR/tiers.json
+    out: str | None = None  # default: a JSON file in DIR
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.users < 1 or self.epochs < 1:
@@ -65,7 +65,15 @@ class TiersStudyConfig:
             raise ValueError(f"span_windows={self.span_windows}: expected > 1")
 
 
-def simulate_log(cfg, world_dir: Path, root: Path) -> tuple[Path, float]:
+@dataclass
+class TiersStudyConfig(FeedbackStudyConfig):
+    dir: str = "reports/tiers"
+    strong_watch_s: float = 1200.0
+    weak_weight: float = 0.5
+    eval_users: int = 500  # users whose top 10 is scored against the world's relevance
+
+
+def simulate_log(cfg: FeedbackStudyConfig, world_dir: Path, root: Path) -> tuple[Path, float]:
     """The loop's traffic into a fresh SQLite event log, on a clock that spreads it over
     `span_windows` windows ending now; returns (log, the clock's last reading: the cut)."""
     from feedback.sink import open_sink
@@ -101,11 +109,10 @@ def simulate_log(cfg, world_dir: Path, root: Path) -> tuple[Path, float]:
     return path, clock()
 
 
-def feedback_labels(cfg, world_dir: Path, root: Path):
+def feedback_labels(cfg: FeedbackStudyConfig, world_dir: Path, root: Path):
     """Simulate the loop's traffic (`simulate_log`) and join it at the cut, seeing only what
     had happened by then: impressions of the newest window are still pending, and clicks
-    after the cut do not exist yet. `cfg` needs users, requests, seed, window_s and
-    span_windows. Returns (labels folder, JoinReport)."""
+    after the cut do not exist yet. Returns (labels folder, JoinReport)."""
     import shutil
 
     from feedback.join import JoinConfig, run_join
@@ -122,10 +129,9 @@ def feedback_labels(cfg, world_dir: Path, root: Path):
     return labels, joined
 
 
-def study_feedback(cfg):
+def study_feedback(cfg: FeedbackStudyConfig):
     """What a feedback study starts from: its folder, the world and production run (made
     the first time: `simulator.freshness.prepare`), and the loop's labels joined at the cut.
-    `cfg` has dir, preset, seed, world, run, train_epochs and what `feedback_labels` reads.
     Returns (root, world dir, production run dir, labels dir, JoinReport)."""
     from simulator.freshness import prepare
 

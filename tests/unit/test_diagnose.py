@@ -14,8 +14,7 @@ from common.config import ConfigError, load
 from diagnose.causes import slotted_snips, snips
 from diagnose.config import DiagnoseConfig, parse_window
 from diagnose.decompose import shift_share
-from diagnose.planted import CURRENT, REFERENCE, generate, write_world
-from diagnose.run import diagnose
+from diagnose.suite import diagnose_planted
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = {"n_users": 3000, "ref_requests": 5000, "cur_requests": 3500}
@@ -89,22 +88,7 @@ PLANTED = {
 
 
 def _diagnose(tmp_path: Path, fault: str, **kw):
-    paths = write_world(generate(fault, seed=3, **SIZE), tmp_path)
-    cfg = DiagnoseConfig(
-        labels=str(paths["labels"]),
-        out=str(tmp_path / "report"),
-        current=CURRENT,
-        reference=REFERENCE,
-        log=str(paths["log"]),
-        data=str(paths["data"]),
-        versions=str(paths["versions"]),
-        served_features=str(paths["served_features"]),
-        previous_recs=str(paths["previous_recs"]),
-        drift_engine="scipy",
-        plots=False,
-        **kw,
-    )
-    return diagnose(cfg, progress=False, write=False)
+    return diagnose_planted(fault, 3, tmp_path, SIZE, **kw)
 
 
 @pytest.mark.parametrize("fault", sorted(PLANTED))
