@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_text
-from simulator.label_tiers import FeedbackStudyConfig, study_feedback
+from simulator.label_tiers import FeedbackStudyConfig, study_feedback, warm_finetune
 
 
 @dataclass
@@ -44,7 +44,7 @@ def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
     from canary.offline import compare_offline
     from feedback.tiers import TierConfig, export_tiered
     from training.run import load_run
-    from training.train import TrainConfig, train
+    from training.train import train
 
     t0 = time.perf_counter()
     root, data, prod_dir, labels, joined = study_feedback(cfg)
@@ -52,19 +52,8 @@ def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
     counts = export_tiered(labels, extra, "final", TierConfig(weak_weight=1.0))
     if progress:
         progress(f"feedback: {counts['positives']} final positives")
-    base = TrainConfig(
-        data=str(data),
-        init_from=str(prod_dir),
-        extra_interactions=str(extra),
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        resume=False,
-        progress=False,
-        stability_k=cfg.k,
-        # the same prior grid for every arm would pick per-arm betas: hold it off
-        prior_betas=(0.0,),
-        baselines=("toppop",),
+    base = warm_finetune(
+        cfg, data, prod_dir, extra_interactions=str(extra), stability_k=cfg.k, baselines=("toppop",)
     )
     production = load_run(prod_dir)
     # Churn of what the term holds: the learned scores. Production's popularity prior is

@@ -149,10 +149,30 @@ def study_feedback(cfg: FeedbackStudyConfig):
     return root, data, prod, labels, joined
 
 
+def warm_finetune(cfg: FeedbackStudyConfig, data: Path, prod: Path, **fields):
+    """The fine-tune every arm of a feedback study runs: production's weights, canary
+    `warm_window`'s epochs and rate, and no popularity prior in any arm (a beta chosen per
+    arm would differ between arms and hide what the arms compare). `fields`: more
+    TrainConfig fields."""
+    from training.train import TrainConfig
+
+    return TrainConfig(
+        data=str(data),
+        init_from=str(prod),
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        resume=False,
+        progress=False,
+        prior_betas=(0.0,),
+        **fields,
+    )
+
+
 def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
     from feedback.tiers import TierConfig, export_tiered
     from simulator.depth import DepthConfig, build, relevance_by_depth
-    from training.train import TrainConfig, train
+    from training.train import train
 
     t0 = time.perf_counter()
     root, data, prod, labels, joined = study_feedback(cfg)
@@ -166,19 +186,8 @@ def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
         "strong": ("strong", weighted),
         "weak": ("weak", weighted),
     }
-    base = TrainConfig(
-        data=str(data),
-        init_from=str(prod),
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        resume=False,
-        progress=False,
-        # No prior in any arm: a beta chosen per arm would differ between arms and hide the
-        # labels' effect. No baselines either: they do not depend on the labels.
-        prior_betas=(0.0,),
-        baselines=(),
-    )
+    # No baselines: they do not depend on the labels.
+    base = warm_finetune(cfg, data, prod, baselines=())
     arms: dict[str, dict[str, Any]] = {}
     for name, plan in plans.items():
         out = root / "runs" / name.replace(", ", "-").replace(" ", "-")
