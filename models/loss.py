@@ -1,4 +1,5 @@
-"""Training objective: in-batch sampled softmax with logQ correction (Yi et al., RecSys 2019)."""
+"""Training objectives: in-batch sampled softmax with logQ correction (Yi et al., RecSys 2019),
+and the full softmax over the whole catalogue for catalogues small enough to score per batch."""
 
 from __future__ import annotations
 
@@ -77,4 +78,29 @@ def in_batch_softmax_loss(
     if weight is None:
         return F.cross_entropy(logits, target)
     per_row = F.cross_entropy(logits, target, reduction="none")
+    return (per_row * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+def full_softmax_loss(
+    *,
+    user_emb: torch.Tensor,
+    all_item_emb: torch.Tensor,
+    item_ids: torch.Tensor,
+    temperature: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of each positive against every item in the catalogue.
+
+    logits[i, j] = <u_i, v_j> / T over all N items. Nothing is sampled, so there is no
+    sampling bias to correct: the softmax is the model of p(item | user) itself, and it keeps
+    the items' popularity in the scores (which logQ correction removes on purpose). It costs
+    a (B, N) matrix per batch, so it suits catalogues of up to tens of thousands of items.
+
+    Shapes: user_emb (B, d), all_item_emb (N, d), item_ids (B,). With `weight` (B,), the
+    weighted mean.
+    """
+    logits = user_emb @ all_item_emb.T / temperature  # (B, N)
+    if weight is None:
+        return F.cross_entropy(logits, item_ids)
+    per_row = F.cross_entropy(logits, item_ids, reduction="none")
     return (per_row * weight).sum() / weight.sum().clamp(min=1e-12)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.loss import in_batch_softmax_loss
+from models.loss import full_softmax_loss, in_batch_softmax_loss
 from models.towers import TwoTower
 
 
@@ -57,14 +57,19 @@ class StabilityTerm(nn.Module):
 
 
 class TwoTowerTrainTask(nn.Module):
+    """`full=True`: softmax over the whole catalogue (`log_q` and negatives are unused);
+    otherwise in-batch sampled softmax with logQ correction."""
+
     def __init__(
         self,
         model: TwoTower,
         temperature: float,
         n_random_negatives: int = 0,
         stability: StabilityTerm | None = None,
+        full: bool = False,
     ):
         super().__init__()
+        self.full = full
         self.model = model
         self.temperature = temperature
         self.n_random_negatives = n_random_negatives
@@ -77,6 +82,25 @@ class TwoTowerTrainTask(nn.Module):
         neg_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
         user = self.model.user_embed(batch["user_index"], batch["user_cats"], batch["history"])
+        if self.full:
+            loss = self._full(batch, user)
+        else:
+            loss = self._sampled(batch, user, log_q, neg_items)
+        if self.stability is not None:
+            loss = loss + self.stability(self.model, batch, user)
+        return loss
+
+    def _full(self, batch: dict[str, torch.Tensor], user: torch.Tensor) -> torch.Tensor:
+        every = torch.arange(self.model.spec.n_items, device=user.device)
+        return full_softmax_loss(
+            user_emb=user,
+            all_item_emb=self.model.item_embed(every),
+            item_ids=batch["item_index"],
+            temperature=self.temperature,
+            weight=batch.get("weight"),
+        )
+
+    def _sampled(self, batch, user, log_q, neg_items) -> torch.Tensor:
         item = self.model.item_embed(batch["item_index"])  # (B, d)
         neg_emb = neg_log_q = None
         if neg_items is not None:
@@ -84,7 +108,7 @@ class TwoTowerTrainTask(nn.Module):
             # Uniform draws: an item is among the N negatives with probability ~ N / n_items.
             q = len(neg_items) / self.model.spec.n_items
             neg_log_q = torch.full((len(neg_items),), math.log(q), device=neg_emb.device)
-        loss = in_batch_softmax_loss(
+        return in_batch_softmax_loss(
             user_emb=user,
             item_emb=item,
             item_ids=batch["item_index"],
@@ -95,6 +119,3 @@ class TwoTowerTrainTask(nn.Module):
             neg_log_q=neg_log_q,
             weight=batch.get("weight"),
         )
-        if self.stability is not None:
-            loss = loss + self.stability(self.model, batch, user)
-        return loss

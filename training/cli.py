@@ -24,6 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override SynthConfig fields, e.g. n_users=5000",
     )
+    p.add_argument(
+        "--ml100k",
+        metavar="DIR",
+        help="also write the world as MovieLens-100K files (u.data, u.user, u.item) to DIR, "
+        "for `northstar data movielens`",
+    )
     p.set_defaults(func=_synth)
 
     p = data.add_parser("movielens", help="convert MovieLens files into the northstar schema")
@@ -86,6 +92,11 @@ def _synth(args) -> int:
     world, ds = generate_dataset(cfg, progress=True)
     ds.save(args.out)
     world.save(args.out)  # the ground truth next to the Parquet tables
+    if args.ml100k:
+        from training.movielens_write import write_ml100k
+
+        write_ml100k(ds, args.ml100k, seed=cfg.seed)
+        print(f"wrote MovieLens-100K files to {args.ml100k}")
     print(
         f"wrote {len(ds.users)} users, {len(ds.items)} items, "
         f"{len(ds.interactions)} interactions to {args.out}"
@@ -130,6 +141,10 @@ def _evaluate(args) -> int:
     metrics = evaluate_splits(run.model, run.vocab, ds, sp, train_df, cfg)
     path = Path(args.run) / METRICS_FILE
     old = json.loads(path.read_text()) if path.exists() else {}
+    if "refit" in old and "val" in old:
+        # The saved model was refit on validation (TrainConfig.refit_epochs): its val numbers
+        # would score its own training data, so the selected model's stay.
+        metrics["val"] = old["val"]
     atomic_write_text(path, json.dumps({**old, **metrics}, indent=1))
     print(format_table({s: metrics[s] for s in ("val", "test") if s in metrics}))
     return 0

@@ -12,12 +12,13 @@ the same code, and metrics.json has each with the model's lift over it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,24 @@ class TrainConfig:
     out: str = "runs/demo"
     seed: int = 0
     epochs: int = 12  # the demo world converges in ~6-10 epochs; early stopping trims the rest
-    batch_size: int = 1024  # in-batch negatives: a bigger batch is a harder, better softmax
+    # 0 = by softmax: 256 for the full softmax (more steps an epoch; validation preferred it
+    # to 1024), 1024 for the sampled one (its negatives are the batch: bigger is a harder,
+    # better softmax).
+    batch_size: int = 0
     lr: float = 0.003  # Adam; sparse id embeddings need a larger step than the MLPs
     weight_decay: float = 1e-6
     temperature: float = 0.05  # cosine scores in [-1, 1] need sharpening to separate items
     n_random_negatives: int = 0  # extra uniform negatives help tail items; off by default
+    # "sampled": in-batch softmax with logQ correction (any catalogue size). "full": softmax
+    # over the whole catalogue each batch (no sampling bias; keeps popularity in the scores).
+    # "auto": full up to `full_softmax_max_items` items, where a (batch x items) matrix is cheap.
+    softmax: str = "auto"
+    full_softmax_max_items: int = 50_000
+    # After early stopping picks the model on validation, train it this many more epochs on
+    # train + validation, so the saved model has learned the newest interactions (and the
+    # items released during validation) that selection had to hold out. Validation metrics
+    # are those of the selected model; test metrics those of the refit one. 0 = off.
+    refit_epochs: int = 1
     logq_alpha: float = 0.05  # estimator step size (Yi et al. use ~0.01-0.1)
     history_len: int = 20  # recent items in the user tower; tails off beyond ~20
     n_hash_buckets: int = 256  # shared rows for unknown and cold users
@@ -100,6 +114,12 @@ class TrainConfig:
                 f"stability_weight={self.stability_weight}, stability_k={self.stability_k}: "
                 "expected weight >= 0 and k >= 2"
             )
+        if self.refit_epochs < 0 or self.batch_size < 0:
+            raise ValueError(
+                f"refit_epochs={self.refit_epochs}, batch_size={self.batch_size}: expected >= 0"
+            )
+        if self.softmax not in ("sampled", "full", "auto"):
+            raise ValueError(f"softmax={self.softmax!r}: expected 'sampled', 'full' or 'auto'")
         for spec in self.baselines:
             parse_baseline(spec)  # a typo fails here, not after training
         RecentWindow.parse(self.prior_window)
@@ -207,7 +227,12 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
         # Nothing to hold still without a starting model: say so rather than ignore it.
         warm["stability"] = "off: no warm start to hold still"
         log.warning("stability_weight=%s ignored: %s", cfg.stability_weight, warm["reason"])
-    task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives, stability)
+    full = cfg.softmax == "full" or (
+        cfg.softmax == "auto" and vocab.spec.n_items <= cfg.full_softmax_max_items
+    )
+    if not cfg.batch_size:
+        cfg = replace(cfg, batch_size=256 if full else 1024)
+    task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives, stability, full)
     estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
     if warm_state is not None:
         # The loaded weights are calibrated to a converged logQ correction; a cold estimator
@@ -261,15 +286,22 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
             log.info("early stop after epoch %d (best val ndcg@10 %.4f)", epoch, best)
             break
 
+    if d.main and best_state is not None:
+        model.load_state_dict(best_state)
+    selected, refit = model, None
+    if cfg.refit_epochs and len(sp.val):
+        if d.main:
+            selected = copy.deepcopy(model).cpu()
+        if d.world > 1:
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)  # every rank refits the selected weights
+        refit = _refit(cfg, d, device, vocab, ds, sp, train_df, wrapped, estimator, opt)
     metrics = {}
     if d.main:
-        model = model.cpu()
-        if best_state is not None:
-            model.load_state_dict(best_state)
         metrics = _final(
             cfg,
             out,
-            model,
+            selected.cpu(),
             vocab,
             ds,
             sp,
@@ -277,11 +309,24 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
             history,
             time.perf_counter() - t0,
             warm if cfg.init_from else None,
+            refit=(model.cpu(), refit) if refit is not None else None,
         )
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def _refit(cfg, d, device, vocab, ds, sp, train_df, task, estimator, opt) -> dict:
+    """`cfg.refit_epochs` more epochs of the selected model over train + validation."""
+    both = pd.concat([train_df, sp.val], ignore_index=True)
+    examples = TrainingExamples.build(vocab, ds.users, both)
+    losses = [
+        _train_epoch(cfg, d, device, examples, task, estimator, opt, cfg.epochs + e)
+        for e in range(cfg.refit_epochs)
+    ]
+    log.info("refit: %d epoch(s) on train + val (%d examples)", cfg.refit_epochs, len(examples))
+    return {"epochs": cfg.refit_epochs, "examples": len(examples), "loss": losses}
 
 
 def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
@@ -448,8 +493,11 @@ def _choose_ease(cfg, model_free_eval, n_items: int) -> tuple[list[Baseline], di
     return base, info, {"ease": best_res}
 
 
-def evaluate_splits(model, vocab, ds, sp, train_df, cfg: TrainConfig | None = None) -> dict:
+def evaluate_splits(
+    model, vocab, ds, sp, train_df, cfg: TrainConfig | None = None, *, test_model=None
+) -> dict:
     """val: history = train; test: history = train + val (they happened before the test).
+    `test_model`: the model test reports (a refit on train + val), default `model`.
 
     The model (with its popularity prior, if any) and every baseline of `cfg`, each through
     `evaluate`; with a prior also "model_beta0", the same model without it. EASE's lambda is
@@ -483,7 +531,7 @@ def evaluate_splits(model, vocab, ds, sp, train_df, cfg: TrainConfig | None = No
 
         def on_test(baselines, **kw):
             return evaluate(
-                model=model,
+                model=model if test_model is None else test_model,
                 vocab=vocab,
                 users=ds.users,
                 known=known_test,
@@ -547,10 +595,19 @@ def _choose_prior(cfg, out, model, vocab, ds, sp, train_df) -> dict:
     }
 
 
-def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None) -> dict:
+def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None, refit=None):
+    """Choose the prior and report val on the selected `model`; with `refit` (the refit model,
+    its info), test is the refit model's and the refit model is what is saved."""
     prior = _choose_prior(cfg, out, model, vocab, ds, sp, train_df)
-    metrics = evaluate_splits(model, vocab, ds, sp, train_df, cfg)
+    test_model = model
+    if refit is not None:
+        test_model = refit[0]
+        test_model.set_prior(model.prior, model.item_bias.clone())
+    metrics = evaluate_splits(model, vocab, ds, sp, train_df, cfg, test_model=test_model)
+    model = test_model
     metrics["popularity_prior"] = prior
+    if refit is not None:
+        metrics["refit"] = {**refit[1], "val_metrics_from": "the selected model, before refit"}
     metrics["train_seconds"] = round(seconds, 1)
     metrics["epochs"] = history
     if warm is not None:

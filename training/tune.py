@@ -47,6 +47,7 @@ class TuneConfig:
     temperature: tuple[float, float] = (0.02, 0.2)
     id_dims: tuple[int, ...] = (32, 48, 64)
     out_dims: tuple[int, ...] = (32, 64)
+    dropouts: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
     # The user tower's history encoder (TowerConfig.user_encoder): which one a dataset wants
     # (order-blind mean or causal attention) is a property of the data, so validation picks.
     user_encoders: tuple[str, ...] = ("mean", "sequence")
@@ -66,6 +67,7 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         "temperature": trial.suggest_float("temperature", *cfg.temperature, log=True),
         "tower.id_dim": trial.suggest_categorical("tower.id_dim", list(cfg.id_dims)),
         "tower.out_dim": trial.suggest_categorical("tower.out_dim", list(cfg.out_dims)),
+        "tower.dropout": trial.suggest_categorical("tower.dropout", list(cfg.dropouts)),
         "tower.user_encoder": trial.suggest_categorical(
             "tower.user_encoder", list(cfg.user_encoders)
         ),
@@ -76,6 +78,7 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         base.tower,
         id_dim=params["tower.id_dim"],
         out_dim=params["tower.out_dim"],
+        dropout=params["tower.dropout"],
         user_encoder=params["tower.user_encoder"],
     )
     trial_cfg = dataclasses.replace(
@@ -87,6 +90,7 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         prior_betas=(params["prior_beta"],),
         out=str(Path(cfg.out) / "trials" / f"{trial.number:04d}"),
         evaluate_test=False,
+        refit_epochs=0,  # a trial is scored on validation: nothing to refit for
         baselines=("toppop",),
         resume=False,
         progress=False,
@@ -181,6 +185,7 @@ def _write(out: Path, study, configs, base: TrainConfig, cfg: TuneConfig, elapse
             configs[best.number],
             prior_betas=(float(best.params["prior_beta"]),),
             evaluate_test=base.evaluate_test,
+            refit_epochs=base.refit_epochs,
             baselines=base.baselines,
             resume=base.resume,
             progress=base.progress,

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
+from training.movielens_write import write_ml100k
 from training.run import load_run
 from training.synth import SynthConfig, generate_dataset
 from training.train import TrainConfig, train
@@ -116,29 +115,7 @@ def test_movielens_format_data_beats_toppop(tmp_path):
     _world, ds = generate_dataset(
         SynthConfig.preset("small", n_users=1500, n_interactions=40_000), progress=False
     )
-    ml = tmp_path / "ml-100k"
-    ml.mkdir()
-    inter = ds.interactions
-    rating = np.clip(np.round(1 + 4 * np.random.default_rng(0).random(len(inter))), 1, 5)
-    pd.DataFrame(
-        {"u": inter.user_id, "i": inter.item_id, "r": rating.astype(int), "t": inter.timestamp}
-    ).to_csv(ml / "u.data", sep="\t", header=False, index=False)
-    ages = {"18-24": 20, "25-34": 30, "35-44": 40, "45-54": 50, "55+": 60}
-    with open(ml / "u.user", "w") as f:
-        for u in ds.users.itertuples():
-            g = "F" if u.gender == "F" else "M"
-            f.write(f"{u.user_id}|{ages.get(u.age_bucket, 30)}|{g}|other|00000\n")
-    genres = sorted(ds.items.genre.unique())[:19]
-    with open(ml / "u.item", "w", encoding="latin-1") as f:
-        for it in ds.items.itertuples():
-            flags = ["1" if g == it.genre else "0" for g in genres] + ["0"] * (19 - len(genres))
-            if "1" not in flags:
-                flags[0] = "1"
-            f.write(
-                f"{it.item_id}|Movie {it.item_id} (1995)|01-Jan-1995||http://x|"
-                + "|".join(flags)
-                + "\n"
-            )
+    ml = write_ml100k(ds, tmp_path / "ml-100k")
     data = tmp_path / "data"
     r = subprocess.run(
         [
@@ -157,7 +134,7 @@ def test_movielens_format_data_beats_toppop(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    metrics = train(_cfg(data, tmp_path / "run", epochs=5, batch_size=512))
+    metrics = train(_cfg(data, tmp_path / "run", epochs=5))
     assert metrics["test"]["model"]["ndcg@10"] > metrics["test"]["toppop"]["ndcg@10"]
 
 

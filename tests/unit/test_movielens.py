@@ -203,3 +203,24 @@ def test_rating_for_unknown_movie(tmp_path: Path) -> None:
     write(tmp_path / "ratings.dat", [f"1::1::5::{T0}", f"1::999::3::{T0}"])
     with pytest.raises(SchemaError, match=r"ratings\.dat: field 'item_id'.*\[999\]"):
         load_movielens(tmp_path)
+
+
+def test_written_ml100k_files_import_back_to_the_same_tables(tmp_path):
+    from training.movielens_write import write_ml100k
+    from training.synth import SynthConfig, generate_dataset
+
+    _world, ds = generate_dataset(SynthConfig.preset("tiny"), progress=False)
+    back = load_movielens(write_ml100k(ds, tmp_path / "ml"))
+    assert detect_format(tmp_path / "ml") == "ml-100k"
+    assert set(back.users["user_id"]) == set(ds.users["user_id"])
+    assert set(back.items["item_id"]) == set(ds.items["item_id"])
+    cols = ["user_id", "item_id", "timestamp"]
+    key = sorted(map(tuple, ds.interactions[cols].to_numpy().tolist()))
+    assert sorted(map(tuple, back.interactions[cols].to_numpy().tolist())) == key
+    assert back.interactions["value"].between(1, 5).all()
+    # One genre flag per item, so items of one synthetic genre share one MovieLens genre.
+    pairs = ds.items[["item_id", "genre"]].merge(back.items[["item_id", "genre"]], on="item_id")
+    assert (pairs.groupby("genre_x")["genre_y"].nunique() == 1).all()
+    assert back.users.set_index("user_id").loc[ds.users["user_id"], "gender"].tolist() == [
+        "F" if g == "F" else "M" for g in ds.users["gender"]
+    ]
