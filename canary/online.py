@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from canary import decide, verdict
@@ -152,25 +153,42 @@ def group_ratios(
     gates: verdict.OnlineGates,
 ) -> dict[str, dict[str, float | None]]:
     """Per attribute and arm: min/max CTR across groups with enough impressions
-    (fairness.online_by_group's per-version figures)."""
+    (fairness.online_by_group's per-version figures), and "diff_upper": the user-clustered
+    one-sided upper bound of canary ratio - production ratio (`canary.group_ratio_ci`)."""
     if users is None or labels.empty:
         return {}
+    from canary.group_ratio_ci import per_user_groups, ratio_diff_upper
+    from fairness.inputs import user_attributes
     from fairness.online import online_by_group
 
     fb = labels[["user_id", "model_version", "clicked", "value"]].copy()
     fb["clicked"] = fb["clicked"].astype(float)
     fb["value"] = fb["value"].fillna(0.0).astype(float)
     online = online_by_group(feedback=fb, users=users, attributes=gates.fairness_attributes)
+    attrs = user_attributes(users=users, user_ids=fb["user_id"].to_numpy(np.int64))
     out: dict[str, dict[str, float | None]] = {}
     for attr, body in online["attributes"].items():
         out[attr] = {}
+        eligible: dict[str, list[str]] = {}
         for arm, v in versions.items():
             groups = body["by_group"].get(str(v), {})
-            ctrs = [
-                g["ctr"] for g in groups.values() if g["impressions"] >= gates.min_group_impressions
-            ]
+            eligible[arm] = sorted(
+                g for g, m in groups.items() if m["impressions"] >= gates.min_group_impressions
+            )
+            ctrs = [groups[g]["ctr"] for g in eligible[arm]]
             ok = len(ctrs) >= 2 and max(ctrs) > 0
             out[attr][arm] = min(ctrs) / max(ctrs) if ok else None
+        if out[attr]["production"] is None or out[attr]["canary"] is None:
+            continue
+        pu = per_user_groups(fb, attrs[attr])
+        pu_version = pu["model_version"].astype(str)
+        out[attr]["diff_upper"] = ratio_diff_upper(
+            pu[pu_version == str(versions["production"])],
+            pu[pu_version == str(versions["canary"])],
+            groups_production=eligible["production"],
+            groups_canary=eligible["canary"],
+            alpha=gates.alpha,
+        )
     return out
 
 

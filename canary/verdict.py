@@ -15,7 +15,8 @@ Rules, first match wins:
 1. a serving guardrail fails (errors, fallbacks, latency) -> rollback;
 2. the split itself is broken (sample-ratio mismatch on users) -> rollback;
 3. the canary is significantly worse (always-valid, in the direction it was reached) or
-   hurts a user group -> rollback, every reason listed;
+   hurts a user group (its CTR ratio across groups falls by more than the margin, and
+   significantly: `canary.group_ratio_ci`) -> rollback, every reason listed;
 4. the guardrails cannot vouch for the canary yet (no metrics, too few requests) ->
    continue, "cannot decide": nothing is promoted on missing numbers;
 5. fewer than `min_users` users in an arm -> continue;
@@ -59,7 +60,9 @@ class OnlineGates:
     # for offline replays of labels where no server ran.
     require_serving_metrics: bool = True
     # Online fairness: the canary's min/max CTR ratio across groups of an attribute may not
-    # fall below production's by more than this; groups need min_group_impressions each.
+    # fall below production's by more than this, where the fall is also significant (the
+    # user-clustered upper bound of the difference below 0, canary.group_ratio_ci); groups
+    # need min_group_impressions each.
     max_group_ratio_drop: float = 0.2
     min_group_impressions: int = 300
     fairness_attributes: tuple[str, ...] = ("gender", "age_bucket")
@@ -86,7 +89,8 @@ class OnlineEvidence:
     srm: SRM | None
     serving_production: VersionMetrics | None = None
     serving_canary: VersionMetrics | None = None
-    # attribute -> {"production": min/max CTR ratio, "canary": ...}; None when too small
+    # attribute -> {"production": min/max CTR ratio, "canary": ..., "diff_upper": one-sided
+    # upper bound of canary - production}; None when too small
     fairness: dict[str, dict[str, float | None]] = field(default_factory=dict)
     value_test: DeltaTest | None = None  # engaged value per impression: reported
 
@@ -224,7 +228,13 @@ def _fairness_checks(ev: OnlineEvidence, gates: OnlineGates, checks: list[Check]
         rp, rc = ratios.get("production"), ratios.get("canary")
         if rp is None or rc is None:
             continue
-        ok = rc >= rp - gates.max_group_ratio_drop
+        upper = ratios.get("diff_upper")
+        material = rc < rp - gates.max_group_ratio_drop
+        # Without an interval (evidence from before it existed) the point estimate decides.
+        significant = upper is None or upper < 0
+        ok = not (material and significant)
+        bound = "" if upper is None else f"; upper bound of the difference {upper:+.3f}"
+        noise = " (not significant: kept)" if material and not significant else ""
         checks.append(
             Check(
                 f"fairness_{attr}",
@@ -232,7 +242,7 @@ def _fairness_checks(ev: OnlineEvidence, gates: OnlineGates, checks: list[Check]
                 rp - gates.max_group_ratio_drop,
                 ok,
                 f"CTR ratio across {attr} groups: canary {rc:.3f} vs production {rp:.3f} "
-                f"(max drop {gates.max_group_ratio_drop})",
+                f"(max drop {gates.max_group_ratio_drop}{bound}){noise}",
             )
         )
         if not ok:

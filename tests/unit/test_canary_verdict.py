@@ -130,6 +130,16 @@ def test_a_winner_that_hurts_a_group_is_rolled_back_and_a_loser_lists_both():
     assert online_decision(_ev(0.15, 0.15, fairness=fair), GATES).action == CONTINUE
 
 
+def test_a_group_gap_within_its_noise_does_not_roll_a_winner_back():
+    # The same point drop as above, but the user-clustered interval reaches above 0.
+    noisy = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": 0.05}}
+    win = online_decision(_ev(0.10, 0.20, fairness=noisy), GATES)
+    assert win.action != ROLLBACK
+    assert any("not significant" in c.reason for c in win.checks)
+    real = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.1}}
+    assert online_decision(_ev(0.10, 0.20, fairness=real), GATES).action == ROLLBACK
+
+
 def test_evidence_serialises_with_per_user_sizes_and_serving_metrics():
     d = _ev(0.10, 0.20).to_dict()
     assert d["ctr_test"]["users_a"] == 200 and d["ctr_test"]["design_effect"] > 1
