@@ -88,6 +88,7 @@ def full_softmax_loss(
     item_ids: torch.Tensor,
     temperature: float,
     weight: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of each positive against every item in the catalogue.
 
@@ -96,10 +97,16 @@ def full_softmax_loss(
     the items' popularity in the scores (which logQ correction removes on purpose). It costs
     a (B, N) matrix per batch, so it suits catalogues of up to tens of thousands of items.
 
+    With `log_prior` (N,), logits[i, j] = <u_i, v_j> / T + log_prior[j] (logit adjustment,
+    Menon et al. 2021): with log_prior = log p(item) the offset explains the popularity the
+    data shows, so the scores, used without it, learn what is left.
+
     Shapes: user_emb (B, d), all_item_emb (N, d), item_ids (B,). With `weight` (B,), the
     weighted mean.
     """
     logits = user_emb @ all_item_emb.T / temperature  # (B, N)
+    if log_prior is not None:
+        logits = logits + log_prior.unsqueeze(0)
     if weight is None:
         return F.cross_entropy(logits, item_ids)
     per_row = F.cross_entropy(logits, item_ids, reduction="none")

@@ -70,6 +70,8 @@ class TwoTowerTrainTask(nn.Module):
     ):
         super().__init__()
         self.full = full
+        # Full softmax: per-item offset added to the training logits (zeros = none).
+        self.register_buffer("item_log_prior", torch.zeros(model.spec.n_items))
         self.model = model
         self.temperature = temperature
         self.n_random_negatives = n_random_negatives
@@ -90,6 +92,12 @@ class TwoTowerTrainTask(nn.Module):
             loss = loss + self.stability(self.model, batch, user)
         return loss
 
+    def set_item_log_prior(self, log_prior: torch.Tensor) -> None:
+        """Logit adjustment for the full softmax: `log_prior` (n_items,) is added to every
+        training logit and left out at inference, so the scores leave out what it explains."""
+        with torch.no_grad():
+            self.item_log_prior.copy_(log_prior.to(self.item_log_prior))
+
     def _full(self, batch: dict[str, torch.Tensor], user: torch.Tensor) -> torch.Tensor:
         every = torch.arange(self.model.spec.n_items, device=user.device)
         return full_softmax_loss(
@@ -98,6 +106,7 @@ class TwoTowerTrainTask(nn.Module):
             item_ids=batch["item_index"],
             temperature=self.temperature,
             weight=batch.get("weight"),
+            log_prior=self.item_log_prior,
         )
 
     def _sampled(self, batch, user, log_q, neg_items) -> torch.Tensor:

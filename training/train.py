@@ -64,6 +64,13 @@ class TrainConfig:
     # "auto": full up to `full_softmax_max_items` items, where a (batch x items) matrix is cheap.
     softmax: str = "auto"
     full_softmax_max_items: int = 50_000
+    # Full softmax only: add this times log(training frequency) of each item to its training
+    # logit and leave it out at inference (logit adjustment, Menon et al. 2021). The offset
+    # explains that share of the logged popularity, so the learnt scores carry less of it and
+    # the popularity prior (beta chosen on validation, within the exposure gate) adds back
+    # what helps. 0 = the scores keep all of it, and a loop retraining on its own traffic
+    # concentrates exposure; 1 = none, more than the prior grid restores. `tune` searches it.
+    logit_adjustment: float = 0.5
     # After early stopping picks the model on validation, train it this many more epochs on
     # train + validation, so the saved model has learned the newest interactions (and the
     # items released during validation) that selection had to hold out. Validation metrics
@@ -136,6 +143,7 @@ _AFTER_TRAINING = (
     "prior_window",
     "prior_max_gini",
     "evaluate_test",
+    "refit_epochs",
 )
 
 
@@ -233,6 +241,8 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     if not cfg.batch_size:
         cfg = replace(cfg, batch_size=256 if full else 1024)
     task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives, stability, full)
+    if full and cfg.logit_adjustment:
+        task.set_item_log_prior(cfg.logit_adjustment * _log_frequency(examples, vocab))
     estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
     if warm_state is not None:
         # The loaded weights are calibrated to a converged logQ correction; a cold estimator
@@ -356,6 +366,12 @@ def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
     state = {k: v.detach().clone() for k, v in prior.model.state_dict().items()}
     new_users = int((~np.isin(fresh.user_ids, pv.user_ids)).sum())
     return pv, state, f"loaded weights and vocabulary ({new_users} new users use hashed rows)"
+
+
+def _log_frequency(examples: TrainingExamples, vocab: FeatureVocab) -> torch.Tensor:
+    """log of each item's share of the training examples; an unseen item counts half."""
+    counts = np.bincount(examples.item_index, minlength=vocab.spec.n_items).astype(np.float64)
+    return torch.from_numpy(np.log(np.maximum(counts, 0.5) / max(len(examples), 1))).float()
 
 
 def _prime_estimator(est: StreamingFrequencyEstimator, items: np.ndarray, batch: int) -> None:

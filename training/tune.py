@@ -48,6 +48,7 @@ class TuneConfig:
     id_dims: tuple[int, ...] = (32, 48, 64)
     out_dims: tuple[int, ...] = (32, 64)
     dropouts: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    logit_adjustments: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # full softmax only
     # The user tower's history encoder (TowerConfig.user_encoder): which one a dataset wants
     # (order-blind mean or causal attention) is a property of the data, so validation picks.
     user_encoders: tuple[str, ...] = ("mean", "sequence")
@@ -68,6 +69,9 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         "tower.id_dim": trial.suggest_categorical("tower.id_dim", list(cfg.id_dims)),
         "tower.out_dim": trial.suggest_categorical("tower.out_dim", list(cfg.out_dims)),
         "tower.dropout": trial.suggest_categorical("tower.dropout", list(cfg.dropouts)),
+        "logit_adjustment": trial.suggest_categorical(
+            "logit_adjustment", list(cfg.logit_adjustments)
+        ),
         "tower.user_encoder": trial.suggest_categorical(
             "tower.user_encoder", list(cfg.user_encoders)
         ),
@@ -85,6 +89,7 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         base,
         lr=params["lr"],
         temperature=params["temperature"],
+        logit_adjustment=params["logit_adjustment"],
         tower=tower,
         epochs=params["epochs"],
         prior_betas=(params["prior_beta"],),
