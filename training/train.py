@@ -70,7 +70,7 @@ class TrainConfig:
     # the popularity prior (beta chosen on validation, within the exposure gate) adds back
     # what helps. 0 = the scores keep all of it, and a loop retraining on its own traffic
     # concentrates exposure; 1 = none, more than the prior grid restores. `tune` searches it.
-    logit_adjustment: float = 0.5
+    logit_adjustment: float = 0.25
     # After early stopping picks the model on validation, train it this many more epochs on
     # train + validation, so the saved model has learned the newest interactions (and the
     # items released during validation) that selection had to hold out. Validation metrics
