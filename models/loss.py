@@ -74,7 +74,13 @@ def in_batch_softmax_loss(
         neg = user_emb @ neg_emb.T / temperature - neg_log_q.unsqueeze(0)  # (B, N)
         neg = neg.masked_fill(item_ids.unsqueeze(1) == neg_ids.unsqueeze(0), float("-inf"))
         logits = torch.cat([logits, neg], dim=1)
-    target = torch.arange(len(item_ids), device=logits.device)
+    return _cross_entropy(logits, torch.arange(len(item_ids), device=logits.device), weight)
+
+
+def _cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean cross-entropy; with `weight` (B,), the weighted mean."""
     if weight is None:
         return F.cross_entropy(logits, target)
     per_row = F.cross_entropy(logits, target, reduction="none")
@@ -107,7 +113,4 @@ def full_softmax_loss(
     logits = user_emb @ all_item_emb.T / temperature  # (B, N)
     if log_prior is not None:
         logits = logits + log_prior.unsqueeze(0)
-    if weight is None:
-        return F.cross_entropy(logits, item_ids)
-    per_row = F.cross_entropy(logits, item_ids, reduction="none")
-    return (per_row * weight).sum() / weight.sum().clamp(min=1e-12)
+    return _cross_entropy(logits, item_ids, weight)
