@@ -115,7 +115,11 @@ def _configs(root: Path, server: TritonServer):
             # margin of a 0.04 CTR by a hair. Looks wait for requests, not time, so a
             # later horizon costs traffic only.
             max_impressions=6000,
-            noninferiority_margin=0.10,  # at most 10% below production's CTR
+            # At most 25% below production's CTR. The tiny world's CTR is ~0.04, so 10%
+            # (0.004) is finer than 6,000 impressions an arm can resolve: act (a)'s retrain,
+            # better by +0.01, was rolled back with an always-valid lower bound of -0.004.
+            # Act (c)'s canary (half production's CTR) still loses significantly.
+            noninferiority_margin=0.25,
             min_group_impressions=300,
             # The latency rule as shipped (Mann-Whitney and the p99 ratio, both needed),
             # with a lower sample floor for the tiny world.
