@@ -12,6 +12,13 @@ The cost is memory: every `recommend` instance holds each routed version's item
 table once more (25.6 MB at 100k items, d=64; 256 MB at 1M). A version exported with an
 int8 table or an ANN index (models/compact_export.py) runs the same way: RetrievalRunner
 opens its int8 model.onnx, or its user tower and faiss index (models/ann.py).
+
+Borrowing idle cores (`solo_threads`, serving/core_slots.py): each instance runs the
+graph on its share of the cores, so a lone request leaves the others idle. With slots,
+an instance whose peers are not running the graph runs it on `solo_threads` cores through
+a second session of the same version. That second session holds the item table once more
+again, so it is opened only for versions the exact or int8 graph serves (an ANN version's
+faiss threads are a process-wide setting).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from models.features import INPUT_NAMES
 from models.snapshot import UserFeatures
 from serving import repository as layout
 from serving.backend import RetrievalRunner
+from serving.core_slots import CoreSlots
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +67,63 @@ def inline_threads(instances: int) -> int:
     cores as soon as two instances run the graph at once; 2 instances x 1 thread beat
     2 x 2 on 2 cores (loadtest/RESULTS.md, step 3).
     """
+    return max(1, available_cores() // max(1, instances))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's cpuset sets)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, instances))
+    return cores or 1
 
 
 class InlineRetrieval:
     """`retrieve(version, features)` for serving.recommender, without a BLS call."""
 
     def __init__(
-        self, repo: str | Path, *, intra_op_threads: int = 0, allow_spinning: bool = False
+        self,
+        repo: str | Path,
+        *,
+        intra_op_threads: int = 0,
+        allow_spinning: bool = False,
+        solo_threads: int = 0,
+        slots: CoreSlots | None = None,
     ):
         self.repo = Path(repo)
         self.intra_op_threads = int(intra_op_threads)
         self.allow_spinning = bool(allow_spinning)
+        # Widening needs slots (to know the peers are idle) and more threads than the share.
+        self.slots = slots if slots is not None and solo_threads > intra_op_threads > 0 else None
+        self.solo_threads = int(solo_threads) if self.slots is not None else 0
+        self.wide_runs = 0  # graph runs that borrowed the idle cores
         # A Python model instance runs one execute() at a time, so no locking here.
         self._runners: dict[int, RetrievalRunner] = {}
+        self._wide: dict[int, RetrievalRunner | None] = {}
 
     def runner(self, version: int) -> RetrievalRunner:
         r = self._runners.get(version)
         if r is None:
-            r = self._runners[version] = RetrievalRunner(
-                layout.version_dir(self.repo, version),
-                intra_op_threads=self.intra_op_threads,
-                allow_spinning=self.allow_spinning,
-            )
+            r = self._runners[version] = self._open(version, self.intra_op_threads)
             log.info("inline retrieval: loaded version %d", version)
         return r
+
+    def wide_runner(self, version: int) -> RetrievalRunner | None:
+        """The version's session on `solo_threads` cores; None when this instance never
+        widens or the version answers from an ANN index."""
+        if self.slots is None:
+            return None
+        if version not in self._wide:
+            narrow = self.runner(version)
+            self._wide[version] = (
+                None if narrow.ann is not None else self._open(version, self.solo_threads)
+            )
+        return self._wide[version]
+
+    def _open(self, version: int, threads: int) -> RetrievalRunner:
+        return RetrievalRunner(
+            layout.version_dir(self.repo, version),
+            intra_op_threads=threads,
+            allow_spinning=self.allow_spinning,
+        )
 
     def __call__(self, version: int, features: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
         runner = self.runner(version)
@@ -99,7 +138,14 @@ class InlineRetrieval:
                 )
             )
         )
-        ((ids, scores),) = runner.run([feeds])
+        if self.slots is None:
+            ((ids, scores),) = runner.run([feeds])
+            return ids, scores
+        wide = self.wide_runner(version)
+        # Even a run that cannot widen holds its slot, so a peer never widens over it.
+        with self.slots.hold(widen=wide is not None) as widened:
+            ((ids, scores),) = (wide if widened else runner).run([feeds])
+        self.wide_runs += widened
         return ids, scores
 
     def retain(self, versions: Iterable[int]) -> None:
@@ -107,6 +153,7 @@ class InlineRetrieval:
         keep = {int(v) for v in versions}
         for v in self._runners.keys() - keep:
             del self._runners[v]
+            self._wide.pop(v, None)
             log.info("inline retrieval: released version %d", v)
 
     def warm(self, versions: Iterable[int]) -> None:
@@ -116,6 +163,9 @@ class InlineRetrieval:
                 r = self.runner(int(v))
                 zeros = {n: np.zeros((1, w), dtype=np.int64) for n, w in r.widths.items()}
                 r.run([zeros])
+                wide = self.wide_runner(int(v))
+                if wide is not None:
+                    wide.run([zeros])
             except Exception as exc:  # a request will retry, fail and fall back as usual
                 log.warning("inline retrieval: version %s did not load: %s", v, exc)
 

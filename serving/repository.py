@@ -140,6 +140,10 @@ class RecommendServing:
     retrieval_call: str = "auto"
     # inline only: onnxruntime intra-op threads per instance; 0 = the cores / instances.
     retrieval_threads: int = 0
+    # inline only: threads for a graph run while the other instances run none (a second
+    # session per version, serving/core_slots.py); 0 = every core, <= retrieval_threads
+    # = never. At concurrency 1 it takes the graph from one core to two (RESULTS.md, step 7).
+    solo_threads: int = 0
 
     def __post_init__(self):
         if self.retrieval_call not in RETRIEVAL_CALLS:
@@ -385,6 +389,7 @@ def recommend_config(serving: RecommendServing = RecommendServing()) -> mc.Model
     cfg.parameters["retrieval_call"].string_value = serving.retrieval_call
     if serving.retrieval_call != "bls":
         cfg.parameters["retrieval_threads"].string_value = str(serving.retrieval_threads)
+        cfg.parameters["solo_threads"].string_value = str(serving.solo_threads)
     # No model_warmup: a warmup request would go through BLS to `retrieval`, which may
     # still be loading (Triton loads models in parallel).
     return cfg

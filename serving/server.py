@@ -34,6 +34,7 @@ from pathlib import Path
 from serving import auth
 from serving import repository as layout
 from serving.control import ServerError, load_versions, ready_versions
+from serving.core_slots import server_folder
 from serving.proxy import FrontProxy, ProxyError, ProxyLimits
 from serving.routing import RoutingState, read_store_marker, routing_of, write_store_marker
 
@@ -524,6 +525,7 @@ class TritonServer:
             else:
                 rc = proc.returncode
             reap_orphan_stubs(server_pid=proc.pid)
+            shutil.rmtree(server_folder(layout.RECOMMEND, proc.pid), ignore_errors=True)
         # After Triton: requests in flight drained through the proxy first.
         proxy, self.proxy = self.proxy, None
         if proxy is not None:

@@ -23,8 +23,9 @@ from models.snapshot import FeatureSnapshot
 from serving import repository as layout
 from serving.client import AsyncRecommenderClient, RecommenderClient
 from serving.control import ServerError, load_versions, switch_routing
+from serving.core_slots import CoreSlots, server_folder
 from serving.ingest_client import send_interactions
-from serving.inline import resolve_retrieval_call
+from serving.inline import available_cores, resolve_retrieval_call
 from serving.publish import ExportConfig, export
 from serving.recommender import select_unseen
 from serving.routing import RoutingState
@@ -154,6 +155,17 @@ def test_dynamic_batching_batches_concurrent_requests(served_each):
         assert ret_inf == 64 and ret_exe <= rec_exe
     else:  # inline: recommend ran the graph itself, and Triton's retrieval saw nothing
         assert ret_inf == 0 and ret_exe == 0
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="one core: no instance can borrow another's")
+def test_recommend_instances_hold_their_core_slots(served):
+    # Both inline instances claimed a slot at start (serving/core_slots.py), so a third
+    # claimant gets none: the wide sessions are live in the real server.
+    folder = server_folder(layout.RECOMMEND, served.server.process.pid)
+    assert sorted(p.name for p in folder.glob("claim-*")) == ["claim-0", "claim-1"]
+    assert CoreSlots.claim(folder, 2) is None
+    # Lone requests (the tests above) run wide; test_recommend_matches_in_process_onnx
+    # checks that they answer what the graph answers.
 
 
 def _retrieval_call(served) -> str:

@@ -1,0 +1,94 @@
+"""recommend instances borrow idle cores (serving/core_slots.py) without ever oversubscribing."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from models.snapshot import FeatureSnapshot
+from serving import repository as layout
+from serving.core_slots import CoreSlots
+from serving.inline import InlineRetrieval
+from serving.testing import tiny_export
+
+
+def test_each_instance_claims_its_own_slot(tmp_path):
+    a, b = CoreSlots.claim(tmp_path, 2), CoreSlots.claim(tmp_path, 2)
+    assert {a.mine, b.mine} == {0, 1}
+    assert CoreSlots.claim(tmp_path, 2) is None  # a third instance never widens
+    assert CoreSlots.claim(tmp_path / "one", 1) is None  # alone: nothing to borrow
+    a.close()
+    c = CoreSlots.claim(tmp_path, 2)  # a restarted instance takes the freed slot
+    assert c.mine == a.mine
+
+
+def test_a_run_widens_only_while_every_peer_is_idle(tmp_path):
+    a, b = CoreSlots.claim(tmp_path, 2), CoreSlots.claim(tmp_path, 2)
+    with a.hold(widen=True) as wide:
+        assert wide
+    with a.hold(widen=False) as wide:
+        assert not wide
+    # b runs the graph on its own core, so a keeps to its share.
+    with b.hold(widen=False), a.hold(widen=True) as wide:
+        assert not wide
+    with a.hold(widen=True) as wide:  # b done: a may borrow again
+        assert wide
+
+
+def test_a_peer_waits_for_its_core_to_come_back(tmp_path):
+    a, b = CoreSlots.claim(tmp_path, 2), CoreSlots.claim(tmp_path, 2)
+    order: list[str] = []
+    started = threading.Event()
+
+    def b_runs():
+        started.set()
+        with b.hold(widen=False):
+            order.append("b runs")
+
+    with a.hold(widen=True) as wide:
+        assert wide
+        t = threading.Thread(target=b_runs)
+        t.start()
+        started.wait()
+        t.join(timeout=0.2)  # b is blocked on its slot for as long as a runs wide
+        assert t.is_alive() and order == []
+        order.append("a done")
+    t.join()
+    assert order == ["a done", "b runs"]
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return tiny_export(tmp_path / "repo", k=10, overfetch=10)[1]
+
+
+def test_a_wide_run_answers_what_the_narrow_one_does(repo, tmp_path):
+    snap = FeatureSnapshot.load(layout.features_path(repo, 1))
+    feats = snap.lookup(np.r_[snap.user_ids[:5], 10**12])
+    slots = [CoreSlots.claim(tmp_path / "slots", 2) for _ in range(2)]
+    inline = InlineRetrieval(repo, intra_op_threads=1, solo_threads=2, slots=slots[0])
+    ids, scores = inline(1, feats)
+    assert inline.wide_runs == 1
+    with slots[1].hold(widen=False):  # the peer is busy: the narrow session answers
+        narrow_ids, narrow_scores = inline(1, feats)
+    assert inline.wide_runs == 1
+    np.testing.assert_array_equal(ids, narrow_ids)
+    np.testing.assert_allclose(scores, narrow_scores, rtol=0, atol=1e-6)
+
+
+def test_no_second_session_without_slots_or_spare_threads(repo, tmp_path):
+    slots = CoreSlots.claim(tmp_path / "slots", 2)
+    for inline in (
+        InlineRetrieval(repo, intra_op_threads=1, solo_threads=2),  # no slots
+        InlineRetrieval(repo, intra_op_threads=2, solo_threads=2, slots=slots),  # no spare
+    ):
+        snap = FeatureSnapshot.load(layout.features_path(repo, 1))
+        inline(1, snap.lookup(snap.user_ids[:3]))
+        assert inline.wide_runner(1) is None and inline.wide_runs == 0
+
+
+def test_recommend_config_carries_solo_threads():
+    cfg = layout.recommend_config(layout.RecommendServing(solo_threads=3))
+    assert cfg.parameters["solo_threads"].string_value == "3"
