@@ -140,9 +140,10 @@ class RecommendServing:
     retrieval_call: str = "auto"
     # inline only: onnxruntime intra-op threads per instance; 0 = the cores / instances.
     retrieval_threads: int = 0
-    # inline only: threads for a graph run while the other instances run none (a second
-    # session per version, serving/core_slots.py); 0 = every core, <= retrieval_threads
-    # = never. At concurrency 1 it takes the graph from one core to two (RESULTS.md, step 7).
+    # inline only: threads for a graph run while the other instances run none
+    # (serving/core_slots.py); 0 = every core, <= retrieval_threads = never. It costs a
+    # second session per routed version and instance, so each instance holds the item
+    # table twice: set it to 1 where memory is tighter than latency at low load.
     solo_threads: int = 0
 
     def __post_init__(self):
