@@ -56,7 +56,7 @@ COPY online/__init__.py online/cache.py online/config.py online/rows.py online/s
      online/store.py online/view.py online/routing_store.py online/
 COPY models/__init__.py models/features.py models/onnx_session.py models/snapshot.py \
      models/ann.py models/
-COPY serving/__init__.py serving/auth.py serving/backend.py serving/inline.py \
+COPY serving/__init__.py serving/auth.py serving/backend.py serving/core_slots.py serving/inline.py \
      serving/live.py serving/metrics.py serving/recommender.py serving/repository.py serving/routing.py \
      serving/
 # Impression logging (recommend) and interaction ingest (the feedback model).
