@@ -163,7 +163,7 @@ def test_recommend_instances_hold_their_core_slots(served):
     # claimant gets none: the wide sessions are live in the real server.
     folder = server_folder(layout.RECOMMEND, served.server.process.pid)
     assert sorted(p.name for p in folder.glob("claim-*")) == ["claim-0", "claim-1"]
-    assert CoreSlots.claim(folder, 2) is None
+    assert CoreSlots.claim(folder, 2).mine is None
     # Lone requests (the tests above) run wide; test_recommend_matches_in_process_onnx
     # checks that they answer what the graph answers.
 

@@ -17,11 +17,24 @@ from serving.testing import tiny_export
 def test_each_instance_claims_its_own_slot(tmp_path):
     a, b = CoreSlots.claim(tmp_path, 2), CoreSlots.claim(tmp_path, 2)
     assert {a.mine, b.mine} == {0, 1}
-    assert CoreSlots.claim(tmp_path, 2) is None  # a third instance never widens
     assert CoreSlots.claim(tmp_path / "one", 1) is None  # alone: nothing to borrow
-    a.close()
-    c = CoreSlots.claim(tmp_path, 2)  # a restarted instance takes the freed slot
-    assert c.mine == a.mine
+
+
+def test_an_instance_past_the_slots_runs_narrow_until_one_is_freed(tmp_path):
+    now = [0.0]
+    a, b = CoreSlots.claim(tmp_path, 2), CoreSlots.claim(tmp_path, 2)
+    late = CoreSlots(tmp_path, 2, retry_s=1.0, clock=lambda: now[0])  # a reload's overlap
+    assert late.mine is None
+    with late.hold(widen=True) as wide:
+        assert not wide
+    a.close()  # the old instance goes
+    with late.hold(widen=True) as wide:
+        assert not wide and late.mine is None  # no retry within the second
+    now[0] = 1.5
+    with b.hold(widen=False), late.hold(widen=True) as wide:  # claims a's slot, b is busy
+        assert late.mine == 0 and not wide
+    with late.hold(widen=True) as wide:
+        assert wide
 
 
 def test_a_run_widens_only_while_every_peer_is_idle(tmp_path):
