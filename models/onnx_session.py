@@ -27,6 +27,7 @@ def onnx_session(
     intra_op_threads: int = 0,
     allow_spinning: bool = False,
     prefer_gpu: bool = False,
+    prepack: bool = True,
 ):
     import onnxruntime as ort
 
@@ -35,5 +36,9 @@ def onnx_session(
     so.intra_op_num_threads = int(intra_op_threads)
     so.inter_op_num_threads = 1  # the graph is one chain: no parallel branches to run
     so.add_session_config_entry("session.intra_op.allow_spinning", str(int(allow_spinning)))
+    if not prepack:
+        # Prepacking lays a constant MatMul input out for blocked GEMM: faster from a few rows
+        # up, slower for one row, where the plain kernel streams the item table once.
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=onnxruntime_providers(prefer_gpu))

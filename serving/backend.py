@@ -94,7 +94,12 @@ class RetrievalRunner:
     """One onnxruntime session over a version's model.onnx; many requests, one run."""
 
     def __init__(
-        self, version_dir: str | Path, *, intra_op_threads: int = 0, allow_spinning: bool = False
+        self,
+        version_dir: str | Path,
+        *,
+        intra_op_threads: int = 0,
+        allow_spinning: bool = False,
+        prepack: bool = True,
     ):
         version_dir = Path(version_dir)
         self.meta = json.loads((version_dir / "meta.json").read_text())
@@ -110,6 +115,7 @@ class RetrievalRunner:
                 version_dir / "model.onnx",
                 intra_op_threads=intra_op_threads,
                 allow_spinning=allow_spinning,
+                prepack=prepack,
             )
         b = self.meta["bounds"]
         d = self.meta["dims"]

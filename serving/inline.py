@@ -15,10 +15,10 @@ opens its int8 model.onnx, or its user tower and faiss index (models/ann.py).
 
 Borrowing idle cores (`solo_threads`, serving/core_slots.py): each instance runs the
 graph on its share of the cores, so a lone request leaves the others idle. With slots,
-an instance whose peers are not running the graph runs it on `solo_threads` cores through
-a second session of the same version. That second session holds the item table once more
-again, so it is opened only for versions the exact or int8 graph serves (an ANN version's
-faiss threads are a process-wide setting).
+an instance whose peers are not running the graph runs a one-row batch on `solo_threads`
+cores through a second session of the same version. That session holds the item table
+once more again, so it is opened only for versions the exact or int8 graph serves (an ANN
+version's faiss threads are a process-wide setting).
 """
 
 from __future__ import annotations
@@ -107,22 +107,31 @@ class InlineRetrieval:
         return r
 
     def wide_runner(self, version: int) -> RetrievalRunner | None:
-        """The version's session on `solo_threads` cores; None when this instance never
-        widens or the version answers from an ANN index."""
+        """The version's session for a lone row on `solo_threads` cores; None when this
+        instance never widens or the version answers from an ANN index.
+
+        It runs without prepacking: for one row the plain kernel streams the item table
+        once, which beats the layout prepacked for blocked GEMM by 1.3-2.3x (RESULTS.md,
+        step 7). Its float sums differ from the packed kernel's in the last bits (scores
+        within 3e-7), so two items that tie that closely may swap places between the
+        sessions."""
         if self.slots is None:
             return None
         if version not in self._wide:
             narrow = self.runner(version)
             self._wide[version] = (
-                None if narrow.ann is not None else self._open(version, self.solo_threads)
+                None
+                if narrow.ann is not None
+                else self._open(version, self.solo_threads, prepack=False)
             )
         return self._wide[version]
 
-    def _open(self, version: int, threads: int) -> RetrievalRunner:
+    def _open(self, version: int, threads: int, *, prepack: bool = True) -> RetrievalRunner:
         return RetrievalRunner(
             layout.version_dir(self.repo, version),
             intra_op_threads=threads,
             allow_spinning=self.allow_spinning,
+            prepack=prepack,
         )
 
     def __call__(self, version: int, features: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +150,9 @@ class InlineRetrieval:
         if self.slots is None:
             ((ids, scores),) = runner.run([feeds])
             return ids, scores
-        wide = self.wide_runner(version)
+        # Only a lone row widens: the wide session's unpacked kernel (see wide_runner) is the
+        # fastest for one row and 2-3x slower than the packed one from two rows up.
+        wide = self.wide_runner(version) if len(features.user_index) == 1 else None
         # Even a run that cannot widen holds its slot, so a peer never widens over it.
         with self.slots.hold(widen=wide is not None) as widened:
             ((ids, scores),) = (wide if widened else runner).run([feeds])

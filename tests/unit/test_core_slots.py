@@ -77,18 +77,25 @@ def repo(tmp_path):
     return tiny_export(tmp_path / "repo", k=10, overfetch=10)[1]
 
 
-def test_a_wide_run_answers_what_the_narrow_one_does(repo, tmp_path):
+def test_a_lone_row_widens_and_answers_what_the_narrow_session_does(repo, tmp_path):
     snap = FeatureSnapshot.load(layout.features_path(repo, 1))
-    feats = snap.lookup(np.r_[snap.user_ids[:5], 10**12])
     slots = [CoreSlots.claim(tmp_path / "slots", 2) for _ in range(2)]
     inline = InlineRetrieval(repo, intra_op_threads=1, solo_threads=2, slots=slots[0])
-    ids, scores = inline(1, feats)
-    assert inline.wide_runs == 1
-    with slots[1].hold(widen=False):  # the peer is busy: the narrow session answers
-        narrow_ids, narrow_scores = inline(1, feats)
-    assert inline.wide_runs == 1
-    np.testing.assert_array_equal(ids, narrow_ids)
-    np.testing.assert_allclose(scores, narrow_scores, rtol=0, atol=1e-6)
+    for user in (*snap.user_ids[:5], 10**12):  # known users and a cold one, one at a time
+        feats = snap.lookup(np.asarray([user]))
+        before = inline.wide_runs
+        ids, scores = inline(1, feats)
+        assert inline.wide_runs == before + 1
+        with slots[1].hold(widen=False):  # the peer is busy: the narrow session answers
+            narrow_ids, narrow_scores = inline(1, feats)
+        assert inline.wide_runs == before + 1
+        np.testing.assert_array_equal(ids, narrow_ids)
+        np.testing.assert_allclose(scores, narrow_scores, rtol=0, atol=1e-6)
+    inline(1, snap.lookup(snap.user_ids[:4]))  # a batch of rows keeps to the packed kernel
+    assert inline.wide_runs == 6
+    # The wide session serves lone rows: the plain kernel, not the one prepacked for GEMM.
+    opts = inline.wide_runner(1).session.get_session_options()
+    assert opts.get_session_config_entry("session.disable_prepacking") == "1"
 
 
 def test_no_second_session_without_slots_or_spare_threads(repo, tmp_path):
