@@ -110,11 +110,12 @@ class InlineRetrieval:
         """The version's session for a lone row on `solo_threads` cores; None when this
         instance never widens or the version answers from an ANN index.
 
-        It runs without prepacking: for one row the plain kernel streams the item table
-        once, which beats the layout prepacked for blocked GEMM by 1.3-2.3x (RESULTS.md,
-        step 7). Its float sums differ from the packed kernel's in the last bits (scores
-        within 3e-7), so two items that tie that closely may swap places between the
-        sessions."""
+        On the exact fp32 graph it runs without prepacking: for one row the plain kernel
+        streams the item table once, which beats the layout prepacked for blocked GEMM by
+        1.3-2.3x (RESULTS.md, step 7). Its float sums differ from the packed kernel's in
+        the last bits (scores within 3e-7), so two items that tie that closely may swap
+        places between the sessions. The int8 graph keeps its packed integer kernel, which
+        is faster there even for one row."""
         if self.slots is None:
             return None
         if version not in self._wide:
@@ -122,7 +123,7 @@ class InlineRetrieval:
             self._wide[version] = (
                 None
                 if narrow.ann is not None
-                else self._open(version, self.solo_threads, prepack=False)
+                else self._open(version, self.solo_threads, prepack=narrow.mode != "exact")
             )
         return self._wide[version]
 
