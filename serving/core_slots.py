@@ -115,7 +115,7 @@ class CoreSlots:
                     except BlockingIOError:
                         break
                     taken.append(fd)
-            yield len(taken) == len(self._fds) - 1 and widen
+            yield widen and len(taken) == len(self._fds) - 1
         finally:
             for fd in taken:
                 fcntl.flock(fd, fcntl.LOCK_UN)

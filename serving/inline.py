@@ -86,13 +86,16 @@ class InlineRetrieval:
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
         solo_threads: int = 0,
-        slots: CoreSlots | None = None,
+        slots_folder: str | Path | None = None,
+        instances: int = 1,
     ):
         self.repo = Path(repo)
         self.intra_op_threads = int(intra_op_threads)
         self.allow_spinning = bool(allow_spinning)
-        # Widening needs slots (to know the peers are idle) and more threads than the share.
-        self.slots = slots if slots is not None and solo_threads > intra_op_threads > 0 else None
+        # Widening needs peers sharing `slots_folder` (to know they are idle) and more
+        # threads than this instance's share; otherwise no slot is claimed at all.
+        widens = slots_folder is not None and solo_threads > self.intra_op_threads > 0
+        self.slots = CoreSlots.claim(slots_folder, instances) if widens else None
         self.solo_threads = int(solo_threads) if self.slots is not None else 0
         self.wide_runs = 0  # graph runs that borrowed the idle cores
         # A Python model instance runs one execute() at a time, so no locking here.

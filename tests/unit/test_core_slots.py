@@ -79,14 +79,17 @@ def repo(tmp_path):
 
 def test_a_lone_row_widens_and_answers_what_the_narrow_session_does(repo, tmp_path):
     snap = FeatureSnapshot.load(layout.features_path(repo, 1))
-    slots = [CoreSlots.claim(tmp_path / "slots", 2) for _ in range(2)]
-    inline = InlineRetrieval(repo, intra_op_threads=1, solo_threads=2, slots=slots[0])
+    folder = tmp_path / "slots"
+    inline = InlineRetrieval(
+        repo, intra_op_threads=1, solo_threads=2, slots_folder=folder, instances=2
+    )
+    peer = CoreSlots.claim(folder, 2)
     for user in (*snap.user_ids[:5], 10**12):  # known users and a cold one, one at a time
         feats = snap.lookup(np.asarray([user]))
         before = inline.wide_runs
         ids, scores = inline(1, feats)
         assert inline.wide_runs == before + 1
-        with slots[1].hold(widen=False):  # the peer is busy: the narrow session answers
+        with peer.hold(widen=False):  # the peer is busy: the narrow session answers
             narrow_ids, narrow_scores = inline(1, feats)
         assert inline.wide_runs == before + 1
         np.testing.assert_array_equal(ids, narrow_ids)
@@ -99,10 +102,12 @@ def test_a_lone_row_widens_and_answers_what_the_narrow_session_does(repo, tmp_pa
 
 
 def test_no_second_session_without_slots_or_spare_threads(repo, tmp_path):
-    slots = CoreSlots.claim(tmp_path / "slots", 2)
+    folder = tmp_path / "slots"
     for inline in (
         InlineRetrieval(repo, intra_op_threads=1, solo_threads=2),  # no slots
-        InlineRetrieval(repo, intra_op_threads=2, solo_threads=2, slots=slots),  # no spare
+        InlineRetrieval(  # no spare threads
+            repo, intra_op_threads=2, solo_threads=2, slots_folder=folder, instances=2
+        ),
     ):
         snap = FeatureSnapshot.load(layout.features_path(repo, 1))
         inline(1, snap.lookup(snap.user_ids[:3]))

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from feedback.hook import impression_logger
 from models.features import INPUT_NAMES, OUTPUT_NAMES
 from serving.backend import InputError
-from serving.core_slots import CoreSlots, server_folder
+from serving.core_slots import server_folder
 from serving.inline import InlineRetrieval, available_cores, inline_threads, resolve_retrieval_call
 from serving.live import online_store_url, open_online_store
 from serving.metrics import NO_VERSION, BatchMetrics, TritonMetrics
@@ -71,15 +71,13 @@ class TritonPythonModel:
         )
         if self.retrieval_call == "inline":
             instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
-            threads = int(params.get("retrieval_threads") or 0) or inline_threads(instances)
-            solo = int(params.get("solo_threads") or 0) or available_cores()
             self.inline = InlineRetrieval(
                 model_dir.parent,
-                intra_op_threads=threads,
-                solo_threads=solo,
-                slots=CoreSlots.claim(server_folder(config["name"]), instances)
-                if solo > threads
-                else None,
+                intra_op_threads=int(params.get("retrieval_threads") or 0)
+                or inline_threads(instances),
+                solo_threads=int(params.get("solo_threads") or 0) or available_cores(),
+                slots_folder=server_folder(config["name"]),
+                instances=instances,
             )
             self.retrieve = self.inline
             self.recommender.state.on_routing.append(self.inline.retain)
