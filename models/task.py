@@ -70,8 +70,8 @@ class TwoTowerTrainTask(nn.Module):
     ):
         super().__init__()
         self.full = full
-        # Full softmax: per-item offset added to the training logits (zeros = none).
-        self.register_buffer("item_log_prior", torch.zeros(model.spec.n_items))
+        # Full softmax: per-item offset added to the training logits; None = no adjustment.
+        self.register_buffer("item_log_prior", None)
         self.model = model
         self.temperature = temperature
         self.n_random_negatives = n_random_negatives
@@ -95,8 +95,9 @@ class TwoTowerTrainTask(nn.Module):
     def set_item_log_prior(self, log_prior: torch.Tensor) -> None:
         """Logit adjustment for the full softmax: `log_prior` (n_items,) is added to every
         training logit and left out at inference, so the scores leave out what it explains."""
-        with torch.no_grad():
-            self.item_log_prior.copy_(log_prior.to(self.item_log_prior))
+        # On the model's device: the task itself is never moved (train moves the model).
+        device = next(self.model.parameters()).device
+        self.item_log_prior = log_prior.detach().to(device=device, dtype=torch.float32)
 
     def _full(self, batch: dict[str, torch.Tensor], user: torch.Tensor) -> torch.Tensor:
         every = torch.arange(self.model.spec.n_items, device=user.device)
