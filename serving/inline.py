@@ -23,10 +23,11 @@ version's faiss threads are a process-wide setting).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,7 @@ class InlineRetrieval:
         self.slots = CoreSlots.claim(slots_folder, instances) if widens else None
         self.solo_threads = int(solo_threads) if self.slots is not None else 0
         self.wide_runs = 0  # graph runs that borrowed the idle cores
+        self._batch_rows: int | None = None  # users in the dynamic batch (see `batch`)
         # A Python model instance runs one execute() at a time, so no locking here.
         self._runners: dict[int, RetrievalRunner] = {}
         self._wide: dict[int, RetrievalRunner | None] = {}
@@ -154,14 +156,27 @@ class InlineRetrieval:
         if self.slots is None:
             ((ids, scores),) = runner.run([feeds])
             return ids, scores
-        # Only a lone row widens: the wide session's unpacked kernel (see wide_runner) is the
-        # fastest for one row and 2-3x slower than the packed one from two rows up.
-        wide = self.wide_runner(version) if len(features.user_index) == 1 else None
+        # Only a lone request widens: the wide session's unpacked kernel (see wide_runner) is
+        # the fastest for one row and 2-3x slower than the packed one from two rows up. Lone
+        # means the whole batch, not this version's share of it: a canary's single row in a
+        # batch with production's would otherwise run differently from production's rows,
+        # and the canary's latency guardrail would compare two different kernels.
+        rows = self._batch_rows if self._batch_rows is not None else len(features.user_index)
+        wide = self.wide_runner(version) if rows == 1 else None
         # Even a run that cannot widen holds its slot, so a peer never widens over it.
         with self.slots.hold(widen=wide is not None) as widened:
             ((ids, scores),) = (wide if widened else runner).run([feeds])
         self.wide_runs += widened
         return ids, scores
+
+    @contextlib.contextmanager
+    def batch(self, rows: int) -> Iterator[None]:
+        """Calls inside answer one dynamic batch of `rows` users, split across versions."""
+        self._batch_rows = int(rows)
+        try:
+            yield
+        finally:
+            self._batch_rows = None
 
     def retain(self, versions: Iterable[int]) -> None:
         """Drop the sessions of versions that left the routing (their memory goes with them)."""

@@ -96,6 +96,11 @@ def test_a_lone_row_widens_and_answers_what_the_narrow_session_does(repo, tmp_pa
         np.testing.assert_allclose(scores, narrow_scores, rtol=0, atol=1e-6)
     inline(1, snap.lookup(snap.user_ids[:4]))  # a batch of rows keeps to the packed kernel
     assert inline.wide_runs == 6
+    # One version's single row in a batch of several users (a canary's share) stays narrow,
+    # like the other version's rows of that batch.
+    with inline.batch(5):
+        inline(1, snap.lookup(snap.user_ids[:1]))
+    assert inline.wide_runs == 6
     # The wide session serves lone rows: the plain kernel, not the one prepacked for GEMM.
     opts = inline.wide_runner(1).session.get_session_options()
     assert opts.get_session_config_entry("session.disable_prepacking") == "1"

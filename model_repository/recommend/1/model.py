@@ -5,6 +5,7 @@ only converts between Triton tensors and numpy and makes the BLS calls, or, with
 `retrieval_call: inline` (cpu target), runs retrieval's graph here (serving/inline.py).
 """
 
+import contextlib
 import json
 import logging
 import time
@@ -108,7 +109,9 @@ class TritonPythonModel:
                 )
             except InputError as exc:
                 parsed.append(exc)
-        batch = self.recommender.run(parsed, self.retrieve)
+        users = sum(len(p.user_ids) for p in parsed if not isinstance(p, InputError))
+        with self.inline.batch(users) if self.inline is not None else contextlib.nullcontext():
+            batch = self.recommender.run(parsed, self.retrieve)
 
         # ---- impression-log hook ------------------------------------------------------
         # Once per batch: every served (request_id, user_id, item_id, position, score,
