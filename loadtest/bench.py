@@ -37,7 +37,7 @@ from loadtest import catalogue
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, infer_request
 from loadtest.users import UserSampler
 from models.compact_export import MODES, IndexConfig
-from models.features import INPUT_HISTORY, INPUT_USER_CATS, INPUT_USER_INDEX
+from models.features import INPUT_USER_INDEX, graph_input_names
 from serving import repository as layout
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def measure_faiss(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
     with torch.inference_mode():
         queries = [
             np.ascontiguousarray(
-                module.user_tower(*(torch.from_numpy(b[n]) for n in _FEATURES)).numpy()
+                module.user_tower(*(torch.from_numpy(b[n]) for n in module.input_names)).numpy()
             )
             for b in batches
         ]  # each (B, d)
@@ -230,9 +230,6 @@ def measure_faiss(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
         res,
         threads=threads,
     )
-
-
-_FEATURES = (INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY)
 
 
 class _CpuWatch:
@@ -296,6 +293,7 @@ def _payloads(br: catalogue.BenchRepo, cfg: BenchConfig):
     from loadtest.users import production_snapshot
 
     snap = production_snapshot(br.repo)
+    names = graph_input_names(layout.read_meta(br.repo, br.version))
     sampler = UserSampler.build(
         snap.user_ids, zipf_a=cfg.zipf_a, unknown_share=cfg.unknown_share, seed=cfg.seed
     )
@@ -303,9 +301,7 @@ def _payloads(br: catalogue.BenchRepo, cfg: BenchConfig):
     batches = []
     for _ in range(8):
         f = snap.lookup(sampler.sample(cfg.batch_size, rng))
-        batches.append(
-            {INPUT_USER_INDEX: f.user_index, INPUT_USER_CATS: f.user_cats, INPUT_HISTORY: f.history}
-        )
+        batches.append(f.feeds(names))
     singles = sampler.sample(4096, rng)
     return batches, singles
 

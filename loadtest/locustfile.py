@@ -59,6 +59,8 @@ from locust.stats import (  # noqa: E402
 
 from feedback.ingest import INPUTS as _FEEDBACK_INPUTS  # noqa: E402
 from loadtest.thresholds import threshold_failures  # noqa: E402
+from models.features import INPUT_HISTORY_TS, INPUT_NAMES, input_names  # noqa: E402
+from models.snapshot import UserFeatures  # noqa: E402
 from serving.client import split_urls, unreachable  # noqa: E402
 
 log = logging.getLogger("northstar.locust")
@@ -140,18 +142,23 @@ class Workload:
         sampler = UserSampler.build(known, zipf_a=options.zipf_a, unknown_share=share)
         return cls(sampler, snapshot)
 
-    def features(self, user_ids: np.ndarray, dims: tuple[int, int]) -> dict[str, np.ndarray]:
-        """`retrieval` inputs for these users; zeros (valid everywhere) without a snapshot."""
+    def features(
+        self, user_ids: np.ndarray, dims: tuple[int, int], names: tuple[str, ...] = INPUT_NAMES
+    ) -> dict[str, np.ndarray]:
+        """`retrieval` inputs `names` for these users; zeros (valid everywhere: row 0, unknown
+        categories, empty history) without a snapshot."""
         n = len(user_ids)
         if self.snapshot is None:
             c, h = dims
-            return {
-                "user_index": np.zeros((n, 1), np.int64),
-                "user_cats": np.zeros((n, c), np.int64),
-                "history": np.zeros((n, h), np.int64),
-            }
-        f = self.snapshot.lookup(user_ids)
-        return {"user_index": f.user_index, "user_cats": f.user_cats, "history": f.history}
+            zeros = UserFeatures(
+                np.zeros((n, 1), np.int64),
+                np.zeros((n, c), np.int64),
+                np.zeros((n, h), np.int64),
+                np.zeros(n, bool),
+                [],
+            )
+            return zeros.feeds(names)
+        return self.snapshot.lookup(user_ids).feeds(names)
 
 
 _workload: Workload | None = None
@@ -188,6 +195,7 @@ class _TritonUser(User):
         self.last_slate: tuple[int, str, np.ndarray] | None = None  # user, request id, items
         self.feedback_ready = False
         self.retrieval_dims = (0, 0)
+        self.retrieval_inputs = INPUT_NAMES
 
     # -- protocol specifics ---------------------------------------------------------
     def _urls(self) -> str:
@@ -249,6 +257,8 @@ class _TritonUser(User):
             int(by_name["user_cats"]["shape"][-1]),
             int(by_name["history"]["shape"][-1]),
         )
+        # Three inputs, or four where the served graphs read time gaps (`history_ts`).
+        self.retrieval_inputs = input_names(INPUT_HISTORY_TS in by_name)
 
     def on_stop(self) -> None:
         for c in self.clients:
@@ -272,7 +282,9 @@ class _TritonUser(User):
     @locust_task(1)
     def retrieval(self) -> None:
         b = self.opts.retrieval_batch
-        feats = self.work.features(self.work.sampler.sample(b, self.rng), self.retrieval_dims)
+        feats = self.work.features(
+            self.work.sampler.sample(b, self.rng), self.retrieval_dims, self.retrieval_inputs
+        )
         inputs = [self._input(n, a, "INT64") for n, a in feats.items()]
         self._call(RETRIEVAL, f"{RETRIEVAL}[{b}]", inputs, ("item_ids", "scores"))
 

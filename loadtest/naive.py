@@ -55,11 +55,10 @@ class NaiveRecommender:
         from serving.recommender import select_unseen
 
         feats = self.snapshot.lookup(np.asarray([user_id], dtype=np.int64))
+        feeds = feats.feeds(self.module.input_names)
         with torch.inference_mode():
             ids, scores = self.module(
-                torch.from_numpy(feats.user_index),
-                torch.from_numpy(feats.user_cats),
-                torch.from_numpy(feats.history),
+                *(torch.from_numpy(feeds[n]) for n in self.module.input_names)
             )  # (1, K) each
         out_ids, out_scores, counts = select_unseen(
             ids.numpy(), scores.numpy(), feats.seen, np.asarray([k], dtype=np.int64)

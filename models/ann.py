@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from models.features import INPUT_NAMES
-
 USER_TOWER_FILE = "user_tower.onnx"
 INDEX_FILE = "items.faiss"
 ITEMS_FILE = "items.npz"
@@ -147,6 +145,7 @@ class AnnSearch:
         self.graph_k = int(meta["graph_k"])
         self.with_bias = bool(info["with_bias"])
         self.session = onnx_session(version_dir / USER_TOWER_FILE, intra_op_threads=threads)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.index = faiss.read_index(str(version_dir / INDEX_FILE))
         set_search_param(self.index, self.mode, int(info["search_value"]))
         if threads:
@@ -155,7 +154,7 @@ class AnnSearch:
         self.raw_item_ids = np.load(version_dir / ITEMS_FILE)["raw_item_ids"]
 
     def user_vectors(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        (u,) = self.session.run(None, {n: feeds[n] for n in INPUT_NAMES})
+        (u,) = self.session.run(None, {n: feeds[n] for n in self.input_names})
         return u
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

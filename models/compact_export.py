@@ -29,10 +29,6 @@ import torch
 from models import ann, quantize
 from models.export import ParityError, ParityReport, _quiet_exporter, _sample_inputs, run_onnx
 from models.features import (
-    INPUT_HISTORY,
-    INPUT_NAMES,
-    INPUT_USER_CATS,
-    INPUT_USER_INDEX,
     FeatureSpec,
 )
 from models.onnx_session import onnx_session
@@ -99,8 +95,8 @@ class _UserVec(torch.nn.Module):
         super().__init__()
         self.user_tower = user_tower
 
-    def forward(self, user_index, user_cats, history):
-        return self.user_tower(user_index, user_cats, history)
+    def forward(self, user_index, user_cats, history, history_ts=None):
+        return self.user_tower(user_index, user_cats, history, history_ts)
 
 
 def export_user_tower(
@@ -108,33 +104,26 @@ def export_user_tower(
 ) -> Path:
     """The user tower alone: model.onnx's inputs, output quantize.USER_VEC (B, d)."""
     wrapper = _UserVec(module.user_tower).eval()
+    names = module.input_names
     with _quiet_exporter():
         # The legacy exporter: the tower is small, and its graph merges cleanly with
         # onnx.compose (one default-domain opset, no local functions).
         torch.onnx.export(
             wrapper,
-            _sample_inputs(spec),
+            _sample_inputs(spec, names),
             str(path),
             dynamo=False,
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=[quantize.USER_VEC],
-            dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, quantize.USER_VEC)},
+            dynamic_axes={n: {0: "batch"} for n in (*names, quantize.USER_VEC)},
             opset_version=min(opset, 17),
         )
     return Path(path)
 
 
-def _feeds(feats: UserFeatures) -> dict[str, np.ndarray]:
-    return {
-        INPUT_USER_INDEX: np.ascontiguousarray(feats.user_index, dtype=np.int64),
-        INPUT_USER_CATS: np.ascontiguousarray(feats.user_cats, dtype=np.int64),
-        INPUT_HISTORY: np.ascontiguousarray(feats.history, dtype=np.int64),
-    }
-
-
 def _torch_reference(module: TwoTowerRetrieval, feeds: dict[str, np.ndarray]):
     with torch.no_grad():
-        tensors = [torch.from_numpy(feeds[n]) for n in INPUT_NAMES]
+        tensors = [torch.from_numpy(feeds[n]) for n in module.input_names]
         ids, scores = (t.numpy() for t in module(*tensors))
         user_vecs = module.user_tower(*tensors).numpy()
         all_scores = module.scores(*tensors).numpy()
@@ -207,7 +196,7 @@ def check_overlap(
     """An approximate graph against the fp32 module: mean top-K overlap >= min_overlap, the
     scores it returns are the fp32 scores of its items (when `exact_scores`), and one user
     alone gets what it gets inside the batch. Raises ParityError naming the numbers."""
-    feeds = _feeds(feats)
+    feeds = feats.feeds(module.input_names)
     t_ids, _t_scores, _u, all_scores = _torch_reference(module, feeds)
     session = onnx_session(onnx_path)
     o_ids, o_scores = run_onnx(session, feeds)
@@ -275,7 +264,7 @@ def write_ann(
     width by recall. Raises ParityError when no width reaches `cfg.min_recall`."""
     version_dir = Path(version_dir)
     tower_path = export_user_tower(module, spec, version_dir / ann.USER_TOWER_FILE, opset=opset)
-    feeds = _feeds(feats)
+    feeds = feats.feeds(module.input_names)
     _ids, _scores, t_u, all_scores = _torch_reference(module, feeds)
     (o_u,) = onnx_session(tower_path).run(None, feeds)
     u_diff = float(np.abs(o_u - t_u).max()) if o_u.size else 0.0

@@ -18,14 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.features import (
-    INPUT_HISTORY,
-    INPUT_NAMES,
-    INPUT_USER_CATS,
-    INPUT_USER_INDEX,
-    OUTPUT_NAMES,
-    FeatureSpec,
-)
+from models.features import INPUT_HISTORY_TS, OUTPUT_NAMES, FeatureSpec
 from models.onnx_session import onnx_session
 from models.retrieval import TwoTowerRetrieval
 from models.snapshot import FeatureSnapshot, UserFeatures
@@ -61,13 +54,18 @@ def build_retrieval(model: TwoTower, item_ids: np.ndarray, graph_k: int) -> TwoT
     return TwoTowerRetrieval.from_two_tower(model, raw_ids, graph_k).eval()
 
 
-def _sample_inputs(spec: FeatureSpec, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    # Zeros are valid everywhere: row 0, category "unknown", empty history.
-    return (
+def _sample_inputs(
+    spec: FeatureSpec, names: tuple[str, ...], batch: int = 2
+) -> tuple[torch.Tensor, ...]:
+    # Zeros are valid everywhere: row 0, category "unknown", empty history, no timestamps.
+    tensors = (
         torch.zeros(batch, 1, dtype=torch.long),
         torch.zeros(batch, len(spec.user_cat_cardinalities), dtype=torch.long),
         torch.zeros(batch, spec.history_len, dtype=torch.long),
+        torch.zeros(batch, spec.history_len, dtype=torch.long),
     )
+    assert names[-1] == INPUT_HISTORY_TS or len(names) == 3, names
+    return tensors[: len(names)]
 
 
 def export_onnx(
@@ -80,7 +78,8 @@ def export_onnx(
 ) -> str:
     """Write `module` to `path` with a dynamic batch axis; returns the exporter used."""
     path = Path(path)
-    args = _sample_inputs(spec)
+    names = module.input_names
+    args = _sample_inputs(spec, names)
     n_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     external = n_bytes > _EXTERNAL_DATA_BYTES
     if exporter == "dynamo":
@@ -91,9 +90,9 @@ def export_onnx(
                     module,
                     args,
                     dynamo=True,
-                    input_names=list(INPUT_NAMES),
+                    input_names=list(names),
                     output_names=list(OUTPUT_NAMES),
-                    dynamic_shapes=tuple({0: batch} for _ in INPUT_NAMES),
+                    dynamic_shapes=tuple({0: batch} for _ in names),
                     opset_version=opset,
                     verbose=False,
                 )
@@ -109,9 +108,9 @@ def export_onnx(
             args,
             str(path),
             dynamo=False,
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+            dynamic_axes={n: {0: "batch"} for n in (*names, *OUTPUT_NAMES)},
             opset_version=min(opset, 17),
         )
     return "legacy"
@@ -167,13 +166,9 @@ def check_parity(
     A position may hold a different item only if PyTorch scores that item within
     `tie_atol` of the item PyTorch put there. Raises ParityError otherwise.
     """
-    feeds = {
-        INPUT_USER_INDEX: np.ascontiguousarray(feats.user_index, dtype=np.int64),
-        INPUT_USER_CATS: np.ascontiguousarray(feats.user_cats, dtype=np.int64),
-        INPUT_HISTORY: np.ascontiguousarray(feats.history, dtype=np.int64),
-    }
+    feeds = feats.feeds(module.input_names)
     with torch.no_grad():
-        tensors = [torch.from_numpy(feeds[n]) for n in INPUT_NAMES]
+        tensors = [torch.from_numpy(feeds[n]) for n in module.input_names]
         t_ids, t_scores = (t.numpy() for t in module(*tensors))  # (B, K) each
         all_scores = module.scores(*tensors).numpy()  # (B, N), the item bias included
     session = onnx_session(onnx_path, prefer_gpu=prefer_gpu)

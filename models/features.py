@@ -27,10 +27,25 @@ ITEM_CATEGORICALS = ("genre", "provider")
 INPUT_USER_INDEX = "user_index"  # INT64 [B, 1]
 INPUT_USER_CATS = "user_cats"  # INT64 [B, C]
 INPUT_HISTORY = "history"  # INT64 [B, H]; dense item index + 1, 0 = padding
+# INT64 [B, H]; unix seconds of each `history` item, 0 = padding. Only graphs whose sequence
+# tower reads time gaps (TowerConfig.time_gaps) take it; every other graph has the three above.
+INPUT_HISTORY_TS = "history_ts"
 OUTPUT_ITEM_IDS = "item_ids"  # INT64 [B, K]; raw item ids
 OUTPUT_SCORES = "scores"  # FP32 [B, K]; cosine similarity, descending
 INPUT_NAMES = (INPUT_USER_INDEX, INPUT_USER_CATS, INPUT_HISTORY)
 OUTPUT_NAMES = (OUTPUT_ITEM_IDS, OUTPUT_SCORES)
+
+
+def input_names(time_gaps: bool) -> tuple[str, ...]:
+    """A retrieval graph's inputs, in the order its forward takes them."""
+    return (*INPUT_NAMES, INPUT_HISTORY_TS) if time_gaps else INPUT_NAMES
+
+
+def graph_input_names(meta: dict) -> tuple[str, ...]:
+    """The inputs a published version's graph takes, from its meta.json (`inputs`, written
+    at export; versions published before time gaps existed list the three of INPUT_NAMES)."""
+    return input_names(INPUT_HISTORY_TS in meta.get("inputs", {}))
+
 
 UNKNOWN = "unknown"
 
@@ -181,15 +196,24 @@ def last_n_history(
 
     Rows must already be in time order; that is what makes "most recent" true.
     """
-    hist = np.zeros((n_users, history_len), dtype=np.int64)
+    return last_n_values(user_index, np.asarray(item_index) + 1, n_users, history_len)
+
+
+def last_n_values(
+    user_index: np.ndarray, values: np.ndarray, n_users: int, history_len: int
+) -> np.ndarray:
+    """(n_users, H) int64: each user's last H `values` (rows in time order), newest first,
+    0 = padding. With item index + 1 this is `last_n_history`; with the rows' timestamps
+    it is the matching `history_ts`."""
+    out = np.zeros((n_users, history_len), dtype=np.int64)
     if len(user_index) == 0:
-        return hist
+        return out
     order = np.argsort(user_index, kind="stable")  # stable keeps time order within a user
-    u, it = user_index[order], item_index[order]
+    u, v = user_index[order], np.asarray(values)[order]
     starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
     ends = np.r_[starts[1:], len(u)]
     group_end = np.repeat(ends, ends - starts)
     rank_from_end = group_end - 1 - np.arange(len(u))  # 0 = newest
     keep = rank_from_end < history_len
-    hist[u[keep], rank_from_end[keep]] = it[keep] + 1
-    return hist
+    out[u[keep], rank_from_end[keep]] = v[keep]
+    return out

@@ -50,19 +50,33 @@ class TwoTowerRetrieval(nn.Module):
         bias = getattr(model, "item_bias", None) if getattr(model, "prior", None) else None
         return cls(model.user_tower, model.item_embeddings(), raw_item_ids, k, bias).eval()
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The graph's inputs, in forward's order (models.features.input_names)."""
+        return self.user_tower.input_names
+
     def scores(
-        self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor
+        self,
+        user_index: torch.Tensor,
+        user_cats: torch.Tensor,
+        history: torch.Tensor,
+        history_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, N) what TopK ranks: the dot product, plus the item bias when there is one."""
-        u = self.user_tower(user_index, user_cats, history)  # (B, d)
+        """(B, N) what TopK ranks: the dot product, plus the item bias when there is one.
+        `history_ts` only for a tower that reads time gaps (`input_names` has four)."""
+        u = self.user_tower(user_index, user_cats, history, history_ts)  # (B, d)
         scores = u @ self.item_embeddings.T  # (B, N)
         if self.item_bias is not None:
             scores = scores + self.item_bias
         return scores
 
     def forward(
-        self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor
+        self,
+        user_index: torch.Tensor,
+        user_cats: torch.Tensor,
+        history: torch.Tensor,
+        history_ts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.scores(user_index, user_cats, history)  # (B, N)
+        scores = self.scores(user_index, user_cats, history, history_ts)  # (B, N)
         top_scores, top_idx = torch.topk(scores, self.k, dim=1)  # (B, K) each
         return self.raw_item_ids[top_idx], top_scores

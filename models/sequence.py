@@ -14,6 +14,11 @@ all-padding row softmaxes to a finite average, and the encoder zeroes it anyway.
 
 Serving reads only the newest position, so `forward` runs the last block for that one query;
 `encode` runs every position (tests check the two agree).
+
+Time gaps (optional): each position also gets an embedding of how long after the user's
+previous item it came, in log2 minutes (`gap_buckets`). The gaps are between the user's own
+items, never against "now": the training log's clock and the serving clock need not agree
+(a replayed or simulated log), but the spacing of a user's items means the same on both.
 """
 
 from __future__ import annotations
@@ -22,6 +27,23 @@ import math
 
 import torch
 from torch import nn
+
+# Time-gap buckets: 0 = unknown (padding, or the oldest item in the window, whose
+# predecessor is not in it); 1 + floor(log2(1 + gap in minutes)), capped: the last bucket
+# holds gaps of about 23 days and more.
+GAP_BUCKETS = 17
+
+
+def gap_buckets(history_ts: torch.Tensor) -> torch.Tensor:
+    """(B, H) unix seconds, newest first, 0 = padding -> (B, H) bucket of the time between
+    each item and the user's previous one (position i + 1)."""
+    newer, older = history_ts[:, :-1], history_ts[:, 1:]
+    known = (newer > 0) & (older > 0)
+    minutes = (newer - older).clamp(min=0).to(torch.float32) / 60.0
+    bucket = torch.floor(torch.log(1.0 + minutes) / math.log(2.0)).to(torch.long) + 1
+    bucket = torch.where(known, bucket.clamp(max=GAP_BUCKETS - 1), torch.zeros_like(bucket))
+    return torch.cat([bucket, torch.zeros_like(bucket[:, :1])], dim=1)
+
 
 # Added to blocked attention scores: far below any real score, but finite so a row with every
 # key blocked stays finite (all -inf would softmax to NaN).
@@ -76,14 +98,32 @@ class SequenceEncoder(nn.Module):
     """(B, H, D) embedded history + (B, H) bool validity -> (B, D): the newest valid
     position's output after `layers` causal self-attention blocks; zeros for an empty history."""
 
-    def __init__(self, dim: int, history_len: int, layers: int, heads: int, dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        history_len: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        time_gaps: bool = False,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"SequenceEncoder: dim={dim} is not divisible by heads={heads}")
         self.pos_emb = nn.Embedding(history_len, dim)  # index = steps back from the newest
+        # None without time gaps: such runs keep their state_dict keys and their graph.
+        self.gap_emb = nn.Embedding(GAP_BUCKETS, dim) if time_gaps else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
+
+    def _inputs(self, emb: torch.Tensor, gaps: torch.Tensor | None) -> torch.Tensor:
+        """The items' embeddings plus their time-gap embeddings, when this encoder has them."""
+        if self.gap_emb is None:
+            return emb
+        if gaps is None:
+            raise ValueError("SequenceEncoder: this encoder reads time gaps; pass gap buckets")
+        return emb + self.gap_emb(gaps)
 
     def _run(self, emb: torch.Tensor, valid: torch.Tensor, n_blocks: int):
         """(x after the first `n_blocks` blocks, padding rows zero; keep (B, H, 1))."""
@@ -100,17 +140,22 @@ class SequenceEncoder(nn.Module):
             x = block(x, allowed) * keep
         return x, keep
 
-    def encode(self, emb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, emb: torch.Tensor, valid: torch.Tensor, gaps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, H, D) the output at every position; padding positions are zero."""
-        x, keep = self._run(emb, valid, len(self.blocks))
+        x, keep = self._run(self._inputs(emb, gaps), valid, len(self.blocks))
         return self.norm(x) * keep
 
-    def forward(self, emb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, emb: torch.Tensor, valid: torch.Tensor, gaps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`gaps` (B, H): `gap_buckets` of the history's timestamps, for a time-gap encoder."""
         # The newest valid position: position 0 for every history the feature code builds
         # (padding trails), but a hand-made request with a leading 0 still gets its newest item.
         keep = valid.to(emb.dtype)
         newest = keep * (keep.cumsum(dim=1) == 1).to(emb.dtype)  # (B, H) one-hot or all zero
-        x, _ = self._run(emb, valid, len(self.blocks) - 1)
+        x, _ = self._run(self._inputs(emb, gaps), valid, len(self.blocks) - 1)
         # Only the newest position's output is used, so the last block runs its query alone
         # (SASRec's inference shortcut): about half the work of two blocks at H = 50. Its
         # past is every valid position, since none is newer.

@@ -15,7 +15,16 @@ import numpy as np
 import pandas as pd
 
 from common.files import atomic_path
-from models.features import FeatureVocab, last_n_history
+from models.features import (
+    INPUT_HISTORY,
+    INPUT_HISTORY_TS,
+    INPUT_NAMES,
+    INPUT_USER_CATS,
+    INPUT_USER_INDEX,
+    FeatureVocab,
+    last_n_history,
+    last_n_values,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,20 @@ class UserFeatures:
     history: np.ndarray  # (B, H) int64, item index + 1, 0 = padding
     known: np.ndarray  # (B,) bool; False = cold start (no snapshot row)
     seen: list[np.ndarray]  # B arrays of raw item ids to filter out
+    # (B, H) int64 unix seconds of each history item, 0 = padding; None = not known (a
+    # snapshot written before time gaps existed), which a time-gap graph reads as "no gaps".
+    history_ts: np.ndarray | None = None
+
+    def feeds(self, names: tuple[str, ...] = INPUT_NAMES) -> dict[str, np.ndarray]:
+        """The graph inputs `names` (models.features.input_names) as contiguous int64."""
+        ts = self.history_ts if self.history_ts is not None else np.zeros_like(self.history)
+        arrays = {
+            INPUT_USER_INDEX: self.user_index,
+            INPUT_USER_CATS: self.user_cats,
+            INPUT_HISTORY: self.history,
+            INPUT_HISTORY_TS: ts,
+        }
+        return {n: np.ascontiguousarray(arrays[n], dtype=np.int64) for n in names}
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,7 @@ class FeatureSnapshot:
     user_index: np.ndarray  # (U,)
     user_cats: np.ndarray  # (U, C)
     history: np.ndarray  # (U, H)
+    history_ts: np.ndarray  # (U, H) unix seconds of each history item, 0 = padding
     seen_indptr: np.ndarray  # (U + 1,) CSR over seen_items
     seen_items: np.ndarray  # (nnz,) raw item ids
     n_users: int  # vocab size: hashed rows start here
@@ -52,6 +76,13 @@ class FeatureSnapshot:
         item_idx = vocab.item_index(item_raw)
         ok = item_idx >= 0  # items outside the model's catalogue cannot be history
         history = last_n_history(row[ok], item_idx[ok], len(user_ids), vocab.history_len)
+        # A frame without timestamps (some callers pass ids in time order) has no gaps: 0.
+        ts = (
+            interactions["timestamp"].to_numpy(np.int64)
+            if "timestamp" in interactions.columns
+            else np.zeros(len(interactions), np.int64)
+        )
+        history_ts = last_n_values(row[ok], ts[ok], len(user_ids), vocab.history_len)
         order = np.argsort(row, kind="stable")
         counts = np.bincount(row, minlength=len(user_ids))
         return cls(
@@ -59,6 +90,7 @@ class FeatureSnapshot:
             user_index=vocab.user_index(user_ids),
             user_cats=vocab.encode_user_cats(users),
             history=history,
+            history_ts=history_ts,
             seen_indptr=np.r_[0, np.cumsum(counts)].astype(np.int64),
             seen_items=item_raw[order],
             n_users=len(vocab.user_ids),
@@ -75,11 +107,12 @@ class FeatureSnapshot:
         user_index = np.where(known, self.user_index[pos], hashed)[:, None]
         user_cats = np.where(known[:, None], self.user_cats[pos], 0)
         history = np.where(known[:, None], self.history[pos], 0)
+        history_ts = np.where(known[:, None], self.history_ts[pos], 0)
         seen = [
             self.seen_items[self.seen_indptr[p] : self.seen_indptr[p + 1]] if k else _EMPTY
             for p, k in zip(pos, known, strict=True)
         ]
-        return UserFeatures(user_index, user_cats, history, known, seen)
+        return UserFeatures(user_index, user_cats, history, known, seen, history_ts)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -95,6 +128,10 @@ class FeatureSnapshot:
                 user_index=z["user_index"],
                 user_cats=z["user_cats"],
                 history=z["history"],
+                # Snapshots written before time gaps existed: timestamps unknown (0).
+                history_ts=z["history_ts"]
+                if "history_ts" in z.files
+                else np.zeros_like(z["history"]),
                 seen_indptr=z["seen_indptr"],
                 seen_items=z["seen_items"],
                 n_users=int(z["n_users"]),

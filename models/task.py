@@ -12,6 +12,11 @@ from models.loss import full_softmax_loss, in_batch_softmax_loss
 from models.towers import TwoTower
 
 
+def user_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """The user tower's arguments from a training batch (training.data.TrainingExamples)."""
+    return batch["user_index"], batch["user_cats"], batch["history"], batch.get("history_ts")
+
+
 class StabilityTerm(nn.Module):
     """Distillation against production's top K: keeps a retrain's scores near the model it
     would replace, where that model is confident.
@@ -46,7 +51,7 @@ class StabilityTerm(nn.Module):
         self, student: TwoTower, batch: dict[str, torch.Tensor], student_user: torch.Tensor
     ) -> torch.Tensor:
         with torch.no_grad():
-            tu = self.teacher.user_embed(batch["user_index"], batch["user_cats"], batch["history"])
+            tu = self.teacher.user_embed(*user_inputs(batch))
             top, idx = (tu @ self.teacher_items.T).topk(self.k, dim=1)  # (B, k)
         b, k = idx.shape
         items = student.item_embed(idx.reshape(-1)).view(b, k, -1)  # (B, k, d)
@@ -83,7 +88,7 @@ class TwoTowerTrainTask(nn.Module):
         log_q: torch.Tensor,
         neg_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        user = self.model.user_embed(batch["user_index"], batch["user_cats"], batch["history"])
+        user = self.model.user_embed(*user_inputs(batch))
         if self.full:
             loss = self._full(batch, user)
         else:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.features import FeatureSpec
+from models.features import FeatureSpec, input_names
 from models.prior import PopularityPrior
-from models.sequence import SequenceEncoder
+from models.sequence import SequenceEncoder, gap_buckets
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,19 @@ class TowerConfig:
     user_encoder: Literal["mean", "sequence"] = "mean"
     seq_layers: int = 2  # "sequence" only: Transformer blocks
     seq_heads: int = 2  # "sequence" only: attention heads; must divide id_dim
+    # "sequence" only: add an embedding of the time between consecutive history items
+    # (`models.sequence.gap_buckets`). The graph then takes a fourth input, `history_ts`.
+    time_gaps: bool = False
 
     def __post_init__(self) -> None:
         if self.user_encoder not in ("mean", "sequence"):
             raise ValueError(f"TowerConfig.user_encoder={self.user_encoder!r}: mean | sequence")
+        if self.time_gaps and self.user_encoder != "sequence":
+            raise ValueError(
+                "TowerConfig.time_gaps=True: expected user_encoder='sequence' (the mean "
+                f"encoder is order-blind and has no positions to give gaps to), got "
+                f"{self.user_encoder!r}"
+            )
         if self.user_encoder == "sequence" and (
             self.seq_layers < 1 or self.seq_heads < 1 or self.id_dim % self.seq_heads
         ):
@@ -66,19 +75,36 @@ class UserTower(nn.Module):
         self.sequence = None  # "mean": no module, so mean runs keep their state_dict keys
         if cfg.user_encoder == "sequence":
             self.sequence = SequenceEncoder(
-                cfg.id_dim, spec.history_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout
+                cfg.id_dim,
+                spec.history_len,
+                cfg.seq_layers,
+                cfg.seq_heads,
+                cfg.dropout,
+                time_gaps=cfg.time_gaps,
             )
+        self.time_gaps = cfg.time_gaps
+        # The graph inputs this tower reads, in forward's order (what export names them).
+        self.input_names = input_names(cfg.time_gaps)
         in_dim = cfg.id_dim * 2 + cfg.cat_dim * len(spec.user_cat_cardinalities)
         self.mlp = _mlp(in_dim, cfg)
 
     def forward(
-        self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor
+        self,
+        user_index: torch.Tensor,
+        user_cats: torch.Tensor,
+        history: torch.Tensor,
+        history_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # user_index (B, 1), user_cats (B, C), history (B, H) -> (B, d)
+        # user_index (B, 1), user_cats (B, C), history (B, H), history_ts (B, H) -> (B, d)
         uid = self.user_emb(user_index[:, 0])  # (B, id_dim)
         cats = [emb(user_cats[:, i]) for i, emb in enumerate(self.cat_embs)]  # C x (B, cat_dim)
         if self.sequence is not None:
-            hist = self.sequence(self.history_emb(history), history > 0)  # (B, id_dim)
+            gaps = None
+            if self.time_gaps:
+                if history_ts is None:
+                    raise ValueError("UserTower: time_gaps=True needs history_ts (B, H)")
+                gaps = gap_buckets(history_ts)
+            hist = self.sequence(self.history_emb(history), history > 0, gaps)  # (B, id_dim)
         else:
             mask = (history > 0).unsqueeze(-1).to(uid.dtype)  # (B, H, 1)
             hist_sum = (self.history_emb(history) * mask).sum(dim=1)  # (B, id_dim)
@@ -143,9 +169,13 @@ class TwoTower(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def user_embed(
-        self, user_index: torch.Tensor, user_cats: torch.Tensor, history: torch.Tensor
+        self,
+        user_index: torch.Tensor,
+        user_cats: torch.Tensor,
+        history: torch.Tensor,
+        history_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.user_tower(user_index, user_cats, history)
+        return self.user_tower(user_index, user_cats, history, history_ts)
 
     def item_embed(self, item_index: torch.Tensor) -> torch.Tensor:
         return self.item_tower(item_index, self.item_cats[item_index])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.features import UNKNOWN, FeatureVocab, hash_bucket, last_n_history
+from models.features import UNKNOWN, FeatureVocab, hash_bucket, last_n_history, last_n_values
 from models.snapshot import UserFeatures
 from online.state import RawUserState
 
@@ -56,9 +56,16 @@ class VersionView:
             if lens.sum()
             else np.zeros(0, np.int64)
         )
+        ts = (
+            np.concatenate([r.history_ts for r in raw.records])
+            if lens.sum()
+            else np.zeros(0, np.float64)
+        )
         rows = np.repeat(np.arange(n), lens)  # oldest first within each row: time order
         idx = self.vocab.item_index(flat) if len(flat) else flat
         ok = idx >= 0  # items outside this version's catalogue cannot be history
         history = last_n_history(rows[ok], idx[ok], n, h)
+        # Whole seconds, as training's `timestamp` column; the store keeps fractions.
+        history_ts = last_n_values(rows[ok], np.floor(ts[ok]), n, h)
         seen = [r.seen for r in raw.records]
-        return UserFeatures(user_index, user_cats, history, exists, seen)
+        return UserFeatures(user_index, user_cats, history, exists, seen, history_ts)

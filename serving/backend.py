@@ -14,10 +14,11 @@ import numpy as np
 from models.ann import ANN_MODES, AnnSearch
 from models.features import (
     INPUT_HISTORY,
-    INPUT_NAMES,
+    INPUT_HISTORY_TS,
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
     OUTPUT_NAMES,
+    graph_input_names,
 )
 from models.onnx_session import onnx_session
 
@@ -119,26 +120,31 @@ class RetrievalRunner:
             )
         b = self.meta["bounds"]
         d = self.meta["dims"]
+        # The graph's inputs: three, or four for a sequence tower that reads time gaps.
+        self.input_names = graph_input_names(self.meta)
         self.widths = {
             INPUT_USER_INDEX: 1,
             INPUT_USER_CATS: int(d["n_user_cats"]),
             INPUT_HISTORY: int(d["history_len"]),
+            INPUT_HISTORY_TS: int(d["history_len"]),
         }
         self.high = {
             INPUT_USER_INDEX: int(b["user_rows"]),
             INPUT_USER_CATS: np.asarray(b["user_cat_cardinalities"], dtype=np.int64),
             INPUT_HISTORY: int(b["n_items"]) + 1,
+            INPUT_HISTORY_TS: None,
         }
         self.what = {
             INPUT_USER_INDEX: "dense user row",
             INPUT_USER_CATS: "category codes, 0 = unknown",
             INPUT_HISTORY: "item index + 1, 0 = padding",
+            INPUT_HISTORY_TS: "unix seconds of each history item, 0 = padding",
         }
 
     def validate(self, feeds: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         rows = None
-        for name in INPUT_NAMES:
+        for name in self.input_names:
             out[name] = check_int_matrix(
                 name,
                 feeds.get(name),
@@ -157,7 +163,7 @@ class RetrievalRunner:
         sizes = [f[INPUT_USER_INDEX].shape[0] for f in batch]
         feeds = {
             n: np.concatenate([f[n] for f in batch]) if len(batch) > 1 else batch[0][n]
-            for n in INPUT_NAMES
+            for n in self.input_names
         }
         if self.ann is not None:
             ids, scores = self.ann.run(feeds)

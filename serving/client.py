@@ -39,10 +39,12 @@ import numpy as np
 
 from models.features import (
     INPUT_HISTORY,
+    INPUT_HISTORY_TS,
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
     OUTPUT_ITEM_IDS,
     OUTPUT_SCORES,
+    graph_input_names,
 )
 from serving import auth
 from serving import repository as layout
@@ -134,12 +136,14 @@ def _parse_recommendations(result, user_ids: np.ndarray) -> list[Recommendation]
     return out
 
 
-def _retrieve_request(mod, user_index, user_cats, history) -> tuple[list, list]:
+def _retrieve_request(mod, user_index, user_cats, history, history_ts=None):
     arrays = {
         INPUT_USER_INDEX: np.ascontiguousarray(user_index, dtype=np.int64).reshape(-1, 1),
         INPUT_USER_CATS: np.ascontiguousarray(user_cats, dtype=np.int64),
         INPUT_HISTORY: np.ascontiguousarray(history, dtype=np.int64),
     }
+    if history_ts is not None:  # only graphs with time gaps take it (models.features)
+        arrays[INPUT_HISTORY_TS] = np.ascontiguousarray(history_ts, dtype=np.int64)
     inputs = [_input(mod, n, a, "INT64") for n, a in arrays.items()]
     return inputs, [mod.InferRequestedOutput(n) for n in (OUTPUT_ITEM_IDS, OUTPUT_SCORES)]
 
@@ -486,13 +490,18 @@ class RecommenderClient(_ClientBase):
         history: np.ndarray,
         *,
         version: int | None = None,
+        history_ts: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw `retrieval`: (item_ids (B, K), scores (B, K)), seen items included."""
+        """Raw `retrieval`: (item_ids (B, K), scores (B, K)), seen items included.
+
+        `history_ts` (B, H): the history's unix seconds, for a version whose graph reads time
+        gaps (its meta.json lists the input); leave it out for any other version."""
         n = len(user_index)
         ids, scores = [], []
         mod = self.transport.mod
         for sl in _chunks(n, self.retrieval_batch_size):
-            inputs, outputs = _retrieve_request(mod, user_index[sl], user_cats[sl], history[sl])
+            ts = None if history_ts is None else history_ts[sl]
+            inputs, outputs = _retrieve_request(mod, user_index[sl], user_cats[sl], history[sl], ts)
             r = self._call(
                 lambda t, i=inputs, o=outputs: t.infer(layout.RETRIEVAL, i, o, version=version)
             )
@@ -590,11 +599,13 @@ class AsyncRecommenderClient(_ClientBase):
         history: np.ndarray,
         *,
         version: int | None = None,
+        history_ts: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         ids, scores = [], []
         mod = self.transport.mod
         for sl in _chunks(len(user_index), self.retrieval_batch_size):
-            inputs, outputs = _retrieve_request(mod, user_index[sl], user_cats[sl], history[sl])
+            ts = None if history_ts is None else history_ts[sl]
+            inputs, outputs = _retrieve_request(mod, user_index[sl], user_cats[sl], history[sl], ts)
             r = await self._call(
                 lambda t, i=inputs, o=outputs: t.infer(layout.RETRIEVAL, i, o, version=version)
             )
@@ -651,6 +662,7 @@ def recommend_all_users(
         version = RoutingState.load(layout.routing_path(repo)).production
     meta = layout.read_meta(repo, version)
     k = min(int(k), int(meta["graph_k"]))
+    time_gaps = INPUT_HISTORY_TS in graph_input_names(meta)
     snap = FeatureSnapshot.load(layout.features_path(repo, version))
     client.retrieval_batch_size = batch_size
     frames = []
@@ -660,7 +672,11 @@ def recommend_all_users(
         for sl in _chunks(len(snap.user_ids), batch_size):
             feats = snap.lookup(snap.user_ids[sl])
             ids, scores = client.retrieve(
-                feats.user_index, feats.user_cats, feats.history, version=version
+                feats.user_index,
+                feats.user_cats,
+                feats.history,
+                version=version,
+                history_ts=feats.history_ts if time_gaps else None,
             )
             seen = [np.zeros(0, np.int64)] * len(ids) if keep_seen else feats.seen
             ks = np.full(len(ids), k, dtype=np.int64)

@@ -352,7 +352,7 @@ def check_shared_dims(repo: str | Path, routing: RoutingState) -> layout.Retriev
             raise ValueError(
                 f"retrieval version {v} has dims {d} but production {routing.production} has "
                 f"{prod}; versions served side by side share one config.pbtxt, so they must "
-                "share history length, category count and K"
+                "share history length, category count, K and time gaps (history_ts)"
             )
     return prod
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from models.features import INPUT_NAMES
 from models.snapshot import UserFeatures
 from serving import repository as layout
 from serving.backend import RetrievalRunner
@@ -144,15 +143,7 @@ class InlineRetrieval:
         runner = self.runner(version)
         # Snapshot lookups are valid by construction; validating costs ~10 us a batch and
         # turns a snapshot/graph mismatch into a clear error instead of a wrong answer.
-        feeds = runner.validate(
-            dict(
-                zip(
-                    INPUT_NAMES,
-                    (features.user_index, features.user_cats, features.history),
-                    strict=True,
-                )
-            )
-        )
+        feeds = runner.validate(features.feeds(runner.input_names))
         if self.slots is None:
             ((ids, scores),) = runner.run([feeds])
             return ids, scores

@@ -24,6 +24,7 @@ from models import compact_export as compact
 from models.export import ParityReport, build_retrieval, check_parity, export_onnx, parity_user_ids
 from models.features import (
     INPUT_HISTORY,
+    INPUT_HISTORY_TS,
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
     OUTPUT_ITEM_IDS,
@@ -218,6 +219,8 @@ def _meta(
             INPUT_USER_INDEX: ["INT64", [-1, 1]],
             INPUT_USER_CATS: ["INT64", [-1, c]],
             INPUT_HISTORY: ["INT64", [-1, h]],
+            # Only a sequence tower with time gaps reads it (models.features.input_names).
+            **({INPUT_HISTORY_TS: ["INT64", [-1, h]]} if run.model.cfg.time_gaps else {}),
         },
         "outputs": {
             OUTPUT_ITEM_IDS: ["INT64", [-1, graph_k]],

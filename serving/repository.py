@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING, Literal
 from common.files import atomic_write_text, fsync_path, private_dir
 from models.features import (
     INPUT_HISTORY,
+    INPUT_HISTORY_TS,
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
     OUTPUT_ITEM_IDS,
     OUTPUT_SCORES,
+    graph_input_names,
 )
 
 RETRIEVAL = "retrieval"
@@ -161,11 +163,19 @@ class RetrievalDims:
     n_user_cats: int  # C
     history_len: int  # H
     k: int  # K, the graph's top-K
+    # The graph takes `history_ts` (a sequence tower with time gaps). Versions served side by
+    # side share one config, so like H it must match between production and canary.
+    history_ts: bool = False
 
     @classmethod
     def from_meta(cls, meta: dict) -> RetrievalDims:
         d = meta["dims"]
-        return cls(int(d["n_user_cats"]), int(d["history_len"]), int(d["graph_k"]))
+        return cls(
+            int(d["n_user_cats"]),
+            int(d["history_len"]),
+            int(d["graph_k"]),
+            INPUT_HISTORY_TS in graph_input_names(meta),
+        )
 
 
 # ---------------------------------------------------------------------------- layout
@@ -353,6 +363,8 @@ def retrieval_config(
         _tensor(INPUT_USER_CATS, i64, [dims.n_user_cats]),
         _tensor(INPUT_HISTORY, i64, [dims.history_len]),
     ]
+    if dims.history_ts:
+        inputs.append(_tensor(INPUT_HISTORY_TS, i64, [dims.history_len]))
     for t in inputs:
         cfg.input.add(**t)
     cfg.output.add(name=OUTPUT_ITEM_IDS, data_type=i64, dims=[dims.k])
@@ -439,7 +451,10 @@ def config_dims(cfg: mc.ModelConfig) -> RetrievalDims | None:
     outs = {t.name: list(t.dims) for t in cfg.output}
     try:
         return RetrievalDims(
-            ins[INPUT_USER_CATS][0], ins[INPUT_HISTORY][0], outs[OUTPUT_ITEM_IDS][0]
+            ins[INPUT_USER_CATS][0],
+            ins[INPUT_HISTORY][0],
+            outs[OUTPUT_ITEM_IDS][0],
+            INPUT_HISTORY_TS in ins,
         )
     except (KeyError, IndexError):
         return None

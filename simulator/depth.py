@@ -93,6 +93,12 @@ def build(cfg: DepthConfig) -> Loop:
     data, run_dir = prepare(cfg.dir, preset=cfg.preset, seed=cfg.seed, world=cfg.world, run=cfg.run)
     world, ds, run = World.load(data), Dataset.load(data), load_run(run_dir)
     model, vocab = run.model.eval(), run.vocab
+    if model.cfg.time_gaps:
+        # The loop has rounds, not a clock: clicks pushed onto the history have no time.
+        raise ValueError(
+            f"run={run_dir}: tower.time_gaps=True; the depth study has no clock to time its "
+            "clicks, so it takes runs without time gaps"
+        )
     inter = ds.interactions.sort_values("timestamp", kind="stable")
     rng = np.random.default_rng(cfg.seed)
     activity = np.bincount(

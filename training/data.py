@@ -25,6 +25,8 @@ class TrainingExamples:
     item_index: np.ndarray  # (N,)
     pos_in_user: np.ndarray  # (N,) how many earlier interactions this user has
     history_len: int
+    # (N,) unix seconds of each interaction: the history's timestamps (time-gap towers)
+    timestamp: np.ndarray | None = None
     # (N,) per-example loss weight (a `weight` column: feedback.tiers); None = all 1
     weight: np.ndarray | None = None
 
@@ -59,6 +61,9 @@ class TrainingExamples:
             item_index=vocab.item_index(train["item_id"].to_numpy()),
             pos_in_user=pos,
             history_len=vocab.history_len,
+            timestamp=(
+                train["timestamp"].to_numpy(np.int64) if "timestamp" in train.columns else None
+            ),
             weight=weight,
         )
 
@@ -70,7 +75,8 @@ class TrainingExamples:
         offsets = np.arange(1, h + 1)  # (H,): 1 = the previous interaction
         prev = rows[:, None] - offsets[None, :]  # (B, H)
         valid = offsets[None, :] <= self.pos_in_user[rows][:, None]
-        history = np.where(valid, self.item_index[np.maximum(prev, 0)] + 1, 0)
+        prev = np.maximum(prev, 0)
+        history = np.where(valid, self.item_index[prev] + 1, 0)
         user_index = self.user_index[rows]
         if cold_mask is not None:
             # Train the shared hashed rows on real users so cold starts get a useful vector.
@@ -81,6 +87,8 @@ class TrainingExamples:
             "history": torch.from_numpy(history),
             "item_index": torch.from_numpy(self.item_index[rows]),
         }
+        if self.timestamp is not None:
+            out["history_ts"] = torch.from_numpy(np.where(valid, self.timestamp[prev], 0))
         if self.weight is not None:
             out["weight"] = torch.from_numpy(self.weight[rows])
         return out

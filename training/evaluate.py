@@ -185,6 +185,7 @@ def _model_scorer(model, vocab, users, known, eval_users, prior):
                 torch.from_numpy(feats.user_index[rows]),
                 torch.from_numpy(feats.user_cats[rows]),
                 torch.from_numpy(feats.history[rows]),
+                torch.from_numpy(feats.history_ts[rows]),
             )
             s = u @ item_emb.T
             if bias is not None:

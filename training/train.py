@@ -450,6 +450,8 @@ class _Resume:
         if fields["tower"]["user_encoder"] == "mean":  # ... and those before the sequence tower
             for name in ("user_encoder", "seq_layers", "seq_heads"):
                 del fields["tower"][name]
+        if not fields["tower"]["time_gaps"]:  # ... and those before time gaps
+            del fields["tower"]["time_gaps"]
         for name in _AFTER_TRAINING:
             del fields[name]
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)

@@ -52,6 +52,9 @@ class TuneConfig:
     # The user tower's history encoder (TowerConfig.user_encoder): which one a dataset wants
     # (order-blind mean or causal attention) is a property of the data, so validation picks.
     user_encoders: tuple[str, ...] = ("mean", "sequence")
+    # Whether a sequence tower also reads time gaps (TowerConfig.time_gaps); searched only in
+    # trials that picked the sequence encoder.
+    time_gaps: tuple[bool, ...] = (False, True)
     min_epochs: int = 1  # the epoch cap is sampled in [min_epochs, base.epochs]
     max_beta: float = 0.1  # the prior's beta is sampled uniformly in [0, max_beta]
 
@@ -60,6 +63,8 @@ class TuneConfig:
             raise ValueError("TuneConfig: trials must be >= 1 and time_budget_s > 0")
         if not self.user_encoders or not set(self.user_encoders) <= {"mean", "sequence"}:
             raise ValueError(f"TuneConfig.user_encoders={self.user_encoders}: mean, sequence")
+        if not self.time_gaps:
+            raise ValueError("TuneConfig.time_gaps: expected one or both of false, true")
 
 
 def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, dict[str, Any]]:
@@ -78,12 +83,17 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         "epochs": trial.suggest_int("epochs", min(cfg.min_epochs, base.epochs), base.epochs),
         "prior_beta": trial.suggest_float("prior_beta", 0.0, cfg.max_beta),
     }
+    if params["tower.user_encoder"] == "sequence":
+        params["tower.time_gaps"] = trial.suggest_categorical(
+            "tower.time_gaps", [bool(x) for x in cfg.time_gaps]
+        )
     tower = dataclasses.replace(
         base.tower,
         id_dim=params["tower.id_dim"],
         out_dim=params["tower.out_dim"],
         dropout=params["tower.dropout"],
         user_encoder=params["tower.user_encoder"],
+        time_gaps=params.get("tower.time_gaps", False),
     )
     trial_cfg = dataclasses.replace(
         base,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from models.features import INPUT_NAMES
 from serving.backend import InputError, RetrievalRunner
 
 
@@ -35,7 +34,7 @@ class TritonPythonModel:
         feeds, errors = [], {}
         for i, request in enumerate(requests):
             tensors = {}
-            for name in INPUT_NAMES:
+            for name in self.runner.input_names:
                 t = pb_utils.get_input_tensor_by_name(request, name)
                 tensors[name] = None if t is None else t.as_numpy()
             try:

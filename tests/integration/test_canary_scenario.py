@@ -101,7 +101,12 @@ def _configs(root: Path, server: TritonServer):
         # The tiny world's 249 test users make group NDCGs noisy (±0.03): gate what is
         # measurable there (the exposure Gini, and big gaps), not two-point differences.
         fairness=GateConfig(min_group_size=60, max_gap=0.15, min_ratio=0.4, max_group_drop=0.1),
-        gates=OfflineGates(),
+        # The tiny world's 200 items make a warm retrain's exposure Gini move with whatever
+        # traffic the earlier acts happened to log: over three runs the sound retrains of acts
+        # (a), (c) and (d) measured -0.26 to +0.07 against production, and the shipped +0.05
+        # rejected act (c) once. Act (b)'s shuffled-label candidate measured +0.21 to +0.34
+        # and fails four other checks as well.
+        gates=OfflineGates(max_gini_increase=0.15),
     )
     ecfg = EvaluateConfig(
         **{k: v for k, v in common.items()},

@@ -70,7 +70,7 @@ def clicks(rows, first_id=0):
 
 
 def assert_same(got, want):
-    for name in ("user_index", "user_cats", "history", "known"):
+    for name in ("user_index", "user_cats", "history", "history_ts", "known"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
     for g, w in zip(got.seen, want.seen, strict=True):
         np.testing.assert_array_equal(g, np.unique(w))

@@ -36,7 +36,7 @@ class PlantedScores:
     def item_embeddings(self) -> torch.Tensor:
         return torch.eye(N)
 
-    def user_embed(self, user_index, user_cats, history) -> torch.Tensor:
+    def user_embed(self, user_index, user_cats, history, history_ts=None) -> torch.Tensor:
         rows = [self.rows[int(u)] for u in user_index.reshape(-1)]
         return torch.as_tensor(np.stack(rows), dtype=torch.float32)
 

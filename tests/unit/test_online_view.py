@@ -101,6 +101,7 @@ def assert_same_features(got, want):
     np.testing.assert_array_equal(got.user_index, want.user_index)
     np.testing.assert_array_equal(got.user_cats, want.user_cats)
     np.testing.assert_array_equal(got.history, want.history)
+    np.testing.assert_array_equal(got.history_ts, want.history_ts)
     np.testing.assert_array_equal(got.known, want.known)
     assert len(got.seen) == len(want.seen)
     for g, w in zip(got.seen, want.seen, strict=True):

@@ -173,11 +173,12 @@ def test_tune_searches_the_encoder_and_mean_checkpoints_still_resume(tmp_path):
     base = TrainConfig(epochs=3)
     fixed = {"lr": 1e-3, "temperature": 0.05, "tower.id_dim": 32, "tower.out_dim": 32}
     fixed |= {"epochs": 2, "prior_beta": 0.0, "tower.user_encoder": "sequence"}
-    fixed |= {"tower.dropout": 0.2, "logit_adjustment": 0.5}
+    fixed |= {"tower.dropout": 0.2, "logit_adjustment": 0.5, "tower.time_gaps": False}
     cfg, params = _suggest(optuna.trial.FixedTrial(fixed), base, TuneConfig(out=str(tmp_path)))
     assert cfg.tower.user_encoder == params["tower.user_encoder"] == "sequence"
     with pytest.raises(ValueError):
         TuneConfig(user_encoders=("mean", "lstm"))
     # A "mean" run's checkpoint fingerprint is the one written before the option existed.
     assert "user_encoder" not in _Resume(tmp_path, base).fingerprint
+    assert "time_gaps" not in _Resume(tmp_path, cfg).fingerprint  # off: as before the option
     assert '"user_encoder": "sequence"' in _Resume(tmp_path, cfg).fingerprint

@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from feedback.hook import impression_logger
-from models.features import INPUT_NAMES, OUTPUT_NAMES
+from models.features import OUTPUT_NAMES, graph_input_names
 from serving.backend import InputError
 from serving.core_slots import server_folder
 from serving.inline import InlineRetrieval, available_cores, inline_threads, resolve_retrieval_call
@@ -154,14 +154,9 @@ class TritonPythonModel:
 
     def _retrieve(self, version, features):
         """One BLS request per chunk of retrieval's max batch (one chunk in practice)."""
-        max_batch = int(self.recommender.state.meta(version)["max_batch_size"])
-        feeds = dict(
-            zip(
-                INPUT_NAMES,
-                (features.user_index, features.user_cats, features.history),
-                strict=True,
-            )
-        )
+        meta = self.recommender.state.meta(version)
+        max_batch = int(meta["max_batch_size"])
+        feeds = features.feeds(graph_input_names(meta))
         n = len(features.user_index)
         ids, scores = [], []
         for start in range(0, n, max_batch):
