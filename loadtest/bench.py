@@ -38,6 +38,7 @@ from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, infer_request
 from loadtest.users import UserSampler
 from models.compact_export import MODES, IndexConfig
 from models.features import INPUT_USER_INDEX, graph_input_names
+from models.towers import TowerConfig
 from serving import repository as layout
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ class BenchConfig:
     index: IndexConfig = field(default_factory=IndexConfig)  # mode is set per row
     # Untrained catalogues with items around this many centres (catalogue.CatalogueShape).
     item_clusters: int = 0
+    # The untrained catalogues' user tower and history length (catalogue.CatalogueShape):
+    # e.g. tower.user_encoder=sequence tower.time_gaps=true history_len=50 prices the
+    # sequential tower against the default mean encoder. Ignored with `tiny` or `run`.
+    tower: TowerConfig = catalogue.BENCH_TOWER
+    history_len: int = 20
 
 
 # The smoke configuration: tiny shapes and short windows, every row present.
@@ -577,7 +583,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.run:
         repos = [catalogue.from_existing(cfg.run, cfg.repo or "model_repository")]
     else:
-        shape = TINY_SHAPE if cfg.tiny else catalogue.CatalogueShape(n_users=cfg.n_users)
+        shape = (
+            TINY_SHAPE
+            if cfg.tiny
+            else catalogue.CatalogueShape(
+                n_users=cfg.n_users, tower=cfg.tower, history_len=cfg.history_len
+            )
+        )
         shape = dataclasses.replace(shape, item_clusters=cfg.item_clusters)
         repos = [
             catalogue.build(dataclasses.replace(shape, n_items=n), cfg.cache) for n in cfg.items

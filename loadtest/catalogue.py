@@ -56,6 +56,8 @@ class CatalogueShape:
             f"-hb{self.n_hash_buckets}-k{self.k}+{self.overfetch}"
             f"-t{t.id_dim}.{t.cat_dim}.{t.hidden_dim}.{t.out_dim}"
             + (f"-c{self.item_clusters}" if self.item_clusters else "")
+            + (f"-seq{t.seq_layers}.{t.seq_heads}" if t.user_encoder == "sequence" else "")
+            + ("-gaps" if t.time_gaps else "")
         )
 
 

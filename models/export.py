@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.features import INPUT_HISTORY_TS, OUTPUT_NAMES, FeatureSpec
+from models.features import (
+    INPUT_HISTORY,
+    INPUT_HISTORY_TS,
+    INPUT_USER_CATS,
+    INPUT_USER_INDEX,
+    OUTPUT_NAMES,
+    FeatureSpec,
+)
 from models.onnx_session import onnx_session
 from models.retrieval import TwoTowerRetrieval
 from models.snapshot import FeatureSnapshot, UserFeatures
@@ -58,14 +65,13 @@ def _sample_inputs(
     spec: FeatureSpec, names: tuple[str, ...], batch: int = 2
 ) -> tuple[torch.Tensor, ...]:
     # Zeros are valid everywhere: row 0, category "unknown", empty history, no timestamps.
-    tensors = (
-        torch.zeros(batch, 1, dtype=torch.long),
-        torch.zeros(batch, len(spec.user_cat_cardinalities), dtype=torch.long),
-        torch.zeros(batch, spec.history_len, dtype=torch.long),
-        torch.zeros(batch, spec.history_len, dtype=torch.long),
-    )
-    assert names[-1] == INPUT_HISTORY_TS or len(names) == 3, names
-    return tensors[: len(names)]
+    widths = {
+        INPUT_USER_INDEX: 1,
+        INPUT_USER_CATS: len(spec.user_cat_cardinalities),
+        INPUT_HISTORY: spec.history_len,
+        INPUT_HISTORY_TS: spec.history_len,
+    }
+    return tuple(torch.zeros(batch, widths[n], dtype=torch.long) for n in names)
 
 
 def export_onnx(

@@ -82,7 +82,14 @@ class TrainConfig:
     min_user_interactions: int = 2  # below this a user's own row is noise: use the hashed row
     cold_user_rate: float = 0.05  # share of examples trained through the hashed row
     patience: int = 2  # epochs without val NDCG@10 gain before stopping
+    # 0: an epoch is every example once. > 0: at most this many steps an epoch, on a fresh
+    # random subset each epoch; a time box for worlds too large for the machine at hand.
+    steps_per_epoch: int = 0
     val_users: int = 4000  # val users scored per epoch; the final evaluation uses all
+    # 0: the final evaluations (and the prior's curve) score every val and test user. > 0: a
+    # seeded sample of this many users per split, for worlds where ranking the whole
+    # catalogue for every user would take hours on the machine at hand.
+    eval_users: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     resume: bool = True  # continue from RUN_DIR/checkpoint.pt when its config matches
     progress: bool = True
@@ -121,9 +128,11 @@ class TrainConfig:
                 f"stability_weight={self.stability_weight}, stability_k={self.stability_k}: "
                 "expected weight >= 0 and k >= 2"
             )
-        if self.refit_epochs < 0 or self.batch_size < 0:
+        if min(self.refit_epochs, self.batch_size, self.steps_per_epoch, self.eval_users) < 0:
             raise ValueError(
-                f"refit_epochs={self.refit_epochs}, batch_size={self.batch_size}: expected >= 0"
+                f"refit_epochs={self.refit_epochs}, batch_size={self.batch_size}, "
+                f"steps_per_epoch={self.steps_per_epoch}, eval_users={self.eval_users}: "
+                "expected >= 0"
             )
         if self.softmax not in ("sampled", "full", "auto"):
             raise ValueError(f"softmax={self.softmax!r}: expected 'sampled', 'full' or 'auto'")
@@ -144,6 +153,7 @@ _AFTER_TRAINING = (
     "prior_max_gini",
     "evaluate_test",
     "refit_epochs",
+    "eval_users",
 )
 
 
@@ -267,7 +277,7 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     val_target = _subsample_users(sp.val, cfg.val_users, cfg.seed)
     history: list[dict] = []
     for epoch in range(start_epoch, cfg.epochs):
-        loss = _train_epoch(cfg, d, device, examples, wrapped, estimator, opt, epoch)
+        loss, steps = _train_epoch(cfg, d, device, examples, wrapped, estimator, opt, epoch)
         stop = torch.zeros(1)
         if d.main:
             res = evaluate(
@@ -275,7 +285,7 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
             )
             model.to(device)
             ndcg = res["model"].summary["ndcg@10"]
-            history.append({"epoch": epoch, "loss": loss, "val_ndcg@10": ndcg})
+            history.append({"epoch": epoch, "loss": loss, "steps": steps, "val_ndcg@10": ndcg})
             log.info(
                 "epoch %d loss %.4f val ndcg@10 %.4f (toppop %.4f)",
                 epoch,
@@ -332,7 +342,7 @@ def _refit(cfg, d, device, vocab, ds, sp, train_df, task, estimator, opt) -> dic
     both = pd.concat([train_df, sp.val], ignore_index=True)
     examples = TrainingExamples.build(vocab, ds.users, both)
     losses = [
-        _train_epoch(cfg, d, device, examples, task, estimator, opt, cfg.epochs + e)
+        _train_epoch(cfg, d, device, examples, task, estimator, opt, cfg.epochs + e)[0]
         for e in range(cfg.refit_epochs)
     ]
     log.info("refit: %d epoch(s) on train + val (%d examples)", cfg.refit_epochs, len(examples))
@@ -386,6 +396,11 @@ def _prime_estimator(est: StreamingFrequencyEstimator, items: np.ndarray, batch:
         est.gap.copy_(torch.from_numpy(np.minimum(gap, est.gap.cpu().numpy())))
 
 
+def _eval_target(df: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
+    """A split's rows as the final evaluations score them: every user, or `eval_users`."""
+    return _subsample_users(df, cfg.eval_users, cfg.seed) if cfg.eval_users > 0 else df
+
+
 def _subsample_users(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     users = df["user_id"].unique()
     if len(users) <= n:
@@ -394,7 +409,8 @@ def _subsample_users(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return df[df["user_id"].isin(keep)]
 
 
-def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> float:
+def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> tuple[float, int]:
+    """(mean loss, optimizer steps) of one epoch."""
     # Seeded per epoch: a resumed run replays exactly the batches it would have seen.
     rng = np.random.default_rng([cfg.seed, epoch])
     torch.manual_seed(cfg.seed * 1000 + epoch)
@@ -402,6 +418,8 @@ def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> float
     cold = rng.random(len(examples)) < cfg.cold_user_rate
     n_batches = len(perm) // (cfg.batch_size * d.world)  # equal batches on every rank
     n_batches = max(n_batches, 1)
+    if cfg.steps_per_epoch > 0:
+        n_batches = min(n_batches, cfg.steps_per_epoch)
     task.train()
     total = 0.0
     bar = tqdm(
@@ -434,7 +452,7 @@ def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> float
         total += float(loss.detach())
         if b % 20 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    return total / n_batches
+    return total / n_batches, n_batches
 
 
 class _Resume:
@@ -452,6 +470,8 @@ class _Resume:
                 del fields["tower"][name]
         if not fields["tower"]["time_gaps"]:  # ... and those before time gaps
             del fields["tower"]["time_gaps"]
+        if not fields["steps_per_epoch"]:  # ... and those before the step cap
+            del fields["steps_per_epoch"]
         for name in _AFTER_TRAINING:
             del fields[name]
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)
@@ -529,7 +549,7 @@ def evaluate_splits(
             vocab=vocab,
             users=ds.users,
             known=train_df,
-            target=sp.val,
+            target=_eval_target(sp.val, cfg),
             baselines=baselines,
             **kw,
         )
@@ -553,7 +573,7 @@ def evaluate_splits(
                 vocab=vocab,
                 users=ds.users,
                 known=known_test,
-                target=sp.test,
+                target=_eval_target(sp.test, cfg),
                 baselines=baselines,
                 **kw,
             )
@@ -587,7 +607,7 @@ def _choose_prior(cfg, out, model, vocab, ds, sp, train_df) -> dict:
         vocab=vocab,
         users=ds.users,
         known=train_df,
-        target=sp.val,
+        target=_eval_target(sp.val, cfg),
         betas=cfg.prior_betas,
         window=cfg.prior_window,
     )

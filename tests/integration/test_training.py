@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -166,3 +167,27 @@ def test_ddp_two_cpu_processes_on_gloo(tiny_data, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["model"]["ndcg@10"] > 0
     assert len(metrics["epochs"]) == 2
+
+
+def test_steps_per_epoch_caps_each_epoch_on_a_fresh_subset(tiny_data, tmp_path):
+    full = train(_cfg(tiny_data, tmp_path / "full", epochs=2, patience=5, refit_epochs=0))
+    capped = train(
+        _cfg(
+            tiny_data, tmp_path / "capped", epochs=2, patience=5, refit_epochs=0, steps_per_epoch=3
+        )
+    )
+    assert [e["steps"] for e in full["epochs"]] == [full["epochs"][0]["steps"]] * 2
+    assert full["epochs"][0]["steps"] > 3
+    assert [e["steps"] for e in capped["epochs"]] == [3, 3]
+    assert capped["epochs"][0]["loss"] != full["epochs"][0]["loss"]
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        TrainConfig(steps_per_epoch=-1)
+
+
+def test_eval_users_scores_a_seeded_sample_of_each_split(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path / "run", epochs=1, refit_epochs=0, eval_users=40)
+    m = train(cfg)
+    for split in ("val", "test"):
+        assert m[split]["model"]["users"] == 40 == m[split]["toppop"]["users"]
+    again = train(dataclasses.replace(cfg, out=str(tmp_path / "again")))
+    assert again["test"] == m["test"]  # the same seeded sample, the same numbers
