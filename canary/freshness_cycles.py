@@ -69,11 +69,20 @@ class CyclesConfig:
     window_days: float = 60.0
     min_impressions: int = 3000  # per arm, before the CTR test may decide
     max_impressions: int = 8000  # per arm: the fixed horizon (non-inferiority)
+    # Requests production serves alone before the first retrain. Every simulated user starts
+    # having clicked nothing, a state a running service is never in, so the first cycle
+    # measures that start-up as much as the loop; a burn-in of about one cycle's traffic
+    # lets the cycles start from a steady state. Its north star is reported as cycle 0.
+    burn_in_requests: int = 300
     out: str | None = None  # results JSON; default DIR/cycles.json
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
             raise ValueError(f"CyclesConfig.cycles={self.cycles}: expected >= 1")
+        if self.burn_in_requests < 0:
+            raise ValueError(
+                f"CyclesConfig.burn_in_requests={self.burn_in_requests}: expected >= 0"
+            )
         bad = [a for a in self.arms if a not in ARMS]
         if bad or not self.arms:
             raise ValueError(f"CyclesConfig.arms={self.arms}: expected some of {ARMS}")
@@ -172,7 +181,13 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
     with arm_server(root, run, live=name == "live", world=world, k=cfg.k) as srv:
         retrain_cfg, eval_cfg, sim = _configs(cfg, srv, root, world)
         with Traffic(sim) as traffic:
-            traffic.wait_requests(cfg.requests_per_look, timeout_s=600)  # production only
+            # Production alone; waits for the requests, however long a loaded machine takes.
+            traffic.wait_requests(cfg.burn_in_requests, timeout_s=3600 + cfg.burn_in_requests)
+            if traffic.requests < cfg.burn_in_requests:
+                raise RuntimeError(
+                    f"burn-in: {traffic.requests} of {cfg.burn_in_requests} requests served"
+                )
+            spans.append((0, len(traffic.reports)))
             for i in range(1, cfg.cycles + 1):
                 start = len(traffic.reports)
                 act = run_act(
@@ -200,7 +215,8 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
                 )
         reports = list(traffic.reports)
         labels = join_labels(srv.event_log, root / "labels-final", sim.window_s)
-    for row, (a, b) in zip(cycles, spans, strict=True):
+    burn_in = {"cycle": 0, "decision": "burn-in", "incumbent": 1}
+    for row, (a, b) in zip([burn_in, *cycles], spans, strict=True):
         reps = reports[a:b]
         ids = pd.Index([rid for r in reps for rid in r.request_ids]).unique()
         lab = labels[labels["request_id"].isin(ids)]
@@ -215,6 +231,7 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
     return {
         "arm": name,
         "online_store": name == "live",
+        "burn_in": burn_in,
         "requests": traffic.requests,
         "failed": traffic.failed,
         "retried": traffic.retries,
@@ -251,6 +268,15 @@ def cycles_table(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, arm in result["arms"].items():
+        b = arm.get("burn_in")
+        if b and b.get("served"):
+            s = b["served"]
+            lines.append(
+                f"| {name} | 0 (burn-in, {b['served_requests']:,} requests) | – | – | – | – | "
+                f"{fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, {fmt(s.get('ctr_high'))}] | "
+                f"{fmt(s.get('value_per_impression'), '.2f')} | "
+                f"{100 * b['reshown_clicked_share']:.2f}% |"
+            )
         for c in arm["cycles"]:
             s = c.get("served") or {}
             lo, hi = c["ci"]

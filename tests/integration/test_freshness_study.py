@@ -85,6 +85,7 @@ def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
         max_looks=4,
         min_impressions=200,
         max_impressions=400,
+        burn_in_requests=100,
     )
     result = run_cycles(cfg)
     arm = result["arms"]["live"]
@@ -92,4 +93,7 @@ def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
     (cycle,) = arm["cycles"]
     assert cycle["retrain"] in ("canary", "rejected"), cycle["retrain_reasons"]
     assert cycle["served"]["impressions"] > 0
-    assert "| live | 1 |" in cycles_table(result)
+    burn_in = arm["burn_in"]  # production alone, before the first retrain
+    assert burn_in["served_requests"] >= 100 and burn_in["served"]["impressions"] > 0
+    table = cycles_table(result)
+    assert "| live | 1 |" in table and "| live | 0 (burn-in" in table
