@@ -74,6 +74,8 @@ class CyclesConfig:
     # measures that start-up as much as the loop; a burn-in of about one cycle's traffic
     # lets the cycles start from a steady state. Its north star is reported as cycle 0.
     burn_in_requests: int = 300
+    # > 0: each retrain also learns from the impressions users skipped (RetrainConfig).
+    skip_weight: float = 0.0
     out: str | None = None  # results JSON; default DIR/cycles.json
 
     def __post_init__(self) -> None:
@@ -115,6 +117,7 @@ def _configs(cfg: CyclesConfig, srv, root: Path, world: Path):
             epochs=cfg.retrain_epochs, lr=cfg.retrain_lr, progress=False, seed=cfg.seed
         ),
         canary_percent=cfg.canary_percent,
+        skip_weight=cfg.skip_weight,
         gates=OfflineGates(min_metric_ratio=0.9),
         fairness=GateConfig(max_gap=None, min_ratio=None, max_group_drop=0.05),
     )

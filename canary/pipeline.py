@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from canary import decide, faults
@@ -92,6 +93,10 @@ class RetrainConfig:
     # (weak_weight 1 here: every positive counts the same unless a schedule says otherwise).
     label_tier: Literal["final", "weak", "strong"] = "final"
     tiers: TierConfig = field(default_factory=lambda: TierConfig(weak_weight=1.0))
+    # > 0: the candidate also learns from what users were shown and did not pick (the join's
+    # final negatives, at impression time), pushed down with this weight
+    # (TrainConfig.skip_negatives). 0: positives only. Needs the full softmax.
+    skip_weight: float = 0.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
     # Export: the largest k `recommend` serves and the over-fetch; None takes production's,
     # which is what a canary must match (versions served side by side share one config).
@@ -113,6 +118,8 @@ class RetrainConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.canary_percent <= 100:
             raise ValueError(f"canary_percent={self.canary_percent}; expected 1..100")
+        if self.skip_weight < 0:
+            raise ValueError(f"skip_weight={self.skip_weight}: expected >= 0")
         faults.check(self.fault)
 
 
@@ -151,6 +158,8 @@ class Collected:
     fault: str
     # `eval_data` in memory (the base or its window), so no step loads it again.
     eval_dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    skips: Path | None = None  # impressions not picked (RetrainConfig.skip_weight > 0)
+    n_skips: int = 0
 
     def evidence(self) -> dict[str, Any]:
         """What the history entry records under "collect"."""
@@ -162,6 +171,7 @@ class Collected:
             "dropped_unknown_ids": self.dropped_unknown_ids,
             "since_label_ts": self.since_label_ts,
             "base_interactions": self.base_interactions,
+            "skips": self.n_skips,
             "fault": self.fault,
         }
 
@@ -350,6 +360,8 @@ def _train_step(ctx: RetrainContext) -> bool:
             extra_interactions=str(got.extra) if got.extra else None,
             init_from=str(ctx.prod_run.path) if warm else None,
             progress=False,
+            skip_negatives=str(got.skips) if got.skips else None,
+            skip_weight=cfg.skip_weight if got.skips else cfg.train.skip_weight,
         )
         # A fault copy lives only on disk; otherwise the data is what collect holds already.
         same = got.data == got.eval_data
@@ -562,6 +574,7 @@ def collect(
     if len(pos):
         extra = run_dir / "extra.parquet"
         pos.to_parquet(extra, index=False)
+    skips = _skips(cfg, ds, pos, run_dir) if cfg.skip_weight > 0 and cfg.labels else None
     eval_data, eval_ds = Path(data), ds
     if cfg.mode in WINDOW_MODES:
         eval_data = run_dir / "data"
@@ -594,7 +607,37 @@ def collect(
         join=joined,
         fault=cfg.fault,
         eval_dataset=eval_ds,
+        skips=skips[0] if skips else None,
+        n_skips=skips[1] if skips else 0,
     )
+
+
+def _skips(cfg: RetrainConfig, ds, pos: pd.DataFrame, run_dir: Path) -> tuple[Path, int] | None:
+    """The join's final negatives (shown, nothing attributed) -> run_dir/skips.parquet: known
+    ids, never a pair the user picked at another time, inside the window for window modes."""
+    from feedback.join import read_labels
+
+    if not Path(cfg.labels).exists():
+        return None
+    lab = read_labels(cfg.labels)
+    neg = lab[~lab["clicked"].to_numpy(bool)]
+    neg = neg[neg["user_id"].isin(ds.users["user_id"]) & neg["item_id"].isin(ds.items["item_id"])]
+    picked = pd.MultiIndex.from_frame(pos[["user_id", "item_id"]])
+    neg = neg[~pd.MultiIndex.from_frame(neg[["user_id", "item_id"]]).isin(picked)]
+    if cfg.mode in WINDOW_MODES and len(neg):
+        neg = neg[neg["impression_ts"] >= neg["impression_ts"].max() - cfg.window_days * 86_400]
+    if not len(neg):
+        return None
+    out = pd.DataFrame(
+        {
+            "user_id": neg["user_id"].to_numpy(np.int64),
+            "item_id": neg["item_id"].to_numpy(np.int64),
+            "timestamp": np.floor(neg["impression_ts"].to_numpy(np.float64)).astype(np.int64),
+        }
+    )
+    path = run_dir / "skips.parquet"
+    out.to_parquet(path, index=False)
+    return path, len(out)
 
 
 def serving_features(

@@ -114,3 +114,30 @@ def full_softmax_loss(
     if log_prior is not None:
         logits = logits + log_prior.unsqueeze(0)
     return _cross_entropy(logits, item_ids, weight)
+
+
+def skip_unlikelihood_loss(
+    *,
+    user_emb: torch.Tensor,
+    all_item_emb: torch.Tensor,
+    item_ids: torch.Tensor,
+    temperature: float,
+    log_prior: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """-log(1 - p(item | user)) for items the user was shown and did not pick (unlikelihood,
+    Welleck et al. 2020), under the same full softmax `full_softmax_loss` trains.
+
+    A positive says what to rank up; a skip says what to stop showing. Pushing a skipped
+    item's probability towards 0 is bounded (unlike maximising -log p), so a skip lowers the
+    item for that user without driving it to minus infinity, and an item skipped by some
+    users and chosen by others settles where both are heard.
+
+    Shapes: user_emb (B, d) the users at impression time, all_item_emb (N, d), item_ids (B,)
+    the skipped items. Returns the mean over the B skips.
+    """
+    logits = user_emb @ all_item_emb.T / temperature  # (B, N)
+    if log_prior is not None:
+        logits = logits + log_prior.unsqueeze(0)
+    total = torch.logsumexp(logits, dim=1)
+    others = torch.logsumexp(logits.scatter(1, item_ids.unsqueeze(1), float("-inf")), dim=1)
+    return (total - others).mean()  # log(all) - log(all but the skip) = -log(1 - p)

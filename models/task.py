@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.loss import full_softmax_loss, in_batch_softmax_loss
+from models.loss import full_softmax_loss, in_batch_softmax_loss, skip_unlikelihood_loss
 from models.towers import TwoTower
 
 
@@ -72,9 +72,16 @@ class TwoTowerTrainTask(nn.Module):
         n_random_negatives: int = 0,
         stability: StabilityTerm | None = None,
         full: bool = False,
+        skip_weight: float = 0.0,
     ):
         super().__init__()
+        if skip_weight and not full:
+            raise ValueError(
+                f"skip_weight={skip_weight}: the skip term needs the full softmax (a catalogue "
+                "of at most full_softmax_max_items, or softmax='full')"
+            )
         self.full = full
+        self.skip_weight = float(skip_weight)
         # Full softmax: per-item offset added to the training logits; None = no adjustment.
         self.register_buffer("item_log_prior", None)
         self.model = model
@@ -87,7 +94,10 @@ class TwoTowerTrainTask(nn.Module):
         batch: dict[str, torch.Tensor],
         log_q: torch.Tensor,
         neg_items: torch.Tensor | None = None,
+        skips: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`skips`: a batch of impressions nobody picked (training.data.SkipExamples), each
+        with its user's features at impression time; needs `skip_weight` > 0."""
         user = self.model.user_embed(*user_inputs(batch))
         if self.full:
             loss = self._full(batch, user)
@@ -95,7 +105,20 @@ class TwoTowerTrainTask(nn.Module):
             loss = self._sampled(batch, user, log_q, neg_items)
         if self.stability is not None:
             loss = loss + self.stability(self.model, batch, user)
+        if skips is not None and self.skip_weight:
+            loss = loss + self.skip_weight * self._skips(skips)
         return loss
+
+    def _skips(self, skips: dict[str, torch.Tensor]) -> torch.Tensor:
+        user = self.model.user_embed(*user_inputs(skips))
+        every = torch.arange(self.model.spec.n_items, device=user.device)
+        return skip_unlikelihood_loss(
+            user_emb=user,
+            all_item_emb=self.model.item_embed(every),
+            item_ids=skips["item_index"],
+            temperature=self.temperature,
+            log_prior=self.item_log_prior,
+        )
 
     def set_item_log_prior(self, log_prior: torch.Tensor) -> None:
         """Logit adjustment for the full softmax: `log_prior` (n_items,) is added to every

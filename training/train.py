@@ -36,7 +36,7 @@ from models.snapshot import FeatureSnapshot
 from models.task import StabilityTerm, TwoTowerTrainTask
 from models.towers import TowerConfig, TwoTower
 from training.baselines import EASE, EASE_MAX_ITEMS, Baseline, parse_baseline
-from training.data import TrainingExamples
+from training.data import SkipExamples, TrainingExamples
 from training.evaluate import evaluate, format_table
 from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, save_run
 from training.schema import Dataset
@@ -95,6 +95,11 @@ class TrainConfig:
     progress: bool = True
     tower: TowerConfig = field(default_factory=TowerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    # Impressions the user did not pick (user_id, item_id, timestamp parquet; the feedback
+    # join's negatives): each step also pushes a batch of them down by `skip_weight` x the
+    # unlikelihood term (models.loss.skip_unlikelihood_loss). Full softmax only.
+    skip_negatives: str | None = None
+    skip_weight: float = 1.0
     # Extra labelled interactions (feedback joins) appended to the training split.
     extra_interactions: str | None = None
     # Warm start: a run dir whose vocabulary and weights training starts from (the canary
@@ -128,6 +133,8 @@ class TrainConfig:
                 f"stability_weight={self.stability_weight}, stability_k={self.stability_k}: "
                 "expected weight >= 0 and k >= 2"
             )
+        if not self.skip_weight > 0:
+            raise ValueError(f"skip_weight={self.skip_weight}: expected > 0")
         if min(self.refit_epochs, self.batch_size, self.steps_per_epoch, self.eval_users) < 0:
             raise ValueError(
                 f"refit_epochs={self.refit_epochs}, batch_size={self.batch_size}, "
@@ -250,7 +257,15 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     )
     if not cfg.batch_size:
         cfg = replace(cfg, batch_size=256 if full else 1024)
-    task = TwoTowerTrainTask(model, cfg.temperature, cfg.n_random_negatives, stability, full)
+    skips = _skip_examples(cfg, vocab, ds, examples)
+    task = TwoTowerTrainTask(
+        model,
+        cfg.temperature,
+        cfg.n_random_negatives,
+        stability,
+        full,
+        skip_weight=cfg.skip_weight if skips is not None else 0.0,
+    )
     if full and cfg.logit_adjustment:
         task.set_item_log_prior(cfg.logit_adjustment * _log_frequency(examples, vocab))
     estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
@@ -277,7 +292,9 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     val_target = _subsample_users(sp.val, cfg.val_users, cfg.seed)
     history: list[dict] = []
     for epoch in range(start_epoch, cfg.epochs):
-        loss, steps = _train_epoch(cfg, d, device, examples, wrapped, estimator, opt, epoch)
+        loss, steps = _train_epoch(
+            cfg, d, device, examples, wrapped, estimator, opt, epoch, skips=skips
+        )
         stop = torch.zeros(1)
         if d.main:
             res = evaluate(
@@ -341,8 +358,9 @@ def _refit(cfg, d, device, vocab, ds, sp, train_df, task, estimator, opt) -> dic
     """`cfg.refit_epochs` more epochs of the selected model over train + validation."""
     both = pd.concat([train_df, sp.val], ignore_index=True)
     examples = TrainingExamples.build(vocab, ds.users, both)
+    skips = _skip_examples(cfg, vocab, ds, examples)
     losses = [
-        _train_epoch(cfg, d, device, examples, task, estimator, opt, cfg.epochs + e)[0]
+        _train_epoch(cfg, d, device, examples, task, estimator, opt, cfg.epochs + e, skips=skips)[0]
         for e in range(cfg.refit_epochs)
     ]
     log.info("refit: %d epoch(s) on train + val (%d examples)", cfg.refit_epochs, len(examples))
@@ -409,13 +427,27 @@ def _subsample_users(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return df[df["user_id"].isin(keep)]
 
 
-def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> tuple[float, int]:
-    """(mean loss, optimizer steps) of one epoch."""
+def _skip_examples(cfg, vocab, ds, examples: TrainingExamples) -> SkipExamples | None:
+    """cfg.skip_negatives read against `examples` (their history at impression time)."""
+    if not cfg.skip_negatives:
+        return None
+    skips = SkipExamples.build(vocab, ds.users, pd.read_parquet(cfg.skip_negatives), examples)
+    log.info("skip negatives: %d impressions at weight %g", len(skips), cfg.skip_weight)
+    return skips if len(skips) else None
+
+
+def _train_epoch(
+    cfg, d, device, examples, task, estimator, opt, epoch, *, skips=None
+) -> tuple[float, int]:
+    """(mean loss, optimizer steps) of one epoch. With `skips`, every step also draws a
+    batch of them (with replacement: there are usually far more skips than positives)."""
     # Seeded per epoch: a resumed run replays exactly the batches it would have seen.
     rng = np.random.default_rng([cfg.seed, epoch])
     torch.manual_seed(cfg.seed * 1000 + epoch)
     perm = rng.permutation(len(examples))
     cold = rng.random(len(examples)) < cfg.cold_user_rate
+    # Its own stream, so the positives' batches are the same with or without skips.
+    skip_rng = np.random.default_rng([cfg.seed, epoch, 1])
     n_batches = len(perm) // (cfg.batch_size * d.world)  # equal batches on every rank
     n_batches = max(n_batches, 1)
     if cfg.steps_per_epoch > 0:
@@ -445,7 +477,11 @@ def _train_epoch(cfg, d, device, examples, task, estimator, opt, epoch) -> tuple
         neg = None
         if cfg.n_random_negatives:
             neg = torch.randint(0, estimator.gap.numel(), (cfg.n_random_negatives,), device=device)
-        loss = task(batch, log_q, neg)
+        skip_batch = None
+        if skips is not None:
+            srows = skip_rng.integers(0, len(skips), size=cfg.batch_size)
+            skip_batch = {k: v.to(device) for k, v in skips.batch(srows, examples).items()}
+        loss = task(batch, log_q, neg, skips=skip_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -472,6 +508,8 @@ class _Resume:
             del fields["tower"]["time_gaps"]
         if not fields["steps_per_epoch"]:  # ... and those before the step cap
             del fields["steps_per_epoch"]
+        if not fields["skip_negatives"]:  # ... and those before skip negatives
+            del fields["skip_negatives"], fields["skip_weight"]
         for name in _AFTER_TRAINING:
             del fields[name]
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)

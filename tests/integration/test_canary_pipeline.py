@@ -138,6 +138,37 @@ def test_collect_counts_new_labels_and_shuffles_only_what_is_learned(world, tmp_
     )
 
 
+def test_collect_writes_the_skipped_impressions_when_asked_and_training_reads_them(world, tmp_path):
+    root, ds = world
+    labels = _labels(tmp_path, ds, 300, t0=1_800_000_000.0)
+    cfg = RetrainConfig(state_dir=str(tmp_path / "st"), labels=str(labels), train=TRAIN)
+    assert collect(cfg, tmp_path / "off", str(root / "data")).skips is None  # off by default
+    got = collect(replace(cfg, skip_weight=5.0), tmp_path / "on", str(root / "data"))
+    skips = pd.read_parquet(got.skips)
+    lab = pd.read_parquet(labels)
+    shown_not_picked = lab[~lab["clicked"]]
+    clicked = lab[lab["clicked"]]
+    picked = set(zip(clicked["user_id"], clicked["item_id"], strict=True))
+    pairs = zip(shown_not_picked["user_id"], shown_not_picked["item_id"], strict=True)
+    want = shown_not_picked[[pair not in picked for pair in pairs]]
+    assert got.n_skips == len(skips) == len(want) > 100 and got.evidence()["skips"] == len(skips)
+    assert list(skips.columns) == ["user_id", "item_id", "timestamp"]
+    assert set(skips["timestamp"]) <= set(np.floor(want["impression_ts"]).astype(np.int64))
+    m = train(
+        replace(
+            TRAIN,
+            data=str(root / "data"),
+            out=str(tmp_path / "run"),
+            extra_interactions=str(got.extra),
+            skip_negatives=str(got.skips),
+            skip_weight=5.0,
+        )
+    )
+    assert m["epochs"] and np.isfinite(m["epochs"][0]["loss"])
+    with pytest.raises(ValueError, match="skip_weight"):
+        RetrainConfig(skip_weight=-1.0)
+
+
 def test_skew_item_table_permutes_items_only(world, tmp_path):
     root, _ = world
     out = skew_item_table(root / "prod", tmp_path / "skew", seed="x")
