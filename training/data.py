@@ -110,13 +110,13 @@ class TrainingExamples:
         if self.raw_user is None or self.timestamp is None:
             raise ValueError("history_before: this table was built without user ids and times")
         raw_users, ts = np.asarray(raw_users, np.int64), np.asarray(ts, np.int64)
+        if not len(ts) or not len(self.raw_user):
+            return np.zeros(len(ts), np.int64), np.zeros(len(ts), np.int64)
         starts = np.r_[0, np.flatnonzero(np.diff(self.raw_user)) + 1]
-        uniq = self.raw_user[starts] if len(self.raw_user) else self.raw_user
+        uniq = self.raw_user[starts]
         rank = np.repeat(np.arange(len(uniq)), np.diff(np.r_[starts, len(self.raw_user)]))
         q = np.searchsorted(uniq, raw_users)
-        known = (q < len(uniq)) & (uniq[np.minimum(q, max(len(uniq) - 1, 0))] == raw_users)
-        if not len(ts) or not len(uniq):
-            return np.zeros(len(ts), np.int64), np.zeros(len(ts), np.int64)
+        known = (q < len(uniq)) & (uniq[np.minimum(q, len(uniq) - 1)] == raw_users)
         # One sorted key per row, (user rank, time): the table is sorted by it already.
         t0 = min(int(self.timestamp.min()), int(ts.min()))
         span = max(int(self.timestamp.max()), int(ts.max())) - t0 + 1

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.features import FeatureVocab
 from models.loss import skip_unlikelihood_loss
@@ -155,3 +157,34 @@ def test_training_on_skips_lowers_the_skipped_items_for_those_users(tmp_path):
     # Measured: median rank 0 -> 0 at weight 1 (a skip pushes with its probability, small
     # for one item of 200), 121.5 at weight 10 and 199 (the bottom) at weight 50.
     assert np.median(after) >= 20 and (after > before).mean() > 0.9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 50)), max_size=40),
+    queries=st.lists(st.tuples(st.integers(0, 8), st.integers(-5, 55)), max_size=20),
+)
+def test_history_before_is_every_earlier_row_of_the_user(rows, queries):
+    """Against brute force: the n_prev rows before anchor are exactly the user's rows with
+    an earlier time, for users the table has and strangers alike."""
+    table = pd.DataFrame(rows, columns=["user_id", "timestamp"]).sort_values(
+        ["user_id", "timestamp"], kind="stable"
+    )
+    raw, ts = table["user_id"].to_numpy(np.int64), table["timestamp"].to_numpy(np.int64) + T0
+    n = len(table)
+    ex = TrainingExamples(
+        user_index=np.zeros(n, np.int64),
+        user_hashed=np.zeros(n, np.int64),
+        user_cats=np.zeros((n, 0), np.int64),
+        item_index=np.arange(n, dtype=np.int64),
+        pos_in_user=np.zeros(n, np.int64),
+        history_len=60,
+        timestamp=ts,
+        raw_user=raw,
+    )
+    qu = np.array([u for u, _ in queries], np.int64)
+    qt = np.array([t for _, t in queries], np.int64) + T0
+    anchor, n_prev = ex.history_before(qu, qt)
+    for u, t, a, k in zip(qu, qt, anchor, n_prev, strict=True):
+        want = sorted(np.flatnonzero((raw == u) & (ts < t)).tolist())
+        assert list(range(a - k, a)) == want
