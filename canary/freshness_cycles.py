@@ -219,7 +219,9 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
         reports = list(traffic.reports)
         labels = join_labels(srv.event_log, root / "labels-final", sim.window_s)
     burn_in = {"cycle": 0, "decision": "burn-in", "incumbent": 1}
-    for row, (a, b) in zip([burn_in, *cycles], spans, strict=True):
+    ceiling = _attainable(cfg, world, labels, [reports[a:b] for a, b in spans], sim)
+    for row, (a, b), best in zip([burn_in, *cycles], spans, ceiling, strict=True):
+        row["attainable_ctr"] = best
         reps = reports[a:b]
         ids = pd.Index([rid for r in reps for rid in r.request_ids]).unique()
         lab = labels[labels["request_id"].isin(ids)]
@@ -242,6 +244,25 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
         "cycles": cycles,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _attainable(cfg: CyclesConfig, world: Path, labels, spans, sim) -> list[float]:
+    """Per span of traffic reports: the oracle slate's expected CTR for its users, after the
+    clicks logged before it (simulator.freshness.attainable_per_span). It says how much of a
+    fall across cycles any ranking would share: users use up their best items."""
+    from simulator.freshness import attainable_per_span
+    from training.schema import Dataset
+    from training.synth import World
+
+    ids = [[rid for r in reps for rid in r.request_ids] for reps in spans]
+    return attainable_per_span(
+        World.load(world),
+        Dataset.load(world),
+        labels,
+        ids,
+        k=cfg.k,
+        rewatch_factor=sim.rewatch_factor,
+    )
 
 
 def run_cycles(cfg: CyclesConfig) -> dict[str, Any]:
@@ -267,8 +288,8 @@ def merge_results(paths: list[str]) -> dict[str, Any]:
 def cycles_table(result: dict[str, Any]) -> str:
     lines = [
         "| arm | cycle | incumbent CTR | canary CTR | diff [95% CI], z | decision | "
-        "served CTR [95% Wilson] | served value / imp | re-shown clicked |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "served CTR [95% Wilson] | served value / imp | re-shown clicked | best attainable CTR |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, arm in result["arms"].items():
         b = arm.get("burn_in")
@@ -278,7 +299,7 @@ def cycles_table(result: dict[str, Any]) -> str:
                 f"| {name} | 0 (burn-in, {b['served_requests']:,} requests) | – | – | – | – | "
                 f"{fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, {fmt(s.get('ctr_high'))}] | "
                 f"{fmt(s.get('value_per_impression'), '.2f')} | "
-                f"{100 * b['reshown_clicked_share']:.2f}% |"
+                f"{100 * b['reshown_clicked_share']:.2f}% | {fmt(b.get('attainable_ctr'))} |"
             )
         for c in arm["cycles"]:
             s = c.get("served") or {}
@@ -289,7 +310,7 @@ def cycles_table(result: dict[str, Any]) -> str:
                 f"[{fmt(lo, '+.4f')}, {fmt(hi, '+.4f')}], z {fmt(c['z'], '.2f')} | "
                 f"{c['decision']} | {fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, "
                 f"{fmt(s.get('ctr_high'))}] | {fmt(s.get('value_per_impression'), '.2f')} | "
-                f"{100 * c['reshown_clicked_share']:.2f}% |"
+                f"{100 * c['reshown_clicked_share']:.2f}% | {fmt(c.get('attainable_ctr'))} |"
             )
     return "\n".join(lines)
 

@@ -422,6 +422,49 @@ def attainable_per_batch(
     return out
 
 
+def attainable_per_span(
+    world, ds, labels: pd.DataFrame, spans: list[list[str]], *, k: int, rewatch_factor: float
+) -> list[float]:
+    """attainable_ctr for the users of each span of requests (e.g. one retrain cycle), given
+    every click the loop logged before the span's first impression (from `labels`, the
+    join's output: request_id, user_id, item_id, impression_ts, clicked)."""
+    inter = ds.interactions
+    history = set(
+        zip(
+            world.user_index(inter["user_id"].to_numpy()).tolist(),
+            world.item_index(inter["item_id"].to_numpy()).tolist(),
+            strict=True,
+        )
+    )
+    by_request = labels.drop_duplicates("request_id").set_index("request_id")
+    clicks = labels[labels["clicked"].to_numpy(bool)]
+    click_u = world.user_index(clicks["user_id"].to_numpy())
+    click_i = world.item_index(clicks["item_id"].to_numpy())
+    click_ts = clicks["impression_ts"].to_numpy(np.float64)
+    out = []
+    for ids in spans:
+        rows = by_request.reindex(pd.Index(ids)).dropna(subset=["user_id"])
+        if not len(rows):
+            out.append(math.nan)
+            continue
+        u = world.user_index(rows["user_id"].to_numpy(np.int64))
+        wanted = set(u.tolist())
+        start = float(rows["impression_ts"].min())
+        early = click_ts < start
+        before = {
+            (int(a), int(b))
+            for a, b in zip(click_u[early], click_i[early], strict=True)
+            if int(a) in wanted
+        }
+        hist = {pair for pair in history if pair[0] in wanted}
+        out.append(
+            attainable_ctr(
+                world, u, k=k, history=hist, clicked_before=before, rewatch_factor=rewatch_factor
+            )
+        )
+    return out
+
+
 PRIOR_CLICK_BINS = (0, 1, 3, 6, 11)  # bucket lower edges: 0, 1-2, 3-5, 6-10, 11+
 
 

@@ -95,5 +95,8 @@ def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
     assert cycle["served"]["impressions"] > 0
     burn_in = arm["burn_in"]  # production alone, before the first retrain
     assert burn_in["served_requests"] >= 100 and burn_in["served"]["impressions"] > 0
+    # The oracle slate's CTR for the same users bounds what any ranking could serve.
+    for span in (burn_in, cycle):
+        assert span["served"]["ctr"] <= span["attainable_ctr"] <= 1.0
     table = cycles_table(result)
     assert "| live | 1 |" in table and "| live | 0 (burn-in" in table
