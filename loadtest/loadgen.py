@@ -47,6 +47,10 @@ class LoadSpec:
     duration_s: float
     warmup_s: float = 1.0
     timeout_s: float = 30.0
+    # The window stays open past `duration_s` until this many requests have completed in it,
+    # so a server slower than the window (a busy machine, a short smoke run) still gives a
+    # measurement instead of zero requests; `window_s` reports how long it really was.
+    min_requests: int = 1
 
 
 @dataclass
@@ -131,7 +135,8 @@ async def drive(call, spec: LoadSpec) -> LoadResult:
     """Keep `spec.concurrency` calls in flight; measure those that finish inside the window.
 
     The window opens after `warmup_s` (connections made, batchers and caches warm) and
-    lasts `duration_s`; a request counts where it completes.
+    lasts `duration_s`, or until `min_requests` have completed in it; a request counts where
+    it completes.
     """
     t0 = time.perf_counter()
     start, end = t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s
@@ -139,15 +144,19 @@ async def drive(call, spec: LoadSpec) -> LoadResult:
     failures = 0
     first_error = ""
     n = len(spec.payloads)
+    closed = end  # where the window really closed: later than `end` only to reach the minimum
+
+    def short() -> bool:
+        return len(latencies) + failures < spec.min_requests
 
     async def worker(i: int) -> None:
-        nonlocal failures, first_error
+        nonlocal failures, first_error, closed
         j = i
         while True:
             payload = spec.payloads[j % n]
             j += spec.concurrency
             a = time.perf_counter()
-            if a >= end:
+            if a >= end and not short():
                 return
             try:
                 await call(payload)
@@ -156,7 +165,8 @@ async def drive(call, spec: LoadSpec) -> LoadResult:
                 ok = False
                 first_error = first_error or f"{type(exc).__name__}: {exc}"[:500]
             b = time.perf_counter()
-            if start <= b <= end:
+            if start <= b and (b <= end or short()):
+                closed = max(closed, b)
                 if ok:
                     latencies.append(b - a)
                 else:
@@ -168,7 +178,7 @@ async def drive(call, spec: LoadSpec) -> LoadResult:
     return summarize(
         latencies,
         failures,
-        spec.duration_s,
+        closed - start,
         concurrency=spec.concurrency,
         rows_per_request=spec.rows_per_request,
         client_cpu_s=cpu,

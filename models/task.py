@@ -100,25 +100,30 @@ class TwoTowerTrainTask(nn.Module):
         with its user's features at impression time; needs `skip_weight` > 0."""
         user = self.model.user_embed(*user_inputs(batch))
         if self.full:
-            loss = self._full(batch, user)
+            # The whole catalogue once a step, for the positives and the skips alike.
+            every = torch.arange(self.model.spec.n_items, device=user.device)
+            all_items = self.model.item_embed(every)
+            loss = full_softmax_loss(
+                user_emb=user,
+                all_item_emb=all_items,
+                item_ids=batch["item_index"],
+                temperature=self.temperature,
+                weight=batch.get("weight"),
+                log_prior=self.item_log_prior,
+            )
+            if skips is not None and self.skip_weight:
+                loss = loss + self.skip_weight * skip_unlikelihood_loss(
+                    user_emb=self.model.user_embed(*user_inputs(skips)),
+                    all_item_emb=all_items,
+                    item_ids=skips["item_index"],
+                    temperature=self.temperature,
+                    log_prior=self.item_log_prior,
+                )
         else:
             loss = self._sampled(batch, user, log_q, neg_items)
         if self.stability is not None:
             loss = loss + self.stability(self.model, batch, user)
-        if skips is not None and self.skip_weight:
-            loss = loss + self.skip_weight * self._skips(skips)
         return loss
-
-    def _skips(self, skips: dict[str, torch.Tensor]) -> torch.Tensor:
-        user = self.model.user_embed(*user_inputs(skips))
-        every = torch.arange(self.model.spec.n_items, device=user.device)
-        return skip_unlikelihood_loss(
-            user_emb=user,
-            all_item_emb=self.model.item_embed(every),
-            item_ids=skips["item_index"],
-            temperature=self.temperature,
-            log_prior=self.item_log_prior,
-        )
 
     def set_item_log_prior(self, log_prior: torch.Tensor) -> None:
         """Logit adjustment for the full softmax: `log_prior` (n_items,) is added to every
@@ -126,17 +131,6 @@ class TwoTowerTrainTask(nn.Module):
         # On the model's device: the task itself is never moved (train moves the model).
         device = next(self.model.parameters()).device
         self.item_log_prior = log_prior.detach().to(device=device, dtype=torch.float32)
-
-    def _full(self, batch: dict[str, torch.Tensor], user: torch.Tensor) -> torch.Tensor:
-        every = torch.arange(self.model.spec.n_items, device=user.device)
-        return full_softmax_loss(
-            user_emb=user,
-            all_item_emb=self.model.item_embed(every),
-            item_ids=batch["item_index"],
-            temperature=self.temperature,
-            weight=batch.get("weight"),
-            log_prior=self.item_log_prior,
-        )
 
     def _sampled(self, batch, user, log_q, neg_items) -> torch.Tensor:
         item = self.model.item_embed(batch["item_index"])  # (B, d)

@@ -394,19 +394,24 @@ def attainable_ctr(
     return float((top * exam).sum(axis=1).mean() / k)
 
 
-def attainable_per_batch(
-    world, ds, labels: pd.DataFrame, loop: LoopResult, *, k: int, rewatch_factor: float
-) -> list[float]:
-    """attainable_ctr for the users of each batch, given what they had clicked before it."""
-    users_of = labels.drop_duplicates("request_id").set_index("request_id")["user_id"]
+def _world_history(world, ds) -> set[tuple[int, int]]:
+    """(user index, item index) of every interaction in the world's log."""
     inter = ds.interactions
-    history = set(
+    return set(
         zip(
             world.user_index(inter["user_id"].to_numpy()).tolist(),
             world.item_index(inter["item_id"].to_numpy()).tolist(),
             strict=True,
         )
     )
+
+
+def attainable_per_batch(
+    world, ds, labels: pd.DataFrame, loop: LoopResult, *, k: int, rewatch_factor: float
+) -> list[float]:
+    """attainable_ctr for the users of each batch, given what they had clicked before it."""
+    users_of = labels.drop_duplicates("request_id").set_index("request_id")["user_id"]
+    history = _world_history(world, ds)
     out = []
     for b, rep in enumerate(loop.reports):
         ids = users_of.reindex(pd.Index(rep.request_ids)).dropna().to_numpy(np.int64)
@@ -428,14 +433,7 @@ def attainable_per_span(
     """attainable_ctr for the users of each span of requests (e.g. one retrain cycle), given
     every click the loop logged before the span's first impression (from `labels`, the
     join's output: request_id, user_id, item_id, impression_ts, clicked)."""
-    inter = ds.interactions
-    history = set(
-        zip(
-            world.user_index(inter["user_id"].to_numpy()).tolist(),
-            world.item_index(inter["item_id"].to_numpy()).tolist(),
-            strict=True,
-        )
-    )
+    history = _world_history(world, ds)
     by_request = labels.drop_duplicates("request_id").set_index("request_id")
     clicks = labels[labels["clicked"].to_numpy(bool)]
     click_u = world.user_index(clicks["user_id"].to_numpy())

@@ -116,6 +116,20 @@ def test_drive_closed_loop_counts_window_only():
     assert 4 < r.p50_ms < 100
 
 
+def test_a_server_slower_than_the_window_still_gives_a_measurement():
+    """A request longer than the whole window (a busy machine, a smoke run) is counted and the
+    window reports how long it really stayed open, instead of zero requests."""
+
+    async def call(payload):
+        await asyncio.sleep(0.25)
+
+    spec = LoadSpec("grpc", "", ("a",), 1, 1, duration_s=0.05, warmup_s=0.0)
+    r = asyncio.run(drive(call, spec))
+    assert r.requests == 1 and r.failures == 0 and r.qps > 0
+    assert r.window_s >= 0.25 and r.p50_ms >= 250
+    assert r.rps == pytest.approx(1 / r.window_s)
+
+
 # ----------------------------------------------------------------------------- report
 
 
