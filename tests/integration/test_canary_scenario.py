@@ -101,12 +101,15 @@ def _configs(root: Path, server: TritonServer):
         # The tiny world's 249 test users make group NDCGs noisy (±0.03): gate what is
         # measurable there (the exposure Gini, and big gaps), not two-point differences.
         fairness=GateConfig(min_group_size=60, max_gap=0.15, min_ratio=0.4, max_group_drop=0.1),
-        # The tiny world's 200 items make a warm retrain's exposure Gini move with whatever
-        # traffic the earlier acts happened to log: over three runs the sound retrains of acts
-        # (a), (c) and (d) measured -0.26 to +0.07 against production, and the shipped +0.05
-        # rejected act (c) once. Act (b)'s shuffled-label candidate measured +0.21 to +0.34
-        # and fails four other checks as well.
-        gates=OfflineGates(max_gini_increase=0.15),
+        # The tiny world's 200 items make a warm retrain's popularity bias move with whatever
+        # traffic the earlier acts happened to log. Over three runs the sound retrains of acts
+        # (a), (c) and (d) measured -0.26 to +0.07 exposure Gini against production, and the
+        # shipped +0.05 rejected act (c) once; in another run ARP rose 60.3 -> 75.1 -> 78.5
+        # over production, (a) and (d)'s candidate (+30%), and the shipped 25% trend limit
+        # rejected act (d). These acts test the online loop, so the bias gates here only catch
+        # a candidate that only learnt popularity: act (b)'s shuffled labels measured +0.21 to
+        # +0.34 Gini and fail four other checks as well.
+        gates=OfflineGates(max_gini_increase=0.15, max_arp_drift=0.6),
     )
     ecfg = EvaluateConfig(
         **{k: v for k, v in common.items()},
