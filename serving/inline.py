@@ -102,6 +102,7 @@ class InlineRetrieval:
         # A Python model instance runs one execute() at a time, so no locking here.
         self._runners: dict[int, RetrievalRunner] = {}
         self._wide: dict[int, RetrievalRunner | None] = {}
+        self._unloadable: set[int] = set()  # routed versions whose warm-up failed (follow)
 
     def runner(self, version: int) -> RetrievalRunner:
         r = self._runners.get(version)
@@ -177,8 +178,23 @@ class InlineRetrieval:
             self._wide.pop(v, None)
             log.info("inline retrieval: released version %d", v)
 
-    def warm(self, versions: Iterable[int]) -> None:
-        """Load (and run once) the given versions so the first request pays no load."""
+    def follow(self, versions: Iterable[int]) -> None:
+        """On every routing re-read: drop the versions that left, load and run once the ones
+        that arrived. A new canary's sessions are then ready before its first users come:
+        loading them lazily made its first requests the slowest it served, and on a busy
+        machine that alone could trip the canary's latency guardrail."""
+        versions = [int(v) for v in versions]
+        self.retain(versions)
+        self._unloadable &= set(versions)
+        # A version that failed to load is not tried again every re-read (each try logs);
+        # its requests still try, fail and fall back as before.
+        new = [v for v in versions if v not in self._runners and v not in self._unloadable]
+        self._unloadable |= set(self.warm(new))
+
+    def warm(self, versions: Iterable[int]) -> list[int]:
+        """Load (and run once) the given versions so the first request pays no load.
+        Returns the versions that failed to load."""
+        failed = []
         for v in versions:
             try:
                 r = self.runner(int(v))
@@ -189,6 +205,8 @@ class InlineRetrieval:
                     wide.run([zeros])
             except Exception as exc:  # a request will retry, fail and fall back as usual
                 log.warning("inline retrieval: version %s did not load: %s", v, exc)
+                failed.append(int(v))
+        return failed
 
     @property
     def versions(self) -> list[int]:

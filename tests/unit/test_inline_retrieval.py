@@ -54,14 +54,26 @@ def test_sessions_follow_the_routing(repo):
     assert inline.runner(1) is first  # kept: no reload per batch
     inline.retain(RoutingState(production=2).versions)  # 2 promoted over 1
     assert inline.versions == [2]  # 1's item table is released
+    # On a routing re-read, a version that arrives is loaded (and run once) at once, before
+    # its first request; one that left is released.
+    inline.follow(RoutingState(production=2, canary=1, canary_percent=10).versions)
+    assert inline.versions == [1, 2] and inline.runner(2) is not None
+    inline.follow(RoutingState(production=1).versions)
+    assert inline.versions == [1]
 
 
 def test_warm_logs_and_survives_a_version_that_cannot_load(repo, caplog):
     (layout.version_dir(repo, 1) / layout.ONNX_FILE).write_bytes(b"not an onnx graph")
     inline = InlineRetrieval(repo)
-    inline.warm([1, 7])  # corrupt and missing: requests fail over later, start-up does not
+    # corrupt and missing: requests fail over later, start-up does not
+    assert inline.warm([1, 7]) == [1, 7]
     assert inline.versions == []
     assert "version 1 did not load" in caplog.text and "version 7 did not load" in caplog.text
+    # Routing re-reads try a version that cannot load once, not every second.
+    caplog.clear()
+    inline.follow([7])
+    inline.follow([7])
+    assert caplog.text.count("version 7 did not load") == 1
 
 
 def test_auto_is_inline_on_the_cpu_target_and_bls_on_gpu(repo, tmp_path):

@@ -81,7 +81,7 @@ class TritonPythonModel:
                 instances=instances,
             )
             self.retrieve = self.inline
-            self.recommender.state.on_routing.append(self.inline.retain)
+            self.recommender.state.on_routing.append(self.inline.follow)
             try:  # the routed versions' sessions, before the first request needs them
                 self.recommender.begin()
                 self.inline.warm(self.recommender.state.routing.versions)
