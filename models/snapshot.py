@@ -42,13 +42,14 @@ class UserFeatures:
 
     def feeds(self, names: tuple[str, ...] = INPUT_NAMES) -> dict[str, np.ndarray]:
         """The graph inputs `names` (models.features.input_names) as contiguous int64."""
-        ts = self.history_ts if self.history_ts is not None else np.zeros_like(self.history)
         arrays = {
             INPUT_USER_INDEX: self.user_index,
             INPUT_USER_CATS: self.user_cats,
             INPUT_HISTORY: self.history,
-            INPUT_HISTORY_TS: ts,
         }
+        if INPUT_HISTORY_TS in names:  # only time-gap graphs: no zeros built for the others
+            ts = self.history_ts
+            arrays[INPUT_HISTORY_TS] = ts if ts is not None else np.zeros_like(self.history)
         return {n: np.ascontiguousarray(arrays[n], dtype=np.int64) for n in names}
 
 
