@@ -69,8 +69,16 @@ class TrainConfig:
     # explains that share of the logged popularity, so the learnt scores carry less of it and
     # the popularity prior (beta chosen on validation, within the exposure gate) adds back
     # what helps. 0 = the scores keep all of it, and a loop retraining on its own traffic
-    # concentrates exposure; 1 = none, more than the prior grid restores. `tune` searches it.
+    # concentrates exposure; 1 = none, more than the prior grid restores.
     logit_adjustment: float = 0.25
+    # How much popularity the scores should keep depends on the data (a time split rewards
+    # recent popularity, a per-user split taste), so a fresh full-softmax run trains one
+    # model per value here, each to its early stop, and keeps the one with the best
+    # validation NDCG@10 at its own prior beta; the run's saved config records the winner
+    # as `logit_adjustment`. Fewer than two values: `logit_adjustment` as given (what
+    # `tune` trials do, which search it themselves). A warm start keeps its starting run's
+    # value. Costs one training per value.
+    logit_adjustments: tuple[float, ...] = (0.0, 0.25, 0.5)
     # After early stopping picks the model on validation, train it this many more epochs on
     # train + validation, so the saved model has learned the newest interactions (and the
     # items released during validation) that selection had to hold out. Validation metrics
@@ -146,6 +154,11 @@ class TrainConfig:
         for spec in self.baselines:
             parse_baseline(spec)  # a typo fails here, not after training
         RecentWindow.parse(self.prior_window)
+        if self.logit_adjustment < 0 or any(a < 0 for a in self.logit_adjustments):
+            raise ValueError(
+                f"logit_adjustment={self.logit_adjustment}, "
+                f"logit_adjustments={self.logit_adjustments}: expected values >= 0"
+            )
         if any(b < 0 for b in self.prior_betas) or any(x <= 0 for x in self.ease_lambdas):
             raise ValueError("TrainConfig: prior_betas must be >= 0 and ease_lambdas > 0")
 
@@ -224,23 +237,122 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
         min_user_interactions=cfg.min_user_interactions,
     )
     warm_state, warm = None, {"from": cfg.init_from, "used": False, "reason": "not requested"}
+    warm_adjustment = None
     if cfg.init_from:
-        vocab, warm_state, warm["reason"] = _warm_start(cfg, vocab)
+        vocab, warm_state, warm["reason"], warm_adjustment = _warm_start(cfg, vocab)
         warm["used"] = warm_state is not None
         log.info("warm start from %s: %s", cfg.init_from, warm["reason"])
     examples = TrainingExamples.build(vocab, ds.users, train_df)
     item_cats = torch.from_numpy(
         vocab.encode_item_cats(ds.items.set_index("item_id").loc[vocab.item_ids].reset_index())
     )
-    torch.manual_seed(cfg.seed)
-    model = TwoTower(vocab.spec, cfg.tower, item_cats)
+    full = cfg.softmax == "full" or (
+        cfg.softmax == "auto" and vocab.spec.n_items <= cfg.full_softmax_max_items
+    )
+    if not cfg.batch_size:
+        cfg = replace(cfg, batch_size=256 if full else 1024)
+    candidates, why = _adjustment_candidates(cfg, full, warm_state is not None, warm_adjustment)
+    setup = _Setup(d, device, vocab, ds, sp, train_df, examples, item_cats, full, warm_state)
+    setup.skips = _skip_examples(cfg, vocab, ds, examples)
+    fits = [
+        _fit(replace(cfg, logit_adjustment=a), setup, warm, len(candidates) > 1) for a in candidates
+    ]
+    fit, selection = _select_adjustment(cfg, fits, setup, why)
+    cfg, model = fit.cfg, fit.task.model
     if warm_state is not None:
-        model.load_state_dict(warm_state)
+        warm["reason"] += "; logQ estimator primed from item frequencies"
+
+    selected, refit = model, None
+    if cfg.refit_epochs and len(sp.val):
+        if d.main:
+            selected = copy.deepcopy(model).cpu()
+        if d.world > 1:
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)  # every rank refits the selected weights
+        refit = _refit(cfg, d, device, vocab, ds, sp, train_df, fit.wrapped, fit.estimator, fit.opt)
+    metrics = {}
+    if d.main:
+        metrics = _final(
+            cfg,
+            out,
+            selected.cpu(),
+            vocab,
+            ds,
+            sp,
+            train_df,
+            fit.history,
+            time.perf_counter() - t0,
+            warm if cfg.init_from else None,
+            refit=(model.cpu(), refit) if refit is not None else None,
+            adjustment=selection,
+        )
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+@dataclass
+class _Setup:
+    """What every candidate of a run trains on: built once, shared by the fits."""
+
+    d: _Dist
+    device: torch.device
+    vocab: FeatureVocab
+    ds: Dataset
+    sp: object
+    train_df: pd.DataFrame
+    examples: TrainingExamples
+    item_cats: torch.Tensor
+    full: bool
+    warm_state: dict | None
+    skips: SkipExamples | None = None
+
+
+@dataclass
+class _Fit:
+    """One trained candidate: its config, the task (model inside) at its best validation
+    epoch, and the optimiser state the refit continues from."""
+
+    cfg: TrainConfig
+    task: TwoTowerTrainTask
+    wrapped: torch.nn.Module
+    estimator: StreamingFrequencyEstimator
+    opt: torch.optim.Optimizer
+    history: list[dict]
+    best: float
+
+
+def _adjustment_candidates(
+    cfg: TrainConfig, full: bool, warm: bool, warm_adjustment: float | None
+) -> tuple[tuple[float, ...], str]:
+    """(the logit adjustments this run trains, why): the grid for a fresh full-softmax run,
+    else one.
+
+    A warm start keeps its starting run's value: the loaded weights learnt their scores
+    under that offset, and fine-tuning them under another would move every item's score by
+    the difference of the two offsets before the data moved anything."""
+    if not full:
+        return (cfg.logit_adjustment,), "not used: sampled softmax"
+    if warm and warm_adjustment is not None:
+        return (warm_adjustment,), "the warm start's"
+    if warm or len(set(cfg.logit_adjustments)) < 2:
+        return (cfg.logit_adjustment,), "given"
+    return tuple(sorted(set(cfg.logit_adjustments))), "chosen on validation"
+
+
+def _fit(cfg: TrainConfig, s: _Setup, warm: dict, several: bool) -> _Fit:
+    """Train one model to its early stop; the returned task holds its best epoch's weights."""
+    d, device, vocab = s.d, s.device, s.vocab
+    torch.manual_seed(cfg.seed)
+    model = TwoTower(vocab.spec, cfg.tower, s.item_cats)
+    if s.warm_state is not None:
+        model.load_state_dict(s.warm_state)
     model = model.to(device)
     stability = None
-    if cfg.stability_weight > 0 and warm_state is not None:
-        teacher = TwoTower(vocab.spec, cfg.tower, item_cats)
-        teacher.load_state_dict(warm_state)
+    if cfg.stability_weight > 0 and s.warm_state is not None:
+        teacher = TwoTower(vocab.spec, cfg.tower, s.item_cats)
+        teacher.load_state_dict(s.warm_state)
         stability = StabilityTerm(
             teacher.to(device),
             weight=cfg.stability_weight,
@@ -252,53 +364,55 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
         # Nothing to hold still without a starting model: say so rather than ignore it.
         warm["stability"] = "off: no warm start to hold still"
         log.warning("stability_weight=%s ignored: %s", cfg.stability_weight, warm["reason"])
-    full = cfg.softmax == "full" or (
-        cfg.softmax == "auto" and vocab.spec.n_items <= cfg.full_softmax_max_items
-    )
-    if not cfg.batch_size:
-        cfg = replace(cfg, batch_size=256 if full else 1024)
-    skips = _skip_examples(cfg, vocab, ds, examples)
     task = TwoTowerTrainTask(
         model,
         cfg.temperature,
         cfg.n_random_negatives,
         stability,
-        full,
-        skip_weight=cfg.skip_weight if skips is not None else 0.0,
+        s.full,
+        skip_weight=cfg.skip_weight if s.skips is not None else 0.0,
     )
-    if full and cfg.logit_adjustment:
-        task.set_item_log_prior(cfg.logit_adjustment * _log_frequency(examples, vocab))
+    if s.full and cfg.logit_adjustment:
+        task.set_item_log_prior(cfg.logit_adjustment * _log_frequency(s.examples, vocab))
     estimator = StreamingFrequencyEstimator(vocab.spec.n_items, alpha=cfg.logq_alpha).to(device)
-    if warm_state is not None:
+    if s.warm_state is not None:
         # The loaded weights are calibrated to a converged logQ correction; a cold estimator
         # (every item "rare") under-corrects tail items for the whole of a short fine-tune,
         # which demotes them: a 2-epoch warm start on the demo world halved coverage@10
         # (0.39 -> 0.21) and lost ~1 CTR point online. Start from the expected gaps instead.
-        _prime_estimator(estimator, examples.item_index, cfg.batch_size * d.world)
-        warm["reason"] += "; logQ estimator primed from item frequencies"
+        _prime_estimator(estimator, s.examples.item_index, cfg.batch_size * d.world)
     # A warm start uses decoupled weight decay (AdamW). Adam's L2 gradient is rescaled by
     # Adam itself, so a row the data never touches (a user or item absent from a window, an
     # item released after the train cutoff) moves by ~lr a step towards 0 however small the
     # decay: a fine-tune erased such rows, items of one category became exact score ties,
     # and ONNX parity (batch of 1 vs batch) failed on tie order. Fresh runs keep Adam.
-    opt_cls = torch.optim.AdamW if warm_state is not None else torch.optim.Adam
+    opt_cls = torch.optim.AdamW if s.warm_state is not None else torch.optim.Adam
     opt = opt_cls(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     wrapped = DistributedDataParallel(task) if d.world > 1 else task
 
-    state = _Resume(out, cfg)
+    # Each candidate of a grid resumes from its own checkpoint; a single run keeps the
+    # plain name (and resumes checkpoints written before the grid existed).
+    name = _candidate_checkpoint(cfg) if several else CHECKPOINT_FILE
+    state = _Resume(Path(cfg.out), cfg, name)
     start_epoch, best, best_state, bad_epochs = (
         state.load(model, estimator, opt) if cfg.resume else (0, -1.0, None, 0)
     )
-    val_target = _subsample_users(sp.val, cfg.val_users, cfg.seed)
+    val_target = _subsample_users(s.sp.val, cfg.val_users, cfg.seed)
     history: list[dict] = []
+    if several:
+        log.info("logit adjustment %g: training", cfg.logit_adjustment)
     for epoch in range(start_epoch, cfg.epochs):
         loss, steps = _train_epoch(
-            cfg, d, device, examples, wrapped, estimator, opt, epoch, skips=skips
+            cfg, d, device, s.examples, wrapped, estimator, opt, epoch, skips=s.skips
         )
         stop = torch.zeros(1)
         if d.main:
             res = evaluate(
-                model=model.cpu(), vocab=vocab, users=ds.users, known=train_df, target=val_target
+                model=model.cpu(),
+                vocab=vocab,
+                users=s.ds.users,
+                known=s.train_df,
+                target=val_target,
             )
             model.to(device)
             ndcg = res["model"].summary["ndcg@10"]
@@ -322,36 +436,71 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
         if stop.item():
             log.info("early stop after epoch %d (best val ndcg@10 %.4f)", epoch, best)
             break
-
     if d.main and best_state is not None:
         model.load_state_dict(best_state)
-    selected, refit = model, None
-    if cfg.refit_epochs and len(sp.val):
-        if d.main:
-            selected = copy.deepcopy(model).cpu()
-        if d.world > 1:
-            for t in model.state_dict().values():
-                dist.broadcast(t, src=0)  # every rank refits the selected weights
-        refit = _refit(cfg, d, device, vocab, ds, sp, train_df, wrapped, estimator, opt)
-    metrics = {}
-    if d.main:
-        metrics = _final(
-            cfg,
-            out,
-            selected.cpu(),
-            vocab,
-            ds,
-            sp,
-            train_df,
-            history,
-            time.perf_counter() - t0,
-            warm if cfg.init_from else None,
-            refit=(model.cpu(), refit) if refit is not None else None,
+    return _Fit(cfg, task, wrapped, estimator, opt, history, best)
+
+
+def _select_adjustment(
+    cfg: TrainConfig, fits: list[_Fit], s: _Setup, why: str
+) -> tuple[_Fit, dict]:
+    """(the fit to keep, metrics["logit_adjustment"]).
+
+    With several candidates each is scored as it would serve: its validation NDCG@10 at the
+    prior's beta chosen for it (`training.popularity`, within the same Gini gate). How much
+    popularity the scores should keep differs between datasets (a time split rewards recent
+    popularity, a per-user split rewards taste), so it is chosen per dataset, on validation.
+    """
+    from training.popularity import choose_beta
+
+    if len(fits) == 1:
+        return fits[0], {"value": fits[0].cfg.logit_adjustment, "chosen_by": why}
+    scores, curves = {}, {}
+    if s.d.main:
+        for fit in fits:
+            curve = _val_curve(fit.cfg, fit.task.model.cpu(), s)
+            fit.task.model.to(s.device)
+            beta, _ = choose_beta(curve, cfg.prior_max_gini)
+            key = f"{fit.cfg.logit_adjustment:g}"
+            scores[key] = next(c["ndcg@10"] for c in curve if c["beta"] == beta)
+            curves[key] = {"beta": beta, "val_ndcg@10_beta0": curve[0]["ndcg@10"]}
+            log.info("logit adjustment %s: val ndcg@10 %.4f (beta %g)", key, scores[key], beta)
+    pick = torch.zeros(1, dtype=torch.long)
+    if s.d.main:
+        pick[0] = max(
+            range(len(fits)), key=lambda i: (scores[f"{fits[i].cfg.logit_adjustment:g}"], -i)
         )
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return metrics
+    if s.d.world > 1:
+        dist.broadcast(pick, src=0)
+    chosen = fits[int(pick.item())]
+    if s.d.main:
+        for fit in fits:
+            ck = _Resume(Path(cfg.out), fit.cfg, _candidate_checkpoint(fit.cfg))
+            ck.keep_as(CHECKPOINT_FILE) if fit is chosen else ck.drop()
+    return chosen, {
+        "value": chosen.cfg.logit_adjustment,
+        "chosen_by": "best validation ndcg@10, each candidate at its own prior beta",
+        "val_ndcg@10": scores,
+        "candidates": curves,
+    }
+
+
+def _candidate_checkpoint(cfg: TrainConfig) -> str:
+    return f"checkpoint-adj{cfg.logit_adjustment:g}.pt"
+
+
+def _val_curve(cfg: TrainConfig, model: TwoTower, s: _Setup) -> list[dict]:
+    from training.popularity import beta_curve
+
+    return beta_curve(
+        model,
+        vocab=s.vocab,
+        users=s.ds.users,
+        known=s.train_df,
+        target=_eval_target(s.sp.val, cfg),
+        betas=cfg.prior_betas if any(b > 0 for b in cfg.prior_betas) else (0.0,),
+        window=cfg.prior_window,
+    )
 
 
 def _refit(cfg, d, device, vocab, ds, sp, train_df, task, estimator, opt) -> dict:
@@ -368,14 +517,15 @@ def _refit(cfg, d, device, vocab, ds, sp, train_df, task, estimator, opt) -> dic
 
 
 def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
-    """(vocab, state_dict or None, reason). The prior run's vocabulary is kept, so its user
-    rows stay valid (users new since then take hashed rows, as they do in serving)."""
+    """(vocab, state_dict or None, reason, the prior run's logit adjustment or None). The
+    prior run's vocabulary is kept, so its user rows stay valid (users new since then take
+    hashed rows, as they do in serving)."""
     from training.run import load_run
 
     try:
         prior = load_run(cfg.init_from)
     except (FileNotFoundError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        return fresh, None, f"cannot load {cfg.init_from} ({exc}); training from scratch"
+        return fresh, None, f"cannot load {cfg.init_from} ({exc}); training from scratch", None
     pv = prior.vocab
     mismatch = [
         name
@@ -390,10 +540,14 @@ def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
         if not same
     ]
     if mismatch:
-        return fresh, None, f"vocabulary differs ({', '.join(mismatch)}); training from scratch"
+        why = f"vocabulary differs ({', '.join(mismatch)}); training from scratch"
+        return fresh, None, why, None
     state = {k: v.detach().clone() for k, v in prior.model.state_dict().items()}
     new_users = int((~np.isin(fresh.user_ids, pv.user_ids)).sum())
-    return pv, state, f"loaded weights and vocabulary ({new_users} new users use hashed rows)"
+    # Runs written before the adjustment was chosen per run carry it in their config too.
+    adjustment = prior.meta.get("train", {}).get("logit_adjustment")
+    why = f"loaded weights and vocabulary ({new_users} new users use hashed rows)"
+    return pv, state, why, None if adjustment is None else float(adjustment)
 
 
 def _log_frequency(examples: TrainingExamples, vocab: FeatureVocab) -> torch.Tensor:
@@ -494,9 +648,11 @@ def _train_epoch(
 class _Resume:
     """Per-epoch checkpoint: tensors and plain numbers only, so `weights_only=True` loads it."""
 
-    def __init__(self, out: Path, cfg: TrainConfig):
-        self.path = out / CHECKPOINT_FILE
+    def __init__(self, out: Path, cfg: TrainConfig, name: str = CHECKPOINT_FILE):
+        self.path = out / name
         fields = asdict(cfg) | {"out": None, "resume": None, "progress": None, "epochs": None}
+        # A candidate is its logit_adjustment; the grid it came from does not change it.
+        del fields["logit_adjustments"]
         if fields["init_from"] is None:  # checkpoints written before warm starts still resume
             del fields["init_from"]
         if not fields["stability_weight"]:  # ... and those before the stability term
@@ -515,17 +671,35 @@ class _Resume:
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)
 
     def load(self, model, estimator, opt):
-        if not self.path.exists():
-            return 0, -1.0, None, 0
-        ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        path = self.path
+        if not path.exists():
+            # A finished grid kept its winner as checkpoint.pt: that candidate (and only it:
+            # the fingerprint holds the adjustment) continues from there.
+            path = self.path.with_name(CHECKPOINT_FILE)
+            if not path.exists():
+                return 0, -1.0, None, 0
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if ck["fingerprint"] != self.fingerprint:
+                return 0, -1.0, None, 0
+        else:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
         if ck["fingerprint"] != self.fingerprint:
-            log.warning("%s was written with another config; starting from scratch", self.path)
+            log.warning("%s was written with another config; starting from scratch", path)
             return 0, -1.0, None, 0
         model.load_state_dict(ck["model"])
         estimator.load_state_dict(ck["estimator"])
         opt.load_state_dict(ck["opt"])
-        log.info("resuming from %s at epoch %d", self.path, ck["epoch"])
+        log.info("resuming from %s at epoch %d", path, ck["epoch"])
         return ck["epoch"], ck["best"], ck["best_state"], ck["bad_epochs"]
+
+    def drop(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def keep_as(self, name: str) -> None:
+        """Move the checkpoint to `name` in the same directory (the grid's winner becomes
+        the run's checkpoint.pt)."""
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(name))
 
     def save(self, epoch, model, estimator, opt, best, best_state, bad_epochs) -> None:
         state = {
@@ -671,7 +845,20 @@ def _choose_prior(cfg, out, model, vocab, ds, sp, train_df) -> dict:
     }
 
 
-def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None, refit=None):
+def _final(
+    cfg,
+    out,
+    model,
+    vocab,
+    ds,
+    sp,
+    train_df,
+    history,
+    seconds,
+    warm=None,
+    refit=None,
+    adjustment=None,
+):
     """Choose the prior and report val on the selected `model`; with `refit` (the refit model,
     its info), test is the refit model's and the refit model is what is saved."""
     prior = _choose_prior(cfg, out, model, vocab, ds, sp, train_df)
@@ -682,6 +869,8 @@ def _final(cfg, out, model, vocab, ds, sp, train_df, history, seconds, warm=None
     metrics = evaluate_splits(model, vocab, ds, sp, train_df, cfg, test_model=test_model)
     model = test_model
     metrics["popularity_prior"] = prior
+    if adjustment is not None:
+        metrics["logit_adjustment"] = adjustment
     if refit is not None:
         metrics["refit"] = {**refit[1], "val_metrics_from": "the selected model, before refit"}
     metrics["train_seconds"] = round(seconds, 1)

@@ -100,6 +100,7 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
         lr=params["lr"],
         temperature=params["temperature"],
         logit_adjustment=params["logit_adjustment"],
+        logit_adjustments=(),  # the study searches it: one training per trial
         tower=tower,
         epochs=params["epochs"],
         prior_betas=(params["prior_beta"],),

@@ -49,8 +49,16 @@ ROOT = Path(__file__).resolve().parents[2]
 K = 10
 CLI = "import sys; from northstar.cli import main; sys.exit(main())"
 TOWER = TowerConfig(id_dim=16, cat_dim=4, hidden_dim=32, out_dim=16, dropout=0.0)
+# One logit adjustment, not the grid: the acts' gates were set against this model.
 TRAIN = TrainConfig(
-    epochs=3, batch_size=256, val_users=1000, threads=2, progress=False, tower=TOWER, patience=2
+    epochs=3,
+    batch_size=256,
+    val_users=1000,
+    threads=2,
+    progress=False,
+    tower=TOWER,
+    patience=2,
+    logit_adjustments=(),
 )
 
 

@@ -191,3 +191,40 @@ def test_eval_users_scores_a_seeded_sample_of_each_split(tiny_data, tmp_path):
         assert m[split]["model"]["users"] == 40 == m[split]["toppop"]["users"]
     again = train(dataclasses.replace(cfg, out=str(tmp_path / "again")))
     assert again["test"] == m["test"]  # the same seeded sample, the same numbers
+
+
+def test_logit_adjustment_is_chosen_on_validation_and_kept_by_a_warm_start(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    m = train(_cfg(tiny_data, run, epochs=2, logit_adjustments=(0.0, 0.5)))
+    adj = m["logit_adjustment"]
+    scores = adj["val_ndcg@10"]
+    assert set(scores) == {"0", "0.5"}
+    best = max(scores, key=scores.get)
+    assert adj["value"] == float(best)
+    # The winner was scored as it is served: its validation NDCG@10 at its chosen prior is
+    # the run's own validation figure, and its beta is the run's.
+    assert m["val"]["model"]["ndcg@10"] == pytest.approx(scores[best], abs=1e-12)
+    assert m["popularity_prior"]["beta"] == adj["candidates"][best]["beta"]
+    saved = json.loads((run / "run.json").read_text())["train"]
+    assert saved["logit_adjustment"] == adj["value"]
+    # Only the winner's checkpoint stays, under the run's usual name.
+    assert (run / "checkpoint.pt").exists() and not list(run.glob("checkpoint-adj*.pt"))
+
+    # A warm start fine-tunes under its starting run's adjustment, whatever its own grid.
+    warm = train(
+        _cfg(
+            tiny_data,
+            tmp_path / "warm",
+            epochs=1,
+            init_from=str(run),
+            logit_adjustment=0.9,
+            logit_adjustments=(0.1, 0.9),
+        )
+    )
+    assert warm["warm_start"]["used"]
+    assert warm["logit_adjustment"] == {"value": adj["value"], "chosen_by": "the warm start's"}
+
+    given = train(_cfg(tiny_data, tmp_path / "given", epochs=1, logit_adjustments=()))
+    assert given["logit_adjustment"] == {"value": 0.25, "chosen_by": "given"}
+    with pytest.raises(ValueError, match="logit_adjustments"):
+        TrainConfig(logit_adjustments=(-0.1, 0.5))
