@@ -63,10 +63,16 @@ def test_tune_writes_the_best_config_and_never_looks_at_test(tiny_data, tmp_path
         )
         assert "test" not in trial_metrics  # trials never evaluate the test split
         assert set(trial_metrics["val"]) <= {"model", "toppop", "model_beta0"}
+        # A trial trains the adjustment the study suggested, not the default grid.
+        assert trial_metrics["logit_adjustment"] == {
+            "value": t["params"]["logit_adjustment"],
+            "chosen_by": "given",
+        }
 
     best = config_mod.load(TrainConfig, out / BEST_TOML)
     params = study["best"]["params"]
     assert best.lr == pytest.approx(params["lr"]) and best.tower.out_dim == params["tower.out_dim"]
     assert best.prior_betas == pytest.approx((params["prior_beta"],))
+    assert best.logit_adjustment == params["logit_adjustment"] and best.logit_adjustments == ()
     assert best.data == str(tiny_data) and best.evaluate_test and best.history_len == 4
     assert json.loads((out / BEST_JSON).read_text())["number"] == study["best"]["number"]
