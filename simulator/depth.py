@@ -10,6 +10,8 @@ true click model (`World.relevance` × `World.examination`, already-clicked item
 - `frozen`: the training snapshot's history and seen set, never updated;
 - `seen_only`: clicked items are filtered out, the history stays as trained;
 - `live`: clicked items are filtered out and pushed onto the history the user tower reads;
+- `shown_cap`: `live`, and an item shown to the user `shown_cap` times without a click is
+  not shown again (impression discounting): does the slate fill with the model's misses?
 - `oracle`: the world's relevance ranks (the best any model could do with the same filter).
 
 Each arm runs with the run's popularity prior and without it (`prior` in the table), and
@@ -32,7 +34,7 @@ import torch
 from common.files import atomic_write_text
 
 DEPTH_BANDS = ((0, 10), (10, 20), (20, 50), (50, 100))
-ARMS = ("frozen", "seen_only", "live", "oracle")
+ARMS = ("frozen", "seen_only", "live", "shown_cap", "oracle")
 
 
 @dataclass
@@ -46,12 +48,13 @@ class DepthConfig:
     rounds: int = 12
     k: int = 10
     rewatch_factor: float = 0.2  # the simulator's default
+    shown_cap: int = 2  # the `shown_cap` arm: unclicked showings before an item is dropped
     betas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
     out: str | None = None  # default DIR/depth.json
 
     def __post_init__(self) -> None:
-        if self.users < 1 or self.rounds < 1 or self.k < 1:
-            raise ValueError("users, rounds and k must be >= 1")
+        if min(self.users, self.rounds, self.k, self.shown_cap) < 1:
+            raise ValueError("users, rounds, k and shown_cap must be >= 1")
         if not 0.0 <= self.rewatch_factor <= 1.0:
             raise ValueError(f"rewatch_factor={self.rewatch_factor}: expected 0..1")
         self.betas = tuple(float(b) for b in self.betas)
@@ -135,33 +138,48 @@ def build(cfg: DepthConfig) -> Loop:
 
 
 def run_arm(loop: Loop, arm: str, *, prior: bool, cfg: DepthConfig) -> list[dict[str, float]]:
-    """Per round: CTR of the slates and the mean true relevance of the items shown."""
+    """Per round: CTR of the slates, the mean true relevance of the items shown, and the
+    share of them this user was shown in an earlier round (`repeats`)."""
     if arm not in ARMS:
         raise ValueError(f"arm={arm!r}: expected one of {ARMS}")
     rng = np.random.default_rng(cfg.seed + 1)  # the same click draws in every arm
     history = loop.history.copy()
     clicked = np.zeros_like(loop.owned)
+    shown = np.zeros(loop.owned.shape, dtype=np.int32)  # showings, per user and item
+    missed = np.zeros(loop.owned.shape, dtype=np.int32)  # ... of them without a click
     frozen_scores = loop.scores(history, prior)
     rounds = []
     for _ in range(cfg.rounds):
         if arm == "oracle":
             s = loop.relevance.copy()
-        elif arm == "live":
+        elif arm in ("live", "shown_cap"):
             s = loop.scores(history, prior)
         else:
             s = frozen_scores.copy()
         s[loop.owned] = -np.inf
         if arm != "frozen":
             s[clicked] = -np.inf
+        if arm == "shown_cap":
+            s[missed >= cfg.shown_cap] = -np.inf
         top = np.argsort(-s, axis=1, kind="stable")[:, : cfg.k]
         rel = np.take_along_axis(loop.relevance, top, 1)
         again = np.take_along_axis(clicked, top, 1)
         p = rel * loop.examination[None, :] * np.where(again, cfg.rewatch_factor, 1.0)
         hit = rng.random(p.shape) < p
-        rounds.append({"ctr": float(hit.mean()), "relevance": float(rel.mean())})
+        before = np.take_along_axis(shown, top, 1) > 0
+        rounds.append(
+            {
+                "ctr": float(hit.mean()),
+                "relevance": float(rel.mean()),
+                "repeats": float(before.mean()),
+            }
+        )
+        rows = np.repeat(np.arange(len(top)), cfg.k)
+        np.add.at(shown, (rows, top.ravel()), 1)
+        np.add.at(missed, (rows, top.ravel()), (~hit).ravel().astype(np.int32))
         users, slots = np.nonzero(hit)
         clicked[users, top[users, slots]] = True
-        if arm in ("live", "oracle"):
+        if arm in ("live", "shown_cap", "oracle"):
             # newest first, as training builds it: each click goes to the front
             for u, s_ in zip(users, slots, strict=True):
                 history[u] = np.r_[top[u, s_] + 1, history[u, :-1]]

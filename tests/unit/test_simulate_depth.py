@@ -4,6 +4,7 @@ random weights: the arms differ only in the state they update, and the oracle bo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -40,6 +41,18 @@ def test_arms_share_the_first_round_and_differ_only_in_what_they_update(cfg):
     assert oracle[0]["relevance"] >= first["live"]["relevance"]
 
 
+def test_repeats_count_earlier_showings_and_the_cap_drops_unclicked_items(cfg):
+    loop = build(cfg)
+    frozen = run_arm(loop, "frozen", prior=False, cfg=cfg)
+    live = run_arm(loop, "live", prior=False, cfg=cfg)
+    capped = run_arm(loop, "shown_cap", prior=False, cfg=replace(cfg, shown_cap=1))
+    assert frozen[0]["repeats"] == live[0]["repeats"] == capped[0]["repeats"] == 0.0
+    assert all(r["repeats"] == 1.0 for r in frozen[1:])  # the same slate every round
+    assert any(r["repeats"] > 0 for r in live[1:])  # unclicked items come back
+    assert all(r["repeats"] == 0.0 for r in capped)  # shown once unclicked: gone
+    assert capped[0] == live[0]
+
+
 def test_relevance_by_depth_has_the_oracle_on_top_and_decaying(cfg):
     rows = relevance_by_depth(build(cfg), cfg.betas)
     assert [r["ranking"] for r in rows] == ["model, beta 0", "model, beta 0.5", "oracle"]
@@ -59,6 +72,8 @@ def test_run_depth_writes_every_arm(cfg, tmp_path):
 
 
 def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="shown_cap"):
+        DepthConfig(shown_cap=0)
     with pytest.raises(ValueError, match="rewatch_factor"):
         DepthConfig(rewatch_factor=1.5)
     with pytest.raises(ValueError, match="arm="):
