@@ -76,11 +76,22 @@ class CyclesConfig:
     burn_in_requests: int = 300
     # > 0: each retrain also learns from the impressions users skipped (RetrainConfig).
     skip_weight: float = 0.0
+    # The control: > 0 means no retrains at all; each "cycle" is this many requests served
+    # by production alone. With the same world, run and seed the request stream (which
+    # users come, in which order) is the retrain run's, so its per-cycle north star is what
+    # the same traffic gets from the base model: the share of a fall that is users using up
+    # their items rather than anything a retrain did. Give it the retrain run's requests
+    # per cycle.
+    control_requests: int = 0
     out: str | None = None  # results JSON; default DIR/cycles.json
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
             raise ValueError(f"CyclesConfig.cycles={self.cycles}: expected >= 1")
+        if self.control_requests < 0:
+            raise ValueError(
+                f"CyclesConfig.control_requests={self.control_requests}: expected >= 0"
+            )
         if self.burn_in_requests < 0:
             raise ValueError(
                 f"CyclesConfig.burn_in_requests={self.burn_in_requests}: expected >= 0"
@@ -174,6 +185,28 @@ def _cycle_row(i: int, act: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _control_row(i: int) -> dict[str, Any]:
+    """A cycle of the control: production served it alone, nothing was retrained."""
+    return {
+        "cycle": i,
+        "retrain": "none (control)",
+        "retrain_reasons": [],
+        "incumbent": 1,
+        "candidate": None,
+        "incumbent_ctr": None,
+        "canary_ctr": None,
+        "incumbent_impressions": None,
+        "canary_impressions": None,
+        "diff": None,
+        "z": None,
+        "ci": [None, None],
+        "looks": 0,
+        "decision": "control",
+        "reason": "no retrain: production serves every cycle",
+        "seconds": None,
+    }
+
+
 def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, Any]:
     from canary.scenario import Traffic, run_act
 
@@ -193,6 +226,11 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
             spans.append((0, len(traffic.reports)))
             for i in range(1, cfg.cycles + 1):
                 start = len(traffic.reports)
+                if cfg.control_requests:
+                    traffic.wait_requests(cfg.control_requests, timeout_s=3600)
+                    spans.append((start, len(traffic.reports)))
+                    cycles.append(_control_row(i))
+                    continue
                 act = run_act(
                     f"{name}-{i}",
                     traffic,
@@ -304,9 +342,12 @@ def cycles_table(result: dict[str, Any]) -> str:
         for c in arm["cycles"]:
             s = c.get("served") or {}
             lo, hi = c["ci"]
+            candidate = (
+                "–" if c["candidate"] is None else f"v{c['candidate']} {fmt(c['canary_ctr'])}"
+            )
             lines.append(
-                f"| {name} | {c['cycle']} | v{c['incumbent']} {fmt(c['incumbent_ctr'])} | "
-                f"v{c['candidate']} {fmt(c['canary_ctr'])} | {fmt(c['diff'], '+.4f')} "
+                f"| {name} | {c['cycle']} | v{c['incumbent']} {fmt(incumbent_ctr(c))} | "
+                f"{candidate} | {fmt(c['diff'], '+.4f')} "
                 f"[{fmt(lo, '+.4f')}, {fmt(hi, '+.4f')}], z {fmt(c['z'], '.2f')} | "
                 f"{c['decision']} | {fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, "
                 f"{fmt(s.get('ctr_high'))}] | {fmt(s.get('value_per_impression'), '.2f')} | "

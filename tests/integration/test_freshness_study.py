@@ -100,3 +100,33 @@ def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
         assert span["served"]["ctr"] <= span["attainable_ctr"] <= 1.0
     table = cycles_table(result)
     assert "| live | 1 |" in table and "| live | 0 (burn-in" in table
+
+
+@pytest.mark.slow
+def test_the_control_serves_every_cycle_from_production_without_retraining(tmp_path):
+    """control_requests > 0: the same cycles, production alone, nothing retrained."""
+    from canary.freshness_cycles import CyclesConfig, cycles_table, run_cycles
+
+    cfg = CyclesConfig(
+        dir=str(tmp_path / "control"),
+        preset="tiny",
+        train_epochs=2,
+        cycles=2,
+        arms=("live",),
+        users=80,
+        batch=40,
+        concurrency=2,
+        burn_in_requests=40,
+        control_requests=80,
+    )
+    arm = run_cycles(cfg)["arms"]["live"]
+    assert arm["failed"] == 0 and not arm["traffic_errors"], arm
+    assert [c["decision"] for c in arm["cycles"]] == ["control", "control"]
+    for c in arm["cycles"]:
+        assert c["served_requests"] >= 80
+        assert {v["model_version"] for v in c["served_by_version"]} == {1}
+        assert c["served"]["ctr"] <= c["attainable_ctr"]
+    table = cycles_table({"arms": {"live": arm}})
+    assert "| live | 2 | v1 0." in table and "vNone" not in table
+    with pytest.raises(ValueError, match="control_requests"):
+        CyclesConfig(control_requests=-1)
