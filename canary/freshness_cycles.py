@@ -60,6 +60,9 @@ class CyclesConfig:
     users: int = 500  # simulated population
     batch: int = 200  # requests per traffic batch
     k: int = 10
+    # Candidates the graph returns beyond k, for the seen filter to remove (ExportConfig).
+    # A user whose seen set covers most of the graph's k + overfetch gets a short slate.
+    overfetch: int = 100
     concurrency: int = 4
     requests_per_look: int = 300
     max_looks: int = 20
@@ -214,7 +217,9 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
     t0 = time.perf_counter()
     cycles: list[dict[str, Any]] = []
     spans: list[tuple[int, int]] = []
-    with arm_server(root, run, live=name == "live", world=world, k=cfg.k) as srv:
+    with arm_server(
+        root, run, live=name == "live", world=world, k=cfg.k, overfetch=cfg.overfetch
+    ) as srv:
         retrain_cfg, eval_cfg, sim = _configs(cfg, srv, root, world)
         with Traffic(sim) as traffic:
             # Production alone; waits for the requests, however long a loaded machine takes.
