@@ -322,17 +322,38 @@ def run_cycles(cfg: CyclesConfig) -> dict[str, Any]:
 def merge_results(paths: list[str]) -> dict[str, Any]:
     """One result with the arms of several results files (runs of one arm each)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    arms = {name: arm for part in parts for name, arm in part["arms"].items()}
+    arms = {
+        _label(name, part["config"]): arm for part in parts for name, arm in part["arms"].items()
+    }
     load = [la for part in parts for la in part["load_average"]]
     seconds = max(part["seconds"] for part in parts)
     return {**parts[0], "arms": arms, "load_average": load, "seconds": seconds}
 
 
+def _per_request(span: dict[str, Any]) -> str:
+    """Items shown per answered request. Below k, the seen filter left slates short: those
+    users are under-represented in per-impression figures, so read them beside this."""
+    n, served = span.get("served_requests"), span.get("served") or {}
+    return fmt(served["impressions"] / n, ".2f") if n and served.get("impressions") else "n/a"
+
+
+def _label(arm: str, cfg: dict[str, Any]) -> str:
+    """The arm's name in a merged result: a control or a non-default overfetch says so, so
+    that runs of one arm with other settings stay apart."""
+    label = arm
+    if cfg.get("control_requests"):
+        label += " (no retrain)"
+    if cfg.get("overfetch", 100) != 100:
+        label += f", overfetch {cfg['overfetch']}"
+    return label
+
+
 def cycles_table(result: dict[str, Any]) -> str:
     lines = [
         "| arm | cycle | incumbent CTR | canary CTR | diff [95% CI], z | decision | "
-        "served CTR [95% Wilson] | served value / imp | re-shown clicked | best attainable CTR |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "served CTR [95% Wilson] | served value / imp | items / request | "
+        "re-shown clicked | best attainable CTR |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, arm in result["arms"].items():
         b = arm.get("burn_in")
@@ -341,7 +362,7 @@ def cycles_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | 0 (burn-in, {b['served_requests']:,} requests) | – | – | – | – | "
                 f"{fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, {fmt(s.get('ctr_high'))}] | "
-                f"{fmt(s.get('value_per_impression'), '.2f')} | "
+                f"{fmt(s.get('value_per_impression'), '.2f')} | {_per_request(b)} | "
                 f"{100 * b['reshown_clicked_share']:.2f}% | {fmt(b.get('attainable_ctr'))} |"
             )
         for c in arm["cycles"]:
@@ -356,6 +377,7 @@ def cycles_table(result: dict[str, Any]) -> str:
                 f"[{fmt(lo, '+.4f')}, {fmt(hi, '+.4f')}], z {fmt(c['z'], '.2f')} | "
                 f"{c['decision']} | {fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, "
                 f"{fmt(s.get('ctr_high'))}] | {fmt(s.get('value_per_impression'), '.2f')} | "
+                f"{_per_request(c)} | "
                 f"{100 * c['reshown_clicked_share']:.2f}% | {fmt(c.get('attainable_ctr'))} |"
             )
     return "\n".join(lines)
@@ -371,12 +393,14 @@ def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
 
     colors = {"frozen": "#c0504d", "live": "#4f81bd"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, arm in result["arms"].items():
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, arm) in enumerate(result["arms"].items()):
         cyc = arm["cycles"]
         x = [c["cycle"] for c in cyc]
-        col = colors.get(name, "grey")
+        col = colors.get(name, palette[i % len(palette)])
+        style = "o--" if "(no retrain)" in name else "o-"
         inc = [incumbent_ctr(c) for c in cyc]
-        axes[0].plot(x, inc, "o-", color=col, label=f"{name}: incumbent")
+        axes[0].plot(x, inc, style, color=col, label=f"{name}: incumbent")
         axes[0].plot(
             x, [_nan(c["canary_ctr"]) for c in cyc], "s", color=col, alpha=0.6, label="canary"
         )
@@ -389,11 +413,11 @@ def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
             [yy - _nan(v.get("ctr_low")) for yy, v in zip(y, s, strict=True)],
             [_nan(v.get("ctr_high")) - yy for yy, v in zip(y, s, strict=True)],
         ]
-        axes[1].errorbar(x, y, yerr=err, fmt="o-", capsize=4, color=col, label=name)
+        axes[1].errorbar(x, y, yerr=err, fmt=style, capsize=4, color=col, label=name)
         axes[2].plot(
             x,
             [_nan(v.get("value_per_impression")) for v in s],
-            "o-",
+            style,
             color=col,
             label=name,
         )
