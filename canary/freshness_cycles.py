@@ -372,7 +372,7 @@ def cycles_table(result: dict[str, Any]) -> str:
                 "–" if c["candidate"] is None else f"v{c['candidate']} {fmt(c['canary_ctr'])}"
             )
             lines.append(
-                f"| {name} | {c['cycle']} | v{c['incumbent']} {fmt(incumbent_ctr(c))} | "
+                f"| {name} | {c['cycle']} | v{_incumbent(c)} {fmt(incumbent_ctr(c))} | "
                 f"{candidate} | {fmt(c['diff'], '+.4f')} "
                 f"[{fmt(lo, '+.4f')}, {fmt(hi, '+.4f')}], z {fmt(c['z'], '.2f')} | "
                 f"{c['decision']} | {fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, "
@@ -438,6 +438,15 @@ def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _incumbent(c: dict[str, Any]) -> str:
+    """The incumbent's version: at the deciding look, or (no canary) the version that served
+    most of the cycle."""
+    if c.get("incumbent") is not None:
+        return str(c["incumbent"])
+    rows = c.get("served_by_version") or []
+    return str(max(rows, key=lambda r: r["impressions"])["model_version"]) if rows else "?"
 
 
 def incumbent_ctr(c: dict[str, Any]) -> float:
