@@ -66,21 +66,25 @@ def test_live_features_reshow_fewer_clicked_items_than_the_frozen_snapshot(tmp_p
     assert png.stat().st_size > 10_000
 
 
+def _tiny_cycles(root, **kw):
+    """The retrain-cycles tool on the tiny world, live arm only, small traffic."""
+    from canary.freshness_cycles import CyclesConfig
+
+    base = {"preset": "tiny", "arms": ("live",), "users": 80, "concurrency": 2}
+    return CyclesConfig(dir=str(root), **{**base, **kw})
+
+
 @pytest.mark.slow
 def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
     """canary/freshness_cycles.py on the tiny world: one retrain -> offline gates -> canary
     -> decision under closed-loop traffic, on a real tritonserver reading a real Redis."""
-    from canary.freshness_cycles import CyclesConfig, cycles_table, run_cycles
+    from canary.freshness_cycles import cycles_table, run_cycles
 
-    cfg = CyclesConfig(
-        dir=str(tmp_path / "cycles"),
-        preset="tiny",
+    cfg = _tiny_cycles(
+        tmp_path / "cycles",
         train_epochs=3,
         cycles=1,
-        arms=("live",),
-        users=80,
         batch=50,
-        concurrency=2,
         requests_per_look=50,
         max_looks=4,
         min_impressions=200,
@@ -107,15 +111,11 @@ def test_the_control_serves_every_cycle_from_production_without_retraining(tmp_p
     """control_requests > 0: the same cycles, production alone, nothing retrained."""
     from canary.freshness_cycles import CyclesConfig, cycles_table, run_cycles
 
-    cfg = CyclesConfig(
-        dir=str(tmp_path / "control"),
-        preset="tiny",
+    cfg = _tiny_cycles(
+        tmp_path / "control",
         train_epochs=2,
         cycles=2,
-        arms=("live",),
-        users=80,
         batch=40,
-        concurrency=2,
         burn_in_requests=40,
         control_requests=80,
     )
