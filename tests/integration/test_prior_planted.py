@@ -11,7 +11,7 @@ and never the first two items of it. They differ only in the newest part of the 
   returning wants, right among the ones each user's taste ranks first: no beta may gain
   anything material, a large one must cost, and the chosen beta must stay below the
   trending world's. (It is not always 0: the small betas reorder items within a cluster,
-  which is noise of +-0.005 NDCG@10 on validation, and the grid takes the best point.)
+  which is noise on validation, and the grid takes the best point.)
 """
 
 from __future__ import annotations
