@@ -3,6 +3,8 @@
 Runs as one process, or under `torchrun` (DDP; gloo on CPU, nccl on GPU).
 Every epoch writes a resumable checkpoint; the best epoch by validation
 NDCG@10 is kept, and training stops after `patience` epochs without gain.
+A fresh full-softmax run does that once per value of `logit_adjustments` and keeps
+the candidate with the best validation NDCG@10 at its own prior beta.
 
 After training, on validation only: the popularity prior's beta is chosen from
 `prior_betas` (`training.popularity`), and EASE's lambda from `ease_lambdas`. Then val
