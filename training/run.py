@@ -7,7 +7,8 @@ RUN_DIR/
   features.npz   the online feature snapshot serving starts from
   metrics.json   offline evaluation, model beside the baselines, the prior's beta curve
   prior_curve.png  NDCG@10 against ARP and exposure Gini for each beta (when a grid ran)
-  checkpoint.pt  the last resumable training state
+  checkpoint.pt  the last resumable training state (while a grid of logit adjustments
+                 trains: checkpoint-adj<value>.pt per candidate; the winner's becomes this)
 """
 
 from __future__ import annotations

@@ -284,10 +284,13 @@ def test_killed_retrain_and_corrupt_export_leave_production(loop):
         )
         runs = Path(rcfg.state_dir) / "runs"
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not list(runs.glob("*/run/checkpoint.pt")):
+        # checkpoint.pt, or checkpoint-adj<value>.pt while a fresh run trains its grid of
+        # logit adjustments
+        ckpt = "*/run/checkpoint*.pt"
+        while time.monotonic() < deadline and not list(runs.glob(ckpt)):
             assert proc.poll() is None, "retrain exited before it could be killed"
             time.sleep(0.2)
-        assert list(runs.glob("*/run/checkpoint.pt")), "training never checkpointed"
+        assert list(runs.glob(ckpt)), "training never checkpointed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert layout.routing_path(rcfg.repo).read_text() == routing_before
