@@ -189,25 +189,14 @@ def _cycle_row(i: int, act: dict[str, Any]) -> dict[str, Any]:
 
 
 def _control_row(i: int) -> dict[str, Any]:
-    """A cycle of the control: production served it alone, nothing was retrained."""
-    return {
-        "cycle": i,
-        "retrain": "none (control)",
-        "retrain_reasons": [],
-        "incumbent": 1,
-        "candidate": None,
-        "incumbent_ctr": None,
-        "canary_ctr": None,
-        "incumbent_impressions": None,
-        "canary_impressions": None,
-        "diff": None,
-        "z": None,
-        "ci": [None, None],
-        "looks": 0,
+    """A cycle of the control: production (version 1) served it alone, nothing retrained."""
+    act = {
+        "retrain": {"status": "none (control)", "reasons": [], "version": None},
         "decision": "control",
-        "reason": "no retrain: production serves every cycle",
-        "seconds": None,
     }
+    row = _cycle_row(i, act)
+    row.update(incumbent=1, reason="no retrain: production serves every cycle")
+    return row
 
 
 def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, Any]:

@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
     fits = [
         _fit(replace(cfg, logit_adjustment=a), setup, warm, len(candidates) > 1) for a in candidates
     ]
-    fit, selection = _select_adjustment(cfg, fits, setup, why)
+    fit, selection, curve = _select_adjustment(cfg, fits, setup, why)
     cfg, model = fit.cfg, fit.task.model
     if warm_state is not None:
         warm["reason"] += "; logQ estimator primed from item frequencies"
@@ -287,6 +287,7 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None) -> dict:
             warm if cfg.init_from else None,
             refit=(model.cpu(), refit) if refit is not None else None,
             adjustment=selection,
+            curve=curve,
         )
     if d.world > 1:
         dist.barrier()
@@ -322,7 +323,6 @@ class _Fit:
     estimator: StreamingFrequencyEstimator
     opt: torch.optim.Optimizer
     history: list[dict]
-    best: float
 
 
 def _adjustment_candidates(
@@ -440,13 +440,13 @@ def _fit(cfg: TrainConfig, s: _Setup, warm: dict, several: bool) -> _Fit:
             break
     if d.main and best_state is not None:
         model.load_state_dict(best_state)
-    return _Fit(cfg, task, wrapped, estimator, opt, history, best)
+    return _Fit(cfg, task, wrapped, estimator, opt, history)
 
 
 def _select_adjustment(
     cfg: TrainConfig, fits: list[_Fit], s: _Setup, why: str
-) -> tuple[_Fit, dict]:
-    """(the fit to keep, metrics["logit_adjustment"]).
+) -> tuple[_Fit, dict, list[dict] | None]:
+    """(the fit to keep, metrics["logit_adjustment"], its validation beta curve or None).
 
     With several candidates each is scored as it would serve: its validation NDCG@10 at the
     prior's beta chosen for it (`training.popularity`, within the same Gini gate). How much
@@ -456,51 +456,66 @@ def _select_adjustment(
     from training.popularity import choose_beta
 
     if len(fits) == 1:
-        return fits[0], {"value": fits[0].cfg.logit_adjustment, "chosen_by": why}
-    scores, curves = {}, {}
+        return fits[0], {"value": fits[0].cfg.logit_adjustment, "chosen_by": why}, None
+    pick = torch.zeros(1, dtype=torch.long)
+    val, betas, curves = [], [], []
     if s.d.main:
         for fit in fits:
-            curve = _val_curve(fit.cfg, fit.task.model.cpu(), s)
+            curve = _val_curve(fit.cfg, fit.task.model.cpu(), s.vocab, s.ds, s.sp, s.train_df)
             fit.task.model.to(s.device)
             beta, _ = choose_beta(curve, cfg.prior_max_gini)
-            key = f"{fit.cfg.logit_adjustment:g}"
-            scores[key] = next(c["ndcg@10"] for c in curve if c["beta"] == beta)
-            curves[key] = {"beta": beta, "val_ndcg@10_beta0": curve[0]["ndcg@10"]}
-            log.info("logit adjustment %s: val ndcg@10 %.4f (beta %g)", key, scores[key], beta)
-    pick = torch.zeros(1, dtype=torch.long)
-    if s.d.main:
-        pick[0] = max(
-            range(len(fits)), key=lambda i: (scores[f"{fits[i].cfg.logit_adjustment:g}"], -i)
-        )
+            val.append(next(c["ndcg@10"] for c in curve if c["beta"] == beta))
+            betas.append(beta)
+            curves.append(curve)
+            log.info(
+                "logit adjustment %g: val ndcg@10 %.4f (beta %g)",
+                fit.cfg.logit_adjustment,
+                val[-1],
+                beta,
+            )
+        pick[0] = int(np.argmax(val))  # a tie goes to the smaller adjustment (sorted grid)
     if s.d.world > 1:
         dist.broadcast(pick, src=0)
-    chosen = fits[int(pick.item())]
+    i = int(pick.item())
     if s.d.main:
-        for fit in fits:
-            ck = _Resume(Path(cfg.out), fit.cfg, _candidate_checkpoint(fit.cfg))
-            ck.keep_as(CHECKPOINT_FILE) if fit is chosen else ck.drop()
-    return chosen, {
-        "value": chosen.cfg.logit_adjustment,
+        out = Path(cfg.out)
+        for j, fit in enumerate(fits):  # only the winner's checkpoint is worth resuming
+            ck = out / _candidate_checkpoint(fit.cfg)
+            if j == i and ck.exists():
+                os.replace(ck, out / CHECKPOINT_FILE)
+            else:
+                ck.unlink(missing_ok=True)
+    if not s.d.main:  # only the main rank scored the candidates and reports them
+        return fits[i], {}, None
+    keys = [f"{fit.cfg.logit_adjustment:g}" for fit in fits]
+    selection = {
+        "value": fits[i].cfg.logit_adjustment,
         "chosen_by": "best validation ndcg@10, each candidate at its own prior beta",
-        "val_ndcg@10": scores,
-        "candidates": curves,
+        "val_ndcg@10": dict(zip(keys, val, strict=True)),
+        "candidates": {
+            k: {"beta": b, "val_ndcg@10_beta0": c[0]["ndcg@10"]}
+            for k, b, c in zip(keys, betas, curves, strict=True)
+        },
     }
+    return fits[i], selection, curves[i]
 
 
 def _candidate_checkpoint(cfg: TrainConfig) -> str:
     return f"checkpoint-adj{cfg.logit_adjustment:g}.pt"
 
 
-def _val_curve(cfg: TrainConfig, model: TwoTower, s: _Setup) -> list[dict]:
+def _val_curve(cfg: TrainConfig, model: TwoTower, vocab, ds, sp, train_df) -> list[dict]:
+    """The model's validation NDCG@10, ARP and Gini for every beta of the prior grid (beta 0
+    always included, first)."""
     from training.popularity import beta_curve
 
     return beta_curve(
         model,
-        vocab=s.vocab,
-        users=s.ds.users,
-        known=s.train_df,
-        target=_eval_target(s.sp.val, cfg),
-        betas=cfg.prior_betas if any(b > 0 for b in cfg.prior_betas) else (0.0,),
+        vocab=vocab,
+        users=ds.users,
+        known=train_df,
+        target=_eval_target(sp.val, cfg),
+        betas=cfg.prior_betas,
         window=cfg.prior_window,
     )
 
@@ -673,35 +688,21 @@ class _Resume:
         self.fingerprint = json.dumps(fields, sort_keys=True, default=str)
 
     def load(self, model, estimator, opt):
-        path = self.path
+        # A finished grid kept its winner as checkpoint.pt: that candidate (and only it:
+        # the fingerprint holds the adjustment) continues from there.
+        path = self.path if self.path.exists() else self.path.with_name(CHECKPOINT_FILE)
         if not path.exists():
-            # A finished grid kept its winner as checkpoint.pt: that candidate (and only it:
-            # the fingerprint holds the adjustment) continues from there.
-            path = self.path.with_name(CHECKPOINT_FILE)
-            if not path.exists():
-                return 0, -1.0, None, 0
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            if ck["fingerprint"] != self.fingerprint:
-                return 0, -1.0, None, 0
-        else:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            return 0, -1.0, None, 0
+        ck = torch.load(path, map_location="cpu", weights_only=True)
         if ck["fingerprint"] != self.fingerprint:
-            log.warning("%s was written with another config; starting from scratch", path)
+            if path == self.path:  # another candidate's winner there is no surprise
+                log.warning("%s was written with another config; starting from scratch", path)
             return 0, -1.0, None, 0
         model.load_state_dict(ck["model"])
         estimator.load_state_dict(ck["estimator"])
         opt.load_state_dict(ck["opt"])
         log.info("resuming from %s at epoch %d", path, ck["epoch"])
         return ck["epoch"], ck["best"], ck["best_state"], ck["bad_epochs"]
-
-    def drop(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def keep_as(self, name: str) -> None:
-        """Move the checkpoint to `name` in the same directory (the grid's winner becomes
-        the run's checkpoint.pt)."""
-        if self.path.exists():
-            os.replace(self.path, self.path.with_name(name))
 
     def save(self, epoch, model, estimator, opt, best, best_state, bad_epochs) -> None:
         state = {
@@ -808,23 +809,17 @@ def evaluate_splits(
     return out
 
 
-def _choose_prior(cfg, out, model, vocab, ds, sp, train_df) -> dict:
+def _choose_prior(cfg, out, model, vocab, ds, sp, train_df, curve=None) -> dict:
     """Pick beta on validation, draw the curve, and set the model's prior with the bias as of
-    all the data (what serving starts from). Returns metrics["popularity_prior"]."""
-    from training.popularity import PLOT_FILE, beta_curve, choose_beta, plot_curve
+    all the data (what serving starts from). Returns metrics["popularity_prior"]. `curve`:
+    the model's validation curve when the caller already has it (the adjustment grid)."""
+    from training.popularity import PLOT_FILE, choose_beta, plot_curve
 
     if not any(b > 0 for b in cfg.prior_betas):
         model.set_prior(None)
         return {"beta": 0.0, "window": cfg.prior_window, "chosen_by": "prior off (no beta > 0)"}
-    curve = beta_curve(
-        model,
-        vocab=vocab,
-        users=ds.users,
-        known=train_df,
-        target=_eval_target(sp.val, cfg),
-        betas=cfg.prior_betas,
-        window=cfg.prior_window,
-    )
+    if curve is None:
+        curve = _val_curve(cfg, model, vocab, ds, sp, train_df)
     beta, why = choose_beta(curve, cfg.prior_max_gini)
     plot = plot_curve(curve, beta, out / PLOT_FILE, cfg.prior_max_gini)
     prior = PopularityPrior(beta, cfg.prior_window)
@@ -860,10 +855,11 @@ def _final(
     warm=None,
     refit=None,
     adjustment=None,
+    curve=None,
 ):
     """Choose the prior and report val on the selected `model`; with `refit` (the refit model,
     its info), test is the refit model's and the refit model is what is saved."""
-    prior = _choose_prior(cfg, out, model, vocab, ds, sp, train_df)
+    prior = _choose_prior(cfg, out, model, vocab, ds, sp, train_df, curve)
     test_model = model
     if refit is not None:
         test_model = refit[0]
