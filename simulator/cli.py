@@ -76,11 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
     # `northstar simulate freshness ...`: live online features against the frozen snapshot.
     from simulator.freshness_cli import register as register_freshness
-    from simulator.freshness_cli import register_depth, register_tiers
+    from simulator.freshness_cli import register_depth, register_replay, register_tiers
 
-    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth,tiers}")
+    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth,replay,tiers}")
     register_freshness(studies)
     register_depth(studies)
+    register_replay(studies)
     register_tiers(studies)
 
 

@@ -64,11 +64,7 @@ def simulate(
     t_start = time.perf_counter()
     world = World.load(cfg.world)
     rng = np.random.default_rng([cfg.seed, 7])
-    rate = world.user_rate / world.user_rate.sum()
-    n_pop = min(cfg.users, world.n_users)
-    population = rng.choice(world.n_users, size=n_pop, replace=False, p=rate)
-    w = world.user_rate[population]
-    slate_users = rng.choice(population, size=cfg.requests, p=w / w.sum())  # (R,) dense idx
+    slate_users = draw_users(world, cfg.users, cfg.requests, rng)
 
     if client_factory is None:
         client_factory = _default_client_factory(cfg)
@@ -109,6 +105,18 @@ def simulate(
     report.expected_exact = bool(((expected_rows["request_id"] != "") | orphan).all())
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def draw_users(world, users: int, requests: int, rng: np.random.Generator) -> np.ndarray:
+    """Who sends each of a call's `requests`, as dense user indices: a population of
+    `users` drawn by activity rate, then requests from it by rate. `simulate` draws with
+    `default_rng([seed, 7])` before anything else, so `simulator.replay` can rebuild a run's
+    request stream from its seeds alone."""
+    rate = world.user_rate / world.user_rate.sum()
+    n_pop = min(users, world.n_users)
+    population = rng.choice(world.n_users, size=n_pop, replace=False, p=rate)
+    w = world.user_rate[population]
+    return rng.choice(population, size=requests, p=w / w.sum())
 
 
 def _fetch_all(

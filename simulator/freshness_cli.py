@@ -94,6 +94,30 @@ def _depth(args) -> int:
     return 0
 
 
+def register_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="a closed-loop run's request stream served in-process by the oracle and by the "
+        "model without retrains: how far any ranking's CTR falls on that traffic",
+        description="Settings are ReplayConfig's fields (simulator/replay.py): from --config "
+        "FILE (a [replay] table or top level), then --set. world and run are required.",
+    )
+    config_mod.add_config_args(
+        p, "ReplayConfig", "world=DIR run=RUN from_cycles=DIR/cycles.json overfetch=100"
+    )
+    p.set_defaults(func=_replay)
+
+
+def _replay(args) -> int:
+    from simulator.replay import ReplayConfig, run_replay, table
+
+    cfg = config_mod.load(ReplayConfig, args.config, list(args.set), section="replay")
+    result = run_replay(cfg, progress=lambda line: print(line, flush=True))
+    print(table(result))
+    print(f"\nwritten to {result['path']}")
+    return 0
+
+
 def register_tiers(sub: argparse._SubParsersAction) -> None:
     from simulator.label_tiers import TiersStudyConfig
 
