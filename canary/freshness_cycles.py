@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from common.figures import save_png
 from simulator.freshness import (
     ARMS,
     arm_server,
@@ -421,12 +422,7 @@ def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_xlabel("retrain cycle")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _incumbent(c: dict[str, Any]) -> str:

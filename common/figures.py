@@ -5,6 +5,19 @@ from __future__ import annotations
 import base64
 import html
 import io
+from pathlib import Path
+
+
+def save_png(fig, path, *, dpi: int = 110) -> Path:
+    """Lay out `fig`, write it to `path` (folders made), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def png_base64(fig, *, dpi: int = 110) -> str:

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench-online",
         help="live state side by side: feature lookup, event stream, recommend snapshot vs Redis",
         description="Starts its own redis-server and tritonservers; prints the tables and "
-        "writes bench-online.json/.md to --out. Settings: OnlineBenchConfig's fields.",
+        "writes bench-online.json/.md/.png/.html to --out. Settings: OnlineBenchConfig's fields.",
     )
     p.add_argument("--out", default=None, help="report folder (default reports/bench-online)")
     config_mod.add_config_args(p, "OnlineBenchConfig", "lookup_users=20000 duration_s=5")
@@ -56,7 +56,7 @@ def _bench_online(args) -> int:
     cfg = config_mod.load(OnlineBenchConfig, args.config, flags + list(args.set))
     res = run_online_bench(cfg)
     print(format_online_bench(res))
-    print(f"\nwrote {write_reports(res, cfg.out)}/bench-online.json, bench-online.md")
+    print(f"\nwrote {write_reports(res, cfg.out)}/bench-online.json, .md, .png, .html")
     return 0
 
 

@@ -7,8 +7,8 @@
 3. `recommend` over gRPC on a real tritonserver, single-user requests in a closed loop:
    per-version snapshot files against the Redis store, same world, same users.
 
-Figures go to RESULTS-style tables (printed, and bench-online.json/.md in --out); none of
-them is asserted anywhere.
+Figures go to tables (printed, and bench-online.json/.md in --out) and a page with the plot
+inline (bench-online.html, .png); none of them is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.figures import save_png
 from common.redis_server import RedisServer
 from loadtest.loadgen import LoadGenerator, LoadSpec, infer_request
 from serving import repository as layout
@@ -171,9 +172,54 @@ def format_online_bench(res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict, path: str | Path) -> Path:
+    """Left: feature lookup p50/p99 per path. Right: recommend q/s per concurrency, the
+    snapshot files beside the Redis store."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    lk = res["lookup"]
+    paths = ["snapshot", "redis", "cached"]
+    x = np.arange(len(paths))
+    for off, key, label in ((-0.2, "p50_ms", "p50"), (0.2, "p99_ms", "p99")):
+        left.bar(x + off, [lk[key][p] for p in paths], width=0.4, label=label)
+    left.set_xticks(x, ["snapshot file", "Redis + view", "cache hit + view"])
+    left.set_ylabel("ms per batch")
+    left.set_title(f"feature lookup, {lk['batch']} users per batch", fontsize=10)
+    left.legend(fontsize=8)
+    conc = sorted({r["concurrency"] for r in res["recommend"]})
+    by = {(r["features"], r["concurrency"]): r["qps"] for r in res["recommend"]}
+    xc = np.arange(len(conc))
+    for off, feats in ((-0.2, "snapshot"), (0.2, "redis")):
+        right.bar(xc + off, [by.get((feats, c), 0.0) for c in conc], width=0.4, label=feats)
+    right.set_xticks(xc, [f"concurrency {c}" for c in conc])
+    right.set_ylabel("requests / s")
+    right.set_title("recommend over gRPC, one user per request", fontsize=10)
+    right.legend(fontsize=8)
+    return save_png(fig, path)
+
+
 def write_reports(res: dict, out: str | Path) -> Path:
+    """bench-online.json, .md, .png, and .html (the plot inline, the tables as text)."""
+    import base64
+
+    from common.templating import render
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    text = format_online_bench(res)
     (out / "bench-online.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "bench-online.md").write_text(format_online_bench(res) + "\n")
+    (out / "bench-online.md").write_text(text + "\n")
+    png = plot(res, out / "bench-online.png")
+    page = render(
+        __file__,
+        "bench_online.html.j2",
+        machine=res["machine"],
+        png=base64.b64encode(png.read_bytes()).decode(),
+        text=text,
+    )
+    (out / "bench-online.html").write_text(page)
     return out

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.figures import save_png
 from simulator.behaviour import ClickMemory
 from simulator.config import SimReport, SimulateConfig
 
@@ -703,9 +704,4 @@ def plot_ab(result: dict[str, Any], path: str | Path) -> Path:
     axes[3].set_title("CTR per batch (dotted: oracle slate)", fontsize=10)
     axes[3].set_xlabel("requests")
     axes[3].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -24,7 +24,6 @@ request counts, and each span reports CTR (Wilson 95%), items and clicks per req
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.figures import save_png
 from common.files import atomic_write_text
 
 POLICIES = ("oracle", "model")
@@ -232,7 +232,9 @@ class _Span:
         self.empty += int((~shown.any(axis=1)).sum())
 
     def row(self) -> dict[str, Any]:
-        lo, hi = wilson(self.clicks, self.impressions)
+        from feedback.metrics import wilson_interval
+
+        lo, hi = (float(v) for v in wilson_interval(successes=self.clicks, trials=self.impressions))
         n = max(self.requests, 1)
         return {
             "requests": self.requests,
@@ -245,16 +247,6 @@ class _Span:
             "clicks_per_request": self.clicks / n,
             "empty_share": self.empty / n,
         }
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
 
 
 def run_replay(cfg: ReplayConfig, progress=None) -> dict[str, Any]:
@@ -349,9 +341,4 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=8)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -77,10 +77,10 @@ def test_loadtest_driver_serves_feedback(tmp_path):
     assert (tmp_path / "locust.html").exists() and (tmp_path / "tritonserver.log").exists()
 
 
-def test_bench_smoke_produces_every_row(tmp_path):
-    """`northstar bench --tiny`: rows (a)-(e) and (g), the checks, JSON, PNG and HTML."""
+def _northstar(*args: str) -> str:
+    """Run the CLI under a hard timeout; its stdout and stderr, after asserting exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "northstar", "bench", "--tiny", "--out", str(tmp_path)],
+        [sys.executable, "-m", "northstar", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -89,6 +89,12 @@ def test_bench_smoke_produces_every_row(tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_bench_smoke_produces_every_row(tmp_path):
+    """`northstar bench --tiny`: rows (a)-(e) and (g), the checks, JSON, PNG and HTML."""
+    out = _northstar("bench", "--tiny", "--out", str(tmp_path))
     result = json.loads((tmp_path / "bench.json").read_text())
     (size,) = result["sizes"]
     rows = size["rows"]
@@ -102,3 +108,29 @@ def test_bench_smoke_produces_every_row(tmp_path):
     assert "(b)/(a)" in out and "targets:" in out  # the printed table
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "data:image/png;base64," in (tmp_path / "bench.html").read_text()
+
+
+def test_bench_online_smoke_puts_both_feature_paths_side_by_side(tmp_path):
+    """`northstar bench-online` at a small size: every table, snapshot and Redis rows for
+    each concurrency, and the page with its plot."""
+    sets = [
+        "lookup_users=2000",
+        "lookup_batches=20",
+        "stream_events=20000",
+        "stream_rate=5000",
+        "stream_seconds=2",
+        "world=tiny",
+        "concurrency=1,4",
+        "duration_s=2",
+    ]
+    out = _northstar("bench-online", "--out", str(tmp_path), "--set", *sets)
+    res = json.loads((tmp_path / "bench-online.json").read_text())
+    assert set(res["lookup"]["p50_ms"]) == {"snapshot", "redis", "cached"}
+    assert res["stream"]["ingest"]["events"] == 20000
+    rows = {(r["features"], r["concurrency"]): r for r in res["recommend"]}
+    assert set(rows) == {(f, c) for f in ("snapshot", "redis") for c in (1, 4)}
+    for r in rows.values():
+        assert r["qps"] > 0 and r["failures"] == 0, r
+    assert "redis ÷ snapshot" in out  # the printed side-by-side table
+    assert (tmp_path / "bench-online.png").stat().st_size > 10_000
+    assert "data:image/png;base64," in (tmp_path / "bench-online.html").read_text()
