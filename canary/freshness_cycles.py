@@ -11,7 +11,8 @@ feedback, `warm_window`; offline gates; a 50% canary) is tested online and its d
 applied (`canary.scenario.run_act`). Per cycle it reports the incumbent's and the
 canary's CTR at the deciding look (canary.online's user-level test, with its z), the
 decision, and the north star of all the traffic served during the cycle (CTR, Wilson 95%;
-engaged value per impression), joined from the event log with every window closed.
+engaged value per impression), joined from the event log with every window closed, and
+beside it the CTR the world's oracle gets from the same requests (simulator.replay).
 
 The A/B without retrains is `northstar simulate freshness` (simulator/freshness.py), whose
 `prepare_for` and `arm_server` this module reuses.
@@ -87,6 +88,11 @@ class CyclesConfig:
     # their items rather than anything a retrain did. Give it the retrain run's requests
     # per cycle.
     control_requests: int = 0
+    # After the run, serve its exact request stream in-process with the world's oracle
+    # (simulator.replay) and report its CTR per cycle: what the best possible ranking
+    # gets from the same requests, using up its users' items as it goes. "Best
+    # attainable" is the oracle slate given the run's own clicks, which stays flat.
+    oracle_replay: bool = True
     out: str | None = None  # results JSON; default DIR/cycles.json
 
     def __post_init__(self) -> None:
@@ -266,6 +272,12 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
         row["reshown_clicked_share"] = (
             sum(r.rewatch_impressions for r in reps) / shown if shown else math.nan
         )
+    if cfg.oracle_replay:
+        rows = [burn_in, *cycles]
+        served = [r["served_requests"] for r in rows]
+        replayed = _oracle_replay(cfg, world, run, sim, served, root / "replay.json")
+        for row, rep in zip(rows, replayed, strict=True):
+            row["oracle_replay"] = rep
     return {
         "arm": name,
         "online_store": name == "live",
@@ -298,6 +310,31 @@ def _attainable(cfg: CyclesConfig, world: Path, labels, spans, sim) -> list[floa
     )
 
 
+def _oracle_replay(cfg: CyclesConfig, world: Path, run: Path, sim, requests: list[int], out):
+    """Per span: the oracle's CTR (Wilson 95%) and clicks per request on the same requests,
+    replayed in-process from the traffic's seeds (None for a span without requests)."""
+    from simulator.replay import ReplayConfig, run_replay
+
+    res = run_replay(
+        ReplayConfig(
+            world=str(world),
+            run=str(run),
+            spans=tuple(n for n in requests if n > 0),
+            seed=sim.seed,
+            users=sim.users,
+            batch=sim.requests,
+            k=cfg.k,
+            overfetch=cfg.overfetch,
+            policies=("oracle",),
+            out=str(out),
+        )
+    )
+    keep = ("requests", "ctr", "ctr_low", "ctr_high", "clicks_per_request")
+    rows = iter(res["policies"]["oracle"])
+    # spans without requests were not replayed: they take no row
+    return [{k: v for k, v in next(rows).items() if k in keep} if n else None for n in requests]
+
+
 def run_cycles(cfg: CyclesConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     world, run = prepare_for(cfg)
@@ -327,6 +364,14 @@ def _per_request(span: dict[str, Any]) -> str:
     return fmt(served["impressions"] / n, ".2f") if n and served.get("impressions") else "n/a"
 
 
+def _oracle(span: dict[str, Any]) -> str:
+    """The oracle's CTR [95% Wilson] on the span's requests, replayed (n/a: not run)."""
+    o = span.get("oracle_replay")
+    if not o:
+        return "n/a"
+    return f"{fmt(o['ctr'])} [{fmt(o['ctr_low'])}, {fmt(o['ctr_high'])}]"
+
+
 def _label(arm: str, cfg: dict[str, Any]) -> str:
     """The arm's name in a merged result: a control or a non-default overfetch says so, so
     that runs of one arm with other settings stay apart."""
@@ -342,8 +387,8 @@ def cycles_table(result: dict[str, Any]) -> str:
     lines = [
         "| arm | cycle | incumbent CTR | canary CTR | diff [95% CI], z | decision | "
         "served CTR [95% Wilson] | served value / imp | items / request | "
-        "re-shown clicked | best attainable CTR |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "re-shown clicked | best attainable CTR | oracle on the same requests |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, arm in result["arms"].items():
         b = arm.get("burn_in")
@@ -353,7 +398,8 @@ def cycles_table(result: dict[str, Any]) -> str:
                 f"| {name} | 0 (burn-in, {b['served_requests']:,} requests) | – | – | – | – | "
                 f"{fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, {fmt(s.get('ctr_high'))}] | "
                 f"{fmt(s.get('value_per_impression'), '.2f')} | {_per_request(b)} | "
-                f"{100 * b['reshown_clicked_share']:.2f}% | {fmt(b.get('attainable_ctr'))} |"
+                f"{100 * b['reshown_clicked_share']:.2f}% | {fmt(b.get('attainable_ctr'))} | "
+                f"{_oracle(b)} |"
             )
         for c in arm["cycles"]:
             s = c.get("served") or {}
@@ -368,7 +414,8 @@ def cycles_table(result: dict[str, Any]) -> str:
                 f"{c['decision']} | {fmt(s.get('ctr'))} [{fmt(s.get('ctr_low'))}, "
                 f"{fmt(s.get('ctr_high'))}] | {fmt(s.get('value_per_impression'), '.2f')} | "
                 f"{_per_request(c)} | "
-                f"{100 * c['reshown_clicked_share']:.2f}% | {fmt(c.get('attainable_ctr'))} |"
+                f"{100 * c['reshown_clicked_share']:.2f}% | {fmt(c.get('attainable_ctr'))} | "
+                f"{_oracle(c)} |"
             )
     return "\n".join(lines)
 
@@ -404,6 +451,9 @@ def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
             [_nan(v.get("ctr_high")) - yy for yy, v in zip(y, s, strict=True)],
         ]
         axes[1].errorbar(x, y, yerr=err, fmt=style, capsize=4, color=col, label=name)
+        oracle = [(c.get("oracle_replay") or {}).get("ctr") for c in cyc]
+        if all(v is not None for v in oracle):
+            axes[1].plot(x, oracle, ":", color=col, label=f"{name}: oracle, same requests")
         axes[2].plot(
             x,
             [_nan(v.get("value_per_impression")) for v in s],
@@ -416,7 +466,7 @@ def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
         "incumbent's served CTR)",
         fontsize=9,
     )
-    axes[1].set_title("served CTR per cycle (95% Wilson)", fontsize=10)
+    axes[1].set_title("served CTR per cycle (95% Wilson; dotted: oracle)", fontsize=10)
     axes[2].set_title("served engaged value / impression per cycle", fontsize=10)
     for ax in axes:
         ax.set_xlabel("retrain cycle")

@@ -102,8 +102,13 @@ def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
     # The oracle slate's CTR for the same users bounds what any ranking could serve.
     for span in (burn_in, cycle):
         assert span["served"]["ctr"] <= span["attainable_ctr"] <= 1.0
+        # the same requests, replayed in-process with the oracle ranking
+        o = span["oracle_replay"]
+        assert o["requests"] == span["served_requests"]
+        assert 0.0 < o["ctr_low"] <= o["ctr"] <= o["ctr_high"] <= 1.0
     table = cycles_table(result)
     assert "| live | 1 |" in table and "| live | 0 (burn-in" in table
+    assert (tmp_path / "cycles" / "cycles-live" / "replay.json").exists()
 
 
 @pytest.mark.slow
@@ -126,6 +131,7 @@ def test_the_control_serves_every_cycle_from_production_without_retraining(tmp_p
         assert c["served_requests"] >= 80
         assert {v["model_version"] for v in c["served_by_version"]} == {1}
         assert c["served"]["ctr"] <= c["attainable_ctr"]
+        assert c["oracle_replay"]["requests"] == c["served_requests"]
     table = cycles_table({"arms": {"live": arm}})
     assert "| live | 2 | v1 0." in table and "vNone" not in table
     with pytest.raises(ValueError, match="control_requests"):
