@@ -107,6 +107,18 @@ def world_run(ds, path: str | Path, *, seed: int = 0, tower: TowerConfig = TINY_
     return path
 
 
+def saved_world_run(root: str | Path, preset: str = "tiny", **synth) -> tuple[Path, Path]:
+    """(world dir, run dir): a synthetic world of `preset` (SynthConfig fields in `synth`
+    override it) with its dataset saved in ROOT/world, and `world_run`'s run in ROOT/run."""
+    from training.synth import SynthConfig, generate_dataset
+
+    root = Path(root)
+    world, ds = generate_dataset(SynthConfig.preset(preset, **synth), progress=False)
+    world.save(root / "world")
+    ds.save(root / "world")
+    return root / "world", world_run(ds, root / "run")
+
+
 def world_repo(root: str | Path, *, k: int = 10, versions: int = 1, seed: int = 0):
     """The `tiny` synthetic world (saved in root/world, for the simulator), a world_run on
     its ids, and a model repository with `versions` exports of it (the first routed as

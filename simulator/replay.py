@@ -77,15 +77,31 @@ def spans_of(cfg: ReplayConfig) -> list[tuple[str, int]]:
     """(label, requests) per span, in stream order."""
     if cfg.spans:
         return [(f"span {i + 1}", n) for i, n in enumerate(cfg.spans)]
-    doc = json.loads(Path(cfg.from_cycles).read_text())
-    arm = next(iter(doc["arms"].values()))
-    out = []
-    if arm.get("burn_in"):
-        out.append(("burn-in", int(arm["burn_in"]["served_requests"])))
-    out += [(f"cycle {c['cycle']}", int(c["served_requests"])) for c in arm["cycles"]]
+    out = [(label, int(span["served_requests"])) for label, span in _cycle_spans(cfg.from_cycles)]
     if not out or any(n < 1 for _, n in out):
         raise ValueError(f"{cfg.from_cycles}: no spans with served_requests")
     return out
+
+
+def _cycle_spans(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(label, span) of a cycles.json's first arm: its burn-in, if any, then each cycle."""
+    arm = next(iter(json.loads(Path(path).read_text())["arms"].values()))
+    out = [("burn-in", arm["burn_in"])] if arm.get("burn_in") else []
+    return out + [(f"cycle {c['cycle']}", c) for c in arm["cycles"]]
+
+
+def request_batches(world, cfg: ReplayConfig, total: int) -> list[np.ndarray]:
+    """The first `total` requests of the traffic, batch by batch, as dense user indices:
+    batch b is what a `simulate` call with seed `cfg.seed + b` sent."""
+    from simulator.driver import draw_users
+
+    batches, n, b = [], 0, 0
+    while n < total:
+        users = draw_users(world, cfg.users, cfg.batch, np.random.default_rng([cfg.seed + b, 7]))
+        batches.append(users[: total - n])
+        n += len(batches[-1])
+        b += 1
+    return batches
 
 
 class Catalogue:
@@ -185,22 +201,21 @@ def rank(policy: str, cat: Catalogue, state: State, users: np.ndarray, cfg: Repl
     return top, shown_rel
 
 
-def run_policy(policy: str, cat: Catalogue, cfg: ReplayConfig, progress=None) -> list[dict]:
-    from simulator.driver import draw_users
-
-    spans = spans_of(cfg)
-    total = sum(n for _, n in spans)
+def run_policy(
+    policy: str,
+    cat: Catalogue,
+    cfg: ReplayConfig,
+    spans: list[tuple[str, int]],
+    batches: list[np.ndarray],
+    progress=None,
+) -> list[dict]:
     state = State(cat)
     clicks_rng = np.random.default_rng([cfg.click_seed, 11])
     rows: list[dict[str, Any]] = []
     acc = _Span()
     bounds = np.cumsum([n for _, n in spans])
-    span_i, done, b = 0, 0, 0
-    while done < total:
-        rng = np.random.default_rng([cfg.seed + b, 7])
-        users = draw_users(cat.world, cfg.users, cfg.batch, rng)
-        b += 1
-        users = users[: total - done]
+    span_i, done = 0, 0
+    for users in batches:
         slates, rel = rank(policy, cat, state, users, cfg)
         hit = clicks_rng.random(rel.shape) < rel * cat.examination[None, : rel.shape[1]]
         state.click(users, slates, hit)
@@ -251,10 +266,13 @@ class _Span:
 
 def run_replay(cfg: ReplayConfig, progress=None) -> dict[str, Any]:
     cat = Catalogue(cfg)
+    spans = spans_of(cfg)
+    # one request stream, served by every policy
+    batches = request_batches(cat.world, cfg, sum(n for _, n in spans))
     result = {
         "config": asdict(cfg),
-        "spans": [{"span": s, "requests": n} for s, n in spans_of(cfg)],
-        "policies": {p: run_policy(p, cat, cfg, progress) for p in cfg.policies},
+        "spans": [{"span": s, "requests": n} for s, n in spans],
+        "policies": {p: run_policy(p, cat, cfg, spans, batches, progress) for p in cfg.policies},
     }
     if cfg.from_cycles:
         result["served"] = served_from_cycles(cfg.from_cycles)
@@ -275,15 +293,13 @@ def _default_out(cfg: ReplayConfig) -> Path:
 
 def served_from_cycles(path: str) -> list[dict[str, Any]]:
     """What the run itself served per span, for the table beside the replay."""
-    arm = next(iter(json.loads(Path(path).read_text())["arms"].values()))
-    spans = ([arm["burn_in"]] if arm.get("burn_in") else []) + list(arm["cycles"])
     return [
         {
             "ctr": s["served"]["ctr"],
             "items_per_request": s["served"]["impressions"] / max(s["served_requests"], 1),
             "clicks_per_request": s["served"]["clicks"] / max(s["served_requests"], 1),
         }
-        for s in spans
+        for _, s in _cycle_spans(path)
     ]
 
 

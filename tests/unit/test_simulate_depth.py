@@ -8,21 +8,17 @@ from dataclasses import replace
 
 import pytest
 
-from serving.testing import world_run
+from serving.testing import saved_world_run
 from simulator.depth import DepthConfig, build, relevance_by_depth, run_arm, run_depth
-from training.synth import SynthConfig, generate_dataset
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("depth")
-    world, ds = generate_dataset(SynthConfig.preset("tiny", seed=0), progress=False)
-    world.save(root / "world")
-    ds.save(root / "world")
-    run = world_run(ds, root / "run")
+    world, run = saved_world_run(root, seed=0)
     return DepthConfig(
         dir=str(root),
-        world=str(root / "world"),
+        world=str(world),
         run=str(run),
         users=60,
         rounds=4,

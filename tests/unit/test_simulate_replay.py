@@ -12,24 +12,18 @@ import numpy as np
 import pytest
 
 from feedback.sink import open_sink
-from serving.testing import world_run
+from serving.testing import saved_world_run
 from simulator import SimulateConfig, simulate
 from simulator.doubles import LocalRecommender, SinkSender
 from simulator.driver import draw_users
 from simulator.replay import Catalogue, ReplayConfig, State, rank, run_replay, spans_of
-from training.synth import SynthConfig, World, generate_dataset
+from training.synth import World
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("replay")
-    world, ds = generate_dataset(SynthConfig.preset("tiny", seed=0), progress=False)
-    world.save(root / "world")
-    ds.save(root / "world")
-    run = world_run(ds, root / "run")
-    return ReplayConfig(
-        world=str(root / "world"), run=str(run), spans=(30, 45), users=40, batch=20, k=5
-    )
+    world, run = saved_world_run(tmp_path_factory.mktemp("replay"), seed=0)
+    return ReplayConfig(world=str(world), run=str(run), spans=(30, 45), users=40, batch=20, k=5)
 
 
 def test_the_stream_is_the_users_simulate_sent(cfg, tmp_path):
@@ -101,14 +95,10 @@ def test_seen_items_never_come_back_and_the_oracle_bounds_the_model(cfg):
 
 def test_a_few_users_coming_back_use_up_even_the_oracle(tmp_path):
     # Four users share 200 items and come back every batch: each span uses up their best.
-    world, ds = generate_dataset(
-        SynthConfig.preset("tiny", n_users=4, n_interactions=200), progress=False
-    )
-    world.save(tmp_path / "world")
-    ds.save(tmp_path / "world")
+    world, run = saved_world_run(tmp_path, n_users=4, n_interactions=200)
     few = ReplayConfig(
-        world=str(tmp_path / "world"),
-        run=str(world_run(ds, tmp_path / "run")),
+        world=str(world),
+        run=str(run),
         spans=(100, 100, 100),
         users=4,
         batch=10,
