@@ -472,8 +472,9 @@ class Recommender:
             elif version == routing.production:
                 self.last_good = int(version)
 
-        for v, n in self.state.take_degraded().items():
-            metrics.errors[(str(v), "degraded")] += n
+        # Not `n`: that is the batch's row count, which the request ids below need.
+        for v, count in self.state.take_degraded().items():
+            metrics.errors[(str(v), "degraded")] += count
 
         # Time-ordered ids (UUIDv7 as 32 hex digits): impression event ids start with them,
         # and the log's unique index stays fast when new keys land at its end.
