@@ -10,7 +10,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "loadtest" / "RESULTS.md"]
+PAGES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "loadtest" / "RESULTS.md",
+]
 
 # TEMPORARY: pages another branch moves into place (simulator/FRESHNESS.md ->
 # studies/FRESHNESS.md). Remove each entry once that move is merged; from then on the
