@@ -38,10 +38,12 @@ PER_WORK = re.compile(
     + r"\s+(?:per|a|an|each)\s+(?:[\d,.]+\s?[kM]?\s+)?"
     + r"(?:batch|batches|draw|row|rows|grouping|call|request|query|user|users|step|epoch)\b"
 )
+# A before -> after pair of decimals ("coverage 0.39 -> 0.21"), or a count of epochs.
+CHANGE = re.compile(r"(?<![\w.])\d*\.\d+\s*(?:->|→)\s*\d*\.\d+|" + NUMBER + r"\s?epochs?\b")
 MEASURED = re.compile(
     r"\b(?:measured|measuring|took|takes|costs?|costing|differ(?:s|ed)? by|on this machine|"
     r"faster|slower|speed-?up|p50|p99|RSS|peak|load average|quiet machine|loaded machine|"
-    r"wall[- ]clock)\b",
+    r"wall[- ]clock|halved|doubled|fell|rose|lost|gained|reached|converges? in)\b",
     re.IGNORECASE,
 )
 # A bound ("p99 <= 50 ms", "within 50 ms", "above 25%") is a target or a setting.
@@ -60,8 +62,9 @@ ALLOWED: list[tuple[str, str, str]] = [
 ]
 
 # TEMPORARY: files other branches of issue 30 are rewriting (the demo, the scenario, the
-# studies' move to studies/, the server and proxy). Their measured figures are listed in
-# that work; remove this set once it is merged, so the test covers them too.
+# studies' move to studies/, the server and proxy). What this test flags in them today
+# (canary/demo.py, training/train.py, tests/integration/test_canary_scenario.py) is for
+# that work to rewrite; remove this set once it is merged, so the test covers them too.
 TEMPORARY_UNCHECKED = {
     "training/train.py",
     "canary/pipeline.py",
@@ -87,7 +90,8 @@ TEMPORARY_UNCHECKED = {
 def is_measurement(sentence: str) -> bool:
     if RATE.search(sentence) or PER_WORK.search(sentence):
         return True
-    return bool(FIGURE.search(BOUND.sub(" ", sentence)) and MEASURED.search(sentence))
+    figure = FIGURE.search(BOUND.sub(" ", sentence)) or CHANGE.search(sentence)
+    return bool(figure and MEASURED.search(sentence))
 
 
 def comment_blocks(source: str) -> list[tuple[int, str]]:
@@ -150,6 +154,8 @@ def offending(path: Path) -> list[str]:
         "validating costs ~10 us a batch, measured",
         "# Sorting is ~10x faster than lexsort (2 s against 23 s)",
         "# p99 13.5 ms under load",
+        "a 2-epoch warm start halved coverage@10 (0.39 -> 0.21)",
+        "the demo world converges in ~6-10 epochs",
         "a row-wise agg is ~1 s per 100k rows",
         "a binary search costs ~200 ns per draw",
     ],
@@ -168,6 +174,8 @@ def test_detector_flags_measurements(line):
         "# faster than sorting at a dynamic batch's sizes",
         "(c) at some concurrency >= 32: >= 0.5 x (a) with p99 <= 50 ms;",
         "RSS growth above 25% across the cycle",
+        "Majors own most of the head and little of the tail: P(major) goes 0.7 -> 0.15.",
+        "epochs without val NDCG@10 gain before stopping",
     ],
 )
 def test_detector_passes_settings_and_reasons(line):
