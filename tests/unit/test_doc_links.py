@@ -1,6 +1,6 @@
-"""Every relative link in the README and docs/ points at a file that exists, and every
-`#anchor` into a Markdown file names one of its headings, so a moved page or a renamed
-section is caught here rather than by a reader."""
+"""Every relative link in the project's Markdown (the README, docs/, each package's pages)
+points at a file that exists, and every `#anchor` into a Markdown file names one of its
+headings, so a moved page or a renamed section is caught here rather than by a reader."""
 
 import re
 from collections import Counter
@@ -10,11 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PAGES = [
-    ROOT / "README.md",
-    *sorted((ROOT / "docs").glob("*.md")),
-    ROOT / "loadtest" / "RESULTS.md",
-]
+SKIP_DIRS = {".venv", ".git", ".pytest_cache", "node_modules", "runs", "data", "reports"}
+PAGES = sorted(
+    p for p in ROOT.rglob("*.md") if not SKIP_DIRS.intersection(p.relative_to(ROOT).parts)
+)
 
 # TEMPORARY: pages another branch moves into place (simulator/FRESHNESS.md ->
 # studies/FRESHNESS.md). Remove each entry once that move is merged; from then on the
