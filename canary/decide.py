@@ -56,13 +56,14 @@ class Verdict:
 class OfflineGates:
     metric: str = "ndcg@10"  # the training metric the candidate is judged on
     # Candidate / production on the same newest slice. 0.95: a retrain may lose a little
-    # to noise (two runs of the same config differ by ~2-3% on small worlds), not more.
+    # to noise (two runs of the same config differ by a few percent on small worlds), not
+    # more.
     min_metric_ratio: float = 0.95
     # Candidate / TopPop: a model that only learned popularity (shuffled labels) sits at ~1.
     min_lift_over_toppop: float = 1.2
     # Stability: mean |top-K(candidate) ∩ top-K(production)| / K over the same users. Two
-    # healthy retrains of one world share ~40-70% of their top 10; a model that forgot
-    # everyone's taste shares little more than the popular head.
+    # healthy retrains of one world share far more of their top 10 than this floor; a model
+    # that forgot everyone's taste shares little more than the popular head.
     min_topk_overlap: float = 0.25
     # Popularity bias vs production: ARP ratio and exposure-Gini increase (fairness audit).
     max_arp_ratio: float = 1.25

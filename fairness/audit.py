@@ -39,7 +39,8 @@ class AuditConfig:
     data: str = ""  # the dataset the run was trained on (its time split is recomputed)
     k: int = 10  # list length users see; metrics, exposure and gates all use this cut
     # 200 resamples put the 2.5% / 97.5% quantiles on ~5 draws each side: stable to about
-    # a tenth of the interval's width, at ~1 s per grouping for 100k users.
+    # a tenth of the interval's width, and cheap enough to audit every grouping of a large
+    # user base in one run (`python -m fairness.bench`; docs/results.md).
     n_boot: int = 200
     ci: float = 0.95
     seed: int = 0  # bootstrap stream; the audit is otherwise deterministic

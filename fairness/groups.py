@@ -36,7 +36,7 @@ def group_codes(sensitive: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     cols = [sensitive[c].astype(str) for c in sensitive.columns]
     labels = cols[0]
     for col in cols[1:]:
-        labels = labels + JOIN + col  # vectorised; a row-wise agg is ~1 s per 100k rows
+        labels = labels + JOIN + col  # vectorised: a row-wise agg dominated the audit
     codes, uniques = pd.factorize(labels.to_numpy(), sort=True)
     return codes.astype(np.int64), [str(u) for u in uniques]
 

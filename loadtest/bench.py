@@ -57,8 +57,9 @@ class BenchConfig:
     # A trained run and its repository instead of untrained catalogues (items is ignored).
     run: str | None = None
     repo: str | None = None
-    # Seconds measured per row or sweep level, after a warmup that is not measured.
-    # 4 s x (7 + 4 levels + 3 rows) keeps one size near 90 s on 2 cores.
+    # Seconds measured per row or sweep level, after a warmup that is not measured. Short,
+    # because every row and level runs this long: a whole sweep of one catalogue size must
+    # stay quick enough to repeat on a small machine.
     duration_s: float = 4.0
     warmup_s: float = 1.0
     # (a), (b), (e): the in-process ceiling flattens by 256 (loadtest/RESULTS.md).

@@ -1,6 +1,6 @@
 """The benchmark's targets, table, plot and HTML page, from the rows bench.py measured.
 
-Targets (README, "Serving speed"), each a ratio inside one run, where (a) is
+Targets (loadtest/RESULTS.md, "Summary"), each a ratio inside one run, where (a) is
 the mean of the ceiling's measurements (one at each end of the run):
   (b)/(a) >= 0.9;
   (c) at some concurrency >= 32: >= 0.5 x (a) with p99 <= 50 ms;

@@ -45,12 +45,12 @@ class IndexConfig:
     """How a version retrieves; `northstar export --set index.mode=int8` and so on."""
 
     mode: Literal["auto", "exact", "int8", "hnsw", "ivf"] = "auto"
-    # auto: the catalogue sizes where streaming the fp32 table stops being cheap. At 100k
-    # items one batch-1 call takes a few ms; at 1M about 28 ms (loadtest/RESULTS.md).
+    # auto: the catalogue sizes where streaming the fp32 table for one user stops being
+    # cheap next to the rest of a request (loadtest/RESULTS.md, compact catalogues).
     int8_from_items: int = 500_000
     ann_from_items: int = 2_000_000
-    # IVF: on a clustered 1M-item bench catalogue it built in minutes and met the recall
-    # floor, where HNSW (M=16) took longer to build and stayed below it at efSearch=1024.
+    # IVF: on a clustered 1M-item bench catalogue it met the recall floor, where HNSW
+    # (M=16) took longer to build and stayed below it at efSearch=1024.
     ann_mode: Literal["hnsw", "ivf"] = "ivf"
     # int8: mean top-K overlap with fp32 on the parity users, K = the graph's k.
     min_overlap: float = 0.99

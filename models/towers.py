@@ -21,7 +21,7 @@ class TowerConfig:
     hidden_dim: int = 128  # one hidden layer: enough to mix ids, categories and history
     out_dim: int = 64  # d=64: the dimension loadtest/RESULTS.md measures the retrieval ceiling at
     # Dropout in both MLPs: user ids learnt from a few dozen interactions each overfit within
-    # a few epochs (README, "Model quality": chosen on validation).
+    # a few epochs (docs/results.md, "Model quality": chosen on validation).
     dropout: float = 0.2
     # How the user tower reads the last H items: "mean" = masked mean of their embeddings
     # (order-blind); "sequence" = causal self-attention with position embeddings

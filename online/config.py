@@ -47,7 +47,8 @@ class OnlineStoreConfig:
     # Redis. Freshness of a click = consumer lag + this, so it stays well under 1 s.
     cache_ttl_s: float = 0.2
     cache_max_users: int = 100_000
-    # Short: a Redis that hangs must cost a batch milliseconds, not the client's 5 s default.
+    # Short: a Redis that hangs must cost a batch milliseconds, not the client's default
+    # timeout of seconds.
     socket_timeout_s: float = 0.25
     connect_timeout_s: float = 0.25
     # After a failed read, serve from the cache (or cold start) without trying Redis for

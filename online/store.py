@@ -325,9 +325,9 @@ class RedisFeatureStore:
 
 # The batch read, server side: one EVALSHA returns, per user, the newest H history
 # members, the seen set and the categoricals. A pipeline of ZRANGE/SMEMBERS/HGETALL per
-# user is one round trip too, but redis-py then handles ~200 replies one by one (~10 ms
-# per 64 users, measured); asking for scores (WITHSCORES) doubles the script's time (the
-# server formats every double), which is why a member carries its ts as text. KEYS are
+# user is one round trip too, but redis-py then parses every reply one by one in Python,
+# which cost more than the script; asking for scores (WITHSCORES) makes the script itself
+# slow (the server formats every double), which is why a member carries its ts as text. KEYS are
 # declared, three per user under one hash tag; on a Redis Cluster a batch would be split
 # by slot first (a known limit: we run one primary).
 _READ = """

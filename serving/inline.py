@@ -9,7 +9,7 @@ decides which versions exist: `routing.json` only names versions Triton loaded, 
 this only loads versions `routing.json` names.
 
 The cost is memory: every `recommend` instance holds each routed version's item
-table once more (25.6 MB at 100k items, d=64; 256 MB at 1M). A version exported with an
+table once more (n_items × d float32). A version exported with an
 int8 table or an ANN index (models/compact_export.py) runs the same way: RetrievalRunner
 opens its int8 model.onnx, or its user tower and faiss index (models/ann.py).
 
@@ -117,10 +117,10 @@ class InlineRetrieval:
 
         On the exact fp32 graph it runs without prepacking: for one row the plain kernel
         streams the item table once, which beats the layout prepacked for blocked GEMM by
-        1.3-2.3x (RESULTS.md, step 7). Its float sums differ from the packed kernel's in
-        the last bits (scores within 3e-7), so two items that tie that closely may swap
-        places between the sessions. The int8 graph keeps its packed integer kernel, which
-        is faster there even for one row."""
+        a wide margin (loadtest/RESULTS.md, step 7). Its float sums differ from the packed
+        kernel's in the last bits (scores within 3e-7), so two items that tie that closely
+        may swap places between the sessions. The int8 graph keeps its packed integer
+        kernel, which is faster there even for one row."""
         if self.slots is None:
             return None
         if version not in self._wide:
@@ -142,14 +142,14 @@ class InlineRetrieval:
 
     def __call__(self, version: int, features: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
         runner = self.runner(version)
-        # Snapshot lookups are valid by construction; validating costs ~10 us a batch and
-        # turns a snapshot/graph mismatch into a clear error instead of a wrong answer.
+        # Snapshot lookups are valid by construction; validating is cheap next to the graph
+        # and turns a snapshot/graph mismatch into a clear error instead of a wrong answer.
         feeds = runner.validate(features.feeds(runner.input_names))
         if self.slots is None:
             ((ids, scores),) = runner.run([feeds])
             return ids, scores
         # Only a lone request widens: the wide session's unpacked kernel (see wide_runner) is
-        # the fastest for one row and 2-3x slower than the packed one from two rows up. Lone
+        # the fastest for one row and slower than the packed one from two rows up. Lone
         # means the whole batch, not this version's share of it: a canary's single row in a
         # batch with production's would otherwise run differently from production's rows,
         # and the canary's latency guardrail would compare two different kernels.

@@ -86,8 +86,8 @@ class RetrievalServing:
     max_batch_size: int = 1024
     # The graph holds a (B, n_items) fp32 score matrix before TopK, so a big catalogue
     # lowers max_batch_size to fit this many MB (B=256 at 1M items): without the cap the
-    # batcher merged two 256-row requests into one 2 GB score matrix (measured: see
-    # loadtest/RESULTS.md, step 4).
+    # batcher merged two 256-row requests into one 512-row score matrix (loadtest/RESULTS.md,
+    # step 4).
     score_budget_mb: int = 1024
     # Batches the batcher aims for: a BLS call carries a whole recommend batch, and a
     # batch of 64 already runs near the in-process ceiling (loadtest/RESULTS.md).
@@ -125,8 +125,8 @@ class RecommendServing:
     max_batch_size: int = 256
     # 0: a request that finds an instance free runs at once instead of waiting for company.
     # Under load batches still form, from what queued while both instances were busy: at
-    # concurrency 32 the batches and the throughput were the same as with 1000 us, and at
-    # concurrency 1 the p50 fell by the ~1 ms every lone request used to wait
+    # concurrency 32 the batches and the throughput were the same as with the old delay, and
+    # at concurrency 1 the p50 fell by the wait every lone request used to spend
     # (loadtest/RESULTS.md, step 6).
     max_queue_delay_us: int = 0
     # Two instances: one prepares a batch while the other waits on its BLS call.

@@ -78,10 +78,10 @@ class SynthConfig:
     # gave the top 1% ~20% at 3k items and more at 100k, and a most-popular list that no
     # personalised model could beat by much.)
     popularity_sigma: float = 1.0
-    # Weight of taste . factor (a cosine of ~unit vectors) in the choice logit. Measured on
-    # "demo", NDCG@10 on the last 10% of time, oracle vs most-popular: 3.4x at 6, 3.9x at 7,
-    # 5.1x at 8; a quick two-tower proxy reached 1.8x, 2.4x and 3.1x. 8 leaves margin for a
-    # trainer with a 3-minute budget; choices are still far from deterministic.
+    # Weight of taste . factor (a cosine of ~unit vectors) in the choice logit. The higher
+    # it is, the further the oracle and a trained model pull ahead of most-popular
+    # (docs/results.md, "Synthetic world settings"). 8 leaves margin for a trainer on a short
+    # budget; choices are still far from deterministic.
     taste_beta: float = 8.0
     # Length of the drift vector reached at the end of the period (taste norm is ~1), so
     # late-period tastes are visibly different: models trained on old data go stale.
@@ -106,9 +106,9 @@ class SynthConfig:
     # Items a user "browses" per interaction; the choice is a softmax over them.
     n_candidates: int = 32
     # Relevance = sigmoid(taste_beta * taste.factor + relevance_pop_weight * z(log pop) - offset).
-    # Measured on "demo" at offset 3: a random item is clicked ~15% of the time when examined,
-    # the 10 most popular ~22%, the oracle's top 10 ~93%. CTR gaps between models are then
-    # large enough to measure in a short canary.
+    # At offset 3 an examined random item is rarely clicked, the most popular items a little
+    # more often and the oracle's top 10 almost always (docs/results.md, "Synthetic world
+    # settings"), so CTR gaps between models are large enough to measure in a short canary.
     relevance_offset: float = 3.0
     # Popular items are a little more clickable at equal taste (social proof), but weakly.
     relevance_pop_weight: float = 0.25
@@ -145,7 +145,7 @@ PRESETS: dict[str, SynthConfig] = {
     "tiny": SynthConfig(n_users=300, n_items=200, n_interactions=6_000, n_genres=6),
     # Quick experiments and integration tests.
     "small": SynthConfig(n_users=3_000, n_items=1_000, n_interactions=80_000, n_genres=16),
-    # The README demo: trains in a few minutes on 2 CPU cores.
+    # The demo's preset: big enough to show the whole loop, small enough to train on a CPU.
     "demo": SynthConfig(n_users=20_000, n_items=3_000, n_interactions=400_000, n_genres=20),
     # Serving and load tests at production-like catalogue size; chunked generation.
     "large": SynthConfig(
@@ -181,8 +181,8 @@ class AliasSampler:
     """O(1)-per-draw categorical sampling (Walker/Vose alias method).
 
     Why not cumsum + searchsorted: at the "large" size we draw 640M candidates, and a binary
-    search over 100k items costs ~200 ns per draw (~2 min) against ~25 ns here. The table
-    is built once, in O(n).
+    search over 100k items per draw made sampling a large share of generating the world.
+    The table is built once, in O(n).
     """
 
     def __init__(self, weights: np.ndarray) -> None:
@@ -579,9 +579,9 @@ class World:
         cand = item_sampler.sample(rng, (n, cfg.n_candidates))  # (n, K)
         avail = self.item_release_ts[cand] <= t[:, None]  # (n, K)
         taste = self.taste(u, t)  # (n, d)
-        # Gather candidate factors block by block: a (4096, K, d) float32 block (8 MB) stays in
+        # Gather candidate factors block by block: a (4096, K, d) float32 block stays in
         # cache for the einsum, where gathering the whole chunk at once went to DRAM and was
-        # 3x slower; it is most of the cost of the "large" preset.
+        # several times slower; it is most of the cost of the "large" preset.
         logits = np.empty(cand.shape, dtype=np.float32)  # (n, K)
         block = 4096
         factors = np.empty((min(block, n), cfg.n_candidates, cfg.dim), dtype=np.float32)
@@ -634,9 +634,9 @@ class World:
             when, pair = when[order], pair[order]
         return (*self._split_pair(pair, u.dtype, i.dtype), when + self.cfg.start_ts)
 
-    # Sorting one packed int64 is ~10x faster than np.lexsort on two keys at 20M rows (2 s
-    # against 23 s), and the "large" preset sorts several times. Falls back to lexsort when
-    # the two keys do not fit in 62 bits.
+    # Sorting one packed int64 is an order of magnitude faster than np.lexsort on two keys
+    # at the "large" preset's size, and that preset sorts several times. Falls back to
+    # lexsort when the two keys do not fit in 62 bits.
     def _pair_key(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         return u.astype(np.int64) * self.cfg.n_items + i.astype(np.int64)
 

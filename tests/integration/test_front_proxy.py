@@ -1,7 +1,7 @@
 """Bounded request bodies, on a real tritonserver behind the real nginx front proxy.
 
-Triton 2.51 has no body limit and inflates a gzip body in memory: a ~300 KB body that
-unpacks to 300 MB took its RSS from 39 MB to 1.2 GB (README, "Hardening"). Here the same
+Triton 2.51 has no body limit and inflates a gzip body in memory, so a small body that
+unpacks to hundreds of MB grows its RSS by as much (docs/results.md, "Front proxy"). Here the same
 bomb, an oversized plain body (sized and chunked), and oversized or compressed gRPC messages
 are refused by the proxy with a reason, Triton's memory does not move, and the server keeps
 answering. Also pinned: what Triton itself decides for a second raw_input_contents.
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 MAX_BODY = 1 << 20  # 1 MiB: small enough that the oversized bodies below stay cheap to build
 BOMB_MB = 300
 # Triton's RSS may move a little with ordinary traffic (allocator arenas, a warm cache);
-# the bomb without the proxy adds over 1 GB.
+# the bomb without the proxy adds far more (docs/results.md, "Front proxy").
 RSS_SLACK = 64 << 20
 
 

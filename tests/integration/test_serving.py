@@ -259,8 +259,8 @@ def _post_json(served, body: bytes) -> tuple[int, str]:
 
 
 def test_what_triton_and_recommend_decide_for_raw_http_json(served):
-    """Pinned so a Triton upgrade that changes them is noticed (README, "Hardening"):
-    a k past INT32 arrives wrapped and recommend's message says so; malformed JSON is
+    """Pinned so a Triton upgrade that changes them is noticed (docs/operating.md, "The
+    front proxy"): a k past INT32 arrives wrapped and recommend's message says so; malformed JSON is
     Triton's 500, which recommend never sees."""
     k_big = (
         b'{"inputs":[{"name":"user_id","shape":[1,1],"datatype":"INT64","data":[1000]},'

@@ -68,7 +68,7 @@ def test_an_old_significant_loss_is_not_read_as_a_win():
 
 def test_horizon_decides_by_relative_non_inferiority():
     gates = replace(GATES, max_impressions=2000)
-    # An always-valid interval is wider than a fixed one: 10% of a 0.15 CTR takes users.
+    # An always-valid interval is wider than a fixed one: 10% of a 0.15 CTR needs users.
     ev = _ev(0.15, 0.149, users=(8000, 8000), seed=4)
     v = online_decision(ev, gates)
     assert v.action == PROMOTE and "non-inferior" in v.reasons[0], v.reasons
