@@ -1,13 +1,16 @@
 """deploy/: the Kubernetes manifests, rendered and checked offline (no cluster here).
 
 Each overlay is rendered with `kubectl kustomize` and every object is validated against
-the Kubernetes 1.31 schemas (strict: unknown fields fail) with `kubernetes-validate`; then
-the policies the deployment promises are checked on the rendered objects. Each policy
-check is written so that breaking the policy in a manifest fails it.
+the Kubernetes 1.27 (the oldest the README supports) and 1.31 schemas (strict: unknown
+fields fail) with `kubernetes-validate`; the Prometheus operator's objects, which those
+schemas do not cover, are checked field by field and their rules with promtool. Then the
+policies the deployment promises are checked on the rendered objects. Each policy check is
+written so that breaking the policy in a manifest fails it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,10 +22,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.31"
+# The oldest Kubernetes the manifests support (deploy/README.md): CronJob.spec.timeZone is
+# GA and StatefulSet PVC retention is on by default from 1.27.
+KUBERNETES_MIN_VERSION = "1.27"
+# Custom resources of the Prometheus operator (kube-prometheus-stack's CRDs).
+MONITORING_API = "monitoring.coreos.com/v1"
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 TARGETS = ("overlays/cpu", "overlays/gpu", "bootstrap")
 # Triton's own metric names (its metrics port); the HPA scales on their ratio.
 TRITON_QUEUE = "nv_inference_queue_duration_us"
 TRITON_EXECS = "nv_inference_exec_count"
+TRITON_REQUESTS = "nv_inference_request_success"
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 
 
@@ -82,16 +92,20 @@ def one(objs: list[dict], kind: str, name: str) -> dict:
 # ----------------------------------------------------------------------------- schemas
 
 
+@pytest.mark.parametrize("version", [KUBERNETES_MIN_VERSION, KUBERNETES_VERSION])
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_object_validates_against_the_kubernetes_schemas(target):
+def test_every_object_validates_against_the_kubernetes_schemas(target, version):
     import kubernetes_validate
 
     objs = render(target)
     assert objs, f"deploy/{target} renders nothing"
     errors = []
     for obj in objs:
+        if obj["apiVersion"] == MONITORING_API:
+            assert obj["kind"] in MONITORING_KINDS, _name(obj)
+            continue  # no schema here: test_monitoring_objects_are_well_formed
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             errors.append(f"{_name(obj)}: {exc.message} at {'/'.join(map(str, exc.path))}")
     assert not errors, "\n".join(errors)
@@ -156,11 +170,28 @@ def test_pods_run_non_root_read_only_without_privileges(target):
 SECRETISH = re.compile(r"(KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|URI|DSN)", re.I)
 
 
+# A password in a URL is only ever a reference to a variable: `redis://:$(REDIS_PASSWORD)@`.
+URL_PASSWORD = re.compile(r"://[^/@\s]*:(?P<password>[^/@\s]+)@")
+
+
+def secret_vars(c: dict) -> dict[str, dict]:
+    """The container's variables that come from a Secret: name -> secretKeyRef."""
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_no_secret_values_in_env_literals(target):
-    """A secret-looking variable comes from a secretKeyRef or names a mounted file."""
+    """A secret-looking variable comes from a secretKeyRef or names a mounted file; a
+    password inside a URL is a $(VAR) of a variable from a Secret, defined before it."""
     for obj, _, c in containers(render(target)):
+        secret = secret_vars(c)
+        defined: list[str] = []
         for env in c.get("env", []):
+            defined.append(env["name"])
             where = f"{_name(obj)}/{c['name']} env {env['name']}"
             assert "configMapKeyRef" not in env.get("valueFrom", {}) or not SECRETISH.search(
                 env["name"]
@@ -168,7 +199,11 @@ def test_no_secret_values_in_env_literals(target):
             if "value" not in env:
                 continue
             value = str(env["value"])
-            assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value), f"{where}: password in a URL"
+            for m in URL_PASSWORD.finditer(value):
+                ref = re.fullmatch(r"\$\((\w+)\)", m["password"])
+                assert ref, f"{where}: a literal password in a URL"
+                assert ref[1] in secret, f"{where}: $({ref[1]}) is not from a Secret"
+                assert ref[1] in defined[:-1], f"{where}: $({ref[1]}) is defined after it"
             if SECRETISH.search(env["name"]) and env["name"] != "MLFLOW_SERVER_ALLOWED_HOSTS":
                 assert env["name"].endswith("_FILE") and value.startswith("/run/secrets/"), (
                     f"{where}: a literal value; use valueFrom.secretKeyRef or a *_FILE path"
@@ -183,7 +218,7 @@ def test_configmaps_hold_no_secrets(target):
         if obj["kind"] != "ConfigMap":
             continue
         for key, text in obj.get("data", {}).items():
-            assert not re.search(r"://[^/@\s]+:[^/@\s]+@", text), f"{_name(obj)} {key}"
+            assert not URL_PASSWORD.search(text), f"{_name(obj)} {key}"
             assert not re.search(r"(password|admin_key|secret)\s*[:=]", text, re.I), (
                 f"{_name(obj)} {key}: a secret in a ConfigMap"
             )
@@ -260,7 +295,29 @@ def test_triton_is_reached_only_through_the_body_bounding_proxy(target):
     assert mounts["proxy-tmp"] == K8S_SIDECAR["run_dir"]
 
 
-REDIS_URL = re.compile(r"^redis://(?P<host>[^:/?]+):(?P<port>\d+)/\d+(\?.*)?$")
+REDIS_URL = re.compile(
+    r"^redis://(:(?P<password>[^@/]+)@)?(?P<host>[^:/?@]+):(?P<port>\d+)/\d+(\?.*)?$"
+)
+# What tests put where the kubelet puts a Secret's value ($(VAR) of a secretKeyRef variable).
+SECRET_VALUE = "secretvalue"
+
+
+def expanded_env(c: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: literal values with $(VAR)
+    of earlier variables expanded; a Secret's variable reads SECRET_VALUE."""
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(e["value"]))
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = SECRET_VALUE
+    return env
+
+
+def expanded_args(c: dict) -> list[str]:
+    """`args` with the kubelet's $(VAR) expansion."""
+    env = expanded_env(c)
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(a)) for a in c["args"]]
 
 
 def _redis_host_port(url: str) -> tuple[str, int]:
@@ -287,7 +344,7 @@ def test_triton_writes_events_and_reads_features_through_the_redis_service(targe
 
     objs = render(target)
     sts, _, c = _triton(target)
-    env = {e["name"]: e.get("value") for e in c["env"]}
+    env = expanded_env(c)
     stream = StreamConfig.from_url(env["NORTHSTAR_EVENT_LOG"])
     _assert_is_the_redis_service(objs, stream.url)
     assert "log" in stream.groups, "the log writer's group must exist from the first XADD"
@@ -322,12 +379,12 @@ def northstar_commands(c: dict) -> list[list[str]]:
     if "northstar/retrain" not in c["image"]:
         return []
     if "command" not in c:
-        return [[str(a) for a in c["args"]]]
+        return [expanded_args(c)]
     if c["command"][0] not in ("/bin/sh", "sh"):
         return []  # another program of the image (MLflow's server)
     assert c["command"][1] in ("-c", "-ec"), c["command"]
     script = "\n".join(c.get("args", [])) if len(c["command"]) == 2 else c["command"][2]
-    env = {e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e}
+    env = expanded_env(c)
     out = []
     for line in script.splitlines():
         line = line.strip().split(" || ")[0]
@@ -408,8 +465,7 @@ def test_producers_and_consumers_agree_on_the_stream(target):
 
     objs = render(target)
     _, _, triton = _triton(target)
-    env = {e["name"]: e.get("value") for e in triton["env"]}
-    produced = StreamConfig.from_url(env["NORTHSTAR_EVENT_LOG"])
+    produced = StreamConfig.from_url(expanded_env(triton)["NORTHSTAR_EVENT_LOG"])
     consumers = _consumers(objs)
     assert consumers
     for obj, _, args in consumers:
@@ -507,10 +563,22 @@ def _redis(objs: list[dict]) -> tuple[dict, dict, dict]:
     return sts, spec, c
 
 
+def _redis_script(c: dict) -> str:
+    """Redis's start script: `exec redis-server CONF -` with the password on stdin."""
+    assert c["command"][:2] == ["sh", "-c"], c["command"]
+    return c["command"][2]
+
+
+def _redis_conf_path(c: dict) -> Path:
+    m = re.search(r"^exec redis-server (\S+\.conf) - <<", _redis_script(c), re.M)
+    assert m, "redis-server must be exec'd on the mounted config, the rest from stdin"
+    return Path(m[1])
+
+
 def _redis_conf(objs: list[dict]) -> tuple[str, dict[str, str]]:
     """redis.conf as mounted (the file the container's command names) and its directives."""
     _, spec, c = _redis(objs)
-    conf_path = Path(c["command"][1])
+    conf_path = _redis_conf_path(c)
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     vols = {v["name"]: v for v in spec["volumes"]}
     mount = mounts[str(conf_path.parent)]
@@ -546,7 +614,6 @@ def test_redis_persists_every_acknowledged_write(target):
     """appendonly + appendfsync always on a PVC: an acknowledged EXEC is on disk."""
     objs = render(target)
     sts, _, c = _redis(objs)
-    assert c["command"][0] == "redis-server" and c["command"][1].endswith(".conf")
     _, conf = _redis_conf(objs)
     assert conf["appendonly"] == "yes"
     assert conf["appendfsync"] == "always"
@@ -592,8 +659,9 @@ def test_redis_probes_and_service(target):
 
 
 def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
-    """redis-server 7.0 (the image's version) starts on the committed config, reports
-    the settings above, and the probes' own shell commands pass on it and fail without it."""
+    """redis-server 7.0 (the image's version) starts with the container's own command on the
+    committed config, reports the settings above, refuses clients without the Secret's
+    password, and the probes' own shell commands pass on it and fail without it."""
     import socket
     import subprocess
     import time
@@ -604,6 +672,12 @@ def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
     objs = render("overlays/cpu")
     text, conf = _redis_conf(objs)
     _, _, c = _redis(objs)
+    conf_path = _redis_conf_path(c)
+    # The container's environment, the Secret's value included (the probes' redis-cli reads
+    # REDISCLI_AUTH from it, as the kubelet's exec probes do).
+    password = "probe0test0password"
+    env = {**os.environ, **expanded_env(c)}
+    env = {k: (password if v == SECRET_VALUE else v) for k, v in env.items()}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -614,20 +688,30 @@ def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
 
     def probe(name: str) -> int:
         cmd = [a.replace("-p 6379", f"-p {port}") for a in c[name]["exec"]["command"]]
-        return subprocess.run(cmd, capture_output=True, timeout=10).returncode
+        return subprocess.run(cmd, capture_output=True, timeout=10, env=env).returncode
 
-    def cli(*args: str) -> str:
+    def cli(*args: str, auth: bool = True) -> str:
         out = subprocess.run(
-            ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10
+            ["redis-cli", "-p", str(port), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env if auth else {k: v for k, v in env.items() if k != "REDISCLI_AUTH"},
         )
-        return out.stdout.strip()
+        return (out.stdout + out.stderr).strip()
 
-    proc = subprocess.Popen([server, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL)
+    # The container's own start script, on the local config (the password from stdin).
+    script = _redis_script(c).replace(str(conf_path), str(tmp_path / "redis.conf"))
+    script = script.replace("exec redis-server", f"exec {server}")
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, env=env)
     try:
         for _ in range(100):
             if cli("ping") == "PONG":
                 break
             time.sleep(0.05)
+        # The password from the Secret is required: without it, every command is refused.
+        assert "NOAUTH" in cli("set", "k", "v", auth=False)
+        assert "NOAUTH" in cli("ping", auth=False)
         assert cli("config", "get", "appendfsync").split() == ["appendfsync", "always"]
         assert cli("config", "get", "appendonly").split() == ["appendonly", "yes"]
         assert cli("config", "get", "maxmemory-policy").split()[1] == "noeviction"
@@ -771,7 +855,9 @@ def test_only_triton_the_consumers_and_control_jobs_reach_redis(target):
     policies = [
         o
         for o in objs
-        if o["kind"] == "NetworkPolicy" and _selects(o["spec"]["podSelector"], redis_labels)
+        if o["kind"] == "NetworkPolicy"
+        and "Ingress" in o["spec"]["policyTypes"]
+        and _selects(o["spec"]["podSelector"], redis_labels)
     ]
     assert {p["metadata"]["name"] for p in policies} == {"default-deny-ingress", "redis"}
     peers = []
@@ -797,7 +883,7 @@ def test_only_triton_the_consumers_and_control_jobs_reach_redis(target):
     # Everything that names redis:// in its env or args is let in.
     for w in workloads:
         text = yaml.safe_dump(pod_spec(w))
-        if "redis://redis:" in text:
+        if re.search(r"redis://(:[^@\s]*@)?redis:", text):
             assert _name(w) in let_in, f"{_name(w)} uses Redis but the policy keeps it out"
     # Triton's egress (it has an egress policy) reaches Redis on 6379, and DNS for the name.
     triton = one(objs, "NetworkPolicy", "triton")
@@ -864,17 +950,20 @@ def test_hpa_metric_matches_the_adapter_rule():
     assert hpa["spec"]["minReplicas"] >= 2
 
 
-def test_adapter_rule_divides_triton_queue_time_by_executions():
-    (rule,) = [r for r in _adapter_rules() if r["name"]["as"] == "triton_queue_ms_per_execution"]
+def test_adapter_rule_divides_triton_queue_time_by_requests():
+    """nv_inference_queue_duration_us adds up every request's queue time: per request it is
+    divided by requests, not by batch executions (which would scale it by the batch size)."""
+    (rule,) = [r for r in _adapter_rules() if r["name"]["as"] == "triton_queue_ms_per_request"]
     query = " ".join(rule["metricsQuery"].split())
     used = set(re.findall(r"\b(nv_[a-z_]+)\b", query + rule["seriesQuery"]))
-    assert used == {TRITON_QUEUE, TRITON_EXECS}, used
-    # rate(queue µs) / (rate(executions) * 1000) = ms per execution, over one minute.
+    assert used == {TRITON_QUEUE, TRITON_REQUESTS}, used
+    assert TRITON_EXECS not in query
+    # rate(queue µs) / (rate(requests) * 1000) = ms per request, over one minute; an idle
+    # pod reads 0, not NaN (clamp_min), so the HPA always has a value.
     num, _, den = query.partition("by (<<.GroupBy>>) / (")
     assert f"rate({TRITON_QUEUE}{{<<.LabelMatchers>>}}[1m])" in num
-    assert f"rate({TRITON_EXECS}{{<<.LabelMatchers>>}}[1m])" in den and den.rstrip().endswith(
-        "* 1000)"
-    )
+    assert f"clamp_min(sum(rate({TRITON_REQUESTS}{{<<.LabelMatchers>>}}[1m]))" in den
+    assert den.rstrip().endswith("* 1000)")
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
 
 
