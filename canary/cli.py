@@ -41,25 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_retrain)
 
-    from canary import freshness_cycles
-
-    f = sub.add_parser(
-        "freshness-cycles",
-        help="retrain cycles with live vs frozen features (canary/freshness_cycles.py)",
-    )
-    freshness_cycles.add_arguments(f)
-    f.set_defaults(func=freshness_cycles.run_args)
-
-    from canary import stability_study
-
-    st = sub.add_parser(
-        "stability-study",
-        help="churn and accuracy of a retrain with and without the stability term "
-        "(canary/stability_study.py)",
-    )
-    stability_study.add_arguments(st)
-    st.set_defaults(func=stability_study.run_args)
-
     c = sub.add_parser("canary", help="the canary on trial: status, evaluate, promote, rollback")
     csub = c.add_subparsers(dest="canary_command", required=True)
     for name, help_ in (

@@ -6,7 +6,7 @@ Each tick (`tick(cfg, now)`):
        cron       the cron expression's last fire time is after the last retrain;
        labels     at least `label_volume` new positive labels since the last retrain;
        drift      PSI of an input feature, recent traffic vs the training data, above
-                  `psi_threshold` (canary.stats.psi).
+                  `psi_threshold` (common.stats.psi).
 A retrain takes the retrain lock (`canary.state.file_lock`, a flock the kernel drops when
 its holder dies), so two never overlap, even across processes; a tick that finds it held
 reports "busy". Every step's failure is caught, reported in the tick's result and the
@@ -27,7 +27,7 @@ import pandas as pd
 from canary.online import EvaluateConfig, evaluate_canary
 from canary.pipeline import RetrainConfig, retrain
 from canary.state import CanaryRecord, ProductionRecord, StateStore
-from canary.stats import psi
+from common.stats import psi
 
 log = logging.getLogger(__name__)
 

@@ -74,15 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", default=None, help="the server's event log, for --reconcile")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.set_defaults(func=_simulate)
-    # `northstar simulate freshness ...`: live online features against the frozen snapshot.
-    from simulator.freshness_cli import register as register_freshness
-    from simulator.freshness_cli import register_depth, register_replay, register_tiers
-
-    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth,replay,tiers}")
-    register_freshness(studies)
-    register_depth(studies)
-    register_replay(studies)
-    register_tiers(studies)
+    # The studies (studies/cli.py) add `simulate freshness|depth|replay|tiers` to `p`.
 
 
 def simulate_config(args):

@@ -110,7 +110,7 @@ def simulate(
 def draw_users(world, users: int, requests: int, rng: np.random.Generator) -> np.ndarray:
     """Who sends each of a call's `requests`, as dense user indices: a population of
     `users` drawn by activity rate, then requests from it by rate. `simulate` draws with
-    `default_rng([seed, 7])` before anything else, so `simulator.replay` can rebuild a run's
+    `default_rng([seed, 7])` before anything else, so `studies.replay` can rebuild a run's
     request stream from its seeds alone."""
     rate = world.user_rate / world.user_rate.sum()
     n_pop = min(users, world.n_users)

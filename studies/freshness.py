@@ -26,7 +26,7 @@ against the simulator's memory of what each user clicked), plus the share of ite
 user had in the world's history (the seen set both arms start from; should be 0).
 
 The five-retrain-cycle half of the study needs the canary pipeline, which sits above this
-package: `python -m canary.freshness_cycles` (canary/freshness_cycles.py) reuses
+package: `python -m studies.freshness_cycles` (studies/freshness_cycles.py) reuses
 `prepare` and `arm_server` from here.
 """
 

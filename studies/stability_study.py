@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_text
-from simulator.label_tiers import FeedbackStudyConfig, study_feedback, warm_finetune
+from studies.label_tiers import FeedbackStudyConfig, study_feedback, warm_finetune
 
 
 @dataclass

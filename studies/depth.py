@@ -1,6 +1,6 @@
 """Why CTR falls in the closed loop with live features: an in-process study.
 
-The Triton study (`simulator.freshness`) left two candidate causes of the live arm's fall
+The Triton study (`studies.freshness`) left two candidate causes of the live arm's fall
 unseparated: the seen filter pushing the model down its own ranking, and live history
 moving the user vector. Serving has no switch that updates one without the other; this
 loop does, because it scores with the run's model in-process and clicks with the world's
@@ -88,7 +88,7 @@ class Loop:
 
 def build(cfg: DepthConfig) -> Loop:
     from models.snapshot import FeatureSnapshot
-    from simulator.freshness import prepare
+    from studies.freshness import prepare
     from training.run import load_run
     from training.schema import Dataset
     from training.synth import World

@@ -1,6 +1,6 @@
 """Retrain cycles in the closed loop, with live online features and with frozen snapshots.
 
-    python -m canary.freshness_cycles --preset small --cycles 5 --dir reports/freshness
+    python -m studies.freshness_cycles --preset small --cycles 5 --dir reports/freshness
 
 For each arm (`frozen`: per-version feature snapshots; `live`: the shared online store on
 a real redis-server, seeded from the world's dataset), on its own real tritonserver and
@@ -12,9 +12,9 @@ applied (`canary.scenario.run_act`). Per cycle it reports the incumbent's and th
 canary's CTR at the deciding look (canary.online's user-level test, with its z), the
 decision, and the north star of all the traffic served during the cycle (CTR, Wilson 95%;
 engaged value per impression), joined from the event log with every window closed, and
-beside it the CTR the world's oracle gets from the same requests (simulator.replay).
+beside it the CTR the world's oracle gets from the same requests (studies.replay).
 
-The A/B without retrains is `northstar simulate freshness` (simulator/freshness.py), whose
+The A/B without retrains is `northstar simulate freshness` (studies/freshness.py), whose
 `prepare_for` and `arm_server` this module reuses.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from common.figures import save_png
-from simulator.freshness import (
+from studies.freshness import (
     ARMS,
     arm_server,
     fmt,
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CyclesConfig:
-    """`python -m canary.freshness_cycles --config FILE` ([cycles] table or top level) and
+    """`python -m studies.freshness_cycles --config FILE` ([cycles] table or top level) and
     `--set KEY=VALUE`; these defaults are the only ones."""
 
     dir: str = "reports/freshness"  # work folder: world, run, one folder per arm
@@ -89,7 +89,7 @@ class CyclesConfig:
     # per cycle.
     control_requests: int = 0
     # After the run, serve its exact request stream in-process with the world's oracle
-    # (simulator.replay) and report its CTR per cycle: what the best possible ranking
+    # (studies.replay) and report its CTR per cycle: what the best possible ranking
     # gets from the same requests, using up its users' items as it goes. "Best
     # attainable" is the oracle slate given the run's own clicks, which stays flat.
     oracle_replay: bool = True
@@ -293,9 +293,9 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
 
 def _attainable(cfg: CyclesConfig, world: Path, labels, spans, sim) -> list[float]:
     """Per span of traffic reports: the oracle slate's expected CTR for its users, after the
-    clicks logged before it (simulator.freshness.attainable_per_span). It says how much of a
+    clicks logged before it (studies.freshness.attainable_per_span). It says how much of a
     fall across cycles any ranking would share: users use up their best items."""
-    from simulator.freshness import attainable_per_span
+    from studies.freshness import attainable_per_span
     from training.schema import Dataset
     from training.synth import World
 
@@ -313,7 +313,7 @@ def _attainable(cfg: CyclesConfig, world: Path, labels, spans, sim) -> list[floa
 def _oracle_replay(cfg: CyclesConfig, world: Path, run: Path, sim, requests: list[int], out):
     """Per span: the oracle's CTR (Wilson 95%) and clicks per request on the same requests,
     replayed in-process from the traffic's seeds (None for a span without requests)."""
-    from simulator.replay import ReplayConfig, run_replay
+    from studies.replay import ReplayConfig, run_replay
 
     res = run_replay(
         ReplayConfig(
@@ -541,7 +541,7 @@ def run_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m canary.freshness_cycles", description=__doc__.splitlines()[0]
+        prog="python -m studies.freshness_cycles", description=__doc__.splitlines()[0]
     )
     add_arguments(p)
     logging.basicConfig(

@@ -1,6 +1,6 @@
 """What any ranking could serve to a closed-loop run's traffic: the run replayed in-process.
 
-The retrain cycles (`canary.freshness_cycles`) ask that the served north star not fall
+The retrain cycles (`studies.freshness_cycles`) ask that the served north star not fall
 from cycle to cycle. In a world whose tastes and catalogue stay fixed, every click uses up
 one of the user's good items, so some fall is owed to the traffic itself, whatever ranks.
 This study measures how much. It rebuilds the exact request stream of a run from its seeds
@@ -45,7 +45,7 @@ class ReplayConfig:
     # or `spans`, request counts per span. One of the two is required.
     from_cycles: str | None = None
     spans: tuple[int, ...] = ()
-    # The traffic's draws, as canary.freshness_cycles sets them: batch b is seed + b.
+    # The traffic's draws, as studies.freshness_cycles sets them: batch b is seed + b.
     seed: int = 1000
     users: int = 500  # population per batch (SimulateConfig.users)
     batch: int = 200  # requests per batch (SimulateConfig.requests)

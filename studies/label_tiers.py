@@ -16,7 +16,7 @@ the labels differ):
 The simulated traffic spans `span_windows` attribution windows on a fake clock, so at the
 cut the newest window is still pending: only `weak` sees it. Each candidate is scored on
 the world's test split (NDCG@10, as `northstar train` reports it) and on what the world
-knows and the log does not: the mean true relevance of its top 10 (simulator.depth), the
+knows and the log does not: the mean true relevance of its top 10 (studies.depth), the
 quantity clicks in the loop follow.
 
     northstar simulate tiers --dir reports/tiers [--set requests=20000 epochs=2]
@@ -131,9 +131,9 @@ def feedback_labels(cfg: FeedbackStudyConfig, world_dir: Path, root: Path):
 
 def study_feedback(cfg: FeedbackStudyConfig):
     """What a feedback study starts from: its folder, the world and production run (made
-    the first time: `simulator.freshness.prepare`), and the loop's labels joined at the cut.
+    the first time: `studies.freshness.prepare`), and the loop's labels joined at the cut.
     Returns (root, world dir, production run dir, labels dir, JoinReport)."""
-    from simulator.freshness import prepare
+    from studies.freshness import prepare
 
     root = Path(cfg.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def warm_finetune(cfg: FeedbackStudyConfig, data: Path, prod: Path, **fields):
 
 def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
     from feedback.tiers import TierConfig, export_tiered
-    from simulator.depth import DepthConfig, build, relevance_by_depth
+    from studies.depth import DepthConfig, build, relevance_by_depth
     from training.train import train
 
     t0 = time.perf_counter()
