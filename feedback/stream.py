@@ -56,7 +56,7 @@ from feedback.events import (
     SCHEMAS,
     validate,
 )
-from feedback.sink import WriteResult
+from feedback.sink_api import WriteResult
 
 # Before redis is imported (lazily, below), inside the Triton stub: common/stub_python.py.
 ensure_ssl()

@@ -14,7 +14,7 @@ from feedback.events import ServedImpressions
 from feedback.explore import rank_with_exploration
 from feedback.hook import ImpressionLogger
 from feedback.ids import uuid7_batch
-from feedback.sink import EventSink
+from feedback.sink_api import EventSink
 from serving.ingest_client import IngestResult
 
 
