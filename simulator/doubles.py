@@ -15,7 +15,7 @@ from feedback.explore import rank_with_exploration
 from feedback.hook import ImpressionLogger
 from feedback.ids import uuid7_batch
 from feedback.sink_api import EventSink
-from serving.ingest_client import IngestResult
+from serving.ingest_batches import IngestResult
 
 
 class SinkSender:

@@ -35,7 +35,8 @@ import pandas as pd
 
 from common.retry import RetryPolicy, retrying
 from feedback.join import JOINED, LATE, UNATTRIBUTED, attribute, new_labels
-from serving.ingest_client import IngestResult, send_interactions
+from serving.ingest_batches import IngestResult
+from serving.ingest_client import send_interactions
 from simulator.behaviour import ClickMemory, interactions, with_noise
 from simulator.config import SimReport, SimulateConfig
 
