@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 
 from common import config as config_mod
-from studies import freshness_cycles, stability_study
-from studies.depth import DepthConfig, run_depth, tables
-from studies.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
-from studies.label_tiers import TiersStudyConfig, run_study
-from studies.label_tiers import table as tiers_table
-from studies.replay import ReplayConfig, run_replay
-from studies.replay import table as replay_table
+from studies.config import (
+    CyclesConfig,
+    DepthConfig,
+    FreshnessConfig,
+    ReplayConfig,
+    StabilityStudyConfig,
+    TiersStudyConfig,
+)
 
 # Shorthand flag (argparse dest) -> FreshnessConfig field.
 _FLAGS = (
@@ -56,8 +57,8 @@ def register_cycles(sub: argparse._SubParsersAction) -> None:
         "freshness-cycles",
         help="retrain cycles with live vs frozen features (studies/freshness_cycles.py)",
     )
-    freshness_cycles.add_arguments(f)
-    f.set_defaults(func=freshness_cycles.run_args)
+    _cycles_arguments(f)
+    f.set_defaults(func=_cycles)
 
 
 def register_stability(sub: argparse._SubParsersAction) -> None:
@@ -66,8 +67,8 @@ def register_stability(sub: argparse._SubParsersAction) -> None:
         help="churn and accuracy of a retrain with and without the stability term "
         "(studies/stability_study.py)",
     )
-    stability_study.add_arguments(st)
-    st.set_defaults(func=stability_study.run_args)
+    _stability_arguments(st)
+    st.set_defaults(func=_stability)
 
 
 def register_freshness(sub: argparse._SubParsersAction) -> None:
@@ -128,6 +129,8 @@ def register_depth(sub: argparse._SubParsersAction) -> None:
 
 
 def _depth(args) -> int:
+    from studies.depth import run_depth, tables  # lazy: see _cycles
+
     cfg = _study_config(DepthConfig, args, "depth")
     result = run_depth(cfg, progress=lambda name: print(f"arm done: {name}", flush=True))
     print(tables(result))
@@ -150,9 +153,11 @@ def register_replay(sub: argparse._SubParsersAction) -> None:
 
 
 def _replay(args) -> int:
+    from studies.replay import run_replay, table  # lazy: see _cycles
+
     cfg = config_mod.load(ReplayConfig, args.config, list(args.set), section="replay")
     result = run_replay(cfg, progress=lambda line: print(line, flush=True))
-    print(replay_table(result))
+    print(table(result))
     print(f"\nwritten to {result['path']}")
     return 0
 
@@ -171,14 +176,18 @@ def register_tiers(sub: argparse._SubParsersAction) -> None:
 
 
 def _tiers(args) -> int:
+    from studies.label_tiers import run_study, table  # lazy: see _cycles
+
     cfg = _study_config(TiersStudyConfig, args, "tiers")
     result = run_study(cfg, progress=lambda line: print(line, flush=True))
-    print(tiers_table(result))
+    print(table(result))
     print(f"\njoin: {result['join']}; {result['seconds']} s; written to {result['path']}")
     return 0
 
 
 def _freshness(args) -> int:
+    from studies.freshness import ab_table, plot_ab, run_freshness  # lazy: see _cycles
+
     flags = [
         f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
     ]
@@ -190,3 +199,64 @@ def _freshness(args) -> int:
     if args.figure:
         print(f"figure: {plot_ab(result, args.figure)}")
     return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
+
+
+def _cycles_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help=f"work folder (default {CyclesConfig.dir})")
+    p.add_argument("--preset", help=f"world size (default {CyclesConfig.preset})")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--cycles", type=int, help=f"retrain cycles (default {CyclesConfig.cycles})")
+    p.add_argument("--figure", default=None, help="write the per-cycle plot (PNG) here")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: merge the arms of these results files (e.g. one process per arm), "
+        "print the table and draw --figure",
+    )
+    config_mod.add_config_args(p, "CyclesConfig", "users=500 arms=live")
+
+
+def _cycles(args: argparse.Namespace) -> int:
+    """`northstar freshness-cycles`: run (or merge) the arms, print the table, draw."""
+    # lazy, as in every handler here: `northstar --help` does not load what a study runs
+    from studies.freshness_cycles import cycles_table, merge_results, plot_cycles, run_cycles
+
+    if args.from_json:
+        result = merge_results(args.from_json)
+    else:
+        flags = [
+            f"{k}={getattr(args, k)}"
+            for k in ("dir", "preset", "seed", "cycles")
+            if getattr(args, k) is not None
+        ]
+        cfg = config_mod.load(CyclesConfig, args.config, flags + list(args.set), section="cycles")
+        result = run_cycles(cfg)
+    print(cycles_table(result))
+    print(f"\nload average after each arm: {result['load_average']}; {result['seconds']} s")
+    if args.figure:
+        print(f"figure: {plot_cycles(result, args.figure)}")
+    return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
+
+
+def _stability_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help=f"work folder (default {StabilityStudyConfig.dir})")
+    p.add_argument("--preset", help=f"world size (default {StabilityStudyConfig.preset})")
+    p.add_argument("--seed", type=int)
+    config_mod.add_config_args(p, "StabilityStudyConfig", "weights=0,0.5,2 requests=20000")
+
+
+def _stability(args: argparse.Namespace) -> int:
+    from studies.stability_study import run_study, table  # lazy: see _cycles
+
+    flags = [
+        f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k) is not None
+    ]
+    cfg = config_mod.load(
+        StabilityStudyConfig, args.config, flags + list(args.set), section="stability"
+    )
+    result = run_study(cfg, progress=lambda line: print(line, flush=True))
+    print(table(result))
+    print(f"\n{result['seconds']} s; written to {result['path']}")
+    return 0
