@@ -72,6 +72,7 @@ def _print(obj) -> None:
 
 
 def _retrain(args) -> int:
+    # lazy, as in every handler here: `northstar --help` loads no handler's dependencies
     from canary.pipeline import RetrainConfig, retrain
 
     cfg = config_mod.load(RetrainConfig, args.config, _overrides(args))
@@ -81,7 +82,7 @@ def _retrain(args) -> int:
 
 
 def _canary(args) -> int:
-    from canary import online
+    from canary import online  # lazy: see _retrain
 
     cfg = config_mod.load(online.EvaluateConfig, args.config, _overrides(args, metrics=True))
     cmd = args.canary_command
@@ -101,7 +102,7 @@ def _canary(args) -> int:
 
 
 def _schedule(args) -> int:
-    from canary.schedule import ScheduleConfig, run_forever
+    from canary.schedule import ScheduleConfig, run_forever  # lazy: see _retrain
 
     base = config_mod.read_file(args.config) if args.config else {}
     common = _overrides(args, metrics=False)

@@ -216,6 +216,7 @@ def _evidently_tests(inp, reqs, ref, cur, user_feats, item_feats) -> dict[str, t
     chi-square for categories); {} when the engine is scipy."""
     if inp.cfg.drift_engine != "evidently":
         return {}
+    # lazy: Evidently is heavy and only the drift_engine="evidently" runs need it
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 

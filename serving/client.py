@@ -87,6 +87,7 @@ class ModelStats:
 
 
 def _module(protocol: str, aio: bool = False):
+    # lazy: only the protocol asked for is loaded (tritonclient.http brings gevent along)
     if protocol == "grpc":
         if aio:
             import tritonclient.grpc.aio as mod
@@ -656,6 +657,8 @@ def recommend_all_users(
     Returns a DataFrame (user_id, rank (1-based), item_id, score). Seen items are removed
     as `recommend` does, unless keep_seen.
     """
+    # lazy: only this batch export needs the snapshot and the seen filter; the clients stay
+    # light for every importer (Locust's workers among them)
     import pandas as pd
     from tqdm.auto import tqdm
 

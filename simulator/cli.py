@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def simulate_config(args):
     """SimulateConfig from --config, then the shorthand flags, then --set."""
-    from feedback.join import parse_duration
+    from feedback.join import parse_duration  # lazy: `northstar --help` loads no join
 
     flags = [
         f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
@@ -97,6 +97,7 @@ def simulate_config(args):
 
 
 def _simulate(args) -> int:
+    # lazy: `northstar --help` loads no handler's dependencies
     from feedback.sink import open_sink
     from simulator import reconcile, simulate
     from simulator.doubles import LocalRecommender, SinkSender
