@@ -60,7 +60,7 @@ COPY serving/__init__.py serving/auth.py serving/backend.py serving/core_slots.p
      serving/live.py serving/metrics.py serving/recommender.py serving/repository.py serving/routing.py \
      serving/
 # Impression logging (recommend) and interaction ingest (the feedback model).
-COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/hook.py \
+COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/sink_api.py feedback/hook.py \
      feedback/explore.py feedback/ids.py feedback/ingest.py feedback/live.py \
      feedback/stream.py feedback/consume.py feedback/lag.py feedback/
 # A .pth file rather than PYTHONPATH: the backend stub imports from the interpreter's own

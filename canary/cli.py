@@ -41,25 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_retrain)
 
-    from canary import freshness_cycles
-
-    f = sub.add_parser(
-        "freshness-cycles",
-        help="retrain cycles with live vs frozen features (canary/freshness_cycles.py)",
-    )
-    freshness_cycles.add_arguments(f)
-    f.set_defaults(func=freshness_cycles.run_args)
-
-    from canary import stability_study
-
-    st = sub.add_parser(
-        "stability-study",
-        help="churn and accuracy of a retrain with and without the stability term "
-        "(canary/stability_study.py)",
-    )
-    stability_study.add_arguments(st)
-    st.set_defaults(func=stability_study.run_args)
-
     c = sub.add_parser("canary", help="the canary on trial: status, evaluate, promote, rollback")
     csub = c.add_subparsers(dest="canary_command", required=True)
     for name, help_ in (
@@ -91,6 +72,7 @@ def _print(obj) -> None:
 
 
 def _retrain(args) -> int:
+    # lazy, as in every handler here: `northstar --help` loads no handler's dependencies
     from canary.pipeline import RetrainConfig, retrain
 
     cfg = config_mod.load(RetrainConfig, args.config, _overrides(args))
@@ -100,7 +82,7 @@ def _retrain(args) -> int:
 
 
 def _canary(args) -> int:
-    from canary import online
+    from canary import online  # lazy: see _retrain
 
     cfg = config_mod.load(online.EvaluateConfig, args.config, _overrides(args, metrics=True))
     cmd = args.canary_command
@@ -120,7 +102,7 @@ def _canary(args) -> int:
 
 
 def _schedule(args) -> int:
-    from canary.schedule import ScheduleConfig, run_forever
+    from canary.schedule import ScheduleConfig, run_forever  # lazy: see _retrain
 
     base = config_mod.read_file(args.config) if args.config else {}
     common = _overrides(args, metrics=False)

@@ -6,7 +6,7 @@ Each tick (`tick(cfg, now)`):
        cron       the cron expression's last fire time is after the last retrain;
        labels     at least `label_volume` new positive labels since the last retrain;
        drift      PSI of an input feature, recent traffic vs the training data, above
-                  `psi_threshold` (canary.stats.psi).
+                  `psi_threshold` (common.stats.psi).
 A retrain takes the retrain lock (`canary.state.file_lock`, a flock the kernel drops when
 its holder dies), so two never overlap, even across processes; a tick that finds it held
 reports "busy". Every step's failure is caught, reported in the tick's result and the
@@ -15,6 +15,7 @@ decision history, and leaves production untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,11 +24,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from croniter import croniter
 
 from canary.online import EvaluateConfig, evaluate_canary
 from canary.pipeline import RetrainConfig, retrain
 from canary.state import CanaryRecord, ProductionRecord, StateStore
-from canary.stats import psi
+from common.stats import psi
+from feedback.join import read_labels
+from training.run import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,6 @@ def drift_features(train: pd.DataFrame, recent: pd.DataFrame) -> dict[str, tuple
 
 def triggers(cfg: ScheduleConfig, state: dict, now: float) -> dict[str, Any]:
     """Which retrain triggers fire now, each with its numbers."""
-    from croniter import croniter
 
     out: dict[str, Any] = {}
     last = (state.get("last_retrain") or {}).get("ts")
@@ -98,7 +101,6 @@ def _recent_labels(cfg: ScheduleConfig, state: dict) -> pd.DataFrame | None:
     labels_dir = cfg.retrain.labels
     if not labels_dir or not Path(labels_dir).exists():
         return None
-    from feedback.join import read_labels
 
     lab = read_labels(labels_dir)
     since = (state.get("last_retrain") or {}).get("label_ts")
@@ -111,9 +113,6 @@ def _training_interactions(state: dict) -> pd.DataFrame | None:
     prod = ProductionRecord.from_state(state)
     if prod is None:
         return None
-    import json
-
-    from training.run import RUN_FILE
 
     try:
         meta = json.loads((Path(prod.run) / RUN_FILE).read_text())
@@ -166,7 +165,6 @@ def tick(cfg: ScheduleConfig, now: float | None = None) -> dict[str, Any]:
 
 def run_forever(cfg: ScheduleConfig, *, once: bool = False, on_tick=None) -> int:
     """Tick now, then at every cron fire time or poll_s, whichever comes first."""
-    from croniter import croniter
 
     while True:
         result = tick(cfg)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from common.stats import psi
 from diagnose.data import CUR, ITEM_GROUPS, REF, USER_GROUPS, Inputs
 from diagnose.decompose import shift_share
 
@@ -158,8 +159,6 @@ def population_shift(inp: Inputs) -> Finding:
 def input_drift(inp: Inputs) -> dict[str, Any]:
     """PSI and a distribution test per user feature (one row per request) and per item
     feature (one row per impression), reference vs current."""
-    from canary.stats import psi
-
     ref, cur = split(inp)
     user_feats = [c for c in (*USER_GROUPS, "user_tenure", "history_len") if c in inp.imp]
     item_feats = [
@@ -217,6 +216,7 @@ def _evidently_tests(inp, reqs, ref, cur, user_feats, item_feats) -> dict[str, t
     chi-square for categories); {} when the engine is scipy."""
     if inp.cfg.drift_engine != "evidently":
         return {}
+    # lazy: Evidently is heavy and only the drift_engine="evidently" runs need it
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -249,8 +249,6 @@ def _previous_version(inp: Inputs) -> int:
 
 def prediction_drift(inp: Inputs) -> dict[str, Any]:
     """Served score distributions (greedy slots) and top-K churn per returning user."""
-    from canary.stats import psi
-
     ref, cur = split(inp)
     a = ref.loc[~ref["explored"], "score"].to_numpy()
     b = cur.loc[~cur["explored"], "score"].to_numpy()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.stats import psi
+from diagnose.causes import _psi_categorical
 from diagnose.data import USER_GROUPS, Inputs, annotate, check_paths, dataset, logged_impressions
 from feedback.join import read_labels, read_state
 
@@ -157,9 +159,6 @@ def _frame(cfg: MonitorConfig, lab: pd.DataFrame) -> pd.DataFrame:
 
 def compute(cfg: MonitorConfig) -> Snapshot:
     """Every sample for one scrape; raises on bad input (flags named)."""
-    from canary.stats import psi
-    from diagnose.causes import _psi_categorical
-
     labels_dir = check_paths(cfg.labels, cfg.log, cfg.data)
     snap = Snapshot()
     lab = read_labels(labels_dir)

@@ -50,7 +50,8 @@ import numpy as np
 import pandas as pd
 
 from feedback.events import INTERACTION, validate
-from feedback.sink import SqliteEventLog, UpstreamEntry, WriteResult
+from feedback.sink import SqliteEventLog, UpstreamEntry
+from feedback.sink_api import WriteResult
 from feedback.stream import (
     QUARANTINE,
     Entry,

@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from feedback.events import ServedImpressions
-from feedback.sink import EVENT_LOG_ENV, EventSink, WriteResult, open_sink
+from feedback.sink import EVENT_LOG_ENV, open_sink
+from feedback.sink_api import EventSink, WriteResult
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedback.events import INTERACTION_FIELDS, EventError
-from feedback.sink import EventSink
+from feedback.sink_api import EventSink
 
 MODEL_NAME = "feedback"
 # Triton dtypes of the model's inputs, in order; each is [B, 1] with B events.

@@ -56,7 +56,8 @@ from filelock import FileLock, Timeout
 
 from common.files import atomic_path, atomic_write_text
 from feedback.events import IMPRESSION, INTERACTION
-from feedback.sink import EventSource, open_source
+from feedback.sink import open_source
+from feedback.sink_api import EventSource
 
 log = logging.getLogger(__name__)
 

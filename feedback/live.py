@@ -18,7 +18,8 @@ import logging
 import pandas as pd
 
 from feedback.consume import EmbeddedStreamSink, interactions_handler
-from feedback.sink import EventSink, SqliteEventLog, open_sink
+from feedback.sink import SqliteEventLog, open_sink
+from feedback.sink_api import EventSink
 from online.config import OnlineStoreConfig
 from online.store import RedisFeatureStore
 

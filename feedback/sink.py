@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,7 @@ from feedback.events import (
     Columns,
     validate,
 )
+from feedback.sink_api import EventSink, EventSource, WriteResult
 
 if TYPE_CHECKING:
     from feedback.stream import StreamSink
@@ -58,22 +59,6 @@ _SQL_TYPES = {"id": "TEXT", "optional_id": "TEXT", "str": "TEXT", "int": "INTEGE
 _SCHEMA_VERSION = 1
 # The values `PRAGMA synchronous` reads back as. NORMAL (1) and OFF (0) are not accepted.
 _SYNCHRONOUS = {"FULL": 2, "EXTRA": 3}
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """What happened to one batch. Everything in it is durable when the object exists."""
-
-    n: int  # rows in the batch
-    inserted: int  # new rows stored
-    duplicates: int  # valid rows whose event_id was already stored (a retry): not re-stored
-    quarantined: int  # rows that failed validation, stored in the quarantine table
-    reasons: list[str]  # per input row: "" = accepted, else "field: problem"
-
-    @property
-    def accepted(self) -> np.ndarray:
-        """(n,) bool. Duplicates count as accepted: the event is in the log."""
-        return np.asarray([r == "" for r in self.reasons], dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -91,28 +76,6 @@ class UpstreamEntry:
     quarantine: Sequence[tuple[str, str, str]] = ()
 
 
-@runtime_checkable
-class EventSink(Protocol):
-    """Where serving and ingest write. Returns only once the batch is durable."""
-
-    def write_impressions(self, rows: Mapping[str, Any]) -> WriteResult: ...
-
-    def write_interactions(self, rows: Mapping[str, Any]) -> WriteResult: ...
-
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class EventSource(Protocol):
-    """What the join reads: per kind, an offset-ordered stream with a snapshot upper bound."""
-
-    def snapshot(self) -> dict[str, int]: ...  # kind -> highest committed seq
-
-    def read(self, kind: str, *, after: int, upto: int) -> pd.DataFrame: ...
-
-    def quarantine_counts(self) -> dict[str, dict[str, int]]: ...  # kind -> reason -> n
-
-
 def open_sink(path_or_url: str | os.PathLike[str], **options: Any) -> SqliteEventLog | StreamSink:
     """Open (creating if needed) the event log at a path or URL.
 
@@ -124,7 +87,8 @@ def open_sink(path_or_url: str | os.PathLike[str], **options: Any) -> SqliteEven
     """
     s = os.fspath(path_or_url)
     if s.startswith(("redis://", "rediss://", "unix://")):
-        from feedback.stream import StreamSink  # lazy: the embedded path never needs redis
+        # lazy: the embedded log never loads pyarrow or redis
+        from feedback.stream import StreamSink
 
         return StreamSink.from_url(s, **options)
     if s.startswith("kafka://"):

@@ -56,7 +56,7 @@ from feedback.events import (
     SCHEMAS,
     validate,
 )
-from feedback.sink import WriteResult
+from feedback.sink_api import WriteResult
 
 # Before redis is imported (lazily, below), inside the Triton stub: common/stub_python.py.
 ensure_ssl()
@@ -137,7 +137,7 @@ class StreamConfig:
 
 def connect(cfg: StreamConfig):
     """A redis-py client for the stream (bytes replies: entries carry binary Arrow data)."""
-    import redis
+    import redis  # lazy: after ensure_ssl() (module top); the Triton stub needs that order
 
     return redis.Redis.from_url(
         cfg.url,
@@ -149,7 +149,7 @@ def connect(cfg: StreamConfig):
 
 def ensure_groups(client, cfg: StreamConfig, groups: tuple[str, ...] | None = None) -> None:
     """Create each partition's stream and consumer groups (at id 0) if missing."""
-    import redis
+    import redis  # lazy: after ensure_ssl() (module top); the Triton stub needs that order
 
     for key in cfg.stream_keys():
         for group in groups or cfg.groups:
@@ -392,7 +392,7 @@ def acknowledged_floor(client, key: str) -> tuple[int, int] | None:
     """The lowest id some group of `key` has not acknowledged; every entry below it is
     acknowledged by every group. None when the stream has no group (then nothing is
     known to be acknowledged, and nothing may be trimmed)."""
-    import redis
+    import redis  # lazy: after ensure_ssl() (module top); the Triton stub needs that order
 
     try:
         groups = client.xinfo_groups(key)

@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "loadtest.cli",
     "canary.cli",
     "diagnose.cli",
+    # after simulator.cli: the studies add their subcommands to `simulate`
+    "studies.cli",
     "northstar.demo",
 )
 

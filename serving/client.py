@@ -21,7 +21,8 @@ raised, never retried elsewhere. With one URL nothing changes.
 The CLI, the load tests and the simulator all go through these classes. The
 connection itself (protocol, default URL per protocol, timeouts, admin headers,
 closing) lives once, in TritonTransport / AsyncTritonTransport: the clients and
-`serving.ingest_client.send_interactions` are built on it. A sync HTTP client is
+`serving.ingest_client.send_interactions` are built on it; feedback batches and their
+retries are serving.ingest_batches'. A sync HTTP client is
 not thread-safe (geventhttpclient): use one per thread; the gRPC client can be shared.
 """
 
@@ -49,6 +50,7 @@ from models.features import (
 from serving import auth
 from serving import repository as layout
 from serving.discovery import split_urls
+from serving.ingest_batches import DEFAULT_RETRY, infer_feedback, send_batches
 
 Protocol = Literal["grpc", "http"]
 T = TypeVar("T")
@@ -85,6 +87,7 @@ class ModelStats:
 
 
 def _module(protocol: str, aio: bool = False):
+    # lazy: only the protocol asked for is loaded (tritonclient.http brings gevent along)
     if protocol == "grpc":
         if aio:
             import tritonclient.grpc.aio as mod
@@ -513,13 +516,16 @@ class RecommenderClient(_ClientBase):
         """Interactions (click, watch, like) to the `feedback` model, on this connection.
 
         `events`: a DataFrame, dict of columns or list of feedback.events.Interaction.
-        Returns serving.ingest_client.IngestResult: per-event accepted flag and reason.
+        Returns serving.ingest_batches.IngestResult: per-event accepted flag and reason.
         Resending is safe: the log keeps an event_id once.
         """
-        from serving.ingest_client import DEFAULT_RETRY, send_interactions
-
         # Through this client, so batches fail over across its replicas like reads do.
-        return send_interactions(self, events, batch_size=batch_size, retry=retry or DEFAULT_RETRY)
+        return send_batches(
+            lambda model, arrays: self._call(lambda t: infer_feedback(t, model, arrays)),
+            events,
+            batch_size=batch_size,
+            retry=retry or DEFAULT_RETRY,
+        )
 
     def is_live(self) -> bool:
         return self.transport.is_live()
@@ -651,6 +657,8 @@ def recommend_all_users(
     Returns a DataFrame (user_id, rank (1-based), item_id, score). Seen items are removed
     as `recommend` does, unless keep_seen.
     """
+    # lazy: only this batch export needs the snapshot and the seen filter; the clients stay
+    # light for every importer (Locust's workers among them)
     import pandas as pd
     from tqdm.auto import tqdm
 

@@ -74,20 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", default=None, help="the server's event log, for --reconcile")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.set_defaults(func=_simulate)
-    # `northstar simulate freshness ...`: live online features against the frozen snapshot.
-    from simulator.freshness_cli import register as register_freshness
-    from simulator.freshness_cli import register_depth, register_replay, register_tiers
-
-    studies = p.add_subparsers(dest="simulate_command", metavar="{freshness,depth,replay,tiers}")
-    register_freshness(studies)
-    register_depth(studies)
-    register_replay(studies)
-    register_tiers(studies)
+    # The studies (studies/cli.py) add `simulate freshness|depth|replay|tiers` to `p`.
 
 
 def simulate_config(args):
     """SimulateConfig from --config, then the shorthand flags, then --set."""
-    from feedback.join import parse_duration
+    from feedback.join import parse_duration  # lazy: `northstar --help` loads no join
 
     flags = [
         f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
@@ -105,6 +97,7 @@ def simulate_config(args):
 
 
 def _simulate(args) -> int:
+    # lazy: `northstar --help` loads no handler's dependencies
     from feedback.sink import open_sink
     from simulator import reconcile, simulate
     from simulator.doubles import LocalRecommender, SinkSender

@@ -14,8 +14,9 @@ from feedback.events import ServedImpressions
 from feedback.explore import rank_with_exploration
 from feedback.hook import ImpressionLogger
 from feedback.ids import uuid7_batch
-from feedback.sink import EventSink
-from serving.ingest_client import IngestResult
+from feedback.sink_api import EventSink
+from serving.ingest_batches import IngestResult
+from training.synth import World
 
 
 class SinkSender:
@@ -62,8 +63,6 @@ class LocalRecommender:
         model_version: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        from training.synth import World
-
         self.world = World.load(world_dir)
         # the driver's clock, so impressions and the clicks on them share one timeline
         self.logger = ImpressionLogger(sink, clock=clock)

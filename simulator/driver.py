@@ -35,9 +35,12 @@ import pandas as pd
 
 from common.retry import RetryPolicy, retrying
 from feedback.join import JOINED, LATE, UNATTRIBUTED, attribute, new_labels
-from serving.ingest_client import IngestResult, send_interactions
+from serving.client import RecommenderClient
+from serving.ingest_batches import IngestResult
+from serving.ingest_client import send_interactions
 from simulator.behaviour import ClickMemory, interactions, with_noise
 from simulator.config import SimReport, SimulateConfig
+from training.synth import World
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,6 @@ def simulate(
     (default: the Triton `feedback` model at cfg.url). `clock` (unix seconds) stamps
     requests, responses and failed attempts: the event times and `error_window_s` follow
     it, so a test can pass a fake one and assert exact values."""
-    from training.synth import World
 
     t_start = time.perf_counter()
     world = World.load(cfg.world)
@@ -110,7 +112,7 @@ def simulate(
 def draw_users(world, users: int, requests: int, rng: np.random.Generator) -> np.ndarray:
     """Who sends each of a call's `requests`, as dense user indices: a population of
     `users` drawn by activity rate, then requests from it by rate. `simulate` draws with
-    `default_rng([seed, 7])` before anything else, so `simulator.replay` can rebuild a run's
+    `default_rng([seed, 7])` before anything else, so `studies.replay` can rebuild a run's
     request stream from its seeds alone."""
     rate = world.user_rate / world.user_rate.sum()
     n_pop = min(users, world.n_users)
@@ -206,8 +208,6 @@ def retry_policy(cfg: SimulateConfig) -> RetryPolicy:
 
 
 def _default_client_factory(cfg: SimulateConfig):
-    from serving.client import RecommenderClient
-
     return lambda: RecommenderClient(cfg.url, protocol=cfg.protocol, timeout_s=cfg.timeout_s)
 
 

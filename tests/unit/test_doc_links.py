@@ -15,10 +15,6 @@ PAGES = sorted(
     p for p in ROOT.rglob("*.md") if not SKIP_DIRS.intersection(p.relative_to(ROOT).parts)
 )
 
-# TEMPORARY: pages another branch moves into place (simulator/FRESHNESS.md ->
-# studies/FRESHNESS.md). Remove each entry once that move is merged; from then on the
-# links to it are checked like every other.
-PENDING = {"studies/FRESHNESS.md"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -75,9 +71,6 @@ def test_relative_links_resolve(page: Path):
             continue
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page
-        rel = target.relative_to(ROOT).as_posix() if target.is_relative_to(ROOT) else str(target)
-        if rel in PENDING and not target.exists():
-            continue
         if not target.exists():
             broken.append(f"{link}: no such file")
         elif anchor and target.suffix == ".md" and anchor not in anchors(target):

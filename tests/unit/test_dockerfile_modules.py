@@ -25,6 +25,7 @@ PROJECT = {
     "simulator",
     "canary",
     "loadtest",
+    "studies",
     "northstar",
 }
 

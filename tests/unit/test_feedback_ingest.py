@@ -13,7 +13,7 @@ from feedback.events import INTERACTION, EventError
 from feedback.hook import EVENT_LOG_PARAM, ImpressionLogger, event_log_location, impression_logger
 from feedback.ingest import INPUTS, OUTPUTS, RequestOutcome, ingest, parse_request
 from feedback.sink import EVENT_LOG_ENV, open_sink
-from serving.ingest_client import _tensor_array, as_columns
+from serving.ingest_batches import as_columns, tensor_array
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "model_repository" / "feedback" / "config.pbtxt"
@@ -42,7 +42,7 @@ def test_config_parses_and_matches_the_ingest_contract():
 
 def _request(n=2, **over):
     cols = {
-        name: _tensor_array(name, np.asarray(v))
+        name: tensor_array(name, np.asarray(v))
         for name, v in {
             "event_id": [f"e{i}" for i in range(n)],
             "user_id": np.arange(n) + 1,
@@ -75,9 +75,7 @@ def test_one_write_per_batch_and_results_split_per_request(tmp_path):
     log.write_interactions = lambda cols: calls.append(len(cols["event_id"])) or real(cols)
     a = parse_request(_request(2).get)
     b = parse_request(
-        _request(
-            3, type=_tensor_array("type", np.array(["like", "buy", "watch"], dtype=object))
-        ).get
+        _request(3, type=tensor_array("type", np.array(["like", "buy", "watch"], dtype=object))).get
     )
     b["event_id"] = np.array([b"x0", b"x1", b"x2"], dtype=object)
     bad = EventError("input 'ts' is missing")
@@ -101,7 +99,7 @@ def test_client_columns_fill_ids_and_request_ids():
         }
     )
     assert len(set(cols["event_id"])) == 2 and list(cols["request_id"]) == ["", ""]
-    assert _tensor_array("event_id", cols["event_id"]).shape == (2, 1)
+    assert tensor_array("event_id", cols["event_id"]).shape == (2, 1)
 
 
 @dataclass

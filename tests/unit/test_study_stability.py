@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from canary.stability_study import StabilityStudyConfig, run_study, table
+from studies.stability_study import StabilityStudyConfig, run_study, table
 
 pytestmark = pytest.mark.slow
 

@@ -14,38 +14,23 @@ the term holds the learned scores, and a prior picked per run would move the lis
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from canary.decide import OfflineGates
+from canary.offline import compare_offline
 from common.files import atomic_write_text
-from simulator.label_tiers import FeedbackStudyConfig, study_feedback, warm_finetune
-
-
-@dataclass
-class StabilityStudyConfig(FeedbackStudyConfig):
-    dir: str = "reports/stability"
-    weights: tuple[float, ...] = (0.0, 0.5, 2.0)
-    k: int = 20  # the stability term's top k
-    eval_k: int = 10  # churn and accuracy at this list length, as the offline gates
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.weights = tuple(float(w) for w in self.weights)
-        if any(w < 0 for w in self.weights) or not self.weights:
-            raise ValueError(f"weights={self.weights}: expected one or more values >= 0")
+from feedback.tiers import TierConfig, export_tiered
+from studies.config import StabilityStudyConfig
+from studies.label_tiers import study_feedback, warm_finetune
+from training.run import load_run
+from training.train import train
 
 
 def run_study(cfg: StabilityStudyConfig, progress=None) -> dict[str, Any]:
-    from canary.decide import OfflineGates
-    from canary.offline import compare_offline
-    from feedback.tiers import TierConfig, export_tiered
-    from training.run import load_run
-    from training.train import train
-
     t0 = time.perf_counter()
     root, data, prod_dir, labels, joined = study_feedback(cfg)
     extra = root / "positives.parquet"
@@ -110,27 +95,3 @@ def table(result: dict[str, Any]) -> str:
             f"{'passes' if a['passes_churn_gate'] else 'rejects'} |"
         )
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from common import config as config_mod
-
-    p.add_argument("--dir", help=f"work folder (default {StabilityStudyConfig.dir})")
-    p.add_argument("--preset", help=f"world size (default {StabilityStudyConfig.preset})")
-    p.add_argument("--seed", type=int)
-    config_mod.add_config_args(p, "StabilityStudyConfig", "weights=0,0.5,2 requests=20000")
-
-
-def run_args(args: argparse.Namespace) -> int:
-    from common import config as config_mod
-
-    flags = [
-        f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k) is not None
-    ]
-    cfg = config_mod.load(
-        StabilityStudyConfig, args.config, flags + list(args.set), section="stability"
-    )
-    result = run_study(cfg, progress=lambda line: print(line, flush=True))
-    print(table(result))
-    print(f"\n{result['seconds']} s; written to {result['path']}")
-    return 0

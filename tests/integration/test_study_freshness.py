@@ -1,4 +1,4 @@
-"""The freshness study end to end on the `tiny` world (simulator/freshness.py): the same
+"""The freshness study end to end on the `tiny` world (studies/freshness.py): the same
 world, run and simulator seed served twice on a real tritonserver, once from the frozen
 per-version snapshot and once from a real redis-server online store that the `feedback`
 model updates with every acknowledged click.
@@ -17,7 +17,7 @@ import json
 import pytest
 
 from serving.testing import world_run
-from simulator.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
+from studies.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_live_features_reshow_fewer_clicked_items_than_the_frozen_snapshot(tmp_p
 
 def _tiny_cycles(root, **kw):
     """The retrain-cycles tool on the tiny world, live arm only, small traffic."""
-    from canary.freshness_cycles import CyclesConfig
+    from studies.freshness_cycles import CyclesConfig
 
     base = {"preset": "tiny", "arms": ("live",), "users": 80, "concurrency": 2}
     return CyclesConfig(dir=str(root), **{**base, **kw})
@@ -76,9 +76,9 @@ def _tiny_cycles(root, **kw):
 
 @pytest.mark.slow
 def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
-    """canary/freshness_cycles.py on the tiny world: one retrain -> offline gates -> canary
+    """studies/freshness_cycles.py on the tiny world: one retrain -> offline gates -> canary
     -> decision under closed-loop traffic, on a real tritonserver reading a real Redis."""
-    from canary.freshness_cycles import cycles_table, run_cycles
+    from studies.freshness_cycles import cycles_table, run_cycles
 
     cfg = _tiny_cycles(
         tmp_path / "cycles",
@@ -114,7 +114,7 @@ def test_one_short_retrain_cycle_with_live_features_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_the_control_serves_every_cycle_from_production_without_retraining(tmp_path):
     """control_requests > 0: the same cycles, production alone, nothing retrained."""
-    from canary.freshness_cycles import CyclesConfig, cycles_table, run_cycles
+    from studies.freshness_cycles import CyclesConfig, cycles_table, run_cycles
 
     cfg = _tiny_cycles(
         tmp_path / "control",

@@ -16,7 +16,7 @@ the labels differ):
 The simulated traffic spans `span_windows` attribution windows on a fake clock, so at the
 cut the newest window is still pending: only `weak` sees it. Each candidate is scored on
 the world's test split (NDCG@10, as `northstar train` reports it) and on what the world
-knows and the log does not: the mean true relevance of its top 10 (simulator.depth), the
+knows and the log does not: the mean true relevance of its top 10 (studies.depth), the
 quantity clicks in the loop follow.
 
     northstar simulate tiers --dir reports/tiers [--set requests=20000 epochs=2]
@@ -27,59 +27,32 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_text
+from feedback.join import JoinConfig, run_join
+from feedback.sink import open_sink, open_source
+from feedback.tiers import TierConfig, export_tiered
+from simulator.config import SimulateConfig
+from simulator.doubles import LocalRecommender, SinkSender
+from simulator.driver import simulate
+from studies.config import FeedbackStudyConfig, TiersStudyConfig
+from studies.depth import DepthConfig, build, relevance_by_depth
+from studies.freshness import prepare
+from training.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
 ARMS = ("no feedback", "final", "final, weighted", "strong", "weak")
 
 
-@dataclass
-class FeedbackStudyConfig:
-    """What every study on the loop's simulated feedback shares: the world and production
-    run, the simulated traffic and its cut, and the warm fine-tune each arm runs."""
-
-    dir: str = "reports/feedback"
-    preset: str = "small"
-    seed: int = 0
-    world: str | None = None
-    run: str | None = None
-    train_epochs: int = 12  # the production run, when --dir has none yet
-    users: int = 2000  # simulated population
-    requests: int = 20_000  # slates in the simulated loop
-    span_windows: float = 4.0  # the traffic spans this many windows; the newest is pending
-    window_s: float = 1800.0
-    epochs: int = 2  # the warm fine-tune of canary `warm_window`
-    lr: float = 0.001
-    out: str | None = None  # default: a JSON file in DIR
-
-    def __post_init__(self) -> None:
-        if self.requests < 1 or self.users < 1 or self.epochs < 1:
-            raise ValueError("requests, users and epochs must be >= 1")
-        if not self.span_windows > 1:
-            raise ValueError(f"span_windows={self.span_windows}: expected > 1")
-
-
-@dataclass
-class TiersStudyConfig(FeedbackStudyConfig):
-    dir: str = "reports/tiers"
-    strong_watch_s: float = 1200.0
-    weak_weight: float = 0.5
-    eval_users: int = 500  # users whose top 10 is scored against the world's relevance
-
-
 def simulate_log(cfg: FeedbackStudyConfig, world_dir: Path, root: Path) -> tuple[Path, float]:
     """The loop's traffic into a fresh SQLite event log, on a clock that spreads it over
     `span_windows` windows ending now; returns (log, the clock's last reading: the cut)."""
-    from feedback.sink import open_sink
-    from simulator.config import SimulateConfig
-    from simulator.doubles import LocalRecommender, SinkSender
-    from simulator.driver import simulate
 
     path = root / "events.db"
     for suffix in ("", "-wal", "-shm"):
@@ -113,10 +86,6 @@ def feedback_labels(cfg: FeedbackStudyConfig, world_dir: Path, root: Path):
     """Simulate the loop's traffic (`simulate_log`) and join it at the cut, seeing only what
     had happened by then: impressions of the newest window are still pending, and clicks
     after the cut do not exist yet. Returns (labels folder, JoinReport)."""
-    import shutil
-
-    from feedback.join import JoinConfig, run_join
-    from feedback.sink import open_source
 
     events, cut = simulate_log(cfg, world_dir, root)
     labels = root / "labels"
@@ -131,9 +100,8 @@ def feedback_labels(cfg: FeedbackStudyConfig, world_dir: Path, root: Path):
 
 def study_feedback(cfg: FeedbackStudyConfig):
     """What a feedback study starts from: its folder, the world and production run (made
-    the first time: `simulator.freshness.prepare`), and the loop's labels joined at the cut.
+    the first time: `studies.freshness.prepare`), and the loop's labels joined at the cut.
     Returns (root, world dir, production run dir, labels dir, JoinReport)."""
-    from simulator.freshness import prepare
 
     root = Path(cfg.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +122,6 @@ def warm_finetune(cfg: FeedbackStudyConfig, data: Path, prod: Path, **fields):
     `warm_window`'s epochs and rate, and no popularity prior in any arm (a beta chosen per
     arm would differ between arms and hide what the arms compare). `fields`: more
     TrainConfig fields."""
-    from training.train import TrainConfig
 
     return TrainConfig(
         data=str(data),
@@ -170,10 +137,6 @@ def warm_finetune(cfg: FeedbackStudyConfig, data: Path, prod: Path, **fields):
 
 
 def run_study(cfg: TiersStudyConfig, progress=None) -> dict[str, Any]:
-    from feedback.tiers import TierConfig, export_tiered
-    from simulator.depth import DepthConfig, build, relevance_by_depth
-    from training.train import train
-
     t0 = time.perf_counter()
     root, data, prod, labels, joined = study_feedback(cfg)
     if progress:

@@ -1,6 +1,6 @@
 """What any ranking could serve to a closed-loop run's traffic: the run replayed in-process.
 
-The retrain cycles (`canary.freshness_cycles`) ask that the served north star not fall
+The retrain cycles (`studies.freshness_cycles`) ask that the served north star not fall
 from cycle to cycle. In a world whose tastes and catalogue stay fixed, every click uses up
 one of the user's good items, so some fall is owed to the traffic itself, whatever ranks.
 This study measures how much. It rebuilds the exact request stream of a run from its seeds
@@ -24,7 +24,7 @@ request counts, and each span reports CTR (Wilson 95%), items and clicks per req
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,44 +33,13 @@ import torch
 
 from common.figures import save_png
 from common.files import atomic_write_text
-
-POLICIES = ("oracle", "model")
-
-
-@dataclass
-class ReplayConfig:
-    world: str = ""  # folder with world.npz and the dataset the run was trained on
-    run: str = ""  # the run production served (its model and catalogue)
-    # Where the spans end: a cycles.json (its burn-in, then each cycle's served_requests),
-    # or `spans`, request counts per span. One of the two is required.
-    from_cycles: str | None = None
-    spans: tuple[int, ...] = ()
-    # The traffic's draws, as canary.freshness_cycles sets them: batch b is seed + b.
-    seed: int = 1000
-    users: int = 500  # population per batch (SimulateConfig.users)
-    batch: int = 200  # requests per batch (SimulateConfig.requests)
-    k: int = 10
-    overfetch: int = 100  # the model policy's graph cut: k + overfetch candidates
-    prior: bool = True  # the model policy adds the run's popularity prior, as the graph does
-    policies: tuple[str, ...] = POLICIES
-    click_seed: int = 0  # the click draws (the same for every policy)
-    out: str | None = None  # default: next to from_cycles, else reports/replay/replay.json
-    figure: str | None = None  # a PNG of CTR and clicks per request per span, if given
-
-    def __post_init__(self) -> None:
-        if not self.world or not self.run:
-            raise ValueError("replay: world and run are required (folders)")
-        self.spans = tuple(int(s) for s in self.spans)
-        self.policies = tuple(self.policies)
-        if bool(self.from_cycles) == bool(self.spans):
-            raise ValueError("replay: give exactly one of from_cycles (a cycles.json) and spans")
-        if any(s < 1 for s in self.spans):
-            raise ValueError(f"replay: spans={self.spans}; expected request counts >= 1")
-        if min(self.users, self.batch, self.k) < 1 or self.overfetch < 0:
-            raise ValueError("replay: users, batch and k must be >= 1, overfetch >= 0")
-        unknown = set(self.policies) - set(POLICIES)
-        if unknown or not self.policies:
-            raise ValueError(f"replay: policies={self.policies}; expected some of {POLICIES}")
+from feedback.metrics import wilson_interval
+from models.snapshot import FeatureSnapshot
+from simulator.driver import draw_users
+from studies.config import ReplayConfig
+from training.run import load_run
+from training.schema import Dataset
+from training.synth import World
 
 
 def spans_of(cfg: ReplayConfig) -> list[tuple[str, int]]:
@@ -93,7 +62,6 @@ def _cycle_spans(path: str) -> list[tuple[str, dict[str, Any]]]:
 def request_batches(world, cfg: ReplayConfig, total: int) -> list[np.ndarray]:
     """The first `total` requests of the traffic, batch by batch, as dense user indices:
     batch b is what a `simulate` call with seed `cfg.seed + b` sent."""
-    from simulator.driver import draw_users
 
     batches, n, b = [], 0, 0
     while n < total:
@@ -109,11 +77,6 @@ class Catalogue:
     already has (their training history: the live store's seen set at the start)."""
 
     def __init__(self, cfg: ReplayConfig) -> None:
-        from models.snapshot import FeatureSnapshot
-        from training.run import load_run
-        from training.schema import Dataset
-        from training.synth import World
-
         self.world, ds, run = World.load(cfg.world), Dataset.load(cfg.world), load_run(cfg.run)
         self.model = run.model.eval()
         if self.model.cfg.time_gaps:
@@ -247,8 +210,6 @@ class _Span:
         self.empty += int((~shown.any(axis=1)).sum())
 
     def row(self) -> dict[str, Any]:
-        from feedback.metrics import wilson_interval
-
         lo, hi = (float(v) for v in wilson_interval(successes=self.clicks, trials=self.impressions))
         n = max(self.requests, 1)
         return {
@@ -332,6 +293,7 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: str | Path) -> Path:
     """CTR (95% Wilson) and clicks per request per span: each policy, and what the run
     itself served when the spans came from its cycles.json."""
+    # lazy: a figure is optional, and the Agg backend must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,7 +16,7 @@ from serving.testing import saved_world_run
 from simulator import SimulateConfig, simulate
 from simulator.doubles import LocalRecommender, SinkSender
 from simulator.driver import draw_users
-from simulator.replay import Catalogue, ReplayConfig, State, rank, run_replay, spans_of
+from studies.replay import Catalogue, ReplayConfig, State, rank, run_replay, spans_of
 from training.synth import World
 
 

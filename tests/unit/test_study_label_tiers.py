@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from simulator.label_tiers import ARMS, TiersStudyConfig, run_study, table
+from studies.label_tiers import ARMS, TiersStudyConfig, run_study, table
 
 pytestmark = pytest.mark.slow
 

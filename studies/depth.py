@@ -1,6 +1,6 @@
 """Why CTR falls in the closed loop with live features: an in-process study.
 
-The Triton study (`simulator.freshness`) left two candidate causes of the live arm's fall
+The Triton study (`studies.freshness`) left two candidate causes of the live arm's fall
 unseparated: the seen filter pushing the model down its own ranking, and live history
 moving the user vector. Serving has no switch that updates one without the other; this
 loop does, because it scores with the run's model in-process and clicks with the world's
@@ -32,32 +32,15 @@ import numpy as np
 import torch
 
 from common.files import atomic_write_text
+from models.snapshot import FeatureSnapshot
+from studies.config import DepthConfig
+from studies.freshness import prepare
+from training.run import load_run
+from training.schema import Dataset
+from training.synth import World
 
 DEPTH_BANDS = ((0, 10), (10, 20), (20, 50), (50, 100))
 ARMS = ("frozen", "seen_only", "live", "shown_cap", "oracle")
-
-
-@dataclass
-class DepthConfig:
-    dir: str = "reports/freshness"  # where `simulate freshness` put data/ and run/
-    preset: str = "small"  # world size when dir has none yet
-    seed: int = 0
-    world: str | None = None
-    run: str | None = None
-    users: int = 500  # drawn by activity; every one gets a slate each round
-    rounds: int = 12
-    k: int = 10
-    rewatch_factor: float = 0.2  # the simulator's default
-    shown_cap: int = 2  # the `shown_cap` arm: unclicked showings before an item is dropped
-    betas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
-    out: str | None = None  # default DIR/depth.json
-
-    def __post_init__(self) -> None:
-        if min(self.users, self.rounds, self.k, self.shown_cap) < 1:
-            raise ValueError("users, rounds, k and shown_cap must be >= 1")
-        if not 0.0 <= self.rewatch_factor <= 1.0:
-            raise ValueError(f"rewatch_factor={self.rewatch_factor}: expected 0..1")
-        self.betas = tuple(float(b) for b in self.betas)
 
 
 @dataclass
@@ -87,12 +70,6 @@ class Loop:
 
 
 def build(cfg: DepthConfig) -> Loop:
-    from models.snapshot import FeatureSnapshot
-    from simulator.freshness import prepare
-    from training.run import load_run
-    from training.schema import Dataset
-    from training.synth import World
-
     data, run_dir = prepare(cfg.dir, preset=cfg.preset, seed=cfg.seed, world=cfg.world, run=cfg.run)
     world, ds, run = World.load(data), Dataset.load(data), load_run(run_dir)
     model, vocab = run.model.eval(), run.vocab

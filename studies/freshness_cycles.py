@@ -1,6 +1,6 @@
 """Retrain cycles in the closed loop, with live online features and with frozen snapshots.
 
-    python -m canary.freshness_cycles --preset small --cycles 5 --dir reports/freshness
+    northstar freshness-cycles --preset small --cycles 5 --dir reports/freshness
 
 For each arm (`frozen`: per-version feature snapshots; `live`: the shared online store on
 a real redis-server, seeded from the world's dataset), on its own real tritonserver and
@@ -12,115 +12,53 @@ applied (`canary.scenario.run_act`). Per cycle it reports the incumbent's and th
 canary's CTR at the deciding look (canary.online's user-level test, with its z), the
 decision, and the north star of all the traffic served during the cycle (CTR, Wilson 95%;
 engaged value per impression), joined from the event log with every window closed, and
-beside it the CTR the world's oracle gets from the same requests (simulator.replay).
+beside it the CTR the world's oracle gets from the same requests (studies.replay).
 
-The A/B without retrains is `northstar simulate freshness` (simulator/freshness.py), whose
+The A/B without retrains is `northstar simulate freshness` (studies/freshness.py), whose
 `prepare_for` and `arm_server` this module reuses.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from canary.decide import OfflineGates
+from canary.guardrails import GuardrailGates
+from canary.online import EvaluateConfig
+from canary.pipeline import RetrainConfig
+from canary.scenario import Traffic, run_act
+from canary.verdict import OnlineGates
 from common.figures import save_png
-from simulator.freshness import (
-    ARMS,
+from fairness.gates import GateConfig
+from simulator import SimulateConfig
+from studies.config import CyclesConfig
+from studies.freshness import (
     arm_server,
+    attainable_per_span,
     fmt,
     join_labels,
     prepare_for,
     served_north_star,
     write_study,
 )
+from studies.replay import ReplayConfig, run_replay
+from training.schema import Dataset
+from training.synth import World
+from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CyclesConfig:
-    """`python -m canary.freshness_cycles --config FILE` ([cycles] table or top level) and
-    `--set KEY=VALUE`; these defaults are the only ones."""
-
-    dir: str = "reports/freshness"  # work folder: world, run, one folder per arm
-    preset: str = "small"
-    seed: int = 0
-    world: str | None = None
-    run: str | None = None
-    train_epochs: int = 12  # the base model, when trained here
-    cycles: int = 5
-    arms: tuple[str, ...] = ARMS
-    users: int = 500  # simulated population
-    batch: int = 200  # requests per traffic batch
-    k: int = 10
-    # Candidates the graph returns beyond k, for the seen filter to remove (ExportConfig).
-    # A user whose seen set covers most of the graph's k + overfetch gets a short slate.
-    overfetch: int = 100
-    concurrency: int = 4
-    requests_per_look: int = 300
-    max_looks: int = 20
-    canary_percent: int = 50
-    retrain_epochs: int = 2
-    retrain_lr: float = 0.001
-    window_days: float = 60.0
-    min_impressions: int = 3000  # per arm, before the CTR test may decide
-    max_impressions: int = 8000  # per arm: the fixed horizon (non-inferiority)
-    # Requests production serves alone before the first retrain. Every simulated user starts
-    # having clicked nothing, a state a running service is never in, so the first cycle
-    # measures that start-up as much as the loop; a burn-in of about one cycle's traffic
-    # lets the cycles start from a steady state. Its north star is reported as cycle 0.
-    burn_in_requests: int = 300
-    # > 0: each retrain also learns from the impressions users skipped (RetrainConfig).
-    skip_weight: float = 0.0
-    # The control: > 0 means no retrains at all; each "cycle" is this many requests served
-    # by production alone. With the same world, run and seed the request stream (which
-    # users come, in which order) is the retrain run's, so its per-cycle north star is what
-    # the same traffic gets from the base model: the share of a fall that is users using up
-    # their items rather than anything a retrain did. Give it the retrain run's requests
-    # per cycle.
-    control_requests: int = 0
-    # After the run, serve its exact request stream in-process with the world's oracle
-    # (simulator.replay) and report its CTR per cycle: what the best possible ranking
-    # gets from the same requests, using up its users' items as it goes. "Best
-    # attainable" is the oracle slate given the run's own clicks, which stays flat.
-    oracle_replay: bool = True
-    out: str | None = None  # results JSON; default DIR/cycles.json
-
-    def __post_init__(self) -> None:
-        if self.cycles < 1:
-            raise ValueError(f"CyclesConfig.cycles={self.cycles}: expected >= 1")
-        if self.control_requests < 0:
-            raise ValueError(
-                f"CyclesConfig.control_requests={self.control_requests}: expected >= 0"
-            )
-        if self.burn_in_requests < 0:
-            raise ValueError(
-                f"CyclesConfig.burn_in_requests={self.burn_in_requests}: expected >= 0"
-            )
-        bad = [a for a in self.arms if a not in ARMS]
-        if bad or not self.arms:
-            raise ValueError(f"CyclesConfig.arms={self.arms}: expected some of {ARMS}")
-
-
 def _configs(cfg: CyclesConfig, srv, root: Path, world: Path):
     """The demo's retrain, evaluation and traffic settings (canary/demo.py) on this arm."""
-    from canary.decide import OfflineGates
-    from canary.guardrails import GuardrailGates
-    from canary.online import EvaluateConfig
-    from canary.pipeline import RetrainConfig
-    from canary.verdict import OnlineGates
-    from fairness.gates import GateConfig
-    from simulator import SimulateConfig
-    from training.train import TrainConfig
 
     common = {
         "state_dir": str(root / "canary"),
@@ -207,8 +145,6 @@ def _control_row(i: int) -> dict[str, Any]:
 
 
 def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, Any]:
-    from canary.scenario import Traffic, run_act
-
     root = Path(cfg.dir) / f"cycles-{name}"
     t0 = time.perf_counter()
     cycles: list[dict[str, Any]] = []
@@ -293,11 +229,8 @@ def run_arm(cfg: CyclesConfig, name: str, world: Path, run: Path) -> dict[str, A
 
 def _attainable(cfg: CyclesConfig, world: Path, labels, spans, sim) -> list[float]:
     """Per span of traffic reports: the oracle slate's expected CTR for its users, after the
-    clicks logged before it (simulator.freshness.attainable_per_span). It says how much of a
+    clicks logged before it (studies.freshness.attainable_per_span). It says how much of a
     fall across cycles any ranking would share: users use up their best items."""
-    from simulator.freshness import attainable_per_span
-    from training.schema import Dataset
-    from training.synth import World
 
     ids = [[rid for r in reps for rid in r.request_ids] for reps in spans]
     return attainable_per_span(
@@ -313,7 +246,6 @@ def _attainable(cfg: CyclesConfig, world: Path, labels, spans, sim) -> list[floa
 def _oracle_replay(cfg: CyclesConfig, world: Path, run: Path, sim, requests: list[int], out):
     """Per span: the oracle's CTR (Wilson 95%) and clicks per request on the same requests,
     replayed in-process from the traffic's seeds (None for a span without requests)."""
-    from simulator.replay import ReplayConfig, run_replay
 
     res = run_replay(
         ReplayConfig(
@@ -423,6 +355,7 @@ def cycles_table(result: dict[str, Any]) -> str:
 def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
     """Per cycle: incumbent and canary CTR at the deciding look; the served north star
     (CTR with its Wilson interval) of the traffic during the cycle; per arm."""
+    # lazy: a figure is optional, and the Agg backend must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
@@ -497,60 +430,3 @@ def incumbent_ctr(c: dict[str, Any]) -> float:
 
 def _nan(v) -> float:
     return math.nan if v is None else float(v)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from common import config as config_mod
-
-    p.add_argument("--dir", help=f"work folder (default {CyclesConfig.dir})")
-    p.add_argument("--preset", help=f"world size (default {CyclesConfig.preset})")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--cycles", type=int, help=f"retrain cycles (default {CyclesConfig.cycles})")
-    p.add_argument("--figure", default=None, help="write the per-cycle plot (PNG) here")
-    p.add_argument(
-        "--from-json",
-        nargs="+",
-        default=None,
-        metavar="JSON",
-        help="run nothing: merge the arms of these results files (e.g. one process per arm), "
-        "print the table and draw --figure",
-    )
-    config_mod.add_config_args(p, "CyclesConfig", "users=500 arms=live")
-
-
-def run_args(args: argparse.Namespace) -> int:
-    """`northstar freshness-cycles`: run (or merge) the arms, print the table, draw."""
-    from common import config as config_mod
-
-    if args.from_json:
-        result = merge_results(args.from_json)
-    else:
-        flags = [
-            f"{k}={getattr(args, k)}"
-            for k in ("dir", "preset", "seed", "cycles")
-            if getattr(args, k) is not None
-        ]
-        cfg = config_mod.load(CyclesConfig, args.config, flags + list(args.set), section="cycles")
-        result = run_cycles(cfg)
-    print(cycles_table(result))
-    print(f"\nload average after each arm: {result['load_average']}; {result['seconds']} s")
-    if args.figure:
-        print(f"figure: {plot_cycles(result, args.figure)}")
-    return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m canary.freshness_cycles", description=__doc__.splitlines()[0]
-    )
-    add_arguments(p)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    return run_args(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from serving.testing import saved_world_run
-from simulator.depth import DepthConfig, build, relevance_by_depth, run_arm, run_depth
+from studies.depth import DepthConfig, build, relevance_by_depth, run_arm, run_depth
 
 
 @pytest.fixture(scope="module")

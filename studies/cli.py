@@ -1,9 +1,12 @@
-"""`northstar simulate freshness`: the closed-loop A/B of live features vs the frozen snapshot.
+"""The studies' commands: `northstar simulate freshness|depth|replay|tiers`,
+`northstar freshness-cycles` and `northstar stability-study`.
 
     northstar simulate freshness --preset small --requests 6000 --dir reports/freshness \\
-        [--figure simulator/figures/freshness_ab.png] [--set users=1000 batch=200]
+        [--figure studies/figures/freshness_ab.png] [--set users=1000 batch=200]
 
-Prints the table (Markdown) and writes DIR/freshness.json (or --set out=...).
+The four `simulate` studies hang under the simulator's `simulate` command (registered
+before this module by northstar/cli.py), so their command lines stay as they were. Each
+prints its table (Markdown) and writes its JSON into its work folder (or --set out=...).
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ from __future__ import annotations
 import argparse
 
 from common import config as config_mod
+from studies.config import (
+    CyclesConfig,
+    DepthConfig,
+    FreshnessConfig,
+    ReplayConfig,
+    StabilityStudyConfig,
+    TiersStudyConfig,
+)
 
 # Shorthand flag (argparse dest) -> FreshnessConfig field.
 _FLAGS = (
@@ -26,12 +37,47 @@ _FLAGS = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from simulator.freshness import FreshnessConfig as d
+    """Every study's subcommand; `simulate`'s are added to the simulator's own parser."""
+    simulate = sub.choices.get("simulate")
+    if simulate is None:
+        raise RuntimeError("studies.cli: register simulator.cli's `simulate` first")
+    studies = simulate.add_subparsers(
+        dest="simulate_command", metavar="{freshness,depth,replay,tiers}"
+    )
+    register_freshness(studies)
+    register_depth(studies)
+    register_replay(studies)
+    register_tiers(studies)
+    register_cycles(sub)
+    register_stability(sub)
+
+
+def register_cycles(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser(
+        "freshness-cycles",
+        help="retrain cycles with live vs frozen features (studies/freshness_cycles.py)",
+    )
+    _cycles_arguments(f)
+    f.set_defaults(func=_cycles)
+
+
+def register_stability(sub: argparse._SubParsersAction) -> None:
+    st = sub.add_parser(
+        "stability-study",
+        help="churn and accuracy of a retrain with and without the stability term "
+        "(studies/stability_study.py)",
+    )
+    _stability_arguments(st)
+    st.set_defaults(func=_stability)
+
+
+def register_freshness(sub: argparse._SubParsersAction) -> None:
+    d = FreshnessConfig  # the defaults shown are the dataclass's
 
     p = sub.add_parser(
         "freshness",
         help="A/B in the closed loop: live online features (Redis) vs the frozen snapshot",
-        description="Settings are FreshnessConfig's fields (simulator/freshness.py): from "
+        description="Settings are FreshnessConfig's fields (studies/freshness.py): from "
         "--config FILE (a [freshness] table or top level), then the flags, then --set.",
     )
     p.add_argument("--dir", help=f"work folder (dir; default {d.dir})")
@@ -70,13 +116,11 @@ def _study_config(cls, args, section: str):
 
 
 def register_depth(sub: argparse._SubParsersAction) -> None:
-    from simulator.depth import DepthConfig
-
     _study_parser(
         sub,
         "depth",
         DepthConfig,
-        "simulator/depth.py",
+        "studies/depth.py",
         "in-process closed loop: which live state makes CTR fall (seen filter, history, "
         "prior), and how true relevance decays down the model's ranking",
         "users=500 rounds=12",
@@ -85,7 +129,7 @@ def register_depth(sub: argparse._SubParsersAction) -> None:
 
 
 def _depth(args) -> int:
-    from simulator.depth import DepthConfig, run_depth, tables
+    from studies.depth import run_depth, tables  # lazy: see _cycles
 
     cfg = _study_config(DepthConfig, args, "depth")
     result = run_depth(cfg, progress=lambda name: print(f"arm done: {name}", flush=True))
@@ -99,7 +143,7 @@ def register_replay(sub: argparse._SubParsersAction) -> None:
         "replay",
         help="a closed-loop run's request stream served in-process by the oracle and by the "
         "model without retrains: how far any ranking's CTR falls on that traffic",
-        description="Settings are ReplayConfig's fields (simulator/replay.py): from --config "
+        description="Settings are ReplayConfig's fields (studies/replay.py): from --config "
         "FILE (a [replay] table or top level), then --set. world and run are required.",
     )
     config_mod.add_config_args(
@@ -109,7 +153,7 @@ def register_replay(sub: argparse._SubParsersAction) -> None:
 
 
 def _replay(args) -> int:
-    from simulator.replay import ReplayConfig, run_replay, table
+    from studies.replay import run_replay, table  # lazy: see _cycles
 
     cfg = config_mod.load(ReplayConfig, args.config, list(args.set), section="replay")
     result = run_replay(cfg, progress=lambda line: print(line, flush=True))
@@ -119,13 +163,11 @@ def _replay(args) -> int:
 
 
 def register_tiers(sub: argparse._SubParsersAction) -> None:
-    from simulator.label_tiers import TiersStudyConfig
-
     _study_parser(
         sub,
         "tiers",
         TiersStudyConfig,
-        "simulator/label_tiers.py",
+        "studies/label_tiers.py",
         "what each label tier is worth: retrain on the loop's feedback one tier at a time "
         "(final, weighted, strong only, weak with pending)",
         "requests=20000 weak_weight=0.5",
@@ -134,7 +176,7 @@ def register_tiers(sub: argparse._SubParsersAction) -> None:
 
 
 def _tiers(args) -> int:
-    from simulator.label_tiers import TiersStudyConfig, run_study, table
+    from studies.label_tiers import run_study, table  # lazy: see _cycles
 
     cfg = _study_config(TiersStudyConfig, args, "tiers")
     result = run_study(cfg, progress=lambda line: print(line, flush=True))
@@ -144,7 +186,7 @@ def _tiers(args) -> int:
 
 
 def _freshness(args) -> int:
-    from simulator.freshness import FreshnessConfig, ab_table, plot_ab, run_freshness
+    from studies.freshness import ab_table, plot_ab, run_freshness  # lazy: see _cycles
 
     flags = [
         f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
@@ -157,3 +199,64 @@ def _freshness(args) -> int:
     if args.figure:
         print(f"figure: {plot_ab(result, args.figure)}")
     return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
+
+
+def _cycles_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help=f"work folder (default {CyclesConfig.dir})")
+    p.add_argument("--preset", help=f"world size (default {CyclesConfig.preset})")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--cycles", type=int, help=f"retrain cycles (default {CyclesConfig.cycles})")
+    p.add_argument("--figure", default=None, help="write the per-cycle plot (PNG) here")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: merge the arms of these results files (e.g. one process per arm), "
+        "print the table and draw --figure",
+    )
+    config_mod.add_config_args(p, "CyclesConfig", "users=500 arms=live")
+
+
+def _cycles(args: argparse.Namespace) -> int:
+    """`northstar freshness-cycles`: run (or merge) the arms, print the table, draw."""
+    # lazy, as in every handler here: `northstar --help` does not load what a study runs
+    from studies.freshness_cycles import cycles_table, merge_results, plot_cycles, run_cycles
+
+    if args.from_json:
+        result = merge_results(args.from_json)
+    else:
+        flags = [
+            f"{k}={getattr(args, k)}"
+            for k in ("dir", "preset", "seed", "cycles")
+            if getattr(args, k) is not None
+        ]
+        cfg = config_mod.load(CyclesConfig, args.config, flags + list(args.set), section="cycles")
+        result = run_cycles(cfg)
+    print(cycles_table(result))
+    print(f"\nload average after each arm: {result['load_average']}; {result['seconds']} s")
+    if args.figure:
+        print(f"figure: {plot_cycles(result, args.figure)}")
+    return 0 if all(a["failed"] == 0 for a in result["arms"].values()) else 1
+
+
+def _stability_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help=f"work folder (default {StabilityStudyConfig.dir})")
+    p.add_argument("--preset", help=f"world size (default {StabilityStudyConfig.preset})")
+    p.add_argument("--seed", type=int)
+    config_mod.add_config_args(p, "StabilityStudyConfig", "weights=0,0.5,2 requests=20000")
+
+
+def _stability(args: argparse.Namespace) -> int:
+    from studies.stability_study import run_study, table  # lazy: see _cycles
+
+    flags = [
+        f"{k}={getattr(args, k)}" for k in ("dir", "preset", "seed") if getattr(args, k) is not None
+    ]
+    cfg = config_mod.load(
+        StabilityStudyConfig, args.config, flags + list(args.set), section="stability"
+    )
+    result = run_study(cfg, progress=lambda line: print(line, flush=True))
+    print(table(result))
+    print(f"\n{result['seconds']} s; written to {result['path']}")
+    return 0

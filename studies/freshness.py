@@ -26,7 +26,7 @@ against the simulator's memory of what each user clicked), plus the share of ite
 user had in the world's history (the seen set both arms start from; should be 0).
 
 The five-retrain-cycle half of the study needs the canary pipeline, which sits above this
-package: `python -m canary.freshness_cycles` (canary/freshness_cycles.py) reuses
+package: `northstar freshness-cycles` (studies/freshness_cycles.py) reuses
 `prepare` and `arm_server` from here.
 """
 
@@ -46,47 +46,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from common.figures import save_png
+from common.redis_server import RedisServer
+from feedback.join import JoinConfig, read_labels, run_join
+from feedback.metrics import north_star_table
+from online.store import RedisFeatureStore
+from serving.publish import ExportConfig, export
+from serving.server import ServerConfig, TritonServer
 from simulator.behaviour import ClickMemory
 from simulator.config import SimReport, SimulateConfig
+from simulator.driver import simulate
+from studies.config import FreshnessConfig
+from training.run import METRICS_FILE
+from training.schema import Dataset
+from training.synth import SynthConfig, World, generate_dataset
+from training.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-ARMS = ("frozen", "live")
 INF = float("inf")
-
-
-@dataclass(frozen=True)
-class FreshnessConfig:
-    """`northstar simulate freshness --config FILE` (a [freshness] table or top level) and
-    `--set KEY=VALUE`; the flags are shorthands for some fields. These defaults are the only
-    ones."""
-
-    dir: str = "reports/freshness"  # work folder: world, run, one folder per arm
-    preset: str = "small"  # world size when `world` is not given: tiny | small | demo | large
-    seed: int = 0  # world, training and simulator seed
-    world: str | None = None  # a world folder (northstar data synth --out); default DIR/data
-    run: str | None = None  # a run trained on that world; default: trained into DIR/run
-    train_epochs: int = 12  # when the run is trained here (early stopping trims it)
-    users: int = 1000  # simulated population, drawn by activity
-    requests: int = 6000  # slates per arm
-    batch: int = 200  # requests per simulate() call; its clicks are sent when it ends
-    # Seconds between batches, in both arms: longer than the store cache's TTL (0.2 s), so
-    # a click acknowledged at a batch's end is what the next batch's first read sees.
-    batch_pause_s: float = 0.5
-    k: int = 10
-    concurrency: int = 4
-    arms: tuple[str, ...] = ARMS
-    out: str | None = None  # results JSON; default DIR/freshness.json
-
-    def __post_init__(self) -> None:
-        for name in ("users", "requests", "batch", "k", "concurrency", "train_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FreshnessConfig.{name}={getattr(self, name)}: expected >= 1")
-        bad = [a for a in self.arms if a not in ARMS]
-        if bad or not self.arms:
-            raise ValueError(f"FreshnessConfig.arms={self.arms}: expected some of {ARMS}")
 
 
 # ---------------------------------------------------------------------------- world + run
@@ -116,9 +96,6 @@ def prepare(
 ) -> tuple[Path, Path]:
     """(world dir, run dir): the given ones, or a world of `preset` generated into
     ROOT/data and a model trained on it into ROOT/run, reused when already there."""
-    from training.run import METRICS_FILE
-    from training.synth import SynthConfig, generate_dataset
-    from training.train import TrainConfig, train
 
     root = Path(root)
     data = Path(world) if world else root / "data"
@@ -146,7 +123,6 @@ def export_template(
     path: str | Path, run: str | Path, *, k: int = 10, overfetch: int = 100
 ) -> Path:
     """Export `run` once into a fresh repository at `path`, for arm_server(template=)."""
-    from serving.publish import ExportConfig, export
 
     path = Path(path)
     if path.exists():
@@ -196,11 +172,6 @@ def arm_server(
     users and every interaction: what the run's snapshot was built from). Everything under
     ROOT from an earlier run of the same arm is removed first. `template`: a repository
     `export_template` wrote, copied instead of exporting again (the same bytes per arm)."""
-    from common.redis_server import RedisServer
-    from online.store import RedisFeatureStore
-    from serving.publish import ExportConfig, export
-    from serving.server import ServerConfig, TritonServer
-    from training.schema import Dataset
 
     root = Path(root)
     if root.exists():
@@ -250,7 +221,6 @@ def arm_server(
 def served_north_star(labels: pd.DataFrame, *, by: list[str] | None = None) -> list[dict]:
     """CTR (Wilson 95%) and engaged value per impression (normal 95%) of `labels`, one row
     per `by` group (the whole frame when `by` is empty), from feedback.metrics."""
-    from feedback.metrics import north_star_table
 
     if labels.empty:
         return []
@@ -270,7 +240,6 @@ def _plain(v):
 
 def join_labels(event_log: str | Path, labels_dir: str | Path, window_s: float) -> pd.DataFrame:
     """Join the whole log (every window closed) and return its labels."""
-    from feedback.join import JoinConfig, read_labels, run_join
 
     run_join(JoinConfig(log=str(event_log), out=str(labels_dir), window_s=window_s, as_of=INF))
     return read_labels(labels_dir)
@@ -355,8 +324,6 @@ def closed_loop(
 
 
 def simulate_batch(sim: SimulateConfig, memory: ClickMemory) -> SimReport:
-    from simulator.driver import simulate
-
     return simulate(sim, memory=memory)
 
 
@@ -515,9 +482,6 @@ def run_arm(
     cfg: FreshnessConfig, name: str, world: Path, run: Path, template: Path | None = None
 ) -> dict[str, Any]:
     """One arm end to end: serve, closed-loop traffic, join, measure."""
-    from tqdm import tqdm
-
-    from training.schema import Dataset
 
     root = Path(cfg.dir) / name
     n_batches = math.ceil(cfg.requests / cfg.batch)
@@ -562,7 +526,6 @@ def run_arm(
         labels = join_labels(srv.event_log, root / "labels", sim.window_s)
     ds = Dataset.load(world)
     ns = served_north_star(labels)
-    from training.synth import World
 
     w = World.load(world)
     ceiling = attainable_per_batch(w, ds, labels, loop, k=cfg.k, rewatch_factor=sim.rewatch_factor)
@@ -655,6 +618,7 @@ def ab_table(result: dict[str, Any]) -> str:
 def plot_ab(result: dict[str, Any], path: str | Path) -> Path:
     """Bars: CTR and engaged value per impression with their 95% intervals, and the share
     of re-shown clicked items, per arm; plus CTR per batch over the run."""
+    # lazy: a figure is optional, and the Agg backend must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
