@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import procs
+
 INSTALL_HINT = "install Debian's package: apt-get install -y redis-server (make venv does)"
 
 
@@ -30,15 +32,6 @@ def redis_server_binary() -> str:
     if path is None:
         raise RedisServerError(f"redis-server: not found on PATH; {INSTALL_HINT}")
     return path
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server when the process that started it dies, so a crashed test
-    or benchmark does not leave redis-server running (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to set
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -90,12 +83,10 @@ class RedisServer:
             "--logfile", str(self.log_path.resolve()),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+        # Its own process group, SIGTERM when we die: a crashed test or benchmark does not
+        # leave redis-server running.
+        self.process = procs.spawn(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         self._wait_ready()
         return self
@@ -135,13 +126,9 @@ class RedisServer:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            # SIGTERM: redis-server finishes its append-only file; SIGKILL after 30 s.
+            procs.stop_group(proc, timeout_s=30)
 
     def close(self) -> None:
         self.stop()
