@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.31"
@@ -622,7 +624,7 @@ def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
         )
         return out.stdout.strip()
 
-    proc = subprocess.Popen([server, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL)
+    proc = procs.spawn([server, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL)
     try:
         for _ in range(100):
             if cli("ping") == "PONG":
