@@ -155,7 +155,7 @@ def find_leftovers(
 
 def wait_for_leftovers(mark: tuple[str, str], *, grace_s: float = 10.0, **kw) -> list[Leftover]:
     """find_leftovers, once what is still exiting has had `grace_s` to finish (a stub whose
-    server was killed notices within a second or two and exits on its own)."""
+    server was killed notices soon after and exits on its own)."""
     deadline = time.monotonic() + grace_s
     while True:
         found = find_leftovers(mark, **kw)
