@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -121,7 +120,7 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL: what a crash looks like. `start()` again recovers from the data dir."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            procs.kill_group(self.process.pid)  # with any child it forked (an AOF rewrite)
             self.process.wait()
 
     def stop(self) -> None:
