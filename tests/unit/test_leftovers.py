@@ -91,6 +91,7 @@ def test_a_marked_orphan_is_found_and_another_sessions_is_not(mark, cleanup):
 def test_a_server_that_wrote_over_its_environment_is_found_by_its_group(
     mark, cleanup, tmp_path, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)  # whatever redis-server writes stays in the test's folder
     registry = tmp_path / "procs"
     monkeypatch.setenv(procs.REGISTRY_ENV, str(registry))
     env = {"PATH": os.environ["PATH"], KEY: mark[1]}
