@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import procs
 
 INSTALL_HINT = "install Debian's package: apt-get install -y redis-server (make venv does)"
 
@@ -30,15 +31,6 @@ def redis_server_binary() -> str:
     if path is None:
         raise RedisServerError(f"redis-server: not found on PATH; {INSTALL_HINT}")
     return path
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server when the process that started it dies, so a crashed test
-    or benchmark does not leave redis-server running (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to set
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -90,12 +82,10 @@ class RedisServer:
             "--logfile", str(self.log_path.resolve()),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+        # Its own process group, SIGTERM when we die: a crashed test or benchmark does not
+        # leave redis-server running.
+        self.process = procs.spawn(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         self._wait_ready()
         return self
@@ -130,18 +120,14 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL: what a crash looks like. `start()` again recovers from the data dir."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            procs.kill_group(self.process.pid)  # with any child it forked (an AOF rewrite)
             self.process.wait()
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            # SIGTERM: redis-server finishes its append-only file; SIGKILL after 30 s.
+            procs.stop_group(proc, timeout_s=30)
 
     def close(self) -> None:
         self.stop()

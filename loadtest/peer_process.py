@@ -3,14 +3,14 @@ whole session (a peer may start daemons of its own, as Ray does)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from common import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,14 +47,15 @@ class PeerProcess:
     def start(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
-            self.process = subprocess.Popen(
+            # Its own session (its children join it: one killpg ends all), SIGTERM when we
+            # die.
+            self.process = procs.spawn(
                 self.command(),
                 env=self.env(),
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=str(ROOT),
-                start_new_session=True,  # its children join this session: one killpg ends all
             )
         return self
 
@@ -77,18 +78,9 @@ class PeerProcess:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        # whatever it left in its session (workers a clean shutdown did not reap)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            # then whatever it left in its session (workers a clean shutdown did not reap)
+            procs.stop_group(proc, timeout_s=self.stop_timeout_s)
 
     def __enter__(self):
         return self.start()

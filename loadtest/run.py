@@ -14,15 +14,14 @@ Exit code: Locust's (1 when a threshold in locust.conf fails), 124 on the hard t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import procs
 from loadtest import catalogue
 from serving import repository as layout
 
@@ -84,20 +83,19 @@ def locust_command(
 def spawn_locust(cmd: list[str], out=None) -> subprocess.Popen:
     """Locust in its own process group (its gevent workers go down with it), from the repo
     root so that `-f loadtest/locustfile.py` resolves; output to `out` (a binary file)."""
-    return subprocess.Popen(
+    # SIGTERM when we die: Locust stops its users and writes what it has.
+    return procs.spawn(
         cmd,
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
         cwd=str(HERE.parent),
     )
 
 
 def kill_group(proc: subprocess.Popen) -> int:
     """SIGKILL Locust's process group and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    procs.kill_group(proc.pid)
     return proc.wait()
 
 

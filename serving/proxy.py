@@ -28,6 +28,8 @@ from pathlib import Path
 
 import jinja2
 
+from common import procs
+
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "nginx.conf.j2"
 INSTALL_HINT = "install Debian's nginx (apt-get install -y nginx-light; make venv does)"
 
@@ -164,7 +166,9 @@ class FrontProxy:
         check = subprocess.run([*cmd, "-t", "-q"], capture_output=True, text=True)
         if check.returncode != 0:
             raise ProxyError(f"nginx refused its config {conf}: {check.stderr.strip()}")
-        self.process = subprocess.Popen(
+        # Its own process group with its workers, stopped as one; SIGTERM (nginx's fast
+        # shutdown) when we die, even by SIGKILL.
+        self.process = procs.spawn(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         self._wait_listening(startup_timeout_s)
@@ -198,13 +202,9 @@ class FrontProxy:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)  # graceful: finish the requests in flight
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            # SIGQUIT is graceful: the requests in flight finish; the workers go with it.
+            procs.stop_group(proc, sig=signal.SIGQUIT, timeout_s=15)
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

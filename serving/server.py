@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import procs
 from serving import auth
 from serving import repository as layout
 from serving.control import ServerError, load_versions, ready_versions
@@ -314,15 +315,15 @@ class TritonServer:
                 if self.proxied:
                     self._start_proxy()
                 self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-                self.process = subprocess.Popen(
+                # Its own process group (its stubs join it): Ctrl-C reaches us and we shut
+                # the server down in order, and stop() can end the group. SIGTERM when we
+                # die, even by SIGKILL: Triton then stops its stubs and frees their memory.
+                self.process = procs.spawn(
                     self.command(),
                     env=self.env(),
                     stdout=self._log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    # Its own process group: Ctrl-C reaches us; we shut the server down in
-                    # order.
-                    start_new_session=True,
                 )
                 self._wait_ready()
                 self.routing = self._restore_routing()
@@ -508,23 +509,15 @@ class TritonServer:
     def stop(self) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL the group if it hangs.
 
-        Either way, stubs left by a server that died (kill -9, OOM) are reaped.
+        Either way, stubs left by a server that died (kill -9, OOM) are reaped with their
+        shared memory, and then whatever else is still in the server's group is killed.
         """
         proc, self.process = self.process, None
         rc = None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    rc = proc.wait(timeout=self.cfg.exit_timeout_s + 10)
-                except subprocess.TimeoutExpired:
-                    log.warning("tritonserver did not stop in time; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    rc = proc.wait()
-            else:
-                rc = proc.returncode
+            rc = procs.stop_group(proc, timeout_s=self.cfg.exit_timeout_s + 10, sweep=False)
             reap_orphan_stubs(server_pid=proc.pid)
+            procs.kill_group(proc.pid)
             shutil.rmtree(server_folder(layout.RECOMMEND, proc.pid), ignore_errors=True)
         # After Triton: requests in flight drained through the proxy first.
         proxy, self.proxy = self.proxy, None

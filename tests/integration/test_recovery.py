@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 import pytest
 
+from common import procs
 from serving.client import RecommenderClient
 from serving.control import ready_versions, switch_routing
 from serving.routing import RoutingState
@@ -45,7 +46,8 @@ READY = re.compile(r"tritonserver ready \(pid (\d+)\)")
 def _serve(cmd: list[str], timeout_s: float = 180.0) -> tuple[subprocess.Popen, int, float]:
     """Start `northstar serve`; return (process, tritonserver pid, seconds to ready)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # spawn: it goes (and takes its tritonserver with it) even if pytest is killed
+    proc = procs.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     while time.monotonic() - t0 < timeout_s:
         line = proc.stdout.readline()

@@ -18,6 +18,7 @@ Nothing is mocked. The waits below are bounded only to turn a hang into a failur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -50,10 +51,19 @@ class Fleet:
     redis: RedisServer
     servers: list[TritonServer]
     root: object
+    # every server started, replaced ones included: the fixture stops them all
+    started: list[TritonServer] = field(default_factory=list)
 
     @property
     def urls(self) -> list[str]:
         return [s.grpc_url for s in self.servers]
+
+    def restart(self, i: int, log) -> TritonServer:
+        """Replica `i` started again (stopped first if it still runs: a test run alone)."""
+        self.servers[i].stop()
+        new = _start(self.repo, self.redis.url, log, self.started)
+        self.servers[i] = new
+        return new
 
     def record(self):
         rs = RoutingStore.from_url(self.redis.url)
@@ -63,16 +73,18 @@ class Fleet:
             rs.close()
 
 
-def _start(repo, redis_url, log) -> TritonServer:
+def _start(repo, redis_url, log, started: list[TritonServer]) -> TritonServer:
     # Replicas share one event stream on the same Redis, as they would in production.
-    return TritonServer(
+    server = TritonServer(
         ServerConfig.on_free_ports(
             str(repo),
             online_store=redis_url,
             event_log=f"{redis_url}?groups=log",
             log_file=str(log),
         )
-    ).start()
+    )
+    started.append(server)  # before start(): stop() is safe on any of them, started or not
+    return server.start()
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +92,17 @@ def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     ds, _, repo = world_repo(root, versions=2)
     redis = seeded_store(ds, root / "redis")
-    servers: list[TritonServer] = []
+    started: list[TritonServer] = []
     try:
-        for name in ("a", "b"):
-            servers.append(_start(repo, redis.url, root / f"tritonserver-{name}.log"))
-        yield Fleet(ds, repo, redis, servers, root)
+        servers = [_start(repo, redis.url, root / f"tritonserver-{n}.log", started) for n in "ab"]
+        yield Fleet(ds, repo, redis, servers, root, started)
     finally:
-        for s in servers:
-            s.stop()
-        redis.close()
+        # Each stopped whatever the others do: a server that fails to stop (or a Ctrl-C)
+        # must not leave the rest running.
+        with contextlib.ExitStack() as stack:
+            stack.callback(redis.close)
+            for server in started:
+                stack.callback(server.stop)
 
 
 @dataclass
@@ -330,8 +344,7 @@ def test_a_restarted_replica_takes_its_routing_from_the_store(fleet):
     done = switch_routing(fleet.repo, new, urls=[a], drain_s=0.0)
     # routing.json (the mirror) says otherwise: the store is the truth
     RoutingState(production=1).save(layout.routing_path(fleet.repo))
-    again = _start(fleet.repo, fleet.redis.url, fleet.root / "tritonserver-b2.log")
-    fleet.servers[1] = again
+    again = fleet.restart(1, fleet.root / "tritonserver-b2.log")
     assert again.routing == new and again.routing_epoch == done.epoch
     assert 2 in ready_versions(again.grpc_url)
     with RecommenderClient(again.grpc_url) as client:

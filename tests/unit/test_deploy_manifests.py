@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.31"
@@ -703,7 +705,7 @@ def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
     # The container's own start script, on the local config (the password from stdin).
     script = _redis_script(c).replace(str(conf_path), str(tmp_path / "redis.conf"))
     script = script.replace("exec redis-server", f"exec {server}")
-    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, env=env)
+    proc = procs.spawn(["sh", "-c", script], stdout=subprocess.DEVNULL, env=env)
     try:
         for _ in range(100):
             if cli("ping") == "PONG":
