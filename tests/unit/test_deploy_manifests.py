@@ -624,9 +624,9 @@ def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
 
     proc = subprocess.Popen([server, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            if cli("ping") == "PONG":
-                break
+        deadline = time.monotonic() + 60  # a bound on a hang: redis answers when it is up
+        while cli("ping") != "PONG":
+            assert time.monotonic() < deadline, "redis-server never answered PING"
             time.sleep(0.05)
         assert cli("config", "get", "appendfsync").split() == ["appendfsync", "always"]
         assert cli("config", "get", "appendonly").split() == ["appendonly", "yes"]
