@@ -24,8 +24,9 @@ reported when the run ends (log line "failover: ...", and `failover_counts()`).
 Every answer is checked (loadtest/answers.py): a `recommend` slate must hold k distinct
 item ids, none the user has already seen, and a `retrieval` row its top items in score
 order; with --catalogue, every id must be in the catalogue. A wrong answer is a failed
-request. When the run ends the log says how many answers were checked and how many were
-wrong ("answers checked: ...").
+request. When the run ends the log says how many answers were checked, how many were
+wrong, and how many slates were short of k because the user's seen items used up the
+over-fetch ("answers checked: ...").
 
 Thresholds (`make loadtest`): when the run ends, a p99 of `recommend` above --max-p99-ms
 or a failure ratio above --max-fail-ratio sets the exit code to 1 (locust's
@@ -314,11 +315,15 @@ class _TritonUser(User):
                 graph_k=self.graph_k,
                 seen=seen,
                 catalogue=self.work.catalogue,
+                # A server that takes feedback learns seen items the snapshot lacks.
+                seen_is_all=not self.feedback_ready,
             )
 
         result = self._call(RECOMMEND, RECOMMEND, inputs, _REC_OUTPUTS, check)
         if result is not None:
             items = result.as_numpy("item_ids")[0]
+            if (items >= 0).sum() < k:  # right (seen items used the over-fetch), but counted
+                _answers[RECOMMEND, "short"] += 1
             rid = result.as_numpy("request_id").reshape(-1)[0]
             rid = rid.decode() if isinstance(rid, bytes) else str(rid)
             self.last_slate = (uid, rid, items[items >= 0])
@@ -448,10 +453,10 @@ class WrongAnswer(Exception):
 
 
 def answer_counts() -> dict[str, dict[str, int]]:
-    """Per request name: answers checked and answers wrong."""
+    """Per request name: answers checked, wrong, and (recommend) short slates."""
     out: dict[str, dict[str, int]] = {}
     for (name, kind), n in _answers.items():
-        out.setdefault(name, {"checked": 0, "wrong": 0})[kind] = n
+        out.setdefault(name, {"checked": 0, "wrong": 0, "short": 0})[kind] = n
     return out
 
 
@@ -478,7 +483,8 @@ def _check_thresholds(environment, **_kwargs) -> None:
     counts = answer_counts()
     wrong = sum(c["wrong"] for c in counts.values())
     checked = ", ".join(f"{n} {c['checked']}" for n, c in sorted(counts.items()))
-    log.info("answers checked: %s; wrong %d", checked or "none", wrong)
+    short = sum(c["short"] for c in counts.values())
+    log.info("answers checked: %s; wrong %d; short slates %d", checked or "none", wrong, short)
     problems = threshold_failures(
         environment.stats, max_p99_ms=opts.max_p99_ms, max_fail_ratio=opts.max_fail_ratio
     )
