@@ -70,7 +70,9 @@ from loadtest.answers import check_recommend, check_retrieval  # noqa: E402
 from loadtest.thresholds import threshold_failures  # noqa: E402
 from models.features import INPUT_HISTORY_TS, INPUT_NAMES, input_names  # noqa: E402
 from models.snapshot import UserFeatures  # noqa: E402
+from serving import repository as layout  # noqa: E402
 from serving.client import split_urls, unreachable  # noqa: E402
+from serving.routing import RoutingState  # noqa: E402
 
 log = logging.getLogger("northstar.locust")
 
@@ -141,8 +143,6 @@ class Workload:
     @classmethod
     def from_options(cls, options) -> Workload:
         from loadtest.users import UserSampler, known_user_ids, production_snapshot
-        from serving import repository as layout
-        from serving.routing import RoutingState
 
         snapshot = version = catalogue = None
         try:
