@@ -8,9 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 DEMO ?= demo
 PRESET ?= demo
 
-# Debian packages the tests and the demo start for real: redis-server (the online state and
-# the event stream) and nginx (the front proxy that bounds request bodies).
-SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx-light
+# Debian packages the tests and the demo start for real, as command:package: redis-server
+# (the online state and the event stream), nginx (the front proxy that bounds request
+# bodies), promtool from `prometheus` (checks and unit-tests the alert rules' PromQL) and
+# chromium (renders the demo's HTML page headless in a test).
+SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx-light promtool:prometheus \
+	chromium:chromium
 
 .PHONY: sysdeps venv demo test test-fast lint format loadtest bench soak gpu-check clean
 

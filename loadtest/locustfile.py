@@ -21,8 +21,16 @@ next one in turn; a server that cannot be reached is skipped for a second and th
 goes to the next one. Those retries are not failures: they are counted per server and
 reported when the run ends (log line "failover: ...", and `failover_counts()`).
 
-Thresholds: when the run ends, a p99 of `recommend` above --max-p99-ms or a failure
-ratio above --max-fail-ratio sets the exit code to 1 (locust's stop_on_threshold.py).
+Every answer is checked (loadtest/answers.py): a `recommend` slate must hold k distinct
+item ids, none the user has already seen, and a `retrieval` row its top items in score
+order; with --catalogue, every id must be in the catalogue. A wrong answer is a failed
+request. When the run ends the log says how many answers were checked, how many were
+wrong, and how many slates were short of k because the user's seen items used up the
+over-fetch ("answers checked: ...").
+
+Thresholds (`make loadtest`): when the run ends, a p99 of `recommend` above --max-p99-ms
+or a failure ratio above --max-fail-ratio sets the exit code to 1 (locust's
+stop_on_threshold.py). Tests turn the p99 threshold off and judge answers, not speed.
 
 gevent (measured here): tritonclient.grpc blocks the event loop unless
 `grpc.experimental.gevent.init_gevent()` runs before any channel exists, and with it the
@@ -58,10 +66,13 @@ from locust.stats import (  # noqa: E402
 )
 
 from feedback.ingest import INPUTS as _FEEDBACK_INPUTS  # noqa: E402
+from loadtest.answers import check_recommend, check_retrieval  # noqa: E402
 from loadtest.thresholds import threshold_failures  # noqa: E402
 from models.features import INPUT_HISTORY_TS, INPUT_NAMES, input_names  # noqa: E402
 from models.snapshot import UserFeatures  # noqa: E402
+from serving import repository as layout  # noqa: E402
 from serving.client import split_urls, unreachable  # noqa: E402
+from serving.routing import RoutingState  # noqa: E402
 
 log = logging.getLogger("northstar.locust")
 
@@ -104,6 +115,12 @@ def _add_arguments(parser) -> None:
     g.add_argument("--max-fail-ratio", type=float, default=0.01, help="failure ratio threshold")
     g.add_argument("--timeout-s", type=float, default=30.0, help="per-request client timeout")
     g.add_argument(
+        "--catalogue",
+        default="",
+        env_var="NORTHSTAR_CATALOGUE",
+        help=".npy of the served catalogue's raw item ids: an answer outside it is a failure",
+    )
+    g.add_argument(
         "--request-log",
         default="",
         env_var="NORTHSTAR_REQUEST_LOG",
@@ -120,14 +137,17 @@ class Workload:
 
     sampler: object  # loadtest.users.UserSampler
     snapshot: object | None  # models.snapshot.FeatureSnapshot: features for `retrieval`
+    version: int | None = None  # the version whose snapshot that is (seen items per user)
+    catalogue: np.ndarray | None = None  # sorted raw item ids, when --catalogue is given
 
     @classmethod
     def from_options(cls, options) -> Workload:
         from loadtest.users import UserSampler, known_user_ids, production_snapshot
 
-        snapshot = None
+        snapshot = version = catalogue = None
         try:
             snapshot = production_snapshot(options.repo)
+            version = RoutingState.load(layout.routing_path(options.repo)).production
         except (FileNotFoundError, ValueError, KeyError) as exc:
             log.warning(
                 "no feature snapshot in %s (%s): retrieval sends zero features", options.repo, exc
@@ -140,7 +160,16 @@ class Workload:
             known = np.zeros(0, dtype=np.int64)
         share = options.unknown_share if len(known) else 1.0
         sampler = UserSampler.build(known, zipf_a=options.zipf_a, unknown_share=share)
-        return cls(sampler, snapshot)
+        if options.catalogue:
+            catalogue = np.unique(np.load(options.catalogue).astype(np.int64))
+        return cls(sampler, snapshot, version, catalogue)
+
+    def seen(self, user_id: int, version: int) -> np.ndarray | None:
+        """The user's seen items in the snapshot of `version`; None where that is not the
+        snapshot loaded here (another version may know more history)."""
+        if self.snapshot is None or version != self.version:
+            return None
+        return self.snapshot.lookup(np.asarray([user_id])).seen[0]
 
     def features(
         self, user_ids: np.ndarray, dims: tuple[int, int], names: tuple[str, ...] = INPUT_NAMES
@@ -196,6 +225,7 @@ class _TritonUser(User):
         self.feedback_ready = False
         self.retrieval_dims = (0, 0)
         self.retrieval_inputs = INPUT_NAMES
+        self.graph_k = 0  # candidates per row `retrieval` returns
 
     # -- protocol specifics ---------------------------------------------------------
     def _urls(self) -> str:
@@ -259,6 +289,8 @@ class _TritonUser(User):
         )
         # Three inputs, or four where the served graphs read time gaps (`history_ts`).
         self.retrieval_inputs = input_names(INPUT_HISTORY_TS in by_name)
+        outs = {o["name"]: o for o in meta.get("outputs", [])}
+        self.graph_k = int(outs["item_ids"]["shape"][-1])
 
     def on_stop(self) -> None:
         for c in self.clients:
@@ -272,9 +304,26 @@ class _TritonUser(User):
             self._input("user_id", np.array([[uid]], dtype=np.int64), "INT64"),
             self._input("k", np.array([[self.opts.k]], dtype=np.int32), "INT32"),
         ]
-        result = self._call(RECOMMEND, RECOMMEND, inputs, _REC_OUTPUTS)
+        k = self.opts.k
+
+        def check(result) -> str | None:
+            version = int(result.as_numpy("model_version").reshape(-1)[0])
+            seen = self.work.seen(uid, version)
+            return check_recommend(
+                result.as_numpy("item_ids")[0],
+                k=k,
+                graph_k=self.graph_k,
+                seen=seen,
+                catalogue=self.work.catalogue,
+                # A server that takes feedback learns seen items the snapshot lacks.
+                seen_is_all=not self.feedback_ready,
+            )
+
+        result = self._call(RECOMMEND, RECOMMEND, inputs, _REC_OUTPUTS, check)
         if result is not None:
             items = result.as_numpy("item_ids")[0]
+            if (items >= 0).sum() < k:  # right (seen items used the over-fetch), but counted
+                _answers[RECOMMEND, "short"] += 1
             rid = result.as_numpy("request_id").reshape(-1)[0]
             rid = rid.decode() if isinstance(rid, bytes) else str(rid)
             self.last_slate = (uid, rid, items[items >= 0])
@@ -286,7 +335,17 @@ class _TritonUser(User):
             self.work.sampler.sample(b, self.rng), self.retrieval_dims, self.retrieval_inputs
         )
         inputs = [self._input(n, a, "INT64") for n, a in feats.items()]
-        self._call(RETRIEVAL, f"{RETRIEVAL}[{b}]", inputs, ("item_ids", "scores"))
+
+        def check(result) -> str | None:
+            return check_retrieval(
+                result.as_numpy("item_ids"),
+                result.as_numpy("scores"),
+                batch=b,
+                graph_k=self.graph_k,
+                catalogue=self.work.catalogue,
+            )
+
+        self._call(RETRIEVAL, f"{RETRIEVAL}[{b}]", inputs, ("item_ids", "scores"), check)
 
     @locust_task(3)
     def feedback(self) -> None:
@@ -315,8 +374,9 @@ class _TritonUser(User):
         t.set_data_from_numpy(arr)
         return t
 
-    def _call(self, model: str, name: str, inputs, outputs):
-        """One timed inference; fires the request event; the result, or None on failure."""
+    def _call(self, model: str, name: str, inputs, outputs, check=None):
+        """One timed inference; fires the request event; the result, or None on failure.
+        `check(result)` says why an answer is wrong (None: right): a wrong one is a failure."""
         start = time.perf_counter()
         result, exc, length = None, None, 0
         try:
@@ -324,6 +384,12 @@ class _TritonUser(User):
             length = sum(result.as_numpy(o).nbytes for o in outputs)
         except Exception as e:  # tritonclient raises InferenceServerException and friends
             exc, result = e, None
+        if result is not None and check is not None:
+            _answers[name, "checked"] += 1
+            if (why := check(result)) is not None:
+                _answers[name, "wrong"] += 1
+                _warn_once(f"wrong answer from {name}: {why}")
+                exc, result = WrongAnswer(why), None
         self.environment.events.request.fire(
             request_type=self.protocol,
             name=name,
@@ -379,6 +445,19 @@ class TritonHttpUser(_TritonUser):
 _warned: set[str] = set()
 DOWN_S = 1.0  # a server that could not be reached is skipped this long
 _failovers: Counter = Counter()  # server URL -> requests sent on to another server
+_answers: Counter = Counter()  # (request name, "checked" | "wrong") -> answers
+
+
+class WrongAnswer(Exception):
+    """A response that arrived but is not a right answer (loadtest/answers.py)."""
+
+
+def answer_counts() -> dict[str, dict[str, int]]:
+    """Per request name: answers checked, wrong, and (recommend) short slates."""
+    out: dict[str, dict[str, int]] = {}
+    for (name, kind), n in _answers.items():
+        out.setdefault(name, {"checked": 0, "wrong": 0, "short": 0})[kind] = n
+    return out
 
 
 def failover_counts() -> dict[str, int]:
@@ -401,6 +480,11 @@ def _check_thresholds(environment, **_kwargs) -> None:
         total = sum(_failovers.values())
         per = ", ".join(f"{u}: {n}" for u, n in sorted(_failovers.items()))
         log.warning("failover: %d requests sent on to another server (%s)", total, per)
+    counts = answer_counts()
+    wrong = sum(c["wrong"] for c in counts.values())
+    checked = ", ".join(f"{n} {c['checked']}" for n, c in sorted(counts.items()))
+    short = sum(c["short"] for c in counts.values())
+    log.info("answers checked: %s; wrong %d; short slates %d", checked or "none", wrong, short)
     problems = threshold_failures(
         environment.stats, max_p99_ms=opts.max_p99_ms, max_fail_ratio=opts.max_fail_ratio
     )

@@ -13,9 +13,11 @@ against events sent (JSON, Markdown, and HTML with plots), and exits non-zero wh
 acknowledged event is lost, the error rate or RSS growth is above its threshold, or the
 cycle did not reach a verdict that was applied.
 
-The soak follows the online verdict: it evaluates the canary every few seconds for up to
-`canary_s` with auto-apply, so a promote or a rollback happens only when the rules say
-so; a canary still undecided then is rolled back ("no verdict"). A minute of tiny-world
+The soak follows the online verdict: it evaluates the canary every few seconds with
+auto-apply until the verdict decides, so a promote or a rollback happens only when the rules
+say so, however slowly a loaded machine gathers the sample. `canary_s` only bounds a hang:
+a canary still undecided then is rolled back ("no verdict"), and the report carries every
+look. A minute of tiny-world
 traffic is a small sample, so the soak's gates (`soak_gates`) use a short horizon and a
 wide non-inferiority margin: the soak judges operations (loading, routing, promoting and
 unloading under load cost no request, no event and no memory), while the scenario test
@@ -55,9 +57,11 @@ class SoakConfig:
     locust_users: int = 4
     locust_protocol: str = "both"  # grpc | http | both
     retry_deadline_s: float = 60.0  # simulator retries ride out a version reload
-    # The canary cycle starts at this share of the run and serves `canary_s` before promote.
+    # The canary cycle starts at this share of the run and is looked at until its verdict.
     cycle_at: float = 0.2
-    canary_s: float = 20.0
+    # A bound on a hang, not a schedule: looks go on until the verdict decides, for at most
+    # this long; a canary undecided then is rolled back ("no verdict") and the soak fails.
+    canary_s: float = 900.0
     # Traffic goes on at least this long after the promote, whatever duration_s says: the
     # window in which memory after the cycle is measured. The run is extended if needed.
     tail_s: float = 20.0
@@ -235,7 +239,7 @@ def soak_gates():
 
 
 def _cycle(cfg: SoakConfig, root: Path, server, traffic, train_cfg, t0: float) -> dict:
-    """join -> retrain -> canary -> (serve canary_s) -> evaluate -> promote, under load."""
+    """join -> retrain -> canary -> evaluate until the verdict -> apply it, under load."""
     from canary.online import EvaluateConfig, evaluate_canary, rollback
     from canary.pipeline import RetrainConfig, retrain
     from fairness.gates import GateConfig
@@ -294,11 +298,9 @@ def _cycle(cfg: SoakConfig, root: Path, server, traffic, train_cfg, t0: float) -
             break
     out["looks"] = looks
     if ev.action == "continue":
-        rollback(
-            replace(ecfg, event_log=None),
-            reasons=[f"soak: no verdict after {cfg.canary_s:.0f} s of canary"],
-            evidence={"looks": looks},
-        )
+        why = f"soak: no verdict after {cfg.canary_s:.0f} s of canary ({len(looks)} looks)"
+        log.error("%s; last look: %s", why, looks[-1]["reasons"])
+        rollback(replace(ecfg, event_log=None), reasons=[why], evidence={"looks": looks})
         out["decision"] = "rollback (no verdict)"
     else:
         out["decision"] = ev.action
@@ -481,9 +483,23 @@ def _checks(cfg: SoakConfig, rep: SoakReport) -> list[dict]:
             "name": f"retrain -> canary -> {cfg.expect} (the online verdict) under load",
             "ok": rep.cycle.get("decision") == cfg.expect,
             "text": json.dumps(rep.cycle.get("marks", {}))
-            + (f"; error: {rep.cycle['error']}" if rep.cycle.get("error") else ""),
+            + (f"; error: {rep.cycle['error']}" if rep.cycle.get("error") else "")
+            + _cycle_seen(rep.cycle, cfg.expect),
         },
     ]
+
+
+def _cycle_seen(cycle: dict, expect: str) -> str:
+    """What the cycle saw, when it did not reach `expect`: the retrain's outcome and every
+    look's action and first reason, so a failed soak says why without a rerun."""
+    if cycle.get("decision") == expect:
+        return ""
+    retrain = cycle.get("retrain", {})
+    parts = [f"; decision {cycle.get('decision')!r}, retrain {retrain.get('status')!r}"]
+    parts += [f" {r}" for r in retrain.get("reasons", [])[:3]]
+    for i, look in enumerate(cycle.get("looks", []), 1):
+        parts.append(f"; look {i}: {look['action']}: {(look['reasons'] or [''])[0][:300]}")
+    return "".join(parts)
 
 
 def write_reports(rep: SoakReport, out: str | Path) -> dict[str, Path]:

@@ -707,9 +707,9 @@ def test_redis_conf_and_probes_run_on_a_real_redis_server(tmp_path):
     script = script.replace("exec redis-server", f"exec {server}")
     proc = procs.spawn(["sh", "-c", script], stdout=subprocess.DEVNULL, env=env)
     try:
-        for _ in range(100):
-            if cli("ping") == "PONG":
-                break
+        deadline = time.monotonic() + 60  # a bound on a hang: redis answers when it is up
+        while cli("ping") != "PONG":
+            assert time.monotonic() < deadline, "redis-server never answered PING"
             time.sleep(0.05)
         # The password from the Secret is required: without it, every command is refused.
         assert "NOAUTH" in cli("set", "k", "v", auth=False)
