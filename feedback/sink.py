@@ -510,25 +510,25 @@ __all__ = [
 
 def _conflicts(conn, table: str, names: list[str], good: list[tuple]) -> set[int]:
     """Indices into `good` whose event_id is stored (or earlier in the batch) with other
-    content. Compared field by field after validation, so a replay matches exactly."""
+    content. Compared field by field after validation, so a replay matches exactly.
+
+    Each row is compared with the stored copy when there is one, else with the batch's
+    first copy: a batch holding a changed and an unchanged copy of a stored event refuses
+    only the changed one (the unchanged one is a retry)."""
     key = names.index("event_id")
-    first: dict[str, tuple] = {}
-    out: set[int] = set()
-    for j, row in enumerate(good):
-        content = row[:-1]  # without received_ts
-        seen = first.setdefault(row[key], content)
-        if seen != content:
-            out.add(j)
-    ids = list(first)
+    ids = list(dict.fromkeys(row[key] for row in good))
     cols = ", ".join(names)
+    reference: dict[str, tuple] = {}
     for s in range(0, len(ids), 500):  # SQLite's parameter limit
         chunk = ids[s : s + 500]
         stored = conn.execute(
             f"SELECT {cols} FROM {table} WHERE event_id IN ({', '.join('?' * len(chunk))})",
             chunk,
         ).fetchall()
-        for srow in stored:
-            eid = srow[key]
-            if tuple(srow) != first[eid]:
-                out.update(j for j, row in enumerate(good) if row[key] == eid)
+        reference.update((srow[key], tuple(srow)) for srow in stored)
+    out: set[int] = set()
+    for j, row in enumerate(good):
+        content = row[:-1]  # without received_ts
+        if reference.setdefault(row[key], content) != content:
+            out.add(j)
     return out
