@@ -9,6 +9,7 @@ and every acknowledged good event is in the log exactly once.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -156,6 +157,12 @@ def test_attacks_fail_alone_while_good_traffic_flows(server):
         assert res.reasons[0] == "value: above 1 for a click or like"
         assert res.reasons[1].startswith("value: above 86400 s for a watch")
 
+        # defect 9: an input with "shape": [] is refused, on both protocols, as documented
+        for model, name in (("recommend", "user_id"), ("recommend", "k"), ("feedback", "ts")):
+            code, body = _no_shape_http(srv.http_url, model, name)
+            assert code == 400 and f"input '{name}' has no shape" in body, (model, body)
+            assert f"input '{name}' has no shape" in _no_shape_grpc(srv.grpc_url, model, name)
+
         # defect 6: a well-formed routing naming an unknown version, then a salt past
         # int64, then a FIFO: each is refused and counted, the last good routing serves.
         for i, bad in enumerate(
@@ -197,3 +204,66 @@ def _ready(srv) -> bool:
 
     with urllib.request.urlopen(f"http://{srv.http_url}/v2/health/ready", timeout=10) as r:
         return r.status == 200
+
+
+_INPUTS = {  # model -> [(name, datatype, one value)]
+    "recommend": [("user_id", "INT64", 5), ("k", "INT32", 3)],
+    "feedback": [
+        ("event_id", "BYTES", "shape-0"),
+        ("user_id", "INT64", 1),
+        ("item_id", "INT64", 1),
+        ("type", "BYTES", "click"),
+        ("value", "FP32", 1.0),
+        ("ts", "FP64", 1.8e9),
+        ("request_id", "BYTES", ""),
+    ],
+}
+
+
+def _no_shape_http(http_url: str, model: str, bare: str) -> tuple[int, str]:
+    """Every input of `model` as one row [1, 1], except `bare`, sent with "shape": []."""
+    import urllib.error
+    import urllib.request
+
+    body = {
+        "inputs": [
+            {"name": n, "shape": [] if n == bare else [1, 1], "datatype": d, "data": [v]}
+            for n, d, v in _INPUTS[model]
+        ]
+    }
+    req = urllib.request.Request(
+        f"http://{http_url}/v2/models/{model}/infer",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+_NUMPY = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64}
+
+
+def _no_shape_grpc(grpc_url: str, model: str, bare: str) -> str:
+    """The same over gRPC, built by hand (tritonclient's InferInput checks shapes itself)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest(model_name=model)
+    for n, d, v in _INPUTS[model]:
+        req.inputs.add(name=n, datatype=d, shape=[] if n == bare else [1, 1])
+        raw = (
+            len(v.encode()).to_bytes(4, "little") + v.encode()
+            if d == "BYTES"
+            else np.array([v], dtype=_NUMPY[d]).tobytes()
+        )
+        req.raw_input_contents.append(raw)
+    with grpc.insecure_channel(grpc_url) as channel:
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+        except grpc.RpcError as exc:
+            return exc.details()
+    return "answered"
