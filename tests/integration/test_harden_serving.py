@@ -23,13 +23,14 @@ from canary.prom import fetch, parse_prometheus
 from feedback.events import IMPRESSION, INTERACTION
 from feedback.sink import open_source
 from models.snapshot import FeatureSnapshot
+from online.routing_store import RoutingStore
 from serving import repository as layout
 from serving.client import RecommenderClient
 from serving.ingest_client import send_interactions
 from serving.metrics import STATE_ERRORS
 from serving.recommender import RequestLimits
 from serving.server import ServerConfig, TritonServer
-from serving.testing import tiny_export, wait_until
+from serving.testing import seeded_store, tiny_export, wait_until, world_repo
 
 pytestmark = pytest.mark.integration
 
@@ -267,3 +268,58 @@ def _no_shape_grpc(grpc_url: str, model: str, bare: str) -> str:
         except grpc.RpcError as exc:
             return exc.details()
     return "answered"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harden-live")
+    ds, _, repo = world_repo(root)
+    redis = seeded_store(ds, root / "redis")
+    srv = TritonServer(
+        ServerConfig.on_free_ports(
+            str(repo),
+            event_log=str(root / "events.db"),
+            online_store=redis.url,
+            log_file=str(root / "triton.log"),
+        )
+    )
+    try:  # a server that fails to start must not leave redis-server running
+        srv.start()
+        yield ds, srv, redis, root / "events.db"
+    finally:
+        srv.stop()
+        redis.close()
+
+
+def test_a_bad_routing_record_in_the_store_keeps_the_last_good_one(live):
+    ds, srv, redis, log = live
+    users = [int(u) for u in ds.users["user_id"].to_numpy()[:20]]
+    rs = RoutingStore.from_url(redis.url)
+    try:
+        rec = rs.initialize({"production": 1})
+        with GoodTraffic(srv.grpc_url, users) as good:
+            good.wait_for(20)
+            # Past every writer's check, as `redis-cli HSET` would: an unknown version,
+            # then a salt past int64; each refused by every replica and counted.
+            for i, bad in enumerate(
+                ['{"production": 99}', '{"production": 1, "salt": 1180591620717411303424}']
+            ):
+                before = _state_errors(srv.metrics_url, "routing.store")
+                rs.redis.hset(rs.key, mapping={"current": bad, "epoch": rec.epoch + 1 + i})
+                wait_until(
+                    lambda b=before: _state_errors(srv.metrics_url, "routing.store") > b,
+                    "the bad record counted on the metrics endpoint",
+                )
+                good.wait_for(20)
+                assert _ready(srv)
+            rs.redis.delete(rs.key)  # deleting the bad record leaves the good one serving
+            good.wait_for(20)
+    finally:
+        rs.close()
+    assert good.failures == [], good.failures[:5]
+    src = open_source(log)
+    imps = src.read(IMPRESSION)["request_id"].value_counts()
+    assert all(int(imps.get(r, 0)) == n for r, n in good.served.items())
+    stored = src.read(INTERACTION)["event_id"]
+    mine = stored[stored.isin(good.acked)]
+    assert len(mine) == len(good.acked) and not mine.duplicated().any()
