@@ -38,6 +38,7 @@ import pandas as pd
 from common.files import PRIVATE_FILE
 from feedback.events import (
     DEFAULT_MAX_FUTURE_S,
+    DEFAULT_MAX_WATCH_S,
     IMPRESSION,
     IMPRESSION_FIELDS,
     INTERACTION,
@@ -173,6 +174,7 @@ class SqliteEventLog:
         synchronous: str = "FULL",
         busy_timeout_ms: int = 60_000,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
+        max_watch_s: float = DEFAULT_MAX_WATCH_S,
     ) -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ValueError(
@@ -183,6 +185,7 @@ class SqliteEventLog:
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.max_future_s = float(max_future_s)
+        self.max_watch_s = float(max_watch_s)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -282,7 +285,9 @@ class SqliteEventLog:
         self, conn: sqlite3.Connection, kind: str, rows: Mapping[str, Any], now: float
     ) -> WriteResult:
         """Validate and store one batch inside the caller's open transaction."""
-        v = validate(kind, rows, now=now, max_future_s=self.max_future_s)
+        v = validate(
+            kind, rows, now=now, max_future_s=self.max_future_s, max_watch_s=self.max_watch_s
+        )
         table = _TABLES[kind]
         names = list(SCHEMAS[kind])
         good = list(zip(*(v.columns[f].tolist() for f in names), [now] * len(v.ok), strict=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,9 +100,16 @@ def test_value_is_bounded_per_event_type():
         "value: missing",
         "value: negative",
     ]
-    # The bound on watch seconds is a setting.
+    # The bound on watch seconds is a setting, of validate and of the SQLite log.
     short = validate(INTERACTION, _interactions(["watch"], [120.0]), now=NOW, max_watch_s=60)
     assert short.reasons == ["value: above 60 s for a watch"]
+
+
+def test_the_log_takes_the_watch_bound(tmp_path):
+    cols = _interactions(["watch"], [120.0])
+    cols["ts"] = np.array([time.time()])
+    with SqliteEventLog(tmp_path / "events.db", max_watch_s=60) as log:
+        assert log.write_interactions(cols).reasons == ["value: above 60 s for a watch"]
 
 
 def test_fp32_max_from_triton_is_refused():
