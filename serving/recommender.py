@@ -376,10 +376,12 @@ class RequestLimits:
     `max_impressions_per_request`); absent: these defaults.
     """
 
-    # Rows of `user_id` in one request (Triton's max_batch_size bounds a whole batch).
-    max_users_per_request: int = 128
+    # Rows of `user_id` in one request. The default is recommend's max_batch_size, so a
+    # client may still fill a batch with one request; lower it per deployment.
+    max_users_per_request: int = 256
     # Slate slots one request may ask for: the sum of its k over its users, the most
-    # impressions it can log.
+    # impressions it can log. The binding bound by default: 256 users at k=8, or 20 at
+    # k=100; a request of 256 users at k=100 would log 25,600 rows.
     max_impressions_per_request: int = 2048
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ from serving.testing import seeded_store, tiny_export, wait_until, world_repo
 pytestmark = pytest.mark.integration
 
 IMPRESSION_CAP = 50
+USER_CAP = 32
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def server(tmp_path_factory):
     # The tiny world's k is 10, so a cap below 128 users x 10 shows the impressions bound.
     rec = layout.read_config(repo / layout.RECOMMEND / layout.CONFIG_FILE)
     rec.parameters["max_impressions_per_request"].string_value = str(IMPRESSION_CAP)
+    rec.parameters["max_users_per_request"].string_value = str(USER_CAP)
     layout.write_config(repo, rec)
     srv = TritonServer(
         ServerConfig.on_free_ports(
@@ -135,8 +137,8 @@ def test_attacks_fail_alone_while_good_traffic_flows(server):
         # defect 3: impression amplification, refused whole, naming the field and the limit
         with RecommenderClient(srv.grpc_url, "grpc") as attacker:
             with pytest.raises(InferenceServerException, match="max_users_per_request"):
-                attacker.recommend(list(range(256)), 10)
-            assert RequestLimits().max_users_per_request < 256
+                attacker.recommend(list(range(USER_CAP + 1)), 1)
+            assert RequestLimits().max_impressions_per_request < 256 * 100  # the attack
             with pytest.raises(InferenceServerException, match="max_impressions_per_request"):
                 attacker.recommend(users[: IMPRESSION_CAP // 10 + 1], 10)
         good.wait_for(20)
