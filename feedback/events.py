@@ -37,6 +37,15 @@ MAX_ID_CHARS = 128
 DEFAULT_MAX_FUTURE_S = 86_400.0
 # 2001-09-09 (unix 1e9): anything earlier is a seconds/milliseconds mix-up or a zero.
 MIN_TS = 1.0e9
+# `value` per interaction type. A click or a like is an event, so its value is 0..1 (1.0 by
+# convention); a watch carries seconds watched, bounded so that one forged event cannot
+# outweigh a user's whole history in the join's max-watch label or the live features.
+FLAG_VALUE_MAX = 1.0
+# A day of watching in one event: longer is a client bug or a forgery.
+DEFAULT_MAX_WATCH_S = 86_400.0
+# A quarantined row keeps each offending value up to this many characters: the quarantine
+# is for diagnosis, and whole values let a few requests grow it by megabytes.
+MAX_QUARANTINED_CHARS = 256
 
 
 class EventError(ValueError):
@@ -172,11 +181,13 @@ def validate(
     *,
     now: float | None = None,
     max_future_s: float = DEFAULT_MAX_FUTURE_S,
+    max_watch_s: float = DEFAULT_MAX_WATCH_S,
 ) -> Validated:
     """Check every row of a batch; return clean columns and a reason per bad row.
 
     A row's reason is the first failing check in field order, so each bad row is counted
-    once. `now` (unix seconds, default the clock) bounds how far in the future `ts` may be.
+    once. `now` (unix seconds, default the clock) bounds how far in the future `ts` may be;
+    `max_watch_s` bounds a watch event's `value` (click and like: 0..FLAG_VALUE_MAX).
     """
     if kind not in SCHEMAS:
         raise EventError(f"unknown event kind {kind!r}; expected one of {sorted(SCHEMAS)}")
@@ -205,7 +216,7 @@ def validate(
         for problem, mask in problems:
             _mark(reason, marked, mask, f"{f}: {problem}")
         clean[f] = values
-    for problem, f, mask in _rules(kind, clean, now, max_future_s):
+    for problem, f, mask in _rules(kind, clean, now, max_future_s, max_watch_s):
         _mark(reason, marked, mask, f"{f}: {problem}")
 
     ok = np.flatnonzero(~marked)
@@ -371,7 +382,7 @@ _COERCE = {
 }
 
 
-def _rules(kind: str, c: Columns, now: float, max_future_s: float):
+def _rules(kind: str, c: Columns, now: float, max_future_s: float, max_watch_s: float):
     """(problem, field, bad mask) for the checks that need more than a type."""
     yield "negative", "user_id", c["user_id"] < 0
     yield "negative", "item_id", c["item_id"] < 0
@@ -391,8 +402,20 @@ def _rules(kind: str, c: Columns, now: float, max_future_s: float):
         for name in INTERACTION_TYPES:
             bad_type &= t != name
         yield f"not one of {'|'.join(INTERACTION_TYPES)}", "type", bad_type
+        v = c["value"]
         with np.errstate(invalid="ignore"):
-            yield "negative", "value", c["value"] < 0
+            yield "negative", "value", v < 0
+            flag = (t == "click") | (t == "like")
+            yield (
+                f"above {FLAG_VALUE_MAX:g} for a click or like",
+                "value",
+                flag & (v > FLAG_VALUE_MAX),
+            )
+            yield (
+                f"above {max_watch_s:g} s for a watch",
+                "value",
+                (t == "watch") & (v > max_watch_s),
+            )
 
 
 def _payload(raw: Mapping[str, np.ndarray], i: int) -> str:
@@ -401,8 +424,22 @@ def _payload(raw: Mapping[str, np.ndarray], i: int) -> str:
         v = a[i]
         v = v.item() if isinstance(v, np.generic) else v
         if isinstance(v, bytes):
-            v = v.decode("utf-8", errors="backslashreplace")
+            # Only what is kept is decoded: a megabyte-long id costs no more than a short one.
+            head = v[: MAX_QUARANTINED_CHARS * 4].decode("utf-8", errors="backslashreplace")
+            cut = len(head) > MAX_QUARANTINED_CHARS or len(v) > MAX_QUARANTINED_CHARS * 4
+            v = _marked(head, len(v), "bytes") if cut else head
+        elif isinstance(v, str) and len(v) > MAX_QUARANTINED_CHARS:
+            v = _marked(v, len(v), "characters")
         if isinstance(v, float) and not math.isfinite(v):
             v = repr(v)
-        row[f] = v if isinstance(v, (str, int, float, bool)) or v is None else repr(v)
+        row[f] = (
+            v
+            if isinstance(v, (str, int, float, bool)) or v is None
+            else repr(v)[:MAX_QUARANTINED_CHARS]
+        )
     return json.dumps(row, sort_keys=True)
+
+
+def _marked(text: str, size: int, unit: str) -> str:
+    """`text` cut to MAX_QUARANTINED_CHARS with a marker giving the original's size."""
+    return f"{text[:MAX_QUARANTINED_CHARS]}...[truncated: {size} {unit}]"

@@ -6,9 +6,13 @@ server and the same code runs inside one:
 
 1. per request: read the seven inputs; a missing input or a length mismatch fails *that
    request* with an error naming the field (the others in the batch go on);
-2. all good requests of the dynamic batch are concatenated and written through the sink
-   in ONE call (one transaction, one fsync) before any response is sent;
+2. all good requests Triton hands over at once are concatenated and written through the
+   sink in ONE call (one transaction, one fsync) before any response is sent;
 3. per event: accepted = stored or already stored; otherwise the quarantine reason.
+
+The committed config runs each request alone (no dynamic batcher): Triton's Python
+backend checks the BYTES inputs of everything it hands over together before this code
+runs, so a malformed request batched with others failed them all (issue 31).
 
 Why a Triton model and not a FastAPI service: see feedback/README.md.
 """

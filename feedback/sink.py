@@ -38,6 +38,7 @@ import pandas as pd
 from common.files import PRIVATE_FILE
 from feedback.events import (
     DEFAULT_MAX_FUTURE_S,
+    DEFAULT_MAX_WATCH_S,
     IMPRESSION,
     IMPRESSION_FIELDS,
     INTERACTION,
@@ -137,6 +138,7 @@ class SqliteEventLog:
         synchronous: str = "FULL",
         busy_timeout_ms: int = 60_000,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
+        max_watch_s: float = DEFAULT_MAX_WATCH_S,
     ) -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ValueError(
@@ -147,6 +149,7 @@ class SqliteEventLog:
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.max_future_s = float(max_future_s)
+        self.max_watch_s = float(max_watch_s)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -246,7 +249,9 @@ class SqliteEventLog:
         self, conn: sqlite3.Connection, kind: str, rows: Mapping[str, Any], now: float
     ) -> WriteResult:
         """Validate and store one batch inside the caller's open transaction."""
-        v = validate(kind, rows, now=now, max_future_s=self.max_future_s)
+        v = validate(
+            kind, rows, now=now, max_future_s=self.max_future_s, max_watch_s=self.max_watch_s
+        )
         table = _TABLES[kind]
         names = list(SCHEMAS[kind])
         good = list(zip(*(v.columns[f].tolist() for f in names), [now] * len(v.ok), strict=True))
@@ -474,25 +479,25 @@ __all__ = [
 
 def _conflicts(conn, table: str, names: list[str], good: list[tuple]) -> set[int]:
     """Indices into `good` whose event_id is stored (or earlier in the batch) with other
-    content. Compared field by field after validation, so a replay matches exactly."""
+    content. Compared field by field after validation, so a replay matches exactly.
+
+    Each row is compared with the stored copy when there is one, else with the batch's
+    first copy: a batch holding a changed and an unchanged copy of a stored event refuses
+    only the changed one (the unchanged one is a retry)."""
     key = names.index("event_id")
-    first: dict[str, tuple] = {}
-    out: set[int] = set()
-    for j, row in enumerate(good):
-        content = row[:-1]  # without received_ts
-        seen = first.setdefault(row[key], content)
-        if seen != content:
-            out.add(j)
-    ids = list(first)
+    ids = list(dict.fromkeys(row[key] for row in good))
     cols = ", ".join(names)
+    reference: dict[str, tuple] = {}
     for s in range(0, len(ids), 500):  # SQLite's parameter limit
         chunk = ids[s : s + 500]
         stored = conn.execute(
             f"SELECT {cols} FROM {table} WHERE event_id IN ({', '.join('?' * len(chunk))})",
             chunk,
         ).fetchall()
-        for srow in stored:
-            eid = srow[key]
-            if tuple(srow) != first[eid]:
-                out.update(j for j, row in enumerate(good) if row[key] == eid)
+        reference.update((srow[key], tuple(srow)) for srow in stored)
+    out: set[int] = set()
+    for j, row in enumerate(good):
+        content = row[:-1]  # without received_ts
+        if reference.setdefault(row[key], content) != content:
+            out.add(j)
     return out

@@ -132,6 +132,38 @@ class RoutingRecord:
             raise RoutingStoreError(f"routing record: unreadable ({exc!r}): {m}") from exc
 
 
+INT64_MAX = 2**63 - 1
+# key -> (lowest, highest, may be null): every replica reads these as int64s.
+_ROUTING_KEYS = {
+    "production": (1, INT64_MAX, False),
+    "canary": (1, INT64_MAX, True),
+    "canary_percent": (0, 100, False),
+    "salt": (0, INT64_MAX, False),
+}
+
+
+def check_routing_dict(current: Mapping) -> None:
+    """ValueError naming the key unless `current` is a routing every replica can read.
+
+    The shape only (serving.routing.RoutingState is the full type; it sits above this
+    layer): a record that every replica would refuse must not be written, since the
+    replicas would keep the last good one while the record says otherwise. Whether the
+    versions exist is the writer's check (serving.control.switch_routing)."""
+    if not isinstance(current, Mapping):
+        raise ValueError(f"routing record: {current!r} is not a mapping")
+    unknown = sorted(set(current) - set(_ROUTING_KEYS))
+    if unknown:
+        raise ValueError(f"routing record: unknown key(s) {unknown}")
+    if "production" not in current:
+        raise ValueError("routing record: missing key 'production'")
+    for key, (low, high, nullable) in _ROUTING_KEYS.items():
+        v = current.get(key)
+        if v is None and (nullable or key not in current):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ValueError(f"routing record: {key}={v!r}; expected an integer in {low}..{high}")
+
+
 def default_writer() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -184,6 +216,7 @@ class RoutingStore:
         Raises StaleEpochError or SwitchPendingError and writes nothing otherwise."""
         if not (isinstance(delay_s, (int, float)) and math.isfinite(delay_s) and delay_s >= 0):
             raise ValueError(f"delay_s={delay_s!r}; expected a finite number of seconds >= 0")
+        check_routing_dict(current)
         code, epoch, eff = self._cas(
             keys=[self.key],
             args=[

@@ -38,7 +38,7 @@ from pathlib import Path
 from serving import auth
 from serving import repository as layout
 from serving.discovery import split_urls
-from serving.routing import SWITCH_DELAY_S, RoutingState, routing_of, routing_store_of
+from serving.routing import SWITCH_DELAY_S, RoutingState, routing_of, routing_store_of, unservable
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,12 @@ def switch_routing(
     progress = progress or (lambda _phase: None)
     progress("load")
     repo = Path(repo)
+    # Routing is an input like any other: a version that is not published whole here (a
+    # typo, a torn export) is refused before anything is loaded or written, with or
+    # without replicas to ask. Without this, a switch with no URL wrote a routing the
+    # running server could not serve, and the next start refused it.
+    if why := unservable(repo, new):
+        raise ServerError(f"routing {new.to_dict()} refused: {'; '.join(why)}; nothing changed")
     replicas = replica_urls(url, urls)
     where = routing_store_of(repo, store)
     if where is not None:

@@ -55,11 +55,14 @@ class ExportConfig:
     score_atol: float = 1e-4  # fp32 scores of the same item, torch vs onnxruntime
     tie_atol: float = 1e-5  # two items this close may swap ranks
     seed: int = 0
-    # Route all traffic to the new version (rewrite routing.json). The retrain pipeline
-    # passes False and starts a canary itself (serving.control.switch_routing).
+    # Route all traffic to the new version, through the running server(s) at `url`. The
+    # retrain pipeline passes False and starts a canary itself (serving.control).
     promote: bool = True
     # A running server's gRPC address: with it, promotion loads the version in Triton
-    # before routing.json moves traffic. Without it, only files change (a restart serves it).
+    # before routing moves traffic (a control-plane call, so it needs the admin key).
+    # Without it an export only publishes: routing changes only for a repository that has
+    # none yet (the first export). A live server re-reads routing.json within a second, so
+    # a file-only switch would move users to a version Triton never loaded.
     url: str | None = None
     retrieval: layout.RetrievalServing = field(default_factory=layout.RetrievalServing)
     recommend: layout.RecommendServing = field(default_factory=layout.RecommendServing)
@@ -269,7 +272,14 @@ def _publish_features(repo: Path, version: int, run: Run) -> None:
 def _route(cfg: ExportConfig, repo: Path, version: int) -> RoutingState:
     path = layout.routing_path(repo)
     current = RoutingState.load(path) if path.exists() else None
-    moves = cfg.promote or current is None
+    moves = current is None or (cfg.promote and bool(cfg.url))
+    if cfg.promote and not moves:
+        log.warning(
+            "version %d published; routing stays at %s: pass the server's url (--url) to "
+            "promote it, which loads it there first",
+            version,
+            current.to_dict() if current else None,
+        )
     routing = (
         RoutingState(production=version, salt=current.salt if current else 0) if moves else current
     )

@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from serving import repository as layout
 from serving.backend import InputError, check_int_matrix
 from serving.live import VOCAB_STEM, StoreFeatures
 from serving.metrics import NO_VERSION, BatchMetrics
-from serving.routing import RoutingState, StoreRouting
+from serving.routing import RoutingState, StoreRouting, unservable
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,14 @@ class _Watched:
     error: str | None = None
 
     def get(self) -> object:
+        regular = True
         try:
             st = self.path.stat()
             stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            regular = stat.S_ISREG(st.st_mode)
         except FileNotFoundError:
             stamp = None
-        if stamp is not None and stamp == self.stamp:
+        if stamp is not None and stamp == self.stamp and regular:
             self.error = None
             return self.value
         if stamp == self.seen and self.error is not None:  # still bad, already reported
@@ -80,6 +83,8 @@ class _Watched:
         self.seen = stamp
         if stamp is None:
             return self._bad(f"{self.path}: missing")
+        if not regular:  # a FIFO would block the reader (and the request) forever
+            return self._bad(f"{self.path}: not a regular file")
         try:
             value = self.load(self.path)
         except Exception as exc:  # torn, truncated, not ours: keep what we had
@@ -122,7 +127,7 @@ class OnlineState:
         # Told (path, message) when a state file turns unreadable: `recommend` counts it on
         # the metrics endpoint (serving.metrics.STATE_ERRORS).
         self.on_error: list[Callable[[Path, str], None]] = []
-        self._routing = _Watched(layout.routing_path(self.repo), RoutingState.load, self._error)
+        self._routing = _Watched(layout.routing_path(self.repo), self._load_routing, self._error)
         # With the store, routing is its record (serving.routing.StoreRouting): re-read with
         # the rest, at most once per check_interval_s, and switched at the record's instant;
         # routing.json is only read while the store has no record. A failed read keeps the
@@ -134,6 +139,7 @@ class OnlineState:
                 inner.redis,
                 prefix=inner.prefix,
                 url=inner.config.url,
+                check=functools.partial(self._check_routing, where=inner.config.url),
                 on_error=functools.partial(
                     self._error, layout.routing_path(self.repo).with_name("routing.store")
                 ),
@@ -144,6 +150,19 @@ class OnlineState:
         # Called with the routed versions on every refresh: whoever holds per-version state
         # (serving.inline's onnxruntime sessions) drops what left the routing, as below.
         self.on_routing: list[Callable[[list[int]], None]] = []
+
+    def _load_routing(self, path: Path) -> RoutingState:
+        routing = RoutingState.load(path)
+        self._check_routing(routing, where=str(path))
+        return routing
+
+    def _check_routing(self, routing: RoutingState, where: str) -> None:
+        """Refuse (ValueError) a well-formed routing whose production is not a complete
+        version here: taking it would fail every request while readiness says ready, so
+        the last good routing stays in service and the refusal is counted as a state error.
+        A canary without files only fails over to production per request (counted there)."""
+        if why := unservable(self.repo, routing, canary=False):
+            raise ValueError(f"{where}: routing refused: production {'; '.join(why)}")
 
     def _error(self, path: Path, message: str) -> None:
         for fn in self.on_error:
@@ -345,6 +364,47 @@ def select_unseen(
     return out_ids, out_scores, take.sum(axis=1)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one `recommend` request may ask for. Every served slate is written to the
+    event log (fsync'd) before the answer goes out, so without a bound a small request of
+    many user ids and a large k makes the server write users x k rows: one client could
+    fill the disk and slow every other client's answers. A request over a bound is refused
+    whole (400, naming the input and the limit); the server goes on serving.
+
+    Set in recommend's config.pbtxt `parameters` (`max_users_per_request`,
+    `max_impressions_per_request`); absent: these defaults.
+    """
+
+    # Rows of `user_id` in one request. The default is recommend's max_batch_size, so a
+    # client may still fill a batch with one request; lower it per deployment.
+    max_users_per_request: int = 256
+    # Slate slots one request may ask for: the sum of its k over its users, the most
+    # impressions it can log. The binding bound by default: 256 users at k=8, or 20 at
+    # k=100; a request of 256 users at k=100 would log 25,600 rows.
+    max_impressions_per_request: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_users_per_request", "max_impressions_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> RequestLimits:
+        """From a model config's parameters (strings); absent or blank keys keep defaults."""
+        kw = {}
+        for f in fields(cls):
+            text = (params.get(f.name) or "").strip()
+            if text:
+                try:
+                    kw[f.name] = int(text)
+                except ValueError:
+                    raise ValueError(
+                        f"recommend parameter {f.name}={text!r}: expected an integer"
+                    ) from None
+        return cls(**kw)
+
+
 class Recommender:
     def __init__(
         self,
@@ -355,9 +415,11 @@ class Recommender:
         epsilon: float = 0.0,
         seed: int | None = None,
         store: CachedFeatures | None = None,
+        limits: RequestLimits | None = None,
     ):
         self.state = OnlineState(repo, check_interval_s=check_interval_s, store=store)
         self.default_k = int(default_k)
+        self.limits = limits or RequestLimits()
         # ε-greedy exploration (feedback/explore.py): the share of slates served a random
         # ranking of the unseen candidates, so the log supports off-policy evaluation.
         self.epsilon = float(epsilon)
@@ -395,6 +457,12 @@ class Recommender:
             what="raw user ids, >= 0 like every id the event log stores",
         )
         b = uid.shape[0]
+        lim = self.limits
+        if b > lim.max_users_per_request:
+            raise InputError(
+                f"input 'user_id' has {b} rows: at most {lim.max_users_per_request} users per "
+                "request (max_users_per_request); split the users over several requests"
+            )
         if k is None:
             ks = np.full(b, self.default_k, dtype=np.int64)
         else:
@@ -410,6 +478,13 @@ class Recommender:
                 what="items per user; an INT32, so values past 2147483647 arrive wrapped",
                 rows=b,
             )[:, 0].astype(np.int64)
+        asked = int(ks.sum())
+        if asked > lim.max_impressions_per_request:
+            raise InputError(
+                f"input 'k' asks for {asked} items over {b} users: at most "
+                f"{lim.max_impressions_per_request} per request (max_impressions_per_request, "
+                "every served item is logged); ask for fewer users or a smaller k"
+            )
         return ParsedRequest(uid[:, 0], ks)
 
     def run(self, parsed: list[ParsedRequest | InputError], retrieve: Retrieve) -> BatchResult:

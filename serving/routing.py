@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -58,12 +60,20 @@ class RoutingState:
     salt: int = 0
 
     def __post_init__(self) -> None:
-        if self.production < 1:
+        # Every field is an int64 on the request path (version ids, the hash's salt): a
+        # value outside it would raise on every request rather than here, once.
+        for name in ("production", "canary", "canary_percent", "salt"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise ValueError(f"routing: {name}={v!r}; expected an integer")
+        if not 1 <= self.production <= INT64_MAX:
             raise ValueError(f"routing: production={self.production}; expected a version >= 1")
-        if self.canary is not None and self.canary < 1:
+        if self.canary is not None and not 1 <= self.canary <= INT64_MAX:
             raise ValueError(f"routing: canary={self.canary}; expected a version >= 1 or null")
         if not 0 <= self.canary_percent <= 100:
             raise ValueError(f"routing: canary_percent={self.canary_percent}; expected 0..100")
+        if not 0 <= self.salt <= INT64_MAX:
+            raise ValueError(f"routing: salt={self.salt}; expected 0..{INT64_MAX} (an int64)")
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -96,24 +106,72 @@ class RoutingState:
             raise ValueError("routing: missing key 'production' (the serving version number)")
         canary = d.get("canary")
         return cls(
-            production=int(d["production"]),
-            canary=None if canary is None else int(canary),
-            canary_percent=int(d.get("canary_percent", 0)),
-            salt=int(d.get("salt", 0)),
+            production=_integer("production", d["production"]),
+            canary=None if canary is None else _integer("canary", canary),
+            canary_percent=_integer("canary_percent", d.get("canary_percent", 0)),
+            salt=_integer("salt", d.get("salt", 0)),
         )
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingState:
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            return cls.from_dict(json.loads(read_regular(path)))
+        except (json.JSONDecodeError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: bad routing state ({exc})") from exc
 
     def save(self, path: str | Path) -> Path:
         """Atomic (`recommend` polls this file and must never read half of it) and
         owner-only: whoever can write it chooses the model every user sees."""
         return write_private(path, self.to_json())
+
+
+INT64_MAX = 2**63 - 1
+# routing.json is a few hundred bytes; anything far larger is not ours.
+MAX_ROUTING_BYTES = 1 << 16
+
+
+def _integer(name: str, v: object) -> int:
+    """A JSON number that is a whole integer (3 or 3.0), else ValueError naming the key."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"routing: {name}={v!r}; expected an integer")
+    if isinstance(v, float) and not (math.isfinite(v) and v == int(v)):
+        raise ValueError(f"routing: {name}={v!r}; expected an integer")
+    return int(v)
+
+
+def read_regular(path: Path, limit: int = MAX_ROUTING_BYTES) -> str:
+    """The text of `path`, which must be a regular file of at most `limit` bytes.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO (or a device) put in
+    its place would otherwise block the reader forever, and `recommend` reads routing.json
+    on its request path."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{path}: {st.st_size} bytes; a routing file is under {limit}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{path}: over {limit} bytes; a routing file is under {limit}")
+    return data.decode("utf-8")
+
+
+def unservable(repo: str | Path, routing: RoutingState, *, canary: bool = True) -> list[str]:
+    """Why `routing` cannot be put in service on `repo`: each routed version (production,
+    and the canary unless `canary=False`) must be a complete published version. [] when it
+    can."""
+    versions = routing.versions if canary else (routing.production,)
+    out = []
+    for v in versions:
+        if why := layout.incomplete_reasons(repo, v):
+            out.append(f"version {v} is not a complete published version ({'; '.join(why)})")
+    return out
 
 
 # ---------------------------------------------------------------------------- the store
@@ -182,10 +240,14 @@ class StoreRouting:
         *,
         wall: Callable[[], float] = time.time,
         on_error: Callable[[str], None] | None = None,
+        check: Callable[[RoutingState], None] | None = None,
     ):
         self.store = store
         self.wall = wall
         self.on_error = on_error
+        # Raises ValueError for a well-formed routing this replica cannot serve (a version
+        # it does not have): such a record is refused like a malformed one.
+        self.check = check
         self.record: RoutingRecord | None = None
         self._current: RoutingState | None = None
         self._previous: RoutingState | None = None
@@ -217,12 +279,11 @@ class StoreRouting:
         try:
             rec = self.store.read()
             if rec is not None:
-                current = routing_of(rec.current, f"{self.store.key} epoch {rec.epoch}")
-                previous = (
-                    routing_of(rec.previous, f"{self.store.key} epoch {rec.epoch} previous")
-                    if rec.previous is not None
-                    else None
-                )
+                where = f"{self.store.key} epoch {rec.epoch}"
+                current = routing_of(rec.current, where)
+                if self.check is not None:
+                    self.check(current)
+                previous = self._previous_of(rec, where)
         except (redis.RedisError, OSError, RoutingStoreError, ValueError) as exc:
             self._failed(f"routing store {self.store.url or self.store.key}: {exc}")
             return self.record is not None
@@ -260,6 +321,19 @@ class StoreRouting:
             )
         self.record, self._current, self._previous = rec, current, previous
         return True
+
+    def _previous_of(self, rec: RoutingRecord, where: str) -> RoutingState | None:
+        """The record's `previous`, in force until its instant; one this replica would refuse
+        (it was refused when it was current) is replaced by the routing in service here."""
+        if rec.previous is None:
+            return None
+        try:
+            previous = routing_of(rec.previous, f"{where} previous")
+            if self.check is not None:
+                self.check(previous)
+            return previous
+        except ValueError:
+            return self._current
 
     def _failed(self, message: str) -> None:
         self.errors += 1

@@ -109,12 +109,14 @@ def test_onnx_graph_has_a_dynamic_batch_and_matches_torch(exported, tiny_run):
         assert set(np.unique(ids)) <= set(run.vocab.item_ids.tolist())
 
 
-def test_next_export_takes_the_next_version_and_promotes(repo_copy, tiny_run):
+def test_next_export_takes_the_next_version_and_without_a_url_only_publishes(repo_copy, tiny_run):
     repo, _ = repo_copy
     res = export(_cfg(tiny_run, repo, exporter="legacy"))
     assert res.version == 2 and layout.list_versions(repo) == [1, 2]
-    assert RoutingState.load(layout.routing_path(repo)).production == 2
-    assert layout.served_versions(layout.read_config(repo / "retrieval/config.pbtxt")) == [2]
+    # No server to load it first: routing (which a live server re-reads) stays (issue 31).
+    assert RoutingState.load(layout.routing_path(repo)).production == 1
+    assert res.routing == RoutingState(production=1)
+    assert layout.served_versions(layout.read_config(repo / "retrieval/config.pbtxt")) == [1]
     assert layout.features_path(repo, 2).exists()
 
 
@@ -472,11 +474,12 @@ def test_export_keeps_tuned_serving_configs_and_only_moves_versions(repo_copy, t
             layout.served_versions(ret),
         )
 
-    assert settings() == (3, 123, "0.2", [2])
+    # Without a url an export only publishes: production stays 1 throughout.
+    assert settings() == (3, 123, "0.2", [1])
     export(_cfg(tiny_run, repo, exporter="legacy"))  # a retrain's export: defaults in config
-    assert settings() == (3, 123, "0.2", [3])  # tuning kept, production moved
+    assert settings() == (3, 123, "0.2", [1])  # tuning kept
     export(_cfg(tiny_run, repo, exporter="legacy", serving_configs="rewrite"))
-    assert settings() == (1, 500, "0.0", [4])  # asked to rewrite: the defaults
+    assert settings() == (1, 500, "0.0", [1])  # asked to rewrite: the defaults
 
 
 def test_a_torn_state_file_keeps_its_last_good_copy_and_is_reported_once(repo_copy):

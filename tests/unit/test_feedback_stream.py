@@ -44,7 +44,7 @@ def _interactions(n: int, seed: int = 0, users: int = 50) -> dict:
         "user_id": rng.integers(0, users, n),
         "item_id": rng.integers(0, 1000, n),
         "type": rng.choice(np.asarray(["click", "watch", "like"], dtype=object), n),
-        "value": rng.random(n) * 10,
+        "value": rng.random(n),  # 0..1: a click or like is bounded at 1
         "ts": np.full(n, NOW),
         "request_id": np.full(n, "", dtype=object),
     }

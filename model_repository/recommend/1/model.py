@@ -21,7 +21,7 @@ from serving.core_slots import server_folder
 from serving.inline import InlineRetrieval, available_cores, inline_threads, resolve_retrieval_call
 from serving.live import online_store_url, open_online_store
 from serving.metrics import NO_VERSION, BatchMetrics, TritonMetrics
-from serving.recommender import ImpressionSink, Recommender, RequestResult
+from serving.recommender import ImpressionSink, Recommender, RequestLimits, RequestResult
 
 
 def _input(request, name):
@@ -48,6 +48,7 @@ class TritonPythonModel:
             default_k=int(params.get("default_k", 10)),
             epsilon=float(params.get("exploration_epsilon", 0.0)),
             store=open_online_store(store_url) if store_url else None,
+            limits=RequestLimits.from_params(params),
         )
         # Ready means "can answer": a repository whose production version cannot be served
         # (routing.json, its meta.json or its features unreadable) fails this load, so the
