@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from common.redact import redacted
 from online.config import OnlineStoreConfig
 from online.state import ABSENT, RawUserState, UserRecord
 from online.store import RedisFeatureStore
@@ -111,12 +112,14 @@ class CachedFeatures:
             self._down_until = now + self.retry_interval_s
             if self.last_error is None:  # log the transition, not every batch
                 log.error(
-                    "online store %s: %s; serving cached features", self.store.config.url, exc
+                    "online store %s: %s; serving cached features",
+                    redacted(self.store.config.url),
+                    exc,
                 )
             self.last_error = f"{type(exc).__name__}: {exc}"
             return None
         if self.last_error is not None:
-            log.warning("online store %s answers again", self.store.config.url)
+            log.warning("online store %s answers again", redacted(self.store.config.url))
             self.last_error = None
         return got
 

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from common.redact import redacted
+
 # How `northstar serve --online-store` tells the Triton models where the store is.
 ONLINE_STORE_ENV = "NORTHSTAR_ONLINE_STORE"
 
@@ -59,7 +61,7 @@ class OnlineStoreConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(_SCHEMES):
             raise OnlineConfigError(
-                f"url: {self.url!r} is not a Redis URL; expected redis://host:port/db "
+                f"url: {redacted(self.url)!r} is not a Redis URL; expected redis://host:port/db "
                 "(or rediss://, unix://)"
             )
         if not isinstance(self.prefix, str) or not _PREFIX.match(self.prefix):

@@ -30,6 +30,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.redact import redacted
 from models.features import USER_CATEGORICALS
 from online.config import OnlineStoreConfig, OnlineStoreError
 from online.rows import group_by_user, history_rows
@@ -133,7 +134,8 @@ class RedisFeatureStore:
             reason = getattr(exc, "__cause__", None) or exc
             detail = getattr(reason, "strerror", None) or str(reason) or type(exc).__name__
             raise OnlineStoreError(
-                f"{self.config.url}: no answer ({detail}); start redis-server or fix --online-store"
+                f"{redacted(self.config.url)}: no answer ({detail}); "
+                "start redis-server or fix --online-store"
             ) from exc
 
     def close(self) -> None:

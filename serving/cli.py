@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from common import config as config_mod
+from common.redact import redacted
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -173,20 +174,13 @@ def _serve(args) -> int:
         r = server.routing
         canary = f", canary {r.canary} at {r.canary_percent}%" if len(r.versions) > 1 else ""
         where = (
-            f"epoch {server.routing_epoch} in {_redacted(server.online_store)}"
+            f"epoch {server.routing_epoch} in {redacted(server.online_store)}"
             if server.online_store
             else layout.routing_path(cfg.repo)
         )
         print(f"  routing production {r.production}{canary} (from {where})")
     sys.stdout.flush()
     return serve_forever(server)
-
-
-def _redacted(url: str) -> str:
-    """A store URL without its password, for printing."""
-    import re
-
-    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def _recommend(args) -> int:

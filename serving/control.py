@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.redact import redacted
 from serving import auth
 from serving import repository as layout
 from serving.discovery import split_urls
@@ -253,12 +254,18 @@ def _switch_in_store(repo, new, replicas, where, base_config, drain_s, progress,
         base = base_config or layout.read_config(repo / layout.RETRIEVAL / layout.CONFIG_FILE)
         keep = set(new.versions) | set(current.versions if current else ())
         epoch = rec.epoch if rec is not None else 0
-        _load_everywhere(replicas, repo, keep, base, f"routing stays at epoch {epoch} ({url})")
+        _load_everywhere(
+            replicas, repo, keep, base, f"routing stays at epoch {epoch} ({redacted(url)})"
+        )
         progress("route")
         # Compare-and-set: refused (StaleEpochError) if another controller wrote meanwhile.
         written = rs.write(new.to_dict(), expect_epoch=epoch, delay_s=delay_s)
         log.info(
-            "routing epoch %d in %s: %s from %.3f", written.epoch, url, new, written.effective_at
+            "routing epoch %d in %s: %s from %.3f",
+            written.epoch,
+            redacted(url),
+            new,
+            written.effective_at,
         )
         # The mirror, for people and for servers without the store; then the next restart's
         # version list.
@@ -291,7 +298,9 @@ def _settled_record(rs, repo: Path, bound_s: float = 60.0):
         if not path.exists():
             return None
         rec = rs.initialize(RoutingState.load(path).to_dict())
-        log.info("routing record created in %s from %s (epoch %d)", rs.url, path, rec.epoch)
+        log.info(
+            "routing record created in %s from %s (epoch %d)", redacted(rs.url), path, rec.epoch
+        )
     deadline = time.monotonic() + bound_s
     while rec is not None and rec.pending(time.time()):
         if time.monotonic() > deadline:

@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 
+from common.redact import redacted
 from serving.seed import replay, seed_from_run
 
 
@@ -51,8 +52,8 @@ def _seed(args) -> int:
     checkpoint = _log_offset(args.event_log)
     stats = seed_from_run(args.run, args.url, checkpoint=checkpoint, history_len=args.history_len)
     print(
-        f"seeded {args.url}: {stats.users} users, {stats.interactions} events, checkpoint "
-        f"{checkpoint}, in {time.perf_counter() - t0:.1f} s"
+        f"seeded {redacted(args.url)}: {stats.users} users, {stats.interactions} events, "
+        f"checkpoint {checkpoint}, in {time.perf_counter() - t0:.1f} s"
     )
     return 0
 
@@ -63,5 +64,5 @@ def _rebuild(args) -> int:
     except ValueError as exc:
         print(f"northstar online rebuild: error: {exc}", file=sys.stderr)
         return 2
-    print(f"replayed {rows} interactions after seq {after} into {args.url}")
+    print(f"replayed {rows} interactions after seq {after} into {redacted(args.url)}")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.files import PRIVATE_DIR, PRIVATE_FILE, private_dir
+from common.redact import redacted
 from models import ann as ann_mod
 from models import compact_export as compact
 from models.export import ParityReport, build_retrieval, check_parity, export_onnx, parity_user_ids
@@ -90,10 +91,12 @@ def _seed_if_empty(url: str, run: Path) -> None:
     finally:
         store.close()
     if seeded:
-        log.info("online store %s already seeded; left as it is", url)
+        log.info("online store %s already seeded; left as it is", redacted(url))
         return
     stats = seed_from_run(run, url)
-    log.info("seeded online store %s: %d users in %.1f s", url, stats.users, stats.seconds)
+    log.info(
+        "seeded online store %s: %d users in %.1f s", redacted(url), stats.users, stats.seconds
+    )
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.files import write_private
+from common.redact import redacted
 from models.features import hash_bucket
 from serving import repository as layout
 
@@ -285,16 +286,18 @@ class StoreRouting:
                     self.check(current)
                 previous = self._previous_of(rec, where)
         except (redis.RedisError, OSError, RoutingStoreError, ValueError) as exc:
-            self._failed(f"routing store {self.store.url or self.store.key}: {exc}")
+            self._failed(f"routing store {redacted(self.store.url) or self.store.key}: {exc}")
             return self.record is not None
         if self.last_error is not None:
-            log.warning("routing store %s answers again", self.store.url or self.store.key)
+            log.warning(
+                "routing store %s answers again", redacted(self.store.url) or self.store.key
+            )
             self.last_error = None
         if rec is None:
             if self.record is not None and not self.absent:
                 log.error(
                     "routing store %s: the record %s is gone; keeping epoch %d",
-                    self.store.url,
+                    redacted(self.store.url),
                     self.store.key,
                     self.record.epoch,
                 )
@@ -306,7 +309,7 @@ class StoreRouting:
             self.errors += 1
             log.warning(
                 "routing store %s: epoch %d is older than the %d in service; ignored",
-                self.store.url,
+                redacted(self.store.url),
                 rec.epoch,
                 held.epoch,
             )
