@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
+from tritonclient.utils import InferenceServerException
+
 from common import config as config_mod
+from serving import repository as layout
+from serving.client import RecommenderClient, recommend_all_users
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from serving.publish import ExportConfig, export
 
     flags = [f"run={args.run}"]
@@ -143,6 +149,7 @@ _SERVE_FLAGS = (
 
 def server_config(args):
     """ServerConfig from --config, then the flags, then --set."""
+    # lazy: the CLI handlers' helper; `northstar --help` loads none of their dependencies
     from serving.server import ServerConfig
 
     flags = [f"{k}={getattr(args, k)}" for k in _SERVE_FLAGS if getattr(args, k) is not None]
@@ -150,7 +157,7 @@ def server_config(args):
 
 
 def _serve(args) -> int:
-    from serving import repository as layout
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from serving.server import ServerError, TritonServer, serve_forever
 
     cfg = server_config(args)
@@ -184,14 +191,11 @@ def _serve(args) -> int:
 
 def _redacted(url: str) -> str:
     """A store URL without its password, for printing."""
-    import re
 
     return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def _recommend(args) -> int:
-    from tritonclient.utils import InferenceServerException
-
     try:
         return _recommend_inner(args)
     except InferenceServerException as exc:  # the server's message names the bad input
@@ -199,8 +203,6 @@ def _recommend(args) -> int:
 
 
 def _recommend_inner(args) -> int:
-    from serving.client import RecommenderClient, recommend_all_users
-
     with RecommenderClient(args.url, args.protocol) as client:
         if args.all_users:
             if not args.out:
