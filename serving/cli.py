@@ -6,8 +6,6 @@ import argparse
 import re
 import sys
 
-from tritonclient.utils import InferenceServerException
-
 from common import config as config_mod
 from serving import repository as layout
 from serving.client import RecommenderClient, recommend_all_users
@@ -196,6 +194,9 @@ def _redacted(url: str) -> str:
 
 
 def _recommend(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
+    from tritonclient.utils import InferenceServerException
+
     try:
         return _recommend_inner(args)
     except InferenceServerException as exc:  # the server's message names the bad input

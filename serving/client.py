@@ -39,7 +39,6 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from models.features import (
     INPUT_HISTORY,
@@ -660,7 +659,9 @@ def recommend_all_users(
     Returns a DataFrame (user_id, rank (1-based), item_id, score). Seen items are removed
     as `recommend` does, unless keep_seen.
     """
-    # lazy: serving.recommender loads the online store (redis); `northstar --help` imports this
+    # lazy: only this batch export needs them, and `northstar --help` imports this module
+    from tqdm.auto import tqdm
+
     from serving.recommender import select_unseen
 
     if version is None:
