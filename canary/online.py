@@ -18,6 +18,7 @@ ever meets an unloaded version.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from canary import decide, verdict
+from canary.group_ratio_ci import per_user_groups, ratio_diff_upper
 from canary.inference import (
     ArmUsers,
     SequentialState,
@@ -35,8 +37,12 @@ from canary.inference import (
     sequential_update,
     with_covariate,
 )
+from canary.prom import fleet_serving_metrics
 from canary.state import CanaryRecord, ProductionRecord, StateStore
 from canary.stats import srm_chi2
+from fairness.inputs import user_attributes
+from fairness.online import online_by_group
+from feedback.join import JoinConfig, read_labels, run_join
 from serving import repository as layout
 from serving.control import switch_routing
 from serving.routing import RoutingState
@@ -157,9 +163,6 @@ def group_ratios(
     one-sided upper bound of canary ratio - production ratio (`canary.group_ratio_ci`)."""
     if users is None or labels.empty:
         return {}
-    from canary.group_ratio_ci import per_user_groups, ratio_diff_upper
-    from fairness.inputs import user_attributes
-    from fairness.online import online_by_group
 
     fb = labels[["user_id", "model_version", "clicked", "value"]].copy()
     fb["clicked"] = fb["clicked"].astype(float)
@@ -195,8 +198,6 @@ def group_ratios(
 def gather_evidence(
     cfg: EvaluateConfig, canary: CanaryRecord, prod: ProductionRecord
 ) -> verdict.OnlineEvidence:
-    from feedback.join import JoinConfig, read_labels, run_join
-
     if cfg.event_log:
         if not cfg.labels:
             raise ValueError("event_log is set but labels is not")
@@ -237,8 +238,6 @@ def gather_evidence(
         srm = srm_chi2(observed=[a.users, b.users], shares=[100 - pct, pct])
     serving_p = serving_c = None
     if cfg.metrics_url:
-        from canary.prom import fleet_serving_metrics
-
         try:
             m = fleet_serving_metrics(cfg.metrics_url)
             serving_p, serving_c = m.get(str(prod.version)), m.get(str(canary.version))
@@ -257,8 +256,7 @@ def _users(cfg: EvaluateConfig, prod: ProductionRecord) -> pd.DataFrame | None:
     path = cfg.users
     if path is None:
         try:
-            import json
-
+            # lazy: torch (training.run), for one file name; the online decision runs without it
             from training.run import RUN_FILE
 
             meta = json.loads((Path(prod.run) / RUN_FILE).read_text())
@@ -378,6 +376,7 @@ def _apply(cfg: EvaluateConfig, repo: Path, new: RoutingState) -> None:
 
 def _aliases(cfg: EvaluateConfig, *, champion: str | None) -> None:
     try:
+        # lazy: MLflow is heavy; only this registry update needs it
         from canary.tracking import Tracker
 
         t = Tracker(cfg.state_dir, cfg.tracking_uri)

@@ -16,6 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
 from common.files import private_dir
 
 log = logging.getLogger(__name__)
@@ -27,8 +31,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 class Tracker:
     def __init__(self, state_dir: str | Path, tracking_uri: str | None = None):
-        from mlflow import MlflowClient
-
         self.state_dir = Path(state_dir).resolve()
         private_dir(self.state_dir)  # the registry decides champion/challenger: owner-only
         db = self.state_dir / "mlflow.db"
@@ -61,8 +63,6 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         rid = run.info.run_id
         try:
-            from mlflow.entities import Metric, Param
-
             flat = _flatten(params)
             self.client.log_batch(
                 rid,
@@ -88,8 +88,6 @@ class Tracker:
     # -------------------------------------------------------------------- registry
 
     def register(self, *, source: str, run_id: str | None, triton_version: int) -> str:
-        from mlflow.exceptions import MlflowException
-
         try:
             self.client.get_registered_model(MODEL_NAME)
         except MlflowException:
@@ -100,8 +98,6 @@ class Tracker:
         return str(mv.version)
 
     def set_alias(self, alias: str, version: str | None) -> None:
-        from mlflow.exceptions import MlflowException
-
         if version is None:
             with contextlib.suppress(MlflowException):
                 self.client.delete_registered_model_alias(MODEL_NAME, alias)
@@ -109,8 +105,6 @@ class Tracker:
         self.client.set_registered_model_alias(MODEL_NAME, alias, version)
 
     def alias(self, alias: str) -> dict[str, Any] | None:
-        from mlflow.exceptions import MlflowException
-
         try:
             mv = self.client.get_model_version_by_alias(MODEL_NAME, alias)
         except MlflowException:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 
 def save_png(fig, path, *, dpi: int = 110) -> Path:
-    """Lay out `fig`, write it to `path` (folders made), close it; returns the path."""
-    import matplotlib.pyplot as plt
+    """Lay out `fig`, write it to `path` (folders made); returns the path.
 
+    `fig` is a `matplotlib.figure.Figure` made without pyplot, so there is nothing to close.
+    """
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 

@@ -26,6 +26,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 REGISTRY_ENV = "NORTHSTAR_PROC_REGISTRY"
@@ -83,8 +85,6 @@ def _record(pid: int, argv0: str) -> None:
     path = os.environ.get(REGISTRY_ENV)
     if not path:
         return
-    import psutil
-
     try:
         created = psutil.Process(pid).create_time()
     except psutil.Error:  # already gone: nothing left to find later

@@ -17,6 +17,7 @@ from pathlib import Path
 
 def ensure_ssl() -> None:
     try:
+        # lazy: the point of this function: does `ssl` import in this interpreter?
         import ssl
     except ImportError:
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from common import config as config_mod
+from diagnose.config import DiagnoseConfig
 
 # Shorthand flag (argparse dest) -> DiagnoseConfig field.
 _FLAGS = (
@@ -85,6 +86,7 @@ def _register_monitor(sub: argparse._SubParsersAction) -> None:
 
 
 def _monitor(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from diagnose.exporter import MonitorServer, serve
     from diagnose.monitor import MonitorConfig
 
@@ -110,6 +112,7 @@ def _monitor(args) -> int:
 
 
 def _suite(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from diagnose.suite import markdown, run_suite
 
     out = args.out or "reports/diagnose-suite"
@@ -121,7 +124,6 @@ def _suite(args) -> int:
 
 def diagnose_config(args):
     """DiagnoseConfig from the --config file, then the flags, then --set."""
-    from diagnose.config import DiagnoseConfig
 
     values = config_mod.read_file(args.config) if args.config else {}
     values = values.get("diagnose", values)
@@ -142,6 +144,7 @@ _REQUIRED = {
 
 
 def _diagnose(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from diagnose.run import diagnose
 
     if args.action == "suite":

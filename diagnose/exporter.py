@@ -32,8 +32,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.files import atomic_write_text
-from diagnose.config import iso
+from diagnose.config import DiagnoseConfig, iso
 from diagnose.monitor import HOUR_S, METRICS, MonitorConfig, Snapshot, compute
+from diagnose.run import diagnose
 
 log = logging.getLogger(__name__)
 STATUS = "status.json"
@@ -211,9 +212,6 @@ class MonitorServer:
             self._run(job_id)
 
     def _run(self, job_id: str) -> None:
-        from diagnose.config import DiagnoseConfig
-        from diagnose.run import diagnose
-
         folder = self.reports / job_id
         status = json.loads((folder / STATUS).read_text())
         status["status"] = "running"

@@ -47,6 +47,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from feedback.explore import rank_with_exploration
+from feedback.join import JoinConfig, run_join
+from feedback.sink import SqliteEventLog
+
 FAULTS = (
     "none",
     "mix_shift",
@@ -106,7 +110,6 @@ def generate(
     dim: int = 8,
 ) -> World:
     """Draw a reference and a current window; `fault` changes the current one (see above)."""
-    from feedback.explore import rank_with_exploration
 
     if fault not in FAULTS:
         raise ValueError(f"fault={fault!r}: expected one of {FAULTS}")
@@ -377,8 +380,6 @@ def write_world(world: World, folder: str | Path, *, batch: int = 20_000) -> dic
     data/items.parquet, data/interactions.parquet, versions.json, served_features.parquet,
     previous_recs.parquet.
     """
-    from feedback.join import JoinConfig, run_join
-    from feedback.sink import SqliteEventLog
 
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)

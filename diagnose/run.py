@@ -21,6 +21,7 @@ from diagnose.causes import (
 )
 from diagnose.config import DiagnoseConfig
 from diagnose.data import CUR, REF, Inputs, load
+from diagnose.report import write_report
 
 # A cause enters the plan when it explains at least this share of the drop.
 PLAN_MIN_SHARE = 0.2
@@ -148,7 +149,5 @@ def diagnose(cfg: DiagnoseConfig, *, progress: bool = True, write: bool = True) 
     inp = load(cfg)
     result = analyse(inp, progress=progress)
     if write:
-        from diagnose.report import write_report
-
         write_report(cfg.out, result, inp)
     return result

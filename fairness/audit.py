@@ -23,7 +23,7 @@ import pandas as pd
 
 from fairness import exposure as ex
 from fairness.groups import GroupTable, disaggregate
-from fairness.inputs import EMPTY, AuditInput, user_attributes
+from fairness.inputs import EMPTY, AuditInput, from_run, user_attributes
 from training.metrics import hit_matrix, per_user_metrics
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def audit(inp: AuditInput, cfg: AuditConfig | None = None) -> AuditResult:
 
 def run_audit(cfg: AuditConfig) -> AuditResult:
     """Audit a trained run on its test period (history = train + val)."""
-    from fairness.inputs import from_run
+    # lazy: torch (training.run); the audit's tables need no model (fairness.bench)
     from training.run import load_run
 
     if not cfg.run or not cfg.data:

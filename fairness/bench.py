@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 
 from fairness.audit import AuditConfig, audit
+from fairness.gates import check_gates
 from fairness.inputs import AuditInput
+from fairness.report import write_report
 
 
 def synthetic_input(n_users: int, n_items: int, k: int = 100, seed: int = 0) -> AuditInput:
@@ -75,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.items:,} items, n_boot={args.n_boot}; stages {result.meta['timings']}"
     )
     if args.report:
-        from fairness.gates import check_gates
-        from fairness.report import write_report
-
         write_report(args.report, result, check_gates(result))
         print(f"report {time.perf_counter() - t2:.1f}s -> {args.report}")
     return 0

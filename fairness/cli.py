@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+import pandas as pd
 
 from common import config as config_mod
+from training.schema import Dataset
 
 # Shorthand flag (argparse dest) -> AuditConfig field; each flag defaults to None, so a flag
 # left out leaves the field to --config or to AuditConfig's own default.
@@ -57,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def audit_configs(args):
     """(AuditConfig, GateConfig) from the files, the flags and --set (gates.KEY for gates)."""
+    # lazy: the CLI handlers' helper; `northstar --help` loads none of their dependencies
     from fairness.audit import AuditConfig
     from fairness.gates import GateConfig
 
@@ -83,8 +88,7 @@ def audit_configs(args):
 
 
 def _audit(args) -> int:
-    import dataclasses
-
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from fairness.audit import load_audit, run_audit
     from fairness.gates import check_gates, compare
     from fairness.report import write_report
@@ -102,10 +106,8 @@ def _audit(args) -> int:
     comparison = compare(result, baseline) if baseline is not None else None
     online = None
     if args.feedback:
-        import pandas as pd
-
+        # lazy: a CLI handler; `northstar --help` loads none of its dependencies
         from fairness.online import online_by_group
-        from training.schema import Dataset
 
         read = pd.read_csv if args.feedback.endswith(".csv") else pd.read_parquet
         online = online_by_group(feedback=read(args.feedback), users=Dataset.load(cfg.data).users)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from common import config as config_mod
 from models.features import USER_CATEGORICALS
 from training.schema import Dataset
 
@@ -96,7 +97,7 @@ def make_audit_input(
 
 def load_split(run: Run, data: str):
     """The run's own time split of `data`: (dataset, split, train_df), as training made it."""
-    from common import config as config_mod
+    # lazy: torch (training.*); canary.online and fairness.online use this module without it
     from training.train import TrainConfig, load_training_data
 
     cfg = config_mod.build(TrainConfig, {**run.meta["train"], "data": data})
@@ -109,6 +110,7 @@ def from_run(run: Run, data: str, *, label: str | None = None) -> AuditInput:
     Same users, exclusions and ranking as `training.train.evaluate_splits`, so the audit's
     overall NDCG equals the "test" NDCG in the run's metrics.json.
     """
+    # lazy: torch (training.*); canary.online and fairness.online use this module without it
     from training.evaluate import evaluate
 
     ds, sp, train_df = load_split(run, data)

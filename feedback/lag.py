@@ -51,6 +51,7 @@ def _int(v) -> int:
 
 def stream_lag(client, cfg: StreamConfig, *, now: float | None = None) -> list[GroupLag]:
     """One GroupLag per (partition, group) that exists, partition order."""
+    # lazy: after ensure_ssl() (common/stub_python.py); the Triton stub needs that order
     import redis
 
     now = time.time() if now is None else now

@@ -34,6 +34,7 @@ class FeatureUpdates:
         self.behind = 0  # interactions not applied since the store stopped answering
 
     def __call__(self, frame: pd.DataFrame) -> None:
+        # lazy: after ensure_ssl() (common/stub_python.py); the Triton stub needs that order
         import redis
 
         try:

@@ -15,6 +15,7 @@ from scipy.stats import norm
 
 from common.files import atomic_write_text
 from common.jsonsafe import dumps, to_jsonable
+from feedback.join import utc_dates
 
 # The user attributes the fairness audit also slices by (training.schema.USER_CATEGORICALS
 # minus occupation, which synthetic worlds do not have).
@@ -154,8 +155,6 @@ def compute_metrics(
     """The north-star report: per model version, per version and day, per version and
     user group. JSON-ready (NaN becomes null)."""
     if "date" not in labels.columns:
-        from feedback.join import utc_dates
-
         labels = labels.assign(date=utc_dates(labels["impression_ts"].to_numpy()))
     lab = with_user_groups(labels, users)
     report = {

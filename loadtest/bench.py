@@ -31,15 +31,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
+import onnxruntime
+import psutil
+import torch
 
-from loadtest import catalogue
+from common import config as config_mod
+from loadtest import catalogue, report
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, infer_request
-from loadtest.users import UserSampler
+from loadtest.naive import NaiveServer
+from loadtest.ray_peer import RayPeerServer
+from loadtest.users import UserSampler, production_snapshot
 from models.compact_export import MODES, IndexConfig
+from models.export import ParityError, build_retrieval
 from models.features import INPUT_USER_INDEX, graph_input_names
+from models.onnx_session import onnx_session
 from models.towers import TowerConfig
 from serving import repository as layout
+from serving.client import RecommenderClient
+from serving.routing import RoutingState
+from serving.server import ServerConfig, TritonServer
+from training.run import load_run
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +202,6 @@ def _batch_rows(b) -> int:
 
 
 def measure_onnx(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
-    from models.onnx_session import onnx_session
-
     session = onnx_session(
         layout.version_dir(br.repo, br.version) / layout.ONNX_FILE,
         intra_op_threads=ceiling_threads(cfg),
@@ -208,12 +219,6 @@ def measure_onnx(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
 
 
 def measure_faiss(br: catalogue.BenchRepo, batches, cfg: BenchConfig) -> dict:
-    import faiss
-    import torch
-
-    from models.export import build_retrieval
-    from training.run import load_run
-
     run = load_run(br.run)
     module = build_retrieval(run.model, run.vocab.item_ids, br.graph_k)
     items = np.ascontiguousarray(module.item_embeddings.numpy(), dtype=np.float32)  # (N, d)
@@ -243,13 +248,9 @@ class _CpuWatch:
     """CPU seconds used by a process and its children (tritonserver + its Python stubs)."""
 
     def __init__(self, pid: int | None):
-        import psutil
-
         self.proc = psutil.Process(pid) if pid else None
 
     def seconds(self) -> float:
-        import psutil
-
         if self.proc is None:
             return 0.0
         total = 0.0
@@ -297,8 +298,6 @@ def _run_load(gen, spec, server_cpu: _CpuWatch, client=None, models=()) -> tuple
 
 
 def _payloads(br: catalogue.BenchRepo, cfg: BenchConfig):
-    from loadtest.users import production_snapshot
-
     snap = production_snapshot(br.repo)
     names = graph_input_names(layout.read_meta(br.repo, br.version))
     sampler = UserSampler.build(
@@ -314,11 +313,6 @@ def _payloads(br: catalogue.BenchRepo, cfg: BenchConfig):
 
 
 def bench_size(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[dict]:
-    from loadtest.naive import NaiveServer
-    from loadtest.ray_peer import RayPeerServer
-    from serving.client import RecommenderClient
-    from serving.server import ServerConfig, TritonServer
-
     catalogue.write_serving_configs(br.repo, cfg.retrieval, cfg.recommend)
     batches, singles = _payloads(br, cfg)
     rows: list[dict] = []
@@ -429,10 +423,6 @@ def bench_modes(br: catalogue.BenchRepo, cfg: BenchConfig, out: Path) -> list[di
     """Rows (f): for each retrieval mode, route production to that version of the catalogue,
     start a server and measure `recommend` at cfg.mode_concurrency. Routing is put back to
     the exact baseline afterwards (the catalogue is cached and shared)."""
-    from models.export import ParityError
-    from serving.client import RecommenderClient
-    from serving.routing import RoutingState
-    from serving.server import ServerConfig, TritonServer
 
     versions: dict[str, int] = {}
     rows: list[dict] = []
@@ -535,9 +525,6 @@ def _fmt(r: dict) -> str:
 
 
 def machine() -> dict:
-    import onnxruntime
-    import torch
-
     return {
         "host": platform.node(),
         "cpu": _cpu_model(),
@@ -558,8 +545,6 @@ def _cpu_model() -> str:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every row for every size; write bench.json/.png/.html; return the result."""
-    from common import config as config_mod
-    from loadtest import report
 
     unknown = set(cfg.rows) - set(ROWS)
     if unknown:

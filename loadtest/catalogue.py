@@ -17,16 +17,20 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from filelock import FileLock
 
 from common.files import atomic_write_text
+from models.compact_export import IndexConfig
 from models.towers import TowerConfig
 from serving import repository as layout
-
-if TYPE_CHECKING:  # torch comes with it: imported where an export runs
-    from models.compact_export import IndexConfig
+from serving.control import routing_config
+from serving.publish import ExportConfig, export
+from serving.routing import RoutingState
+from serving.testing import build_tiny_run
+from training.run import load_run, save_run
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +92,6 @@ def build(shape: CatalogueShape, cache: str | Path | None = None) -> BenchRepo:
 
 
 def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
-    from models.compact_export import IndexConfig
-    from serving.publish import ExportConfig, export
-    from serving.testing import build_tiny_run
-
     done = root / "built.json"
     if done.exists():
         info = json.loads(done.read_text())
@@ -130,7 +130,6 @@ def _build_locked(shape: CatalogueShape, root: Path) -> BenchRepo:
 
 def from_existing(run: str | Path, repo: str | Path) -> BenchRepo:
     """A trained run and the repository it was exported to (e.g. `make demo`'s)."""
-    from serving.routing import RoutingState
 
     routing = RoutingState.load(layout.routing_path(repo))
     meta = layout.read_meta(repo, routing.production)
@@ -154,8 +153,6 @@ def write_serving_configs(
     Also refreshes the Python-backend code from model_repository/, so a cached repository
     serves the code of this checkout.
     """
-    from serving.control import routing_config
-    from serving.routing import RoutingState
 
     repo = Path(repo)
     layout.init_repository(repo)
@@ -169,10 +166,6 @@ def write_serving_configs(
 
 def plant_item_clusters(run: Path, clusters: int, *, spread: float = 0.35, seed: int = 0) -> None:
     """Overwrite the run's item id embeddings with points around `clusters` centres."""
-    import numpy as np
-    import torch
-
-    from training.run import load_run, save_run
 
     r = load_run(run)
     weight = r.model.item_tower.item_emb.weight
@@ -191,8 +184,6 @@ def plant_item_clusters(run: Path, clusters: int, *, spread: float = 0.35, seed:
 def variant(br: BenchRepo, mode: str, index: IndexConfig | None = None) -> int:
     """The version of `br`'s run exported with `index.mode = mode` (not routed), exported on
     first use and remembered in built.json; the exact baseline is br.version."""
-    from models.compact_export import IndexConfig
-    from serving.publish import ExportConfig, export
 
     index = dataclasses.replace(index or IndexConfig(), mode=mode)
     if mode == "exact":

@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_online(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from loadtest.online_bench import (
         OnlineBenchConfig,
         format_online_bench,
@@ -61,6 +62,7 @@ def _bench_online(args) -> int:
 
 
 def _bench(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from loadtest.bench import run_bench
     from loadtest.report import format_table
 
@@ -74,6 +76,7 @@ def _bench(args) -> int:
 
 def bench_config(args):
     """BenchConfig from --tiny (the smoke base), then --config, then the flags and --set."""
+    # lazy: the CLI handlers' helper; `northstar --help` loads none of their dependencies
     from loadtest.bench import BenchConfig, tiny_config
 
     flags = []
@@ -110,6 +113,7 @@ def register_soak(sub: argparse._SubParsersAction) -> None:
 
 
 def _soak(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from loadtest.soak import SoakConfig, run_soak, write_reports
 
     flags = [f"{k}={v}" for k, v in (("duration_s", args.duration), ("out", args.out)) if v]

@@ -136,6 +136,7 @@ def measure_torch(module, n_items, cfg: GpuCeilingConfig, device) -> list[dict]:
 def measure_onnx(module, n_items, cfg: GpuCeilingConfig, device) -> tuple[list[dict], str]:
     """onnxruntime on the exported graph; returns (rows, why none) ."""
     try:
+        # lazy: optional here; a GPU machine may have torch without onnxruntime's CUDA build
         import onnxruntime as ort
     except ImportError:
         return [], "onnxruntime is not installed"

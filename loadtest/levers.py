@@ -26,10 +26,21 @@ import statistics
 import sys
 from pathlib import Path
 
+from common import config as config_mod
 from loadtest import catalogue
-from loadtest.bench import BenchConfig, _payloads, _recommend_request, _run_load, measure_onnx
+from loadtest.bench import (
+    BenchConfig,
+    _CpuWatch,
+    _payloads,
+    _recommend_request,
+    _run_load,
+    machine,
+    measure_onnx,
+)
 from loadtest.loadgen import LoadGenerator, LoadSpec
 from serving import repository as layout
+from serving.client import RecommenderClient
+from serving.server import ServerConfig, TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +83,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def variant_config(base: BenchConfig, overrides: dict[str, str]) -> BenchConfig:
-    from common import config as config_mod
-
     values = config_mod.to_dict(base)
     for key, val in overrides.items():
         section, field = key.split(".", 1)
@@ -94,9 +103,6 @@ def run_levers(
 ) -> dict:
     """`prepare(name, repo)`, if given, may change a variant's repository copy before its
     server starts (e.g. an older model.py, to compare code side by side)."""
-    from loadtest.bench import _CpuWatch, machine
-    from serving.client import RecommenderClient
-    from serving.server import ServerConfig, TritonServer
 
     out.mkdir(parents=True, exist_ok=True)
     br = catalogue.build(catalogue.CatalogueShape(n_items=base.items[0], n_users=base.n_users))

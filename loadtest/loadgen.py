@@ -25,7 +25,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import aiohttp
+import grpc
 import numpy as np
+from tritonclient.grpc import service_pb2
 
 GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 _NP_TO_TRITON = {
@@ -83,7 +86,6 @@ def infer_request(
     version: str = "",
 ) -> bytes:
     """A serialised `ModelInferRequest` with raw (binary) input contents."""
-    from tritonclient.grpc import service_pb2
 
     req = service_pb2.ModelInferRequest(model_name=model, model_version=version)
     for name, arr in inputs.items():
@@ -187,9 +189,6 @@ async def drive(call, spec: LoadSpec) -> LoadResult:
 
 
 async def _run_grpc(spec: LoadSpec) -> LoadResult:
-    import grpc
-    from tritonclient.grpc import service_pb2
-
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     async with grpc.aio.insecure_channel(spec.url, options=options) as channel:
         rpc = channel.unary_unary(
@@ -207,8 +206,6 @@ async def _run_grpc(spec: LoadSpec) -> LoadResult:
 
 
 async def _run_http(spec: LoadSpec) -> LoadResult:
-    import aiohttp
-
     connector = aiohttp.TCPConnector(limit=spec.concurrency)
     timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
     async with aiohttp.ClientSession(spec.url, connector=connector, timeout=timeout) as session:

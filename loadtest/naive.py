@@ -20,8 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from fastapi import FastAPI
 
 from loadtest.peer_process import PeerProcess
+from models.export import build_retrieval
+from models.snapshot import FeatureSnapshot
+from serving import repository as layout
+from serving.recommender import select_unseen
+from serving.routing import RoutingState
+from training.run import load_run
 
 
 @dataclass
@@ -32,14 +40,6 @@ class NaiveRecommender:
 
     @classmethod
     def load(cls, run: str, repo: str, threads: int = 0) -> NaiveRecommender:
-        import torch
-
-        from models.export import build_retrieval
-        from models.snapshot import FeatureSnapshot
-        from serving import repository as layout
-        from serving.routing import RoutingState
-        from training.run import load_run
-
         if threads > 0:
             torch.set_num_threads(threads)
         routing = RoutingState.load(layout.routing_path(repo))
@@ -50,10 +50,6 @@ class NaiveRecommender:
         return cls(module, snapshot, routing.production)
 
     def recommend(self, user_id: int, k: int) -> dict:
-        import torch
-
-        from serving.recommender import select_unseen
-
         feats = self.snapshot.lookup(np.asarray([user_id], dtype=np.int64))
         feeds = feats.feeds(self.module.input_names)
         with torch.inference_mode():
@@ -75,8 +71,6 @@ class NaiveRecommender:
 
 
 def create_app(run: str, repo: str, threads: int = 0):
-    from fastapi import FastAPI
-
     rec = NaiveRecommender.load(run, repo, threads)
     app = FastAPI(title="northstar naive peer")
 

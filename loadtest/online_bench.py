@@ -13,6 +13,7 @@ inline (bench-online.html, .png); none of them is asserted anywhere.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import tempfile
@@ -20,11 +21,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from common.figures import save_png
 from common.redis_server import RedisServer
+from common.templating import render
+from feedback.bench import StreamBenchConfig, format_stream_bench, run_stream_bench
+from loadtest.bench import machine
 from loadtest.loadgen import LoadGenerator, LoadSpec, infer_request
+from online.bench import run
+from online.store import RedisFeatureStore
 from serving import repository as layout
+from serving.publish import ExportConfig, export
+from serving.server import ServerConfig, TritonServer
+from serving.testing import world_run
+from training.synth import SynthConfig, generate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +56,6 @@ class OnlineBenchConfig:
 
 
 def bench_lookup(cfg: OnlineBenchConfig) -> dict:
-    from online.bench import run
-
     r = run(cfg.lookup_users, batch=cfg.lookup_batch, n_batches=cfg.lookup_batches, log=log.info)
     return {
         "users": r.users,
@@ -58,8 +67,6 @@ def bench_lookup(cfg: OnlineBenchConfig) -> dict:
 
 
 def bench_stream(cfg: OnlineBenchConfig) -> dict:
-    from feedback.bench import StreamBenchConfig, run_stream_bench
-
     return run_stream_bench(
         StreamBenchConfig(
             events=cfg.stream_events, rate=cfg.stream_rate, seconds=cfg.stream_seconds
@@ -68,19 +75,12 @@ def bench_stream(cfg: OnlineBenchConfig) -> dict:
 
 
 def _world(root: Path, preset: str):
-    from serving.testing import world_run
-    from training.synth import SynthConfig, generate_dataset
-
     _, ds = generate_dataset(SynthConfig.preset(preset, seed=0), progress=False)
     run = world_run(ds, root / "run")
     return ds, run
 
 
 def bench_recommend(cfg: OnlineBenchConfig) -> list[dict]:
-    from online.store import RedisFeatureStore
-    from serving.publish import ExportConfig, export
-    from serving.server import ServerConfig, TritonServer
-
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="northstar-bench-online-") as tmp:
         root = Path(tmp)
@@ -129,8 +129,6 @@ def bench_recommend(cfg: OnlineBenchConfig) -> list[dict]:
 
 
 def run_online_bench(cfg: OnlineBenchConfig) -> dict:
-    from loadtest.bench import machine
-
     return {
         "config": asdict(cfg),
         "machine": machine(),
@@ -151,7 +149,6 @@ def format_online_bench(res: dict) -> str:
     for name in ("snapshot", "redis", "cached"):
         p50, p99 = lk["p50_ms"][name], lk["p99_ms"][name]
         lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {p50 / base:.1f}× |")
-    from feedback.bench import format_stream_bench
 
     lines += ["", "event stream:", format_stream_bench(res["stream"]), ""]
     lines += [
@@ -175,12 +172,8 @@ def format_online_bench(res: dict) -> str:
 def plot(res: dict, path: str | Path) -> Path:
     """Left: feature lookup p50/p99 per path. Right: recommend q/s per concurrency, the
     snapshot files beside the Redis store."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     lk = res["lookup"]
     paths = ["snapshot", "redis", "cached"]
     x = np.arange(len(paths))
@@ -204,9 +197,6 @@ def plot(res: dict, path: str | Path) -> Path:
 
 def write_reports(res: dict, out: str | Path) -> Path:
     """bench-online.json, .md, .png, and .html (the plot inline, the tables as text)."""
-    import base64
-
-    from common.templating import render
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.peer_process import PeerProcess
+from models.snapshot import FeatureSnapshot
+from serving import repository as layout
+from serving.inline import InlineRetrieval
+from serving.recommender import select_unseen
+from serving.routing import RoutingState
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class PeerConfig:
 
 
 def _deployment(cfg: PeerConfig):
+    # lazy: Ray is heavy; only the peer's process needs it, not `bench` (for RayPeerServer)
     from ray import serve
     from starlette.responses import JSONResponse
 
@@ -52,11 +58,6 @@ def _deployment(cfg: PeerConfig):
     )
     class RecommendPeer:
         def __init__(self) -> None:
-            from models.snapshot import FeatureSnapshot
-            from serving import repository as layout
-            from serving.inline import InlineRetrieval
-            from serving.routing import RoutingState
-
             self.version = RoutingState.load(layout.routing_path(cfg.repo)).production
             self.snapshot = FeatureSnapshot.load(layout.features_path(cfg.repo, self.version))
             self.retrieve = InlineRetrieval(cfg.repo, intra_op_threads=cfg.threads)
@@ -66,8 +67,6 @@ def _deployment(cfg: PeerConfig):
 
         @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
         async def recommend(self, requests: list[tuple[int, int]]) -> list[dict]:
-            from serving.recommender import select_unseen
-
             users = np.fromiter((u for u, _ in requests), dtype=np.int64, count=len(requests))
             ks = np.fromiter((k for _, k in requests), dtype=np.int64, count=len(requests))
             feats = self.snapshot.lookup(users)
@@ -104,6 +103,7 @@ def _deployment(cfg: PeerConfig):
 
 def serve_forever(cfg: PeerConfig, port: int) -> None:
     """Start Ray and the deployment on 127.0.0.1:port; block until SIGTERM/SIGINT."""
+    # lazy: Ray is heavy and only the peer's own process needs it (see _deployment)
     import ray
     from ray import serve
 

@@ -17,6 +17,8 @@ import base64
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from common.templating import render
 
 B_OVER_A = 0.9
@@ -181,13 +183,9 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path: str | Path) -> Path:
     """Throughput (x) against p99 latency (y, log) per size: sweeps as lines, batch rows as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = result["sizes"]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 5), squeeze=False)
+    fig = Figure(figsize=(7 * len(sizes), 5))
+    axes = fig.subplots(1, len(sizes), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         rows = size["rows"]
         for name, style, label in (
@@ -228,7 +226,6 @@ def plot(result: dict, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

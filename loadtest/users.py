@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from models.snapshot import FeatureSnapshot
+from serving import repository as layout
+from serving.routing import RoutingState
 
 # Far above any id the synthetic worlds or MovieLens use, so unknown ids never collide.
 UNKNOWN_ID_BASE = 10**12
@@ -70,8 +75,6 @@ def known_user_ids(
 ) -> np.ndarray:
     """Raw user ids from a users parquet, else from the repo's production feature snapshot."""
     if users:
-        import pandas as pd
-
         return pd.read_parquet(users, columns=["user_id"])["user_id"].to_numpy(np.int64)
     if repo:
         return production_snapshot(repo).user_ids.astype(np.int64)
@@ -80,9 +83,6 @@ def known_user_ids(
 
 def production_snapshot(repo: str | Path):
     """The online feature snapshot `recommend` uses for the production version."""
-    from models.snapshot import FeatureSnapshot
-    from serving import repository as layout
-    from serving.routing import RoutingState
 
     routing = RoutingState.load(layout.routing_path(repo))
     return FeatureSnapshot.load(layout.features_path(repo, routing.production))

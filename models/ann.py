@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.onnx_session import onnx_session
+
 USER_TOWER_FILE = "user_tower.onnx"
 INDEX_FILE = "items.faiss"
 ITEMS_FILE = "items.npz"
@@ -46,6 +48,13 @@ def query_vectors(user_vecs: np.ndarray, with_bias: bool) -> np.ndarray:
     return np.ascontiguousarray(np.hstack([u, np.ones((len(u), 1), np.float32)]))
 
 
+def _faiss():
+    # lazy: the gpu serving image has no faiss, and its Python models import this module
+    import faiss
+
+    return faiss
+
+
 def build_index(
     vectors: np.ndarray,
     mode: str,
@@ -57,7 +66,7 @@ def build_index(
     threads: int = 0,
 ):
     """A faiss inner-product index over `vectors` (N, D)."""
-    import faiss
+    faiss = _faiss()
 
     if threads:
         faiss.omp_set_num_threads(int(threads))
@@ -78,7 +87,7 @@ def build_index(
 
 
 def set_search_param(index, mode: str, value: int) -> None:
-    import faiss
+    faiss = _faiss()
 
     if mode == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = int(value)
@@ -88,7 +97,7 @@ def set_search_param(index, mode: str, value: int) -> None:
 
 def _widest(index, mode: str) -> int:
     """The parameter value that makes the search exhaustive (IVF) or as wide as the index."""
-    import faiss
+    faiss = _faiss()
 
     if mode == "ivf":
         return int(faiss.extract_index_ivf(index).nlist)
@@ -114,7 +123,7 @@ def search(index, mode: str, queries: np.ndarray, n: int) -> tuple[np.ndarray, n
 
 
 def _current(index, mode: str) -> int:
-    import faiss
+    faiss = _faiss()
 
     if mode == "hnsw":
         return int(faiss.downcast_index(index).hnsw.efSearch)
@@ -122,7 +131,7 @@ def _current(index, mode: str) -> int:
 
 
 def write_ann_files(version_dir: str | Path, index, raw_item_ids: np.ndarray) -> None:
-    import faiss
+    faiss = _faiss()
 
     version_dir = Path(version_dir)
     faiss.write_index(index, str(version_dir / INDEX_FILE))
@@ -134,9 +143,7 @@ class AnnSearch:
     outputs ((B, graph_k) ids and scores, best first)."""
 
     def __init__(self, version_dir: str | Path, meta: dict | None = None, *, threads: int = 0):
-        import faiss
-
-        from models.onnx_session import onnx_session
+        faiss = _faiss()
 
         version_dir = Path(version_dir)
         meta = meta or json.loads((version_dir / "meta.json").read_text())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 def onnxruntime_providers(prefer_gpu: bool) -> list[str]:
     """CUDA only when asked for, built in, and a GPU is actually visible; else the CPU."""
+    # lazy: the gpu serving image has no onnxruntime, and its Python models import this
     import onnxruntime as ort
 
     if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_visible():
@@ -29,6 +30,7 @@ def onnx_session(
     prefer_gpu: bool = False,
     prepack: bool = True,
 ):
+    # lazy: the gpu serving image has no onnxruntime, and its Python models import this
     import onnxruntime as ort
 
     so = ort.SessionOptions()

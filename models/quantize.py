@@ -27,6 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import compose
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from models.features import OUTPUT_ITEM_IDS, OUTPUT_SCORES
 
@@ -58,9 +63,6 @@ def int8_head(
     rerank: the int8 pass keeps rerank x graph_k candidates, rescored exactly in fp32; 0 keeps
     graph_k and returns the int8 pass's approximate scores (no fp32 table in the graph).
     """
-    from onnx import TensorProto as T
-    from onnx import helper as h
-    from onnx import numpy_helper as nh
 
     emb = np.ascontiguousarray(item_embeddings, dtype=np.float32)
     n, d = emb.shape
@@ -163,8 +165,6 @@ def write_int8_graph(
     rerank: int = 2,
 ) -> Path:
     """model.onnx for an int8 version: the user tower graph joined to `int8_head`."""
-    import onnx
-    from onnx import compose
 
     tower = onnx.load(str(user_tower_path))
     opset = next(o.version for o in tower.opset_import if o.domain in ("", "ai.onnx"))

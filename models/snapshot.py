@@ -22,6 +22,7 @@ from models.features import (
     INPUT_USER_CATS,
     INPUT_USER_INDEX,
     FeatureVocab,
+    hash_bucket,
     last_n_history,
     last_n_values,
 )
@@ -99,8 +100,6 @@ class FeatureSnapshot:
         )
 
     def lookup(self, raw_user_ids: np.ndarray) -> UserFeatures:
-        from models.features import hash_bucket
-
         raw = np.asarray(raw_user_ids, dtype=np.int64).reshape(-1)
         pos = np.minimum(np.searchsorted(self.user_ids, raw), len(self.user_ids) - 1)
         known = self.user_ids[pos] == raw

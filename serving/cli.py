@@ -7,6 +7,8 @@ import sys
 
 from common import config as config_mod
 from common.redact import redacted
+from serving import repository as layout
+from serving.client import RecommenderClient, recommend_all_users
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from serving.publish import ExportConfig, export
 
     flags = [f"run={args.run}"]
@@ -144,6 +147,7 @@ _SERVE_FLAGS = (
 
 def server_config(args):
     """ServerConfig from --config, then the flags, then --set."""
+    # lazy: the CLI handlers' helper; `northstar --help` loads none of their dependencies
     from serving.server import ServerConfig
 
     flags = [f"{k}={getattr(args, k)}" for k in _SERVE_FLAGS if getattr(args, k) is not None]
@@ -151,7 +155,7 @@ def server_config(args):
 
 
 def _serve(args) -> int:
-    from serving import repository as layout
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from serving.server import ServerError, TritonServer, serve_forever
 
     cfg = server_config(args)
@@ -184,6 +188,7 @@ def _serve(args) -> int:
 
 
 def _recommend(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies
     from tritonclient.utils import InferenceServerException
 
     try:
@@ -193,8 +198,6 @@ def _recommend(args) -> int:
 
 
 def _recommend_inner(args) -> int:
-    from serving.client import RecommenderClient, recommend_all_users
-
     with RecommenderClient(args.url, args.protocol) as client:
         if args.all_users:
             if not args.out:

@@ -28,6 +28,7 @@ not thread-safe (geventhttpclient): use one per thread; the gRPC client can be s
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import threading
 import time
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+import pandas as pd
 
 from models.features import (
     INPUT_HISTORY,
@@ -47,10 +49,12 @@ from models.features import (
     OUTPUT_SCORES,
     graph_input_names,
 )
+from models.snapshot import FeatureSnapshot
 from serving import auth
 from serving import repository as layout
 from serving.discovery import split_urls
 from serving.ingest_batches import DEFAULT_RETRY, infer_feedback, send_batches
+from serving.routing import RoutingState
 
 Protocol = Literal["grpc", "http"]
 T = TypeVar("T")
@@ -86,21 +90,19 @@ class ModelStats:
     compute_ns: int  # total compute_infer time
 
 
+_CLIENT_MODULES = {
+    ("grpc", False): "tritonclient.grpc",
+    ("grpc", True): "tritonclient.grpc.aio",
+    ("http", False): "tritonclient.http",
+    ("http", True): "tritonclient.http.aio",
+}
+
+
 def _module(protocol: str, aio: bool = False):
-    # lazy: only the protocol asked for is loaded (tritonclient.http brings gevent along)
-    if protocol == "grpc":
-        if aio:
-            import tritonclient.grpc.aio as mod
-        else:
-            import tritonclient.grpc as mod
-    elif protocol == "http":
-        if aio:
-            import tritonclient.http.aio as mod
-        else:
-            import tritonclient.http as mod
-    else:
+    if protocol not in ("grpc", "http"):
         raise ValueError(f"protocol={protocol!r}; expected 'grpc' or 'http'")
-    return mod
+    # lazy: only the protocol asked for is loaded (tritonclient.http brings gevent along)
+    return importlib.import_module(_CLIENT_MODULES[protocol, bool(aio)])
 
 
 def _input(mod, name: str, arr: np.ndarray, dtype: str):
@@ -657,14 +659,10 @@ def recommend_all_users(
     Returns a DataFrame (user_id, rank (1-based), item_id, score). Seen items are removed
     as `recommend` does, unless keep_seen.
     """
-    # lazy: only this batch export needs the snapshot and the seen filter; the clients stay
-    # light for every importer (Locust's workers among them)
-    import pandas as pd
+    # lazy: only this batch export needs them, and `northstar --help` imports this module
     from tqdm.auto import tqdm
 
-    from models.snapshot import FeatureSnapshot
     from serving.recommender import select_unseen
-    from serving.routing import RoutingState
 
     if version is None:
         version = RoutingState.load(layout.routing_path(repo)).production

@@ -14,6 +14,8 @@ import sys
 import time
 
 from common.redact import redacted
+from feedback.events import INTERACTION
+from feedback.sink import open_source
 from serving.seed import replay, seed_from_run
 
 
@@ -40,8 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _log_offset(event_log: str | None) -> int:
     if not event_log:
         return 0
-    from feedback.events import INTERACTION
-    from feedback.sink import open_source
 
     with open_source(event_log) as src:
         return int(src.snapshot()[INTERACTION])

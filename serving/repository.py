@@ -268,7 +268,7 @@ def make_staging_dir(parent: Path, label: str) -> Path:
 
 def remove_stale_staging(parent: Path) -> list[Path]:
     """Delete staging folders in `parent` whose writer process no longer exists."""
-    import psutil  # here, not at the top: the serving image's Python models import this module
+    import psutil  # lazy: the serving image's Python models import this module; no psutil there
 
     removed = []
     for d in parent.iterdir() if parent.is_dir() else ():
@@ -409,12 +409,14 @@ def recommend_config(serving: RecommendServing = RecommendServing()) -> mc.Model
 
 
 def _pb():
+    # lazy: the serving image's Python models import this module, and it has no tritonclient
     from tritonclient.grpc import model_config_pb2
 
     return model_config_pb2
 
 
 def to_pbtxt(cfg: mc.ModelConfig) -> str:
+    # lazy: the serving image's Python models import this module, and it has no protobuf
     from google.protobuf import text_format
 
     return text_format.MessageToString(cfg)
@@ -422,12 +424,14 @@ def to_pbtxt(cfg: mc.ModelConfig) -> str:
 
 def to_json(cfg: mc.ModelConfig) -> str:
     """The form the repository API's `load(config=...)` override takes."""
+    # lazy: the serving image's Python models import this module, and it has no protobuf
     from google.protobuf import json_format
 
     return json_format.MessageToJson(cfg, preserving_proto_field_name=True)
 
 
 def parse_pbtxt(text: str) -> mc.ModelConfig:
+    # lazy: the serving image's Python models import this module, and it has no protobuf
     from google.protobuf import text_format
 
     return text_format.Parse(text, _pb().ModelConfig())

@@ -5,20 +5,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tqdm import tqdm
+
+from feedback.events import INTERACTION
+from feedback.sink import open_source
+from training.schema import Dataset
 
 REPLAY_CHUNK = 50_000
 
 
 def seed_from_run(run: str | Path, url: str, *, checkpoint: int = 0, history_len: int = 50):
     """Seed `url` with everything the run's dataset knows. Returns the store's SeedStats."""
-    import json
-
+    # lazy: redis (online.store) and torch (training.run); `northstar --help` imports this
     from online.store import RedisFeatureStore
     from training.run import RUN_FILE
-    from training.schema import Dataset
 
     meta = json.loads((Path(run) / RUN_FILE).read_text())
     ds = Dataset.load(meta["data_dir"])
@@ -44,8 +47,7 @@ def seed_from_run(run: str | Path, url: str, *, checkpoint: int = 0, history_len
 def replay(url: str, event_log: str, *, run: str | None = None) -> tuple[int, int]:
     """Replay interactions after the store's checkpoint; reseed first if the seed is gone.
     Returns (from_seq, rows replayed)."""
-    from feedback.events import INTERACTION
-    from feedback.sink import open_source
+    # lazy: redis (online.store); `northstar --help` imports this module
     from online.store import RedisFeatureStore
 
     store = RedisFeatureStore(url)

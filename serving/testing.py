@@ -13,16 +13,23 @@ import dataclasses
 import functools
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from common.redis_server import RedisServer
 from models.features import FeatureVocab
 from models.snapshot import FeatureSnapshot
 from models.towers import TowerConfig, TwoTower
+from online.store import RedisFeatureStore
+from serving import repository as layout
+from serving.publish import ExportConfig, export
+from serving.server import ServerConfig, TritonServer
 from training.run import FEATURES_FILE, save_run
+from training.synth import SynthConfig, generate_dataset
 
 TINY_TOWER = TowerConfig(id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8, dropout=0.0)
 
@@ -110,7 +117,6 @@ def world_run(ds, path: str | Path, *, seed: int = 0, tower: TowerConfig = TINY_
 def saved_world_run(root: str | Path, preset: str = "tiny", **synth) -> tuple[Path, Path]:
     """(world dir, run dir): a synthetic world of `preset` (SynthConfig fields in `synth`
     override it) with its dataset saved in ROOT/world, and `world_run`'s run in ROOT/run."""
-    from training.synth import SynthConfig, generate_dataset
 
     root = Path(root)
     world, ds = generate_dataset(SynthConfig.preset(preset, **synth), progress=False)
@@ -123,8 +129,6 @@ def world_repo(root: str | Path, *, k: int = 10, versions: int = 1, seed: int = 
     """The `tiny` synthetic world (saved in root/world, for the simulator), a world_run on
     its ids, and a model repository with `versions` exports of it (the first routed as
     production, the rest not routed). Returns (dataset, run, repo)."""
-    from serving.publish import ExportConfig, export
-    from training.synth import SynthConfig, generate_dataset
 
     root = Path(root)
     world, ds = generate_dataset(SynthConfig.preset("tiny", seed=seed), progress=False)
@@ -139,8 +143,6 @@ def world_repo(root: str | Path, *, k: int = 10, versions: int = 1, seed: int = 
 
 @functools.cache
 def _cached_export(k: int, overfetch: int):
-    from serving.publish import ExportConfig, export
-
     root = Path(tempfile.mkdtemp(prefix="northstar-tiny-export-"))
     atexit.register(shutil.rmtree, root, True)
     run = build_tiny_run(root / "run")
@@ -168,8 +170,6 @@ def tiny_export(dest: str | Path | None = None, *, k: int = 10, overfetch: int =
 def ingest_only_server(root: str | Path):
     """The `feedback` ingest model alone on a real tritonserver, writing its own event log
     (`root/events.db`); yields (server, log path) and stops the server on exit."""
-    from serving import repository as layout
-    from serving.server import ServerConfig, TritonServer
 
     root = Path(root)
     repo = root / "repo"
@@ -193,8 +193,6 @@ def ingest_only_server(root: str | Path):
 def seeded_store(ds, root: str | Path):
     """A real redis-server (its data in `root`) seeded with the world's users and
     interactions, as `northstar online seed` would; the caller closes it."""
-    from common.redis_server import RedisServer
-    from online.store import RedisFeatureStore
 
     redis = RedisServer(Path(root)).start()
     store = RedisFeatureStore(redis.url)
@@ -208,7 +206,6 @@ def seeded_store(ds, root: str | Path):
 def wait_until(fn, what: str, *, bound_s: float = 120.0, poll_s: float = 0.05):
     """fn()'s first truthy value. Tests wait on a condition, never on a delay; `bound_s`
     only ends a hang, with `what` in the error."""
-    import time
 
     deadline = time.monotonic() + bound_s
     while time.monotonic() < deadline:

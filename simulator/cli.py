@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 
 from common import config as config_mod
+from feedback.join import parse_duration
+from feedback.sink import open_sink
+from simulator import reconcile, simulate
 from simulator.config import SimulateConfig
+from simulator.doubles import LocalRecommender, SinkSender
 
 # Shorthand flag (argparse dest) -> SimulateConfig field. Every flag defaults to None:
 # a flag left out leaves the field to --config or to SimulateConfig's own default.
@@ -79,7 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def simulate_config(args):
     """SimulateConfig from --config, then the shorthand flags, then --set."""
-    from feedback.join import parse_duration  # lazy: `northstar --help` loads no join
 
     flags = [
         f"{key}={getattr(args, dest)}" for dest, key in _FLAGS if getattr(args, dest) is not None
@@ -98,9 +101,6 @@ def simulate_config(args):
 
 def _simulate(args) -> int:
     # lazy: `northstar --help` loads no handler's dependencies
-    from feedback.sink import open_sink
-    from simulator import reconcile, simulate
-    from simulator.doubles import LocalRecommender, SinkSender
 
     cfg = simulate_config(args)
     kwargs = {}

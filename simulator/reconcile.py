@@ -7,7 +7,16 @@ import math
 import pandas as pd
 
 from feedback.events import INTERACTION
-from feedback.join import JOINED, LATE, UNATTRIBUTED
+from feedback.join import (
+    JOINED,
+    LATE,
+    UNATTRIBUTED,
+    JoinConfig,
+    read_labels,
+    read_statuses,
+    run_join,
+)
+from feedback.sink import open_source
 from simulator.config import SimReport, SimulateConfig
 
 
@@ -28,8 +37,6 @@ def reconcile_many(
 ) -> list[dict]:
     """`reconcile` for many simulator runs on one log: one join and one read of each table,
     then per-report lookups (a soak reconciles hundreds of batches on millions of rows)."""
-    from feedback.join import JoinConfig, read_labels, read_statuses, run_join
-    from feedback.sink import open_source
 
     src = open_source(log_path)
     cfg = JoinConfig(

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from common.figures import save_png
@@ -618,16 +619,11 @@ def ab_table(result: dict[str, Any]) -> str:
 def plot_ab(result: dict[str, Any], path: str | Path) -> Path:
     """Bars: CTR and engaged value per impression with their 95% intervals, and the share
     of re-shown clicked items, per arm; plus CTR per batch over the run."""
-    # lazy: a figure is optional, and the Agg backend must be chosen before pyplot loads
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arms = result["arms"]
     names = list(arms)
     colors = {"frozen": "#c0504d", "live": "#4f81bd"}
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig = Figure(figsize=(15, 3.6))
+    axes = fig.subplots(1, 4)
     for ax, key, lo, hi, title in (
         (axes[0], "ctr", "ctr_low", "ctr_high", "CTR (95% Wilson)"),
         (

@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import pandas as pd
+from matplotlib.figure import Figure
 
 from canary.decide import OfflineGates
 from canary.guardrails import GuardrailGates
@@ -355,15 +357,10 @@ def cycles_table(result: dict[str, Any]) -> str:
 def plot_cycles(result: dict[str, Any], path: str | Path) -> Path:
     """Per cycle: incumbent and canary CTR at the deciding look; the served north star
     (CTR with its Wilson interval) of the traffic during the cycle; per arm."""
-    # lazy: a figure is optional, and the Agg backend must be chosen before pyplot loads
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colors = {"frozen": "#c0504d", "live": "#4f81bd"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
+    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, arm) in enumerate(result["arms"].items()):
         cyc = arm["cycles"]
         x = [c["cycle"] for c in cyc]

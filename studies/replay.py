@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from common.figures import save_png
 from common.files import atomic_write_text
@@ -293,15 +294,10 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: str | Path) -> Path:
     """CTR (95% Wilson) and clicks per request per span: each policy, and what the run
     itself served when the spans came from its cycles.json."""
-    # lazy: a figure is optional, and the Agg backend must be chosen before pyplot loads
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [s["span"] for s in result["spans"]]
     x = np.arange(len(labels))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     styles = {"oracle": ("#9bbb59", "o-"), "model": ("#8064a2", "o--")}
     for name, rows in result["policies"].items():
         col, fmt = styles[name]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from common import config as config_mod
+from common.files import atomic_write_text
+from training.movielens import load_movielens
+from training.movielens_write import write_ml100k
+from training.synth import SynthConfig, generate_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,10 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args) -> int:
-    import dataclasses
-
-    from training.synth import SynthConfig, generate_dataset
-
     cfg = SynthConfig.preset(args.preset)
     values = dataclasses.asdict(cfg)
     if args.seed is not None:
@@ -93,8 +94,6 @@ def _synth(args) -> int:
     ds.save(args.out)
     world.save(args.out)  # the ground truth next to the Parquet tables
     if args.ml100k:
-        from training.movielens_write import write_ml100k
-
         write_ml100k(ds, args.ml100k, seed=cfg.seed)
         print(f"wrote MovieLens-100K files to {args.ml100k}")
     print(
@@ -105,8 +104,6 @@ def _synth(args) -> int:
 
 
 def _movielens(args) -> int:
-    from training.movielens import load_movielens
-
     ds = load_movielens(args.path)
     ds.save(args.out)
     print(
@@ -117,6 +114,7 @@ def _movielens(args) -> int:
 
 
 def _train(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies (torch)
     from training.train import TrainConfig, train
 
     overrides = list(args.set)
@@ -130,7 +128,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from common.files import atomic_write_text
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies (torch)
     from training.evaluate import format_table
     from training.run import METRICS_FILE, load_run
     from training.train import TrainConfig, evaluate_splits, load_training_data
@@ -151,6 +149,7 @@ def _evaluate(args) -> int:
 
 
 def _tune(args) -> int:
+    # lazy: a CLI handler; `northstar --help` loads none of its dependencies (torch)
     from training.train import TrainConfig
     from training.tune import TuneConfig, tune
 

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from models.prior import PopularityPrior
 from models.towers import TwoTower
@@ -75,15 +76,8 @@ def plot_curve(
     curve: list[dict[str, float]], chosen: float, path: Path, max_gini: float | None = None
 ) -> Path | None:
     """NDCG@10 against ARP@10 and against exposure Gini@10, one point per beta."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is a report, never a reason to fail a run
-        log.warning("matplotlib is not installed; %s not written", path)
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     y = [c["ndcg@10"] for c in curve]
     for ax, key, label in (
         (axes[0], "arp@10", "ARP@10 (mean history count of recommended items)"),
@@ -105,5 +99,4 @@ def plot_curve(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
