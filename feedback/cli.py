@@ -95,7 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", required=True, help="redis://host:port/db[?prefix=..&partitions=..]")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--log", help="log writer: the SQLite event log to write (events.db)")
+    what.add_argument(
+        "--log", help="log writer: the SQLite log (events.db) or a Parquet lake (folder or URL)"
+    )
     what.add_argument(
         "--online-store",
         help="features consumer: apply interactions to this online store (redis://...); "
