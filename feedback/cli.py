@@ -20,8 +20,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(a [join] table or top level; durations in seconds there), then the flags below, "
         "then --set (the last one given wins). Defaults are JoinConfig's.",
     )
-    p.add_argument("--log", help="event log (events.db or sqlite:///path); field log")
+    p.add_argument(
+        "--log",
+        help="event log: events.db, sqlite:///path, or a Parquet lake (a folder or a URL "
+        "such as s3://bucket/events); field log",
+    )
     p.add_argument("--out", help="labels folder (date=YYYY-MM-DD/part-*.parquet); field out")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (the default); ray: one Ray task per user bucket of a "
+        "lake (feedback/engine_ray.py), the same labels",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: a running cluster (host:port from `ray start --head`); "
+        "default: start a local one",
+    )
+    p.add_argument(
+        "--num-cpus", type=int, default=None, help="--engine ray, local cluster: its CPUs"
+    )
     p.add_argument("--window", help="window_s as a duration, e.g. 30m, 2h")
     p.add_argument(
         "--as-of",
@@ -140,7 +160,12 @@ def _join(args) -> int:
     from feedback.join import export_positives, run_join
 
     cfg = join_config(args)
-    rep = run_join(cfg)
+    if args.engine == "ray":
+        from feedback.engine_ray import run_join_ray  # lazy: ray is heavy to import
+
+        rep = run_join_ray(cfg, address=args.address, num_cpus=args.num_cpus)
+    else:
+        rep = run_join(cfg)
     wm = (
         "none"
         if rep.watermark is None
