@@ -104,6 +104,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "partitions, rate, seconds, url; default starts a redis-server in a temp dir)",
     )
     p.add_argument("--url", help="stream bench: an existing redis:// URL (url)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: the distributed join on a Parquet lake beside the local join, for 1 and 2 "
+        "workers (RayBenchConfig in feedback/bench_ray.py: impressions, buckets, workers)",
+    )
     p.set_defaults(func=_bench)
 
     p = fsub.add_parser(
@@ -215,11 +222,11 @@ def _positives(args) -> int:
 
 
 def _quarantine(args) -> int:
-    from feedback.sink import open_source
+    from feedback.lake import is_lake, open_event_source
 
-    if not Path(args.log).exists():
+    if not is_lake(args.log) and not Path(args.log).exists():
         raise FileNotFoundError(f"{args.log}: no event log here")
-    counts = open_source(args.log).quarantine_counts()
+    counts = open_event_source(args.log).quarantine_counts()
     if not counts:
         print("quarantine is empty")
     for kind, reasons in counts.items():
@@ -232,6 +239,17 @@ def bench_config(args):
     """IngestBenchConfig (StreamBenchConfig with --stream) from --config, flags, --set."""
     from feedback.bench import IngestBenchConfig, StreamBenchConfig
 
+    if getattr(args, "engine", "local") == "ray":
+        from feedback.bench_ray import RayBenchConfig  # lazy: imports ray
+
+        flags = [
+            f"{key}={getattr(args, key)}"
+            for key in ("impressions", "dir")
+            if getattr(args, key, None) is not None
+        ]
+        return config_mod.load(
+            RayBenchConfig, args.config, flags + list(args.set), section="ray_bench"
+        )
     if getattr(args, "stream", False):
         flags = [
             f"{key}={getattr(args, key)}"
@@ -253,6 +271,11 @@ def _bench(args) -> int:
     from feedback.bench import main, main_stream
 
     cfg = bench_config(args)
+    if args.engine == "ray":
+        from feedback.bench_ray import main_ray  # lazy: imports ray
+
+        main_ray(cfg, out=args.out)
+        return 0
     (main_stream if args.stream else main)(cfg, out=args.out)
     return 0
 
