@@ -199,6 +199,15 @@ def format_ray_bench(res: dict) -> str:
     return "\n".join(lines)
 
 
+def render_results(paths: list[str | Path]) -> str:
+    """The results page's tables, one per saved `--out` JSON, in the order given."""
+    parts = []
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        parts.append(f"`{Path(path).name}`:\n\n{format_ray_bench(res)}")
+    return "\n\n".join(parts) + "\n"
+
+
 def main_ray(cfg: RayBenchConfig, out: str | None = None) -> dict:
     res = run_ray_bench(cfg)
     print(format_ray_bench(res))

@@ -97,8 +97,9 @@ def run_join_ray(
 ) -> JoinReport:
     """One incremental pass over the lake's new commits, one Ray task per user bucket.
 
-    `address`: a running cluster (`ray start --head` prints it); None starts a local one
-    (with `num_cpus`), or uses the one this process is already connected to.
+    `address`: a running cluster (`ray start --head` prints it). None: the cluster this
+    process is connected to, else $RAY_ADDRESS (set for a `ray job submit` entrypoint),
+    else a local one with `num_cpus`.
     """
     if not is_lake(cfg.log):
         raise ValueError(f"{cfg.log}: the ray engine reads a Parquet lake (a folder or URL)")
@@ -214,12 +215,13 @@ def _run_tasks(
     tasks: list[dict], shared: dict, *, address: str | None, num_cpus: int | None
 ) -> list[dict]:
     started = not ray.is_initialized()
-    if started:
-        # No address: a local cluster in this process's lifetime. The dashboard and the
-        # usage report need nothing this join uses.
+    if started and (address or os.environ.get("RAY_ADDRESS")):
+        # A running cluster: the address given, or the one `ray job submit` sets.
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    elif started:
+        # A local cluster for this process's lifetime; the dashboard serves nothing here.
         ray.init(
-            address=address,
-            num_cpus=None if address else num_cpus,
+            num_cpus=num_cpus,
             include_dashboard=False,
             logging_level=logging.WARNING,
             configure_logging=False,
