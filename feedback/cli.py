@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-cpus", type=int, default=None, help="--engine ray, local cluster: its CPUs"
     )
+    p.add_argument(
+        "--node-ip",
+        default=None,
+        help="--engine ray --address: this driver's IP on the cluster's network, where the "
+        "host has several and Ray would pick the wrong one",
+    )
     p.add_argument("--window", help="window_s as a duration, e.g. 30m, 2h")
     p.add_argument(
         "--as-of",
@@ -170,7 +176,7 @@ def _join(args) -> int:
     if args.engine == "ray":
         from feedback.engine_ray import run_join_ray  # lazy: ray is heavy to import
 
-        rep = run_join_ray(cfg, address=args.address, num_cpus=args.num_cpus)
+        rep = run_join_ray(cfg, address=args.address, num_cpus=args.num_cpus, node_ip=args.node_ip)
     else:
         rep = run_join(cfg)
     wm = (

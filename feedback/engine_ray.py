@@ -93,13 +93,18 @@ _LOOKUP = ["event_id", "request_id", "user_id", "item_id", "position", "impressi
 
 
 def run_join_ray(
-    cfg: JoinConfig, *, address: str | None = None, num_cpus: int | None = None
+    cfg: JoinConfig,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    node_ip: str | None = None,
 ) -> JoinReport:
     """One incremental pass over the lake's new commits, one Ray task per user bucket.
 
     `address`: a running cluster (`ray start --head` prints it). None: the cluster this
     process is connected to, else $RAY_ADDRESS (set for a `ray job submit` entrypoint),
-    else a local one with `num_cpus`.
+    else a local one with `num_cpus`. `node_ip`: this driver's address on the cluster's
+    network, where Ray's guess is wrong (a host with several addresses).
     """
     if not is_lake(cfg.log):
         raise ValueError(f"{cfg.log}: the ray engine reads a Parquet lake (a folder or URL)")
@@ -165,7 +170,7 @@ def run_join_ray(
             "all_pending": sorted(pending.items()),
             "hold": os.environ.get(HOLD_ENV, ""),
         }
-        results = _run_tasks(tasks, shared, address=address, num_cpus=num_cpus)
+        results = _run_tasks(tasks, shared, address=address, num_cpus=num_cpus, node_ip=node_ip)
 
         pending_files = {}
         statuses: dict[str, int] = {}
@@ -212,12 +217,22 @@ def run_join_ray(
 
 
 def _run_tasks(
-    tasks: list[dict], shared: dict, *, address: str | None, num_cpus: int | None
+    tasks: list[dict],
+    shared: dict,
+    *,
+    address: str | None,
+    num_cpus: int | None,
+    node_ip: str | None,
 ) -> list[dict]:
     started = not ray.is_initialized()
     if started and (address or os.environ.get("RAY_ADDRESS")):
         # A running cluster: the address given, or the one `ray job submit` sets.
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        ray.init(
+            address=address,
+            _node_ip_address=node_ip,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
     elif started:
         # A local cluster for this process's lifetime; the dashboard serves nothing here.
         ray.init(

@@ -328,3 +328,22 @@ def test_a_worker_killed_mid_run_then_rerun_gives_the_same_labels(cluster, tmp_p
     assert st["run"] == 2 and st["cursor"] == lake.last_seq()
     leftovers = [p for p in dist.rglob("*") if p.name.startswith(".")]
     assert not leftovers
+
+
+def test_the_cli_joins_on_the_cluster_by_address(cluster, tmp_path):
+    """`northstar feedback join --engine ray --address …`: a driver process of its own."""
+    lake = ParquetLake(tmp_path / "lake", buckets=BUCKETS)
+    _batch(lake, 20, T)
+    local, dist = tmp_path / "local", tmp_path / "ray"
+    run_join(JoinConfig(log=lake.url, out=str(local), window_s=W))
+    cmd = [
+        sys.executable, "-m", "northstar", "feedback", "join", "--engine", "ray",
+        "--address", cluster.address, "--node-ip", IP,
+        "--log", lake.url, "--out", str(dist), "--window", "30m",
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, env=cluster.env, cwd=ROOT, timeout=HANG_S, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run 1: read" in done.stdout
+    _same(local, dist)
