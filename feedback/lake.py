@@ -291,7 +291,8 @@ class ParquetLake:
                 key = f"{kind}/{hour}/{int(bucket)}"
                 seen = self._partition_ids(key)
                 ids = df["event_id"].to_numpy()[idx]
-                keep[idx] = ~np.isin(ids, list(seen)) if seen else True
+                # A set lookup per id: the cost is the batch's, not the partition's size.
+                keep[idx] = np.fromiter((i not in seen for i in ids), bool, len(ids))
             stored[kind] = int(keep.sum())
             dups[kind] = n_in - stored[kind]
             for (hour, bucket), idx in groups.items():
