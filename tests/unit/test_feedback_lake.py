@@ -260,3 +260,33 @@ def test_consumer_sigkilled_between_commit_and_ack_writes_the_lake_once(redis_se
     assert lake.quarantine_counts() == {INTERACTION: {"type: not one of click|watch|like": 3}}
     recs = [json.loads(p.read_text()) for p in sorted((root / COMMITS).glob("*.json"))]
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+
+
+def test_the_simulators_reconciliation_holds_on_a_lake(tmp_path):
+    """Acknowledged = stored once, re-sends and quarantine included, on the lake."""
+    from simulator import SimulateConfig, reconcile, simulate
+    from simulator.doubles import LocalRecommender, SinkSender
+    from training.synth import SynthConfig, World
+
+    World.generate(SynthConfig.preset("tiny")).save(tmp_path / "world")
+    lake = ParquetLake(tmp_path / "lake", buckets=4)
+    local = LocalRecommender(tmp_path / "world", lake, epsilon=0.2, seed=1)
+    cfg = SimulateConfig(
+        world=str(tmp_path / "world"),
+        users=60,
+        requests=100,
+        seed=5,
+        concurrency=1,  # one writer per lake
+        request_id_share=1.0,
+        malformed_share=0.04,
+        orphan_share=0.03,
+        resend_share=0.05,
+    )
+    rep = simulate(cfg, client_factory=lambda: local, sender=SinkSender(lake))
+    assert rep.resent > 0 and rep.rejected
+    rec = reconcile(rep, log_path=lake.url, labels_dir=str(tmp_path / "labels"))
+    assert rec["impressions_logged"] == rep.items_returned
+    assert rec["interactions_in_log"] == rep.accepted  # re-sends stored once
+    assert rec["statuses"] == rep.expected and rec["status_mismatches"] == 0
+    assert rec["quarantine"] == rep.rejected
+    assert rec["ok"]
