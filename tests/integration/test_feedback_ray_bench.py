@@ -22,7 +22,6 @@ def test_projection_arithmetic():
 
 
 @pytest.mark.integration  # starts a local Ray cluster
-@pytest.mark.slow
 def test_ray_bench_smoke(tmp_path):
     res = run_ray_bench(
         RayBenchConfig(impressions=4000, k=8, buckets=4, workers=(2,), dir=str(tmp_path))
