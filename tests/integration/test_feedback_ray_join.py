@@ -30,8 +30,16 @@ from ray._private.authentication_test_utils import reset_auth_token_state
 
 from feedback.engine_ray import HOLD_ENV, read_worker_peaks, run_join_ray
 from feedback.ids import uuid7_batch
-from feedback.join import JoinConfig, read_labels, read_state, read_statuses, run_join
+from feedback.join import (
+    JoinConfig,
+    export_positives,
+    read_labels,
+    read_state,
+    read_statuses,
+    run_join,
+)
 from feedback.lake import ParquetLake
+from feedback.metrics import compute_metrics
 from feedback.sink import impression_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -279,6 +287,14 @@ def test_same_labels_over_incremental_runs_and_a_rerun(cluster, tmp_path):
     run_join_ray(JoinConfig(log=lake.url, out=str(dist), window_s=W, as_of=float("inf")))
     _same(local, dist)
     assert read_state(dist)["pending_count"] == 0
+    # What reads the labels reads both alike: the north star and the retrain's positives.
+    assert compute_metrics(read_labels(dist)) == compute_metrics(read_labels(local))
+    n = export_positives(dist, tmp_path / "pos-ray.parquet")
+    assert n > 0 and n == export_positives(local, tmp_path / "pos-local.parquet")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "pos-ray.parquet"),
+        pd.read_parquet(tmp_path / "pos-local.parquet"),
+    )
 
 
 def test_a_worker_killed_mid_run_then_rerun_gives_the_same_labels(cluster, tmp_path, monkeypatch):
