@@ -20,8 +20,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(a [join] table or top level; durations in seconds there), then the flags below, "
         "then --set (the last one given wins). Defaults are JoinConfig's.",
     )
-    p.add_argument("--log", help="event log (events.db or sqlite:///path); field log")
+    p.add_argument(
+        "--log",
+        help="event log: events.db, sqlite:///path, or a Parquet lake (a folder or a URL "
+        "such as s3://bucket/events); field log",
+    )
     p.add_argument("--out", help="labels folder (date=YYYY-MM-DD/part-*.parquet); field out")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (the default); ray: one Ray task per user bucket of a "
+        "lake (feedback/engine_ray.py), the same labels",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: a running cluster (host:port from `ray start --head`); "
+        "default: start a local one",
+    )
+    p.add_argument(
+        "--num-cpus", type=int, default=None, help="--engine ray, local cluster: its CPUs"
+    )
+    p.add_argument(
+        "--node-ip",
+        default=None,
+        help="--engine ray --address: this driver's IP on the cluster's network, where the "
+        "host has several and Ray would pick the wrong one",
+    )
     p.add_argument("--window", help="window_s as a duration, e.g. 30m, 2h")
     p.add_argument(
         "--as-of",
@@ -84,6 +110,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "partitions, rate, seconds, url; default starts a redis-server in a temp dir)",
     )
     p.add_argument("--url", help="stream bench: an existing redis:// URL (url)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: the distributed join on a Parquet lake beside the local join, for 1 and 2 "
+        "workers (RayBenchConfig in feedback/bench_ray.py: impressions, buckets, workers)",
+    )
     p.set_defaults(func=_bench)
 
     p = fsub.add_parser(
@@ -95,7 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", required=True, help="redis://host:port/db[?prefix=..&partitions=..]")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--log", help="log writer: the SQLite event log to write (events.db)")
+    what.add_argument(
+        "--log", help="log writer: the SQLite log (events.db) or a Parquet lake (folder or URL)"
+    )
     what.add_argument(
         "--online-store",
         help="features consumer: apply interactions to this online store (redis://...); "
@@ -138,7 +173,12 @@ def _join(args) -> int:
     from feedback.join import export_positives, run_join
 
     cfg = join_config(args)
-    rep = run_join(cfg)
+    if args.engine == "ray":
+        from feedback.engine_ray import run_join_ray  # lazy: ray is heavy to import
+
+        rep = run_join_ray(cfg, address=args.address, num_cpus=args.num_cpus, node_ip=args.node_ip)
+    else:
+        rep = run_join(cfg)
     wm = (
         "none"
         if rep.watermark is None
@@ -188,11 +228,11 @@ def _positives(args) -> int:
 
 
 def _quarantine(args) -> int:
-    from feedback.sink import open_source
+    from feedback.lake import is_lake, open_event_source
 
-    if not Path(args.log).exists():
+    if not is_lake(args.log) and not Path(args.log).exists():
         raise FileNotFoundError(f"{args.log}: no event log here")
-    counts = open_source(args.log).quarantine_counts()
+    counts = open_event_source(args.log).quarantine_counts()
     if not counts:
         print("quarantine is empty")
     for kind, reasons in counts.items():
@@ -205,6 +245,17 @@ def bench_config(args):
     """IngestBenchConfig (StreamBenchConfig with --stream) from --config, flags, --set."""
     from feedback.bench import IngestBenchConfig, StreamBenchConfig
 
+    if getattr(args, "engine", "local") == "ray":
+        from feedback.bench_ray import RayBenchConfig  # lazy: imports ray
+
+        flags = [
+            f"{key}={getattr(args, key)}"
+            for key in ("impressions", "dir")
+            if getattr(args, key, None) is not None
+        ]
+        return config_mod.load(
+            RayBenchConfig, args.config, flags + list(args.set), section="ray_bench"
+        )
     if getattr(args, "stream", False):
         flags = [
             f"{key}={getattr(args, key)}"
@@ -226,6 +277,11 @@ def _bench(args) -> int:
     from feedback.bench import main, main_stream
 
     cfg = bench_config(args)
+    if args.engine == "ray":
+        from feedback.bench_ray import main_ray  # lazy: imports ray
+
+        main_ray(cfg, out=args.out)
+        return 0
     (main_stream if args.stream else main)(cfg, out=args.out)
     return 0
 

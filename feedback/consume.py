@@ -11,6 +11,9 @@ harmless:
   consumer is handed the same entries again and stores nothing twice (the keys are
   there; events are INSERT OR IGNORE on event_id anyway). Conflicting content under a
   stored event_id is quarantined by the log, as for direct writers.
+- `LakeWriter` (group "log", `--log` a lake folder or URL): the same batch as ONE commit
+  of partitioned Parquet files, whose record holds each stream's last entry id; a
+  redelivered entry at or below it is skipped (see feedback/lake.py).
 - `interactions_handler(fn)` (e.g. group "features", the online feature store): calls
   `fn(frame)` with the batch's interactions; see `InteractionFrameHandler`.
 
@@ -50,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 from feedback.events import INTERACTION, validate
+from feedback.lake import ParquetLake, is_lake
 from feedback.sink import SqliteEventLog, UpstreamEntry
 from feedback.sink_api import WriteResult
 from feedback.stream import (
@@ -301,6 +305,17 @@ class LogWriter:
         )
 
 
+class LakeWriter:
+    """BatchHandler: store a batch in a Parquet lake (feedback.lake) as ONE commit that
+    records each stream's last entry id; a redelivered entry at or below it is skipped."""
+
+    def __init__(self, lake: ParquetLake) -> None:
+        self.lake = lake
+
+    def __call__(self, entries: Sequence[Entry]) -> None:
+        self.lake.write_upstream(entries)
+
+
 class InteractionFrameHandler:
     """BatchHandler adapter for a feature updater: `fn(frame)` once per batch that holds
     interactions, where `frame` is a pandas DataFrame with columns
@@ -413,13 +428,17 @@ def run_log_writer(
     pending and is retried, so no acknowledged click is skipped."""
     from feedback.lag import lag_metrics, serve_metrics, stream_lag
 
-    sink = store = None
+    sink: SqliteEventLog | ParquetLake | None = None
+    store = None
     if online_store is not None:
         from online.store import RedisFeatureStore
 
         store = RedisFeatureStore(online_store)
         handler: BatchHandler = interactions_handler(store.apply_interactions)
         log_path = online_store
+    elif log_path is not None and is_lake(log_path):
+        sink = ParquetLake(log_path)
+        handler = LakeWriter(sink)
     elif log_path is not None:
         sink = SqliteEventLog(log_path)
         handler = LogWriter(sink)
@@ -471,6 +490,7 @@ __all__ = [
     "ConsumerStats",
     "EmbeddedStreamSink",
     "InteractionFrameHandler",
+    "LakeWriter",
     "LogWriter",
     "StreamConsumer",
     "interaction_frame",

@@ -56,7 +56,7 @@ from filelock import FileLock, Timeout
 
 from common.files import atomic_path, atomic_write_text
 from feedback.events import IMPRESSION, INTERACTION
-from feedback.sink import open_source
+from feedback.lake import open_event_source
 from feedback.sink_api import EventSource
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ STATUS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class JoinConfig:
-    log: str  # event log path or URL (see feedback.sink.open_source)
+    log: str  # event log: SQLite path/URL (feedback.sink.open_source) or a lake (feedback.lake)
     out: str  # labels folder
     # 30 min: most clicks on a home-screen row come within minutes; a window much longer
     # credits the ranking with visits it did not cause (the user came back via search).
@@ -203,7 +203,7 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
     with _exclusive(out / STATE_DIR / LOCK_FILE):
         state = _load_state(out, cfg)
         run = state["run"] + 1
-        src = source if source is not None else open_source(cfg.log)
+        src = source if source is not None else open_event_source(cfg.log)
         snap = src.snapshot()
         cur = state["cursor"]
         imps = src.read(IMPRESSION, after=cur[IMPRESSION], upto=snap[IMPRESSION])
@@ -229,27 +229,14 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
             return report
 
         _remove_run_files(out, run)  # leftovers of a crashed attempt at this same run
-        pending, new = _read_pending(out, state), new_labels(imps)
-        labels = (
-            pd.concat([pending, new], ignore_index=True)
-            if len(pending) and len(new)
-            else new
-            if len(new)
-            else pending
-        )
-        status = attribute(
+        done, still, status = join_step(
+            _read_pending(out, state),
+            imps,
             inter,
-            labels,
             window_s=cfg.window_s,
+            watermark=watermark,
             finalized=lambda x: _finalized(out, x, cfg.late_lookback_s),
         )
-
-        final = (labels["impression_ts"] + cfg.window_s < watermark).to_numpy()
-        done, still = labels[final], labels[~final]
-        if len(done):
-            done = done.assign(
-                label_ts=done["label_ts"].fillna(done["impression_ts"] + cfg.window_s)
-            )
         _write_partitioned(out, done, "impression_ts", LABEL_SCHEMA, run)
         _write_partitioned(out / STATUS_DIR, status, "ts", STATUS_SCHEMA, run)
         pending_file = None
@@ -288,6 +275,37 @@ def run_join(cfg: JoinConfig, source: EventSource | None = None) -> JoinReport:
                 f.unlink(missing_ok=True)
         report.seconds = time.perf_counter() - t0
         return report
+
+
+def join_step(
+    pending: pd.DataFrame,
+    imps: pd.DataFrame,
+    inter: pd.DataFrame,
+    *,
+    window_s: float,
+    watermark: float | None,
+    finalized=None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One run's work on one slice of users: (final labels, still pending, statuses).
+
+    `pending`: label rows carried from the last run; `imps`, `inter`: the new log rows.
+    Every rule of this module is here; the caller reads, writes and commits. The
+    distributed join (feedback.engine_ray) calls it once per user-hash bucket.
+    """
+    new = new_labels(imps)
+    labels = (
+        pd.concat([pending, new], ignore_index=True)
+        if len(pending) and len(new)
+        else new
+        if len(new)
+        else pending
+    )
+    status = attribute(inter, labels, window_s=window_s, finalized=finalized)
+    final = (labels["impression_ts"] + window_s < watermark).to_numpy()
+    done, still = labels[final], labels[~final]
+    if len(done):
+        done = done.assign(label_ts=done["label_ts"].fillna(done["impression_ts"] + window_s))
+    return done, still, status
 
 
 def attribute(
@@ -598,14 +616,16 @@ def utc_dates(ts: np.ndarray) -> np.ndarray:
 
 
 def _write_partitioned(
-    root: Path, df: pd.DataFrame, ts_col: str, schema: pa.Schema, run: int
+    root: Path, df: pd.DataFrame, ts_col: str, schema: pa.Schema, run: int, suffix: str = ""
 ) -> None:
+    """One file per UTC date, `part-{run:08d}{suffix}.parquet` (a suffix per writer of the
+    same run, e.g. the bucket in the distributed join)."""
     if not len(df):
         return
     dates = utc_dates(df[ts_col].to_numpy())
     for day in np.unique(dates):
         part = df[dates == day]
-        _write_table(root / f"{DATE}={day}" / f"part-{run:08d}.parquet", part, schema)
+        _write_table(root / f"{DATE}={day}" / f"part-{run:08d}{suffix}.parquet", part, schema)
 
 
 def _write_table(path: Path, df: pd.DataFrame, schema: pa.Schema) -> None:

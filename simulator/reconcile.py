@@ -16,7 +16,7 @@ from feedback.join import (
     read_statuses,
     run_join,
 )
-from feedback.sink import open_source
+from feedback.lake import open_event_source  # the SQLite log or a Parquet lake
 from simulator.config import SimReport, SimulateConfig
 
 
@@ -38,7 +38,7 @@ def reconcile_many(
     """`reconcile` for many simulator runs on one log: one join and one read of each table,
     then per-report lookups (a soak reconciles hundreds of batches on millions of rows)."""
 
-    src = open_source(log_path)
+    src = open_event_source(log_path)
     cfg = JoinConfig(
         log=log_path, out=labels_dir, as_of=math.inf, window_s=window_s or SimulateConfig.window_s
     )
