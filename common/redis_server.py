@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from common import procs
 
 INSTALL_HINT = "install Debian's package: apt-get install -y redis-server (make venv does)"
@@ -91,8 +93,6 @@ class RedisServer:
         return self
 
     def _wait_ready(self) -> None:
-        import redis
-
         deadline = time.monotonic() + self.startup_timeout_s
         client = redis.Redis.from_url(self.url, socket_timeout=1.0)
         try:

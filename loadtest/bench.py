@@ -93,7 +93,7 @@ class BenchConfig:
     seed: int = 0
     rows: tuple[str, ...] = ROWS
     label: str = ""  # a name for this configuration (RESULTS.md steps)
-    tiny: bool = False  # smoke shapes (TINY_SHAPE) instead of the production tower
+    tiny: bool = False  # smoke shapes (catalogue.TINY_SHAPE) instead of the production tower
     # Threads for the in-process rows and the naive peer; 0 = every core the machine has
     # (what the server gets). Independent of retrieval.intra_op_threads on purpose.
     ceiling_threads: int = 0
@@ -117,23 +117,10 @@ class BenchConfig:
     history_len: int = 20
 
 
-# The smoke configuration: tiny shapes and short windows, every row present.
-TINY_SHAPE = catalogue.CatalogueShape(
-    n_items=500,
-    n_users=200,
-    n_interactions=3_000,
-    history_len=6,
-    n_hash_buckets=8,
-    k=10,
-    overfetch=10,
-    tower=dataclasses.replace(catalogue.BENCH_TOWER, id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8),
-)
-
-
 def tiny_config(out: str, cache: str | None = None) -> BenchConfig:
     return BenchConfig(
-        items=(TINY_SHAPE.n_items,),
-        n_users=TINY_SHAPE.n_users,
+        items=(catalogue.TINY_SHAPE.n_items,),
+        n_users=catalogue.TINY_SHAPE.n_users,
         out=out,
         cache=cache,
         duration_s=0.5,
@@ -570,7 +557,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         repos = [catalogue.from_existing(cfg.run, cfg.repo or "model_repository")]
     else:
         shape = (
-            TINY_SHAPE
+            catalogue.TINY_SHAPE
             if cfg.tiny
             else catalogue.CatalogueShape(
                 n_users=cfg.n_users, tower=cfg.tower, history_len=cfg.history_len

@@ -65,6 +65,19 @@ class CatalogueShape:
         )
 
 
+# The smoke catalogue: tiny shapes (`northstar bench --tiny`, `python -m loadtest.run --tiny`).
+TINY_SHAPE = CatalogueShape(
+    n_items=500,
+    n_users=200,
+    n_interactions=3_000,
+    history_len=6,
+    n_hash_buckets=8,
+    k=10,
+    overfetch=10,
+    tower=dataclasses.replace(BENCH_TOWER, id_dim=8, cat_dim=4, hidden_dim=16, out_dim=8),
+)
+
+
 @dataclass(frozen=True)
 class BenchRepo:
     shape: CatalogueShape

@@ -65,9 +65,14 @@ from locust.stats import (  # noqa: E402
     StatsCSVFileWriter,
 )
 
+# after locust, whose import monkey-patches the standard library for gevent
+from tritonclient import grpc as triton_grpc  # noqa: E402
+from tritonclient import http as triton_http  # noqa: E402
+
 from feedback.ingest import INPUTS as _FEEDBACK_INPUTS  # noqa: E402
 from loadtest.answers import check_recommend, check_retrieval  # noqa: E402
 from loadtest.thresholds import threshold_failures  # noqa: E402
+from loadtest.users import UserSampler, known_user_ids, production_snapshot  # noqa: E402
 from models.features import INPUT_HISTORY_TS, INPUT_NAMES, input_names  # noqa: E402
 from models.snapshot import UserFeatures  # noqa: E402
 from serving import repository as layout  # noqa: E402
@@ -142,8 +147,6 @@ class Workload:
 
     @classmethod
     def from_options(cls, options) -> Workload:
-        from loadtest.users import UserSampler, known_user_ids, production_snapshot
-
         snapshot = version = catalogue = None
         try:
             snapshot = production_snapshot(options.repo)
@@ -408,10 +411,8 @@ class TritonGrpcUser(_TritonUser):
         return self.opts.grpc_url
 
     def _make_client(self, url: str):
-        import tritonclient.grpc as mod
-
-        self.mod = mod
-        return mod.InferenceServerClient(url)
+        self.mod = triton_grpc
+        return self.mod.InferenceServerClient(url)
 
     def _infer_on(self, client, model, inputs, outputs):
         return client.infer(model, inputs, outputs=outputs, client_timeout=self.opts.timeout_s)
@@ -427,11 +428,9 @@ class TritonHttpUser(_TritonUser):
         return self.opts.http_url
 
     def _make_client(self, url: str):
-        import tritonclient.http as mod
-
-        self.mod = mod
+        self.mod = triton_http
         t = self.opts.timeout_s
-        return mod.InferenceServerClient(url, connection_timeout=t, network_timeout=t)
+        return self.mod.InferenceServerClient(url, connection_timeout=t, network_timeout=t)
 
     def _infer_on(self, client, model, inputs, outputs):
         return client.infer(model, inputs, outputs=outputs)

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from common import procs
+from serving.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,6 @@ class PeerProcess:
         startup_timeout_s: float = 120.0,
         stop_timeout_s: float = 10.0,
     ):
-        from serving.server import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir or tempfile.gettempdir()) / f"{self.name}-{self.port}.log"

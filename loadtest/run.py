@@ -24,6 +24,7 @@ from pathlib import Path
 from common import procs
 from loadtest import catalogue
 from serving import repository as layout
+from serving.server import ServerConfig, TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,7 @@ def prepare_repo(args) -> Path:
     if args.repo:
         return Path(args.repo)
     if args.tiny:
-        from loadtest.bench import TINY_SHAPE
-
-        shape = TINY_SHAPE
+        shape = catalogue.TINY_SHAPE
     else:
         shape = catalogue.CatalogueShape(n_items=args.items, n_users=args.n_users)
     br = catalogue.build(shape, args.cache)
@@ -149,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("locust_args", nargs="*", help="after --: passed to locust as they are")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
-    from serving.server import ServerConfig, TritonServer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,25 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
+
+from canary.guardrails import GuardrailGates
+from canary.online import EvaluateConfig, evaluate_canary, rollback
+from canary.pipeline import RetrainConfig, retrain
+from canary.scenario import Traffic
+from canary.verdict import OnlineGates
+from common.files import atomic_write_text
+from common.jsonsafe import dumps
+from fairness.gates import GateConfig
+from feedback.join import JoinConfig, run_join
+from loadtest.run import kill_group, locust_command, spawn_locust
+from loadtest.soak_report import write_html, write_markdown
+from models.towers import TowerConfig
+from serving.publish import ExportConfig, export
+from serving.server import ServerConfig, TritonServer
+from simulator import SimulateConfig, reconcile_many
+from training.synth import SynthConfig, generate_dataset
+from training.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +109,6 @@ class MemorySampler:
     """RSS of tritonserver and of its child processes (the Python-backend stubs)."""
 
     def __init__(self, pid: int, every_s: float, t0: float):
-        import psutil
-
         self.proc = psutil.Process(pid)
         self.every_s, self.t0 = every_s, t0
         self.rows: list[dict[str, float]] = []
@@ -99,8 +116,6 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._loop, name="rss", daemon=True)
 
     def sample(self) -> dict[str, float]:
-        import psutil
-
         server = self.proc.memory_info().rss
         stubs, n = 0, 0
         for child in self.proc.children(recursive=True):
@@ -193,12 +208,6 @@ class SoakReport:
 
 def _setup(cfg: SoakConfig, root: Path):
     """A world, a trained production model exported as version 1, and a live server."""
-    from models.towers import TowerConfig
-    from serving.publish import ExportConfig, export
-    from serving.server import ServerConfig, TritonServer
-    from training.synth import SynthConfig, generate_dataset
-    from training.train import TrainConfig, train
-
     data = root / "data"
     world, ds = generate_dataset(SynthConfig.preset(cfg.preset, seed=cfg.seed))
     ds.save(data)
@@ -225,9 +234,6 @@ def soak_gates():
     The serving guardrails keep their shipped thresholds; group fairness is left to the
     scenario and the demo (a minute of tiny-world traffic gives groups of a few hundred
     impressions, whose CTR ratios are noise)."""
-    from canary.guardrails import GuardrailGates
-    from canary.verdict import OnlineGates
-
     return OnlineGates(
         min_users=20,
         min_impressions=200,
@@ -240,10 +246,6 @@ def soak_gates():
 
 def _cycle(cfg: SoakConfig, root: Path, server, traffic, train_cfg, t0: float) -> dict:
     """join -> retrain -> canary -> evaluate until the verdict -> apply it, under load."""
-    from canary.online import EvaluateConfig, evaluate_canary, rollback
-    from canary.pipeline import RetrainConfig, retrain
-    from fairness.gates import GateConfig
-    from feedback.join import JoinConfig, run_join
 
     def mark(name: str) -> None:
         out["marks"][name] = round(time.monotonic() - t0, 1)
@@ -314,10 +316,6 @@ def _cycle(cfg: SoakConfig, root: Path, server, traffic, train_cfg, t0: float) -
 
 
 def run_soak(cfg: SoakConfig) -> SoakReport:
-    from canary.scenario import Traffic
-    from loadtest.run import locust_command
-    from simulator import SimulateConfig, reconcile_many
-
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     rep = SoakReport(config=asdict(cfg))
@@ -430,15 +428,11 @@ class _Locust:
         self.returncode: int | None = None
 
     def __enter__(self) -> _Locust:
-        from loadtest.run import spawn_locust
-
         self._log = open(self.log_path, "wb")
         self.proc = spawn_locust(self.cmd, self._log)
         return self
 
     def __exit__(self, *exc) -> None:
-        from loadtest.run import kill_group
-
         proc = self.proc
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -503,10 +497,6 @@ def _cycle_seen(cycle: dict, expect: str) -> str:
 
 
 def write_reports(rep: SoakReport, out: str | Path) -> dict[str, Path]:
-    from common.files import atomic_write_text
-    from common.jsonsafe import dumps
-    from loadtest.soak_report import write_html, write_markdown
-
     out = Path(out)
     paths = {"json": out / "soak.json", "md": out / "soak.md", "html": out / "soak.html"}
     # NaN (a minute without requests has no p99) is null; anything odd in `cycle` is text.

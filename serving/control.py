@@ -35,7 +35,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from common.redact import redacted
+from models.onnx_session import onnx_session
+from online.routing_store import RoutingStore
 from serving import auth
 from serving import repository as layout
 from serving.discovery import split_urls
@@ -62,8 +67,6 @@ replica_urls = split_urls
 
 
 def _grpc(url: str):
-    import tritonclient.grpc as grpcclient
-
     return grpcclient.InferenceServerClient(url)
 
 
@@ -72,8 +75,6 @@ def load_model(url: str, name: str, *, config=None) -> None:
 
     A failed reload leaves the model as it was: Triton keeps serving the old versions.
     """
-    from tritonclient.utils import InferenceServerException
-
     client = _grpc(url)
     try:
         client.load_model(
@@ -164,8 +165,6 @@ def load_versions(url: str, repo: str | Path, versions: Iterable[int], *, base_c
 def check_graph(repo: str | Path, version: int) -> None:
     """Open the version's model.onnx in onnxruntime on the CPU, or raise ServerError naming
     the file: what Triton's load would do, without leaving a refused version behind."""
-    from models.onnx_session import onnx_session
-
     path = layout.version_dir(repo, version) / layout.ONNX_FILE
     try:
         onnx_session(path)
@@ -243,8 +242,6 @@ def switch_routing(
 
 
 def _switch_in_store(repo, new, replicas, where, base_config, drain_s, progress, delay_s):
-    from online.routing_store import RoutingStore
-
     url, prefix = where
     rs = RoutingStore.from_url(url, prefix=prefix)
     try:
@@ -313,8 +310,6 @@ def _settled_record(rs, repo: Path, bound_s: float = 60.0):
 def _load_everywhere(replicas: list[str], repo: Path, keep: set[int], base, unchanged: str):
     """Every replica answers, then every replica serves `keep`; else ReplicaError naming
     the replica, before routing moves."""
-    from tritonclient.utils import InferenceServerException
-
     for r in replicas:  # all of them answer before anything is loaded anywhere
         try:
             ready_versions(r, timeout_s=10.0)
@@ -346,8 +341,6 @@ def _load_everywhere(replicas: list[str], repo: Path, keep: set[int], base, unch
 def _unload_everywhere(done: Switch, repo: Path, keep: set[int], base) -> None:
     """After the drain: every replica serves only `keep`. Routing has moved already, so a
     replica that fails here is logged and reported in `done.unload_errors`, not raised."""
-    from tritonclient.utils import InferenceServerException
-
     for r in done.replicas:
         try:
             load_versions(r, repo, keep, base_config=base)

@@ -17,9 +17,11 @@ each input, and the batch size (serving/README.md lists every check and where it
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -103,8 +105,6 @@ K8S_SIDECAR = {
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m serving.proxy > deploy/base/proxy/nginx.conf`: the sidecar's config."""
-    import argparse
-
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--max-body-bytes", type=int, default=ProxyLimits.max_body_bytes)
     args = p.parse_args(argv)
@@ -175,8 +175,6 @@ class FrontProxy:
         return self
 
     def _wait_listening(self, timeout_s: float) -> None:
-        import socket
-
         deadline = time.monotonic() + timeout_s
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         pending = {self.http_port, self.grpc_port}

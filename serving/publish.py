@@ -32,9 +32,11 @@ from models.features import (
     OUTPUT_SCORES,
 )
 from models.snapshot import FeatureSnapshot
+from online.store import RedisFeatureStore
 from serving import repository as layout
 from serving.control import routing_config, switch_routing
 from serving.routing import RoutingState
+from serving.seed import seed_from_run
 from training.run import FEATURES_FILE, VOCAB_FILE, Run, load_run
 
 log = logging.getLogger(__name__)
@@ -82,9 +84,6 @@ class ExportConfig:
 
 
 def _seed_if_empty(url: str, run: Path) -> None:
-    from online.store import RedisFeatureStore
-    from serving.seed import seed_from_run
-
     store = RedisFeatureStore(url)
     try:
         seeded = store.replay_from() is not None

@@ -36,6 +36,7 @@ import numpy as np
 from common.files import write_private
 from common.redact import redacted
 from models.features import hash_bucket
+from online.config import ONLINE_STORE_ENV
 from serving import repository as layout
 
 if TYPE_CHECKING:
@@ -194,8 +195,6 @@ def routing_store_of(repo: str | Path, explicit: str | None = None) -> tuple[str
     `explicit` first, then $NORTHSTAR_ONLINE_STORE, then the repository's marker: a
     controller that forgot the store must not write a file the replicas no longer read.
     """
-    from online.config import ONLINE_STORE_ENV
-
     url = (explicit or "").strip() or os.environ.get(ONLINE_STORE_ENV, "").strip()
     if url:
         return url, "northstar"
@@ -258,6 +257,7 @@ class StoreRouting:
 
     @classmethod
     def from_client(cls, client, *, prefix: str = "northstar", url: str = "", **kw):
+        # lazy: redis (online.routing_store); `northstar --help` imports this module
         from online.routing_store import RoutingStore
 
         return cls(RoutingStore(client, prefix=prefix, url=url), **kw)
@@ -272,6 +272,7 @@ class StoreRouting:
 
     def refresh(self) -> bool:
         """Read the record once; True when a record is in service (new or kept)."""
+        # lazy: redis; `northstar --help` imports this module (through serving.client)
         import redis
 
         from online.routing_store import RoutingStoreError

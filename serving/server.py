@@ -29,9 +29,16 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+import psutil
+
 from common import procs
+from feedback.sink import EVENT_LOG_ENV
+from online.config import ONLINE_STORE_ENV, OnlineConfigError, OnlineStoreConfig, OnlineStoreError
+from online.routing_store import RoutingStore, RoutingStoreError
+from online.store import RedisFeatureStore
 from serving import auth
 from serving import repository as layout
 from serving.control import ServerError, load_versions, ready_versions
@@ -116,7 +123,7 @@ class ServerConfig:
 
 
 def _pytriton_root() -> Path:
-    import pytriton
+    import pytriton  # lazy: a heavy import (the whole wrapper), and only its folder is wanted
 
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
@@ -150,8 +157,6 @@ def prepare_backends(cache_dir: str | Path | None = None) -> Path:
     Built once per (wheel version, Python version) and reused; built in a staging
     folder and renamed, so two servers starting at once never see half of it.
     """
-    from importlib.metadata import version
-
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     root = _pytriton_root()
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
@@ -217,8 +222,6 @@ class TritonServer:
         self._upstream = (free_port(), free_port()) if self.proxied else None
         # Clients on this machine reach a 0.0.0.0 server through the loopback address.
         self.client_host = "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
-        from feedback.sink import EVENT_LOG_ENV
-
         log_path = cfg.event_log or os.environ.get(EVENT_LOG_ENV) or None
         # A path is made absolute (the models run in another cwd); a URL (redis://…) is not.
         self.event_log = (
@@ -228,8 +231,6 @@ class TritonServer:
             if "://" in str(log_path)
             else str(Path(log_path).resolve())
         )
-        from online.config import ONLINE_STORE_ENV
-
         self.online_store = cfg.online_store or os.environ.get(ONLINE_STORE_ENV) or None
         self.models = tuple(cfg.models)
         self.admin_key: str | None = None  # resolved at start(): it may create the key file
@@ -363,9 +364,6 @@ class TritonServer:
     def _check_online_store(self) -> None:
         """A store that does not answer is reported now, by URL, not as a model that failed
         to load minutes later."""
-        from online.config import OnlineConfigError, OnlineStoreConfig, OnlineStoreError
-        from online.store import RedisFeatureStore
-
         try:
             RedisFeatureStore.from_config(OnlineStoreConfig(url=self.online_store)).close()
         except (OnlineConfigError, OnlineStoreError) as exc:
@@ -376,8 +374,6 @@ class TritonServer:
         routing.json, so every switch_routing on this repository writes the store, and
         create the record from routing.json if the store has none yet (an existing record
         wins: it is the truth, routing.json only mirrors it)."""
-        from online.routing_store import RoutingStore, RoutingStoreError
-
         try:
             same = read_store_marker(self.repo) == (self.online_store, "northstar")
         except ValueError:  # unreadable: written again below
@@ -447,8 +443,6 @@ class TritonServer:
         return routing
 
     def _store_routing(self) -> tuple[RoutingState | None, set[int], str]:
-        from online.routing_store import RoutingStore
-
         rs = RoutingStore.from_url(self.online_store)
         try:
             rec = rs.read()
@@ -465,12 +459,8 @@ class TritonServer:
     def env(self) -> dict[str, str]:
         env = server_env()
         if self.online_store:
-            from online.config import ONLINE_STORE_ENV
-
             env[ONLINE_STORE_ENV] = self.online_store
         if self.event_log:
-            from feedback.sink import EVENT_LOG_ENV
-
             env[EVENT_LOG_ENV] = self.event_log
         return env
 
@@ -547,8 +537,6 @@ def reap_orphan_stubs(*, server_pid: int | None = None, repo: str | Path | None 
     Select by the dead server's pid, or by a model path inside `repo` whose parent is dead.
     Returns the number of stubs reaped.
     """
-    import psutil
-
     root = str(Path(repo).resolve()) + os.sep if repo is not None else None
     reaped = 0
     for p in psutil.process_iter(["cmdline"]):
