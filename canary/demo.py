@@ -19,7 +19,6 @@ def canary_stage(cfg, server, root: Path) -> None:
     from simulator import SimulateConfig
     from training.train import TrainConfig
 
-    print("\n=== 8. canary loop: retrain -> offline gates -> Triton canary -> promote/rollback ===")
     common = {
         "state_dir": str(root / "canary"),
         "repo": cfg.repo,
@@ -30,14 +29,15 @@ def canary_stage(cfg, server, root: Path) -> None:
     retrain_cfg = RetrainConfig(
         **common,
         data=str(root / "data"),  # the demo's world, whatever run dir production came from
-        # Production's weights fine-tuned on the newest 60 days + the feedback, for two epochs
+        # Production's weights fine-tuned on the newest 30 days + the feedback, for two epochs
         # at a third of the learning rate (a full-rate restart of Adam undoes converged
-        # weights). The world's tastes drift and the simulated users live at its end, so the
-        # newest weeks (which production, trained on the first 80% of the log, never learned
-        # from) and the feedback are what a retrain can add; on all 400k rows they are diluted.
+        # weights), with no refit pass: one candidate, trained once. The world's tastes
+        # drift and the simulated users live at its end, so the newest weeks (which
+        # production, trained on the first 80% of the log, never learned from) and the
+        # feedback are what a retrain can add; on all 400k rows they are diluted.
         mode="warm_window",
-        window_days=60.0,
-        train=TrainConfig(epochs=2, lr=0.001, progress=False, seed=cfg.seed),
+        window_days=30.0,
+        train=TrainConfig(epochs=2, lr=0.001, refit_epochs=0, progress=False, seed=cfg.seed),
         canary_percent=50,  # a demo wants a verdict in minutes, not days
         # The offline slice is the world's history while the feedback is today's taste, so
         # offline gates are a floor here (10% below production at most); the online test
