@@ -98,6 +98,23 @@ class Traffic:
             time.sleep(0.2)
 
 
+# How each act must end: the online decision of a canary, or the retrain's own status.
+EXPECTED = {"a": "promote", "b": "rejected", "c": "rollback", "d": "rollback"}
+
+
+def outcome(act: dict[str, Any]) -> str:
+    """An act's end: "promote" / "rollback" / "continue" for a canary, else the retrain's
+    status ("rejected", "skipped", "failed", ...)."""
+    if act["retrain"]["status"] == "canary":
+        return act.get("decision") or "continue"
+    return act["retrain"]["status"]
+
+
+def unexpected(acts: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """act -> what it ended in, for every act that did not end as EXPECTED says."""
+    return {n: outcome(a) for n, a in acts.items() if outcome(a) != EXPECTED.get(n)}
+
+
 @dataclass
 class ScenarioReport:
     acts: dict[str, Any] = field(default_factory=dict)
