@@ -39,8 +39,16 @@ def canary_stage(cfg, server, root: Path) -> None:
         window_days=30.0,
         # One intra-op thread: a retrain shares the two cores with tritonserver and the
         # traffic, and torch's OpenMP workers spin-wait whenever a core is taken.
+        # TopPop is the only baseline a retrain's own metrics need (the offline gates rank
+        # both models on the newest slice themselves, in canary.offline).
         train=TrainConfig(
-            epochs=2, lr=0.001, refit_epochs=0, threads=1, progress=False, seed=cfg.seed
+            epochs=2,
+            lr=0.001,
+            refit_epochs=0,
+            threads=1,
+            baselines=("toppop",),
+            progress=False,
+            seed=cfg.seed,
         ),
         canary_percent=50,  # a demo wants a verdict in minutes, not days
         # The offline slice is the world's history while the feedback is today's taste, so

@@ -148,10 +148,10 @@ def looks_figure(acts: dict[str, Any]) -> str | None:
                 alpha=0.2,
                 label="always-valid confidence sequence",
             )
+            ax.legend(fontsize=7)
         ax.set_title(f"act ({name}): v{act['retrain']['version']} -> {act.get('decision', '?')}")
         ax.set_xlabel("look")
         ax.set_ylabel("CTR canary - production")
-        ax.legend(fontsize=7)
     return png_base64(fig)
 
 
