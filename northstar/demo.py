@@ -141,8 +141,8 @@ def run_demo(cfg: DemoConfig) -> int:
                 tag = " (cold start)" if r.cold_start else ""
                 items = " ".join(str(i) for i in r.item_ids[: cfg.k])
                 print(f"  user {r.user_id:>7} v{r.model_version}{tag}: {items}")
-        for title, stage in STAGES:
-            clock.step(title)
+        for stage in STAGES:
+            clock.step(TITLES.get(stage) or (stage.__doc__ or stage.__name__).splitlines()[0])
             stage(cfg, server, root)
     clock.step("10. the loop on one page")
     page = write_loop_page(root, steps=clock.steps)
@@ -240,13 +240,15 @@ def diagnose_stage(cfg: DemoConfig, server, root: Path) -> None:
     print(f"report: {Path(dcfg.out) / 'report.html'}")
 
 
-# Stages that need the running server: (title, (cfg, server, root) -> None), in order.
-STAGES: list = [
-    ("6. closed loop: simulated traffic -> event log -> join -> north-star metric", feedback_stage),
-    ("7. fairness audit (Fairlearn): user groups and item groups", audit_stage),
-    ("8. canary loop: retrain -> offline gates -> Triton canary -> promote/rollback", canary_stage),
-    ("9. diagnose act (c)'s rollback: its trial window against the one before", diagnose_stage),
-]
+# Stages that need the running server, in order: (cfg, server, root) -> None.
+STAGES: list = [feedback_stage, audit_stage, canary_stage, diagnose_stage]
+# Each stage's banner; a stage not listed is announced by its docstring's first line.
+TITLES = {
+    feedback_stage: "6. closed loop: simulated traffic -> event log -> join -> north-star metric",
+    audit_stage: "7. fairness audit (Fairlearn): user groups and item groups",
+    canary_stage: "8. canary loop: retrain -> offline gates -> Triton canary -> promote/rollback",
+    diagnose_stage: "9. diagnose act (c)'s rollback: its trial window against the one before",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
