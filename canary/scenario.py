@@ -82,11 +82,37 @@ class Traffic:
     def retries(self) -> int:
         return sum(r.retries for r in self.reports)
 
-    def wait_requests(self, n: int, timeout_s: float = 120.0) -> None:
+    def wait_requests(self, n: int, timeout_s: float = 600.0) -> None:
+        """Block until `n` more requests were sent. Past the deadline the traffic is stuck
+        (a failing batch is counted in `errors` and the loop goes on): raise, never carry on
+        as if the traffic had come."""
         target = self.requests + n
         deadline = time.monotonic() + timeout_s
-        while self.requests < target and time.monotonic() < deadline:
+        while self.requests < target:
+            if not self._thread.is_alive():
+                raise RuntimeError("the traffic thread stopped")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.requests}/{target} requests after {timeout_s:.0f} s: traffic is stuck"
+                )
             time.sleep(0.2)
+
+
+# How each act must end: the online decision of a canary, or the retrain's own status.
+EXPECTED = {"a": "promote", "b": "rejected", "c": "rollback", "d": "rollback"}
+
+
+def outcome(act: dict[str, Any]) -> str:
+    """An act's end: "promote" / "rollback" / "continue" for a canary, else the retrain's
+    status ("rejected", "skipped", "failed", ...)."""
+    if act["retrain"]["status"] == "canary":
+        return act.get("decision") or "continue"
+    return act["retrain"]["status"]
+
+
+def unexpected(acts: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """act -> what it ended in, for every act that did not end as EXPECTED says."""
+    return {n: outcome(a) for n, a in acts.items() if outcome(a) != EXPECTED.get(n)}
 
 
 @dataclass
@@ -126,6 +152,7 @@ def run_act(
     finally:
         traffic.pause_s = 0.0
     act: dict[str, Any] = {
+        "fault": retrain_cfg.fault,
         "retrain": {
             "status": res.status,
             "step": res.step,

@@ -3,8 +3,9 @@
 synthetic world -> train -> evaluate (model beside TopPop) -> export to the
 Triton model repository -> a real `tritonserver` -> recommendations over gRPC
 and HTTP -> later stages (feedback, audit, canary) as they are registered
-in STAGES. Each stage reuses what an earlier run of the demo left behind
-when its inputs have not changed, so a second `make demo` is quick.
+in STAGES -> one self-contained HTML page of the loop (`northstar.loop_page`).
+The first stages reuse what an earlier run of the demo left behind when their inputs
+have not changed. Every step prints its wall time as it ends; the page lists them all.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from canary.demo import canary_stage
 from common import config as config_mod
+from northstar.loop_page import write_loop_page
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,40 @@ class DemoConfig:
     k: int = 10
     sim_users: int = 2000  # simulated population drawn from the world
     sim_requests: int = 4000  # slates requested by the simulator
+    # Training of the production model: one model (no logit-adjustment grid; that is
+    # `northstar train --grid` or `northstar tune`), stopped after this many epochs (or
+    # earlier by patience). Most of the offline lift is there after the first epochs.
+    train_epochs: int = 2
+    # torch intra-op threads for that training; 0 = torch's default (every core). One by
+    # default: torch's OpenMP workers spin-wait, so on a box whose cores are shared with
+    # other work more threads than free cores cost far more than they give.
+    train_threads: int = 1
 
 
-def _banner(title: str) -> None:
-    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+@dataclass
+class Clock:
+    """Wall seconds of each demo step: printed as a step ends, kept for the loop page."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+    _name: str | None = None
+    _t: float = 0.0
+
+    def step(self, title: str) -> None:
+        self.stop()
+        print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+        self._name, self._t = title, time.perf_counter()
+
+    def stop(self) -> None:
+        if self._name is not None:
+            secs = time.perf_counter() - self._t
+            self.steps[self._name] = round(secs, 1)
+            print(f"--- {self._name.split('.')[0]}. took {secs:.1f} s", flush=True)
+        self._name = None
 
 
 def run_demo(cfg: DemoConfig) -> int:
+    # Heavy imports here, not at the top: `northstar --help` imports this module.
+    from canary.scenario import unexpected
     from serving.client import RecommenderClient
     from serving.publish import ExportConfig, export
     from serving.server import ServerConfig, TritonServer
@@ -50,8 +79,9 @@ def run_demo(cfg: DemoConfig) -> int:
     root = Path(cfg.dir)
     data, run = root / "data", root / "run"
     t0 = time.perf_counter()
+    clock = Clock()
 
-    _banner(f"1. synthetic world ({cfg.preset})")
+    clock.step(f"1. synthetic world ({cfg.preset})")
     synth = SynthConfig.preset(cfg.preset, seed=cfg.seed)
     marker = data / "synth.json"
     if marker.exists() and json.loads(marker.read_text()) == {
@@ -66,25 +96,33 @@ def run_demo(cfg: DemoConfig) -> int:
         marker.write_text(json.dumps({"preset": cfg.preset, "seed": cfg.seed}))
         print(f"{len(ds.users)} users, {len(ds.items)} items, {len(ds.interactions)} interactions")
 
-    _banner("2. train the two-tower model (resumes from its checkpoint)")
+    clock.step("2. train the two-tower model once (resumes from its checkpoint)")
     if (run / METRICS_FILE).exists() and (run / "model.pt").exists():
         print(f"reusing {run} (delete it to retrain)")
         metrics = json.loads((run / METRICS_FILE).read_text())
     else:
-        metrics = train(TrainConfig(data=str(data), out=str(run), seed=cfg.seed))
-    _banner("3. offline evaluation: model beside TopPop")
+        metrics = train(
+            TrainConfig(
+                data=str(data),
+                out=str(run),
+                seed=cfg.seed,
+                epochs=cfg.train_epochs,
+                threads=cfg.train_threads,
+            )
+        )
+    clock.step("3. offline evaluation: model beside TopPop")
     print(format_table({s: metrics[s] for s in ("val", "test")}))
     lift = metrics["test"]["model"]["ndcg@10"] / max(metrics["test"]["toppop"]["ndcg@10"], 1e-12)
     print(f"test NDCG@10 lift over TopPop: {lift:.2f}x; trained in {metrics['train_seconds']} s")
 
-    _banner("4. export to ONNX -> Triton model repository (parity-checked)")
+    clock.step("4. export to ONNX -> Triton model repository (parity-checked)")
     res = export(ExportConfig(run=str(run), repo=cfg.repo, k=100))
     print(
         f"version {res.version} at {res.path}; parity max |Δscore| "
         f"{res.parity.max_score_diff:.1e} on {res.parity.users} users"
     )
 
-    _banner("5. serve on a real tritonserver; recommend over gRPC and HTTP")
+    clock.step("5. serve on a real tritonserver; recommend over gRPC and HTTP")
     import numpy as np
     import pandas as pd
 
@@ -104,8 +142,22 @@ def run_demo(cfg: DemoConfig) -> int:
                 items = " ".join(str(i) for i in r.item_ids[: cfg.k])
                 print(f"  user {r.user_id:>7} v{r.model_version}{tag}: {items}")
         for stage in STAGES:
+            clock.step(TITLES.get(stage) or (stage.__doc__ or stage.__name__).splitlines()[0])
             stage(cfg, server, root)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs under {root}/")
+    clock.step("10. the loop on one page")
+    page = write_loop_page(root, steps=clock.steps)
+    print(f"wrote {page}")
+    clock.stop()
+    total = time.perf_counter() - t0
+    per_step = ", ".join(f"{t.split('.')[0]}. {s:.0f} s" for t, s in clock.steps.items())
+    print(f"\nwall time per step: {per_step}")
+    print(f"demo finished in {total:.0f} s; outputs under {root}/; the loop: {page}")
+    scenario = root / "canary_scenario.json"
+    acts = json.loads(scenario.read_text())["acts"] if scenario.exists() else {}
+    wrong = unexpected(acts) if acts else {"canary": "did not run"}
+    if wrong:
+        print(f"demo: not every act ended as it should: {wrong}")
+        return 1
     return 0
 
 
@@ -115,7 +167,6 @@ def feedback_stage(cfg: DemoConfig, server, root: Path) -> None:
     from feedback.metrics import compute_metrics, format_metrics
     from simulator import SimulateConfig, simulate
 
-    _banner("6. closed loop: simulated traffic -> event log -> join -> north-star metric")
     sim = SimulateConfig(
         world=str(root / "data"),
         users=cfg.sim_users,
@@ -150,7 +201,6 @@ def audit_stage(cfg: DemoConfig, server, root: Path) -> None:
     from fairness.gates import check_gates
     from fairness.report import write_report
 
-    _banner("7. fairness audit (Fairlearn): user groups and item groups")
     result = run_audit(AuditConfig(run=str(root / "run"), data=str(root / "data")))
     gates = check_gates(result)
     paths = write_report(root / "reports" / "audit", result, gates)
@@ -164,7 +214,6 @@ def diagnose_stage(cfg: DemoConfig, server, root: Path) -> None:
     log and world, the canary's trial window against the window before it."""
     from diagnose.rollback import diagnose_rollback
 
-    _banner("9. diagnose act (c)'s rollback: its trial window against the one before")
     scenario = root / "canary_scenario.json"
     act = json.loads(scenario.read_text()).get("acts", {}).get("c") if scenario.exists() else None
     if not act or act["retrain"]["status"] != "canary" or act.get("decision") != "rollback":
@@ -191,8 +240,15 @@ def diagnose_stage(cfg: DemoConfig, server, root: Path) -> None:
     print(f"report: {Path(dcfg.out) / 'report.html'}")
 
 
-# Stages that need the running server: (cfg, server, root) -> None. Canary appends itself.
+# Stages that need the running server, in order: (cfg, server, root) -> None.
 STAGES: list = [feedback_stage, audit_stage, canary_stage, diagnose_stage]
+# Each stage's banner; a stage not listed is announced by its docstring's first line.
+TITLES = {
+    feedback_stage: "6. closed loop: simulated traffic -> event log -> join -> north-star metric",
+    audit_stage: "7. fairness audit (Fairlearn): user groups and item groups",
+    canary_stage: "8. canary loop: retrain -> offline gates -> Triton canary -> promote/rollback",
+    diagnose_stage: "9. diagnose act (c)'s rollback: its trial window against the one before",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

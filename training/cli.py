@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a two-tower model and evaluate it")
     p.add_argument("--data", help="dataset folder (Parquet tables)")
     p.add_argument("--out", help="run folder to write")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="train one model per logit adjustment of the grid and keep the best on "
+        "validation (logit_adjustments; costs one training each)",
+    )
     config_mod.add_config_args(p, "TrainConfig", "epochs=5 tower.out_dim=32")
     p.set_defaults(func=_train)
 
@@ -115,9 +121,11 @@ def _movielens(args) -> int:
 
 def _train(args) -> int:
     # lazy: a CLI handler; `northstar --help` loads none of its dependencies (torch)
-    from training.train import TrainConfig, train
+    from training.train import LOGIT_ADJUSTMENT_GRID, TrainConfig, train
 
     overrides = list(args.set)
+    if args.grid:  # first, so a --set logit_adjustments=... still wins
+        overrides.insert(0, "logit_adjustments=" + ",".join(map(str, LOGIT_ADJUSTMENT_GRID)))
     if args.data:
         overrides.append(f"data={args.data}")
     if args.out:

@@ -3,8 +3,9 @@
 Runs as one process, or under `torchrun` (DDP; gloo on CPU, nccl on GPU).
 Every epoch writes a resumable checkpoint; the best epoch by validation
 NDCG@10 is kept, and training stops after `patience` epochs without gain.
-A fresh full-softmax run does that once per value of `logit_adjustments` and keeps
-the candidate with the best validation NDCG@10 at its own prior beta.
+With a grid of `logit_adjustments` (opt-in: `northstar train --grid`) a fresh full-softmax
+run does that once per value and keeps the candidate with the best validation NDCG@10 at
+its own prior beta; by default it trains one model.
 
 After training, on validation only: the popularity prior's beta is chosen from
 `prior_betas` (`training.popularity`), and EASE's lambda from `ease_lambdas`. Then val
@@ -46,6 +47,9 @@ from training.split import SplitConfig, split
 
 log = logging.getLogger(__name__)
 
+# The logit adjustments `northstar train --grid` compares (TrainConfig.logit_adjustments).
+LOGIT_ADJUSTMENT_GRID: tuple[float, ...] = (0.0, 0.25, 0.5)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -73,14 +77,14 @@ class TrainConfig:
     # what helps. 0 = the scores keep all of it, and a loop retraining on its own traffic
     # concentrates exposure; 1 = none, more than the prior grid restores.
     logit_adjustment: float = 0.25
-    # How much popularity the scores should keep depends on the data (a time split rewards
-    # recent popularity, a per-user split taste), so a fresh full-softmax run trains one
-    # model per value here, each to its early stop, and keeps the one with the best
-    # validation NDCG@10 at its own prior beta; the run's saved config records the winner
-    # as `logit_adjustment`. Fewer than two values: `logit_adjustment` as given (what
-    # `tune` trials do, which search it themselves). A warm start keeps its starting run's
-    # value. Costs one training per value.
-    logit_adjustments: tuple[float, ...] = (0.0, 0.25, 0.5)
+    # Opt-in grid (`northstar train --grid`, or `northstar tune`, which searches it with
+    # the rest): how much popularity the scores should keep depends on the data (a time
+    # split rewards recent popularity, a per-user split taste), so with two or more values a
+    # fresh full-softmax run trains one model per value, each to its early stop, and keeps
+    # the one with the best validation NDCG@10 at its own prior beta; the run's saved config
+    # records the winner as `logit_adjustment`. Costs one training per value, so the default
+    # is none: `logit_adjustment` as given. A warm start keeps its starting run's value.
+    logit_adjustments: tuple[float, ...] = ()
     # After early stopping picks the model on validation, train it this many more epochs on
     # train + validation, so the saved model has learned the newest interactions (and the
     # items released during validation) that selection had to hold out. Validation metrics
