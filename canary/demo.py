@@ -66,8 +66,9 @@ def canary_stage(cfg, server, root: Path) -> None:
     eval_cfg = EvaluateConfig(
         **common,
         metrics_url=server.metrics_url,
-        # The demo shares two cores with everything else: a latency regression must be
-        # both significant and twice production's p99 (and 50 ms more) to decide.
+        # The demo shares two cores with everything else, so latency is noisy: a latency
+        # regression decides only when it is significant and beyond both the ratio and the
+        # slack set here.
         gates=OnlineGates(
             min_impressions=3000,
             max_impressions=8000,

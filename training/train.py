@@ -56,7 +56,7 @@ class TrainConfig:
     data: str = "data/demo"
     out: str = "runs/demo"
     seed: int = 0
-    epochs: int = 12  # the demo world converges in ~6-10 epochs; early stopping trims the rest
+    epochs: int = 12  # room above the demo world's convergence; early stopping trims the rest
     # 0 = by softmax: 256 for the full softmax (more steps an epoch; validation preferred it
     # to 1024), 1024 for the sampled one (its negatives are the batch: bigger is a harder,
     # better softmax).
@@ -384,8 +384,8 @@ def _fit(cfg: TrainConfig, s: _Setup, warm: dict, several: bool) -> _Fit:
     if s.warm_state is not None:
         # The loaded weights are calibrated to a converged logQ correction; a cold estimator
         # (every item "rare") under-corrects tail items for the whole of a short fine-tune,
-        # which demotes them: a 2-epoch warm start on the demo world halved coverage@10
-        # (0.39 -> 0.21) and lost ~1 CTR point online. Start from the expected gaps instead.
+        # which demotes them (docs/results.md has the coverage and CTR cost). Start from the
+        # expected gaps instead.
         _prime_estimator(estimator, s.examples.item_index, cfg.batch_size * d.world)
     # A warm start uses decoupled weight decay (AdamW). Adam's L2 gradient is rescaled by
     # Adam itself, so a row the data never touches (a user or item absent from a window, an
