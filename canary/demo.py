@@ -9,6 +9,7 @@ from pathlib import Path
 def canary_stage(cfg, server, root: Path) -> None:
     """(a) retrain on feedback -> canary -> promote; (b) shuffled labels -> rejected offline;
     (c) a serving skew -> canary -> loses online -> rolled back. Traffic never stops."""
+    # lazy: `northstar --help` imports this module (northstar.demo); these pull in torch
     from canary.decide import OfflineGates
     from canary.guardrails import GuardrailGates
     from canary.online import EvaluateConfig

@@ -25,6 +25,8 @@ from typing import Any
 
 from canary.online import EvaluateConfig, evaluate_canary
 from canary.pipeline import RetrainConfig, RetrainResult, retrain
+from feedback.join import JoinConfig, run_join
+from simulator import simulate
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ class Traffic:
         self._thread = threading.Thread(target=self._loop, name="traffic", daemon=True)
 
     def _loop(self) -> None:
-        from simulator import simulate
 
         i = 0
         while not self._stop.is_set():
@@ -125,7 +126,6 @@ class ScenarioReport:
 
 
 def _join(labels: str, event_log: str, window_s: float) -> None:
-    from feedback.join import JoinConfig, run_join
 
     run_join(JoinConfig(log=event_log, out=labels, window_s=window_s, as_of=float("inf")))
 

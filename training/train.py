@@ -41,7 +41,7 @@ from models.towers import TowerConfig, TwoTower
 from training.baselines import EASE, EASE_MAX_ITEMS, Baseline, parse_baseline
 from training.data import SkipExamples, TrainingExamples
 from training.evaluate import evaluate, format_table
-from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, save_run
+from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, load_run, save_run
 from training.schema import Dataset
 from training.split import SplitConfig, split
 
@@ -457,6 +457,7 @@ def _select_adjustment(
     popularity the scores should keep differs between datasets (a time split rewards recent
     popularity, a per-user split rewards taste), so it is chosen per dataset, on validation.
     """
+    # lazy: matplotlib (the popularity curve's plot) is heavy to import
     from training.popularity import choose_beta
 
     if len(fits) == 1:
@@ -511,6 +512,7 @@ def _candidate_checkpoint(cfg: TrainConfig) -> str:
 def _val_curve(cfg: TrainConfig, model: TwoTower, vocab, ds, sp, train_df) -> list[dict]:
     """The model's validation NDCG@10, ARP and Gini for every beta of the prior grid (beta 0
     always included, first)."""
+    # lazy: matplotlib (the popularity curve's plot) is heavy to import
     from training.popularity import beta_curve
 
     return beta_curve(
@@ -541,8 +543,6 @@ def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
     """(vocab, state_dict or None, reason, the prior run's logit adjustment or None). The
     prior run's vocabulary is kept, so its user rows stay valid (users new since then take
     hashed rows, as they do in serving)."""
-    from training.run import load_run
-
     try:
         prior = load_run(cfg.init_from)
     except (FileNotFoundError, OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -817,6 +817,7 @@ def _choose_prior(cfg, out, model, vocab, ds, sp, train_df, curve=None) -> dict:
     """Pick beta on validation, draw the curve, and set the model's prior with the bias as of
     all the data (what serving starts from). Returns metrics["popularity_prior"]. `curve`:
     the model's validation curve when the caller already has it (the adjustment grid)."""
+    # lazy: matplotlib (the popularity curve's plot) is heavy to import
     from training.popularity import PLOT_FILE, choose_beta, plot_curve
 
     if not any(b > 0 for b in cfg.prior_betas):
