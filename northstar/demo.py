@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from canary.demo import canary_stage
 from common import config as config_mod
+from northstar.demo_canary import canary_stage
 from northstar.loop_page import write_loop_page
 
 
@@ -67,7 +67,7 @@ class Clock:
 
 def run_demo(cfg: DemoConfig) -> int:
     # Heavy imports here, not at the top: `northstar --help` imports this module.
-    from canary.scenario import unexpected
+    from loadtest.scenario import unexpected
     from serving.client import RecommenderClient
     from serving.publish import ExportConfig, export
     from serving.server import ServerConfig, TritonServer

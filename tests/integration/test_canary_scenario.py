@@ -11,7 +11,7 @@ Then: a killed retrain and a corrupt export both leave production serving as bef
 
 The scenario runs for three seeds (world, training and traffic all drawn from the seed):
 each act must end the same way for every seed. Looks wait for traffic, not time; stuck
-traffic raises (canary.scenario.Traffic.wait_requests).
+traffic raises (loadtest.scenario.Traffic.wait_requests).
 
 Sizes keep it short: the "tiny" world (300 users, 200 items), small towers, a few epochs,
 and the legacy ONNX exporter, which exports in a fraction of dynamo's time. Canaries take
@@ -36,10 +36,10 @@ from canary.decide import OfflineGates
 from canary.guardrails import GuardrailGates
 from canary.online import EvaluateConfig, status
 from canary.pipeline import RetrainConfig, retrain
-from canary.scenario import Traffic, run_scenario, unexpected
 from canary.state import StateStore
 from canary.verdict import OnlineGates
 from fairness.gates import GateConfig
+from loadtest.scenario import Traffic, run_scenario, unexpected
 from models.towers import TowerConfig
 from northstar.loop_page import write_loop_page
 from serving import repository as layout

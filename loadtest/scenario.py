@@ -1,4 +1,5 @@
-"""The canary scenario on a live Triton under simulated traffic (test + demo).
+"""The canary scenario on a live Triton under simulated traffic (the scenario test, the demo,
+the soak and the freshness study drive it).
 
     (a) retrain on feedback -> offline gates pass -> canary -> online test -> promote
     (b) a broken candidate (item ids shuffled across its training interactions, trained

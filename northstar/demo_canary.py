@@ -1,4 +1,4 @@
-"""The demo's canary stage: the three-act scenario (canary.scenario) on the demo's server."""
+"""The demo's canary stage: the three-act scenario (loadtest.scenario) on the demo's server."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ def canary_stage(cfg, server, root: Path) -> None:
     from canary.guardrails import GuardrailGates
     from canary.online import EvaluateConfig
     from canary.pipeline import RetrainConfig
-    from canary.scenario import EXPECTED, outcome, run_scenario
     from canary.verdict import OnlineGates
     from fairness.gates import GateConfig
+    from loadtest.scenario import EXPECTED, outcome, run_scenario
     from simulator import SimulateConfig
     from training.train import TrainConfig
 
