@@ -32,9 +32,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import torch
+
+from serving import repository as layout
+from training.run import MODEL_FILE
+from training.schema import Dataset
+from training.split import split
 
 if TYPE_CHECKING:
-    from training.schema import Dataset
     from training.split import SplitConfig
 
 Fault = Literal["none", "shuffle_labels", "serving_skew", "corrupt_export", "broken_features"]
@@ -73,8 +78,6 @@ def training_data(
     slice (what the candidate is evaluated on) stays the real one."""
     if fault != "shuffle_labels":
         return data, extra
-    from training.schema import Dataset
-    from training.split import split
 
     sp = split(interactions, split_cfg)
     rng = np.random.default_rng(0)
@@ -117,10 +120,6 @@ def skew_item_table(run_dir: Path, out: Path, *, seed: str) -> Path:
     and categories. Its offline-evaluated weights are unchanged elsewhere; what it serves
     is a mismatch between item rows and raw ids, the training/serving skew a canary exists
     to catch (`fault="serving_skew"`)."""
-    import torch
-
-    from training.run import MODEL_FILE
-
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("checkpoint.pt"))
@@ -138,8 +137,6 @@ def apply_after_export(fault: Fault, version_dir: Path) -> None:
     version, and the load step must leave the old set serving. `broken_features`: the
     version's online features are torn, so Triton loads it but `recommend` cannot serve it:
     its users fall back to production and the serving guardrails must roll it back."""
-    from serving import repository as layout
-
     if fault == "corrupt_export":
         (version_dir / layout.ONNX_FILE).write_bytes(b"not an onnx graph")
     elif fault == "broken_features":

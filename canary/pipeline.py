@@ -42,21 +42,25 @@ import pandas as pd
 
 from canary import decide, faults
 from canary.faults import Fault
+from canary.offline import compare_offline
 from canary.state import Busy, CanaryRecord, ProductionRecord, StateStore, new_id
 from fairness.gates import GateConfig
-from feedback.tiers import TierConfig
+from feedback.join import JoinConfig, read_labels, run_join
+from feedback.tiers import TierConfig, export_tiered
+from models.features import FeatureVocab
+from models.snapshot import FeatureSnapshot
 from serving import repository as layout
 from serving.control import switch_routing
-from serving.publish import ExportConfig
+from serving.publish import ExportConfig, export
 from serving.routing import RoutingState
-from training.train import TrainConfig
+from training.run import FEATURES_FILE, VOCAB_FILE, load_run
+from training.schema import Dataset
+from training.train import TrainConfig, train
 
 if TYPE_CHECKING:
     from canary.offline import OfflineReport
     from canary.tracking import Tracker
-    from models.features import FeatureVocab
     from training.run import Run
-    from training.schema import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -304,9 +308,6 @@ def _canary_on_trial(ctx: RetrainContext) -> bool:
 
 def _collect_step(ctx: RetrainContext) -> bool:
     """1 collect: production's routing and run, the base data (loaded once), the positives."""
-    from training.run import load_run
-    from training.schema import Dataset
-
     cfg, result = ctx.cfg, ctx.result
     with _step(ctx, "collect"):
         ctx.routing = RoutingState.load(layout.routing_path(ctx.repo))
@@ -345,9 +346,6 @@ def _collect_step(ctx: RetrainContext) -> bool:
 def _train_step(ctx: RetrainContext) -> bool:
     """2 train: from production's weights (warm modes) or fresh; then the candidate's
     online features (`serving_features`)."""
-    from training.run import load_run
-    from training.train import train
-
     cfg, got = ctx.cfg, ctx.collected
     warm = cfg.mode in WARM_MODES
     if cfg.fault != "none":  # FAULT INJECTION, tests and demo only (canary/faults.py)
@@ -386,8 +384,6 @@ def _train_step(ctx: RetrainContext) -> bool:
 
 def _evaluate_step(ctx: RetrainContext) -> bool:
     """3 evaluate: candidate and production on the same newest slice (canary.offline)."""
-    from canary.offline import compare_offline
-
     cfg, got = ctx.cfg, ctx.collected
     with _step(ctx, "evaluate"):
         # The evaluation slice is the base data's (or its window's), never a fault copy's.
@@ -441,8 +437,6 @@ def _fairness_step(ctx: RetrainContext) -> bool:
 
 def _export_step(ctx: RetrainContext) -> bool:
     """5 export: the next `retrieval` version, promote=False, with production's k."""
-    from serving.publish import export
-
     cfg, result = ctx.cfg, ctx.result
     with _step(ctx, "export"):
         run = ctx.run_dir / "run"
@@ -536,10 +530,6 @@ def collect(
     loads it once and passes it to every step; without it, it is loaded here). Positives
     newer than `since_label_ts` (the last retrain's cursor) count as new.
     """
-    from feedback.join import JoinConfig, run_join
-    from feedback.tiers import export_tiered
-    from training.schema import Dataset
-
     joined = None
     if cfg.event_log:
         if not cfg.labels:
@@ -615,8 +605,6 @@ def collect(
 def _skips(cfg: RetrainConfig, ds, pos: pd.DataFrame, run_dir: Path) -> tuple[Path, int] | None:
     """The join's final negatives (shown, nothing attributed) -> run_dir/skips.parquet: known
     ids, never a pair the user picked at another time, inside the window for window modes."""
-    from feedback.join import read_labels
-
     if not Path(cfg.labels).exists():
         return None
     lab = read_labels(cfg.labels)
@@ -667,11 +655,6 @@ def serving_features(
     `dataset` is `base_data` already loaded and `vocab` the run's vocabulary (a retrain has
     both at hand); either is read from disk when not given.
     """
-    from models.features import FeatureVocab
-    from models.snapshot import FeatureSnapshot
-    from training.run import FEATURES_FILE, VOCAB_FILE
-    from training.schema import Dataset
-
     run = Path(run)
     ds = dataset if dataset is not None else Dataset.load(base_data)
     if vocab is None:
@@ -776,6 +759,7 @@ def _track(ctx: RetrainContext) -> str | None:
     if "train" not in result.evidence:  # nothing was trained: the history entry says it all
         return None
     try:
+        # lazy: MLflow is heavy and optional; a retrain runs without it
         from canary.tracking import Tracker, flat_metrics
 
         tracker = Tracker(cfg.state_dir, cfg.tracking_uri)

@@ -9,6 +9,7 @@ what it measured and the targets side by side and never asserts; tests do not ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import shutil
@@ -20,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.redis_server import RedisServer
+from feedback.consume import ConsumerConfig, LogWriter, StreamConsumer, run_log_writer
 from feedback.ids import uuid7_batch
 from feedback.join import JoinConfig, run_join
-from feedback.sink import impression_rows, open_sink
+from feedback.lag import stream_lag
+from feedback.sink import SqliteEventLog, impression_rows, open_sink
+from feedback.stream import StreamConfig, StreamSink, connect
 
 INGEST_TARGET_EPS = 50_000
 JOIN_TARGET_S = 20.0
@@ -282,8 +287,6 @@ class StreamBenchConfig:
 
 
 def _stream_consumer_proc(url: str, log: str, stop, ready) -> None:
-    from feedback.consume import ConsumerConfig, run_log_writer
-    from feedback.stream import StreamConfig
 
     ready.set()
     run_log_writer(
@@ -310,14 +313,6 @@ class _MpStop:
 def run_stream_bench(cfg: StreamBenchConfig) -> dict:
     """Three figures: produce rate (XADD acked, fsync'd), drain rate of a backlog by the
     log writer, and lag while a consumer process keeps up with a fixed offered rate."""
-    import contextlib
-
-    from common.redis_server import RedisServer
-    from feedback.consume import ConsumerConfig, LogWriter, StreamConsumer
-    from feedback.lag import stream_lag
-    from feedback.sink import SqliteEventLog
-    from feedback.stream import StreamConfig, StreamSink, connect
-
     root = Path(cfg.dir) if cfg.dir else Path(tempfile.mkdtemp(prefix="northstar-sbench-"))
     root.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import signal
+import threading
 from pathlib import Path
 
 from common import config as config_mod
@@ -151,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def join_config(args):
     """JoinConfig from --config, then the flags (durations parsed), then --set."""
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.join import JoinConfig, parse_as_of, parse_duration
 
     flags = [f"{key}={v}" for key, v in (("log", args.log), ("out", args.out)) if v is not None]
@@ -170,6 +174,7 @@ def join_config(args):
 
 
 def _join(args) -> int:
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.join import export_positives, run_join
 
     cfg = join_config(args)
@@ -203,6 +208,7 @@ def _join(args) -> int:
 
 
 def _metrics(args) -> int:
+    # lazy: CLI handler; `northstar --help` imports this module
     import pandas as pd
 
     from feedback.join import read_labels
@@ -220,6 +226,7 @@ def _metrics(args) -> int:
 
 
 def _positives(args) -> int:
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.join import export_positives
 
     n = export_positives(args.labels, args.out)
@@ -228,6 +235,7 @@ def _positives(args) -> int:
 
 
 def _quarantine(args) -> int:
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.lake import is_lake, open_event_source
 
     if not is_lake(args.log) and not Path(args.log).exists():
@@ -243,6 +251,7 @@ def _quarantine(args) -> int:
 
 def bench_config(args):
     """IngestBenchConfig (StreamBenchConfig with --stream) from --config, flags, --set."""
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.bench import IngestBenchConfig, StreamBenchConfig
 
     if getattr(args, "engine", "local") == "ray":
@@ -274,6 +283,7 @@ def bench_config(args):
 
 
 def _bench(args) -> int:
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.bench import main, main_stream
 
     cfg = bench_config(args)
@@ -287,6 +297,7 @@ def _bench(args) -> int:
 
 
 def consumer_config(args):
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.consume import ConsumerConfig
 
     flags = [
@@ -298,9 +309,8 @@ def consumer_config(args):
 
 
 def _consume(args) -> int:
-    import signal
-    import threading
 
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.consume import run_log_writer
     from feedback.stream import StreamConfig
 
@@ -331,8 +341,8 @@ def _consume(args) -> int:
 
 
 def _lag(args) -> int:
-    import json
 
+    # lazy: CLI handler; `northstar --help` imports this module
     from feedback.lag import format_lag, lag_dicts, lag_metrics, stream_lag
     from feedback.stream import StreamConfig, connect
 

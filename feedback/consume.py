@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 from feedback.events import INTERACTION, validate
+from feedback.lag import lag_metrics, serve_metrics, stream_lag
 from feedback.lake import ParquetLake, is_lake
 from feedback.sink import SqliteEventLog, UpstreamEntry
 from feedback.sink_api import WriteResult
@@ -219,6 +220,7 @@ class StreamConsumer:
         returns nothing). Handler errors are logged and retried, never raised; Redis
         connection errors are retried too (the server restarting is an outage, not a
         reason to die)."""
+        # lazy: after ensure_ssl() (common/stub_python.py); the Triton stub loads this module
         import redis
 
         stop = stop or threading.Event()
@@ -426,11 +428,10 @@ def run_log_writer(
     the SQLite log the join reads) or, with `online_store`, the features consumer, which
     applies interactions to the online store. A store that fails raises: the batch stays
     pending and is retried, so no acknowledged click is skipped."""
-    from feedback.lag import lag_metrics, serve_metrics, stream_lag
-
     sink: SqliteEventLog | ParquetLake | None = None
     store = None
     if online_store is not None:
+        # lazy: imports redis, after ensure_ssl(); the Triton stub loads this module
         from online.store import RedisFeatureStore
 
         store = RedisFeatureStore(online_store)

@@ -46,13 +46,13 @@ import psutil
 from canary.guardrails import GuardrailGates
 from canary.online import EvaluateConfig, evaluate_canary, rollback
 from canary.pipeline import RetrainConfig, retrain
-from canary.scenario import Traffic
 from canary.verdict import OnlineGates
 from common.files import atomic_write_text
 from common.jsonsafe import dumps
 from fairness.gates import GateConfig
 from feedback.join import JoinConfig, run_join
 from loadtest.run import kill_group, locust_command, spawn_locust
+from loadtest.scenario import Traffic
 from loadtest.soak_report import write_html, write_markdown
 from models.towers import TowerConfig
 from serving.publish import ExportConfig, export

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from canary.demo import canary_stage
 from common import config as config_mod
+from northstar.demo_canary import canary_stage
 from northstar.loop_page import write_loop_page
 
 
@@ -67,7 +67,7 @@ class Clock:
 
 def run_demo(cfg: DemoConfig) -> int:
     # Heavy imports here, not at the top: `northstar --help` imports this module.
-    from canary.scenario import unexpected
+    from loadtest.scenario import unexpected
     from serving.client import RecommenderClient
     from serving.publish import ExportConfig, export
     from serving.server import ServerConfig, TritonServer
@@ -123,7 +123,10 @@ def run_demo(cfg: DemoConfig) -> int:
     )
 
     clock.step("5. serve on a real tritonserver; recommend over gRPC and HTTP")
+    # lazy: `northstar --help` imports this module
     import numpy as np
+
+    # lazy: `northstar --help` imports this module
     import pandas as pd
 
     users = pd.read_parquet(data / "users.parquet")["user_id"].to_numpy()
@@ -163,6 +166,9 @@ def run_demo(cfg: DemoConfig) -> int:
 
 def feedback_stage(cfg: DemoConfig, server, root: Path) -> None:
     """Simulated users click by the world's ground truth; join; north-star table."""
+    # lazy: `northstar --help` imports this module
+    import pandas as pd
+
     from feedback.join import JoinConfig, read_labels, run_join
     from feedback.metrics import compute_metrics, format_metrics
     from simulator import SimulateConfig, simulate
@@ -185,8 +191,6 @@ def feedback_stage(cfg: DemoConfig, server, root: Path) -> None:
         JoinConfig(log=server.event_log, out=str(root / "labels"), window_s=sim.window_s)
     )
     print(f"join: {json.dumps(join.to_dict())}")
-    import pandas as pd
-
     labels = read_labels(root / "labels")
     users = pd.read_parquet(root / "data" / "users.parquet")
     report = compute_metrics(labels, users=users)
@@ -197,6 +201,7 @@ def feedback_stage(cfg: DemoConfig, server, root: Path) -> None:
 
 def audit_stage(cfg: DemoConfig, server, root: Path) -> None:
     """Fairlearn audit of the trained model on its test period: users and items."""
+    # lazy: `northstar --help` imports this module
     from fairness.audit import AuditConfig, run_audit
     from fairness.gates import check_gates
     from fairness.report import write_report
@@ -212,6 +217,7 @@ def audit_stage(cfg: DemoConfig, server, root: Path) -> None:
 def diagnose_stage(cfg: DemoConfig, server, root: Path) -> None:
     """Why act (c)'s canary was rolled back: `northstar diagnose` on the demo's own labels,
     log and world, the canary's trial window against the window before it."""
+    # lazy: `northstar --help` imports this module
     from diagnose.rollback import diagnose_rollback
 
     scenario = root / "canary_scenario.json"

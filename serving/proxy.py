@@ -44,8 +44,8 @@ class ProxyError(RuntimeError):
 class ProxyLimits:
     """What one request may cost at the proxy: ServerConfig.proxy_* fields set these."""
 
-    # recommend's largest request (max_batch_size user ids) is a few KB and an ingest batch of
-    # 10,000 events about 2 MB as JSON: 4 MiB leaves room and still bounds a request's memory.
+    # Sized to fit recommend's largest request (max_batch_size user ids) and a full ingest
+    # batch as JSON with room to spare, while still bounding a request's memory.
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_s: int = 10
     read_timeout_s: int = 60

@@ -50,7 +50,7 @@ class SimulateConfig:
     timeout_s: float = 30.0
     # A user clicks an item they already clicked earlier in the simulation at this fraction
     # of the usual rate (people rarely rewatch a film right away). It needs a ClickMemory
-    # that lives across simulate() calls (canary.scenario.Traffic keeps one); 1.0 = no memory.
+    # that lives across simulate() calls (loadtest.scenario.Traffic keeps one); 1.0 = no memory.
     rewatch_factor: float = 0.2
 
     def __post_init__(self) -> None:

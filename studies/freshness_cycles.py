@@ -5,10 +5,10 @@
 For each arm (`frozen`: per-version feature snapshots; `live`: the shared online store on
 a real redis-server, seeded from the world's dataset), on its own real tritonserver and
 event log, with the same world, run and simulator seed: closed-loop traffic runs in the
-background the whole time (`canary.scenario.Traffic`), and `cycles` times in a row a
+background the whole time (`loadtest.scenario.Traffic`), and `cycles` times in a row a
 retrain (the demo's settings: production's weights fine-tuned on the newest 60 days + the
 feedback, `warm_window`; offline gates; a 50% canary) is tested online and its decision
-applied (`canary.scenario.run_act`). Per cycle it reports the incumbent's and the
+applied (`loadtest.scenario.run_act`). Per cycle it reports the incumbent's and the
 canary's CTR at the deciding look (canary.online's user-level test, with its z), the
 decision, and the north star of all the traffic served during the cycle (CTR, Wilson 95%;
 engaged value per impression), joined from the event log with every window closed, and
@@ -36,10 +36,10 @@ from canary.decide import OfflineGates
 from canary.guardrails import GuardrailGates
 from canary.online import EvaluateConfig
 from canary.pipeline import RetrainConfig
-from canary.scenario import Traffic, run_act
 from canary.verdict import OnlineGates
 from common.figures import save_png
 from fairness.gates import GateConfig
+from loadtest.scenario import Traffic, run_act
 from simulator import SimulateConfig
 from studies.config import CyclesConfig
 from studies.freshness import (
@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 
 def _configs(cfg: CyclesConfig, srv, root: Path, world: Path):
-    """The demo's retrain, evaluation and traffic settings (canary/demo.py) on this arm."""
+    """The demo's retrain, evaluation and traffic settings (northstar/demo_canary.py) on
+    this arm."""
 
     common = {
         "state_dir": str(root / "canary"),

@@ -41,7 +41,7 @@ from models.towers import TowerConfig, TwoTower
 from training.baselines import EASE, EASE_MAX_ITEMS, Baseline, parse_baseline
 from training.data import SkipExamples, TrainingExamples
 from training.evaluate import evaluate, format_table
-from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, save_run
+from training.run import CHECKPOINT_FILE, FEATURES_FILE, METRICS_FILE, load_run, save_run
 from training.schema import Dataset
 from training.split import SplitConfig, split
 
@@ -56,7 +56,7 @@ class TrainConfig:
     data: str = "data/demo"
     out: str = "runs/demo"
     seed: int = 0
-    epochs: int = 12  # the demo world converges in ~6-10 epochs; early stopping trims the rest
+    epochs: int = 12  # room above the demo world's convergence; early stopping trims the rest
     # 0 = by softmax: 256 for the full softmax (more steps an epoch; validation preferred it
     # to 1024), 1024 for the sampled one (its negatives are the batch: bigger is a harder,
     # better softmax).
@@ -384,8 +384,8 @@ def _fit(cfg: TrainConfig, s: _Setup, warm: dict, several: bool) -> _Fit:
     if s.warm_state is not None:
         # The loaded weights are calibrated to a converged logQ correction; a cold estimator
         # (every item "rare") under-corrects tail items for the whole of a short fine-tune,
-        # which demotes them: a 2-epoch warm start on the demo world halved coverage@10
-        # (0.39 -> 0.21) and lost ~1 CTR point online. Start from the expected gaps instead.
+        # which demotes them (docs/results.md has the coverage and CTR cost). Start from the
+        # expected gaps instead.
         _prime_estimator(estimator, s.examples.item_index, cfg.batch_size * d.world)
     # A warm start uses decoupled weight decay (AdamW). Adam's L2 gradient is rescaled by
     # Adam itself, so a row the data never touches (a user or item absent from a window, an
@@ -457,6 +457,7 @@ def _select_adjustment(
     popularity the scores should keep differs between datasets (a time split rewards recent
     popularity, a per-user split rewards taste), so it is chosen per dataset, on validation.
     """
+    # lazy: matplotlib (the popularity curve's plot) is heavy to import
     from training.popularity import choose_beta
 
     if len(fits) == 1:
@@ -511,6 +512,7 @@ def _candidate_checkpoint(cfg: TrainConfig) -> str:
 def _val_curve(cfg: TrainConfig, model: TwoTower, vocab, ds, sp, train_df) -> list[dict]:
     """The model's validation NDCG@10, ARP and Gini for every beta of the prior grid (beta 0
     always included, first)."""
+    # lazy: matplotlib (the popularity curve's plot) is heavy to import
     from training.popularity import beta_curve
 
     return beta_curve(
@@ -541,8 +543,6 @@ def _warm_start(cfg: TrainConfig, fresh: FeatureVocab):
     """(vocab, state_dict or None, reason, the prior run's logit adjustment or None). The
     prior run's vocabulary is kept, so its user rows stay valid (users new since then take
     hashed rows, as they do in serving)."""
-    from training.run import load_run
-
     try:
         prior = load_run(cfg.init_from)
     except (FileNotFoundError, OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -817,6 +817,7 @@ def _choose_prior(cfg, out, model, vocab, ds, sp, train_df, curve=None) -> dict:
     """Pick beta on validation, draw the curve, and set the model's prior with the bias as of
     all the data (what serving starts from). Returns metrics["popularity_prior"]. `curve`:
     the model's validation curve when the caller already has it (the adjustment grid)."""
+    # lazy: matplotlib (the popularity curve's plot) is heavy to import
     from training.popularity import PLOT_FILE, choose_beta, plot_curve
 
     if not any(b > 0 for b in cfg.prior_betas):

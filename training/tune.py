@@ -116,6 +116,7 @@ def _suggest(trial, base: TrainConfig, cfg: TuneConfig) -> tuple[TrainConfig, di
 
 def tune(base: TrainConfig, cfg: TuneConfig, *, dataset: Dataset | None = None) -> dict:
     """Run the study; returns the summary written to study.json (plus "best_config")."""
+    # lazy: optuna is optional; training runs without it
     import optuna
 
     out = Path(cfg.out)

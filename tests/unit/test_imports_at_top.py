@@ -22,22 +22,6 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# TEMPORARY: files that other branches of issue 30 are still reworking; their lazy imports
-# get reasons (or move up) there. The lead removes each entry as its branch merges; the
-# list only shrinks, and a file in it that has become clean fails the test below.
-TEMPORARY_ALLOWLIST = {
-    "canary/demo.py",
-    "canary/faults.py",
-    "canary/pipeline.py",
-    "canary/scenario.py",
-    "feedback/bench.py",
-    "feedback/cli.py",
-    "feedback/consume.py",
-    "northstar/demo.py",
-    "training/train.py",
-    "training/tune.py",
-}
-
 _NOQA = re.compile(r"\bnoqa\b(:\s*[\w, ]+)?|\btype:\s*ignore\b(\[[\w, -]+\])?")
 
 
@@ -111,24 +95,12 @@ def test_every_function_level_import_says_why():
     bad = []
     for path in project_files():
         rel = path.relative_to(ROOT).as_posix()
-        if rel in TEMPORARY_ALLOWLIST:
-            continue
         for line, stmt in unexplained_imports(path.read_text()):
             bad.append(f"{rel}:{line}: {stmt}")
     assert not bad, (
         "imports inside functions without a reason: move them to the module top, or say why "
         "in a comment on the line or the line above:\n" + "\n".join(bad)
     )
-
-
-def test_the_temporary_allowlist_only_names_files_that_still_need_it():
-    files = {p.relative_to(ROOT).as_posix(): p for p in project_files()}
-    stale = sorted(
-        rel
-        for rel in TEMPORARY_ALLOWLIST
-        if rel not in files or not unexplained_imports(files[rel].read_text())
-    )
-    assert not stale, f"remove from TEMPORARY_ALLOWLIST (nothing left to explain): {stale}"
 
 
 @pytest.mark.parametrize(

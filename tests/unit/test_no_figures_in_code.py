@@ -61,31 +61,6 @@ ALLOWED: list[tuple[str, str, str]] = [
     ("tests/unit/test_canary_verdict.py", "slower by 10%", "the latencies the test builds"),
 ]
 
-# TEMPORARY: files other branches of issue 30 are rewriting (the demo, the scenario, the
-# studies' move to studies/, the server and proxy). What this test flags in them today
-# (canary/demo.py, training/train.py, tests/integration/test_canary_scenario.py) is for
-# that work to rewrite; remove this set once it is merged, so the test covers them too.
-TEMPORARY_UNCHECKED = {
-    "training/train.py",
-    "canary/pipeline.py",
-    "northstar/demo.py",
-    "canary/demo.py",
-    "canary/scenario.py",
-    "serving/server.py",
-    "serving/proxy.py",
-    "loadtest/peer_process.py",
-    "loadtest/run.py",
-    "common/redis_server.py",
-    "simulator/freshness.py",
-    "simulator/freshness_cli.py",
-    "simulator/replay.py",
-    "simulator/depth.py",
-    "simulator/label_tiers.py",
-    "canary/freshness_cycles.py",
-    "canary/stability_study.py",
-    "tests/integration/test_canary_scenario.py",
-}
-
 
 def is_measurement(sentence: str) -> bool:
     if RATE.search(sentence) or PER_WORK.search(sentence):
@@ -183,12 +158,7 @@ def test_detector_passes_settings_and_reasons(line):
 
 
 def test_no_measured_figures_in_comments_or_docstrings():
-    found = [
-        line
-        for path in python_files()
-        if path.relative_to(ROOT).as_posix() not in TEMPORARY_UNCHECKED
-        for line in offending(path)
-    ]
+    found = [line for path in python_files() for line in offending(path)]
     assert not found, (
         "measured figures in comments or docstrings (move them to a results page, say why "
         "in the comment):\n" + "\n".join(found)

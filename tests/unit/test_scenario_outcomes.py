@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from canary.scenario import EXPECTED, outcome, unexpected
+from loadtest.scenario import EXPECTED, outcome, unexpected
 
 
 def _act(status: str, decision: str | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""The canary scenario on a live Triton under simulated traffic (test + demo).
+"""The canary scenario on a live Triton under simulated traffic (the scenario test, the demo,
+the soak and the freshness study drive it).
 
     (a) retrain on feedback -> offline gates pass -> canary -> online test -> promote
     (b) a broken candidate (item ids shuffled across its training interactions, trained
@@ -25,6 +26,8 @@ from typing import Any
 
 from canary.online import EvaluateConfig, evaluate_canary
 from canary.pipeline import RetrainConfig, RetrainResult, retrain
+from feedback.join import JoinConfig, run_join
+from simulator import simulate
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ class Traffic:
         self._thread = threading.Thread(target=self._loop, name="traffic", daemon=True)
 
     def _loop(self) -> None:
-        from simulator import simulate
 
         i = 0
         while not self._stop.is_set():
@@ -125,7 +127,6 @@ class ScenarioReport:
 
 
 def _join(labels: str, event_log: str, window_s: float) -> None:
-    from feedback.join import JoinConfig, run_join
 
     run_join(JoinConfig(log=event_log, out=labels, window_s=window_s, as_of=float("inf")))
 
