@@ -187,7 +187,8 @@ def group_ratios(
             pu[pu_version == str(versions["canary"])],
             groups_production=eligible["production"],
             groups_canary=eligible["canary"],
-            alpha=gates.alpha,
+            alpha=gates.fairness_level,
+            tau=gates.max_group_ratio_drop,
         )
     return out
 

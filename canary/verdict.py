@@ -12,17 +12,20 @@ file or a server. The evidence is what `canary.online.gather_evidence` measured:
 - per-group CTR ratios (online fairness).
 
 Rules, first match wins:
-1. a serving guardrail fails (errors, fallbacks, latency) -> rollback;
+1. a serving guardrail fails (errors or fallbacks significantly above production's or the
+   limit, always-valid; latency) -> rollback;
 2. the split itself is broken (sample-ratio mismatch on users) -> rollback;
 3. the canary is significantly worse (always-valid, in the direction it was reached) or
-   hurts a user group (its CTR ratio across groups falls by more than the margin, and
-   significantly: `canary.group_ratio_ci`) -> rollback, every reason listed;
+   hurts a user group (its CTR ratio across groups falls below production's by more than
+   the margin, and significantly, always-valid: `canary.group_ratio_ci`) -> rollback,
+   every reason listed;
 4. the guardrails cannot vouch for the canary yet (no metrics, too few requests) ->
    continue, "cannot decide": nothing is promoted on missing numbers;
 5. fewer than `min_users` users in an arm -> continue;
 6. significantly better -> promote;
-7. both arms past `max_impressions`: non-inferior (the confidence sequence's lower end
-   above -margin × production's CTR) -> promote, else rollback;
+7. both arms past the horizon (`max_impressions`, moved out by `noninferiority_horizon`
+   where the margin needs more): non-inferior (the fixed-horizon one-sided lower bound
+   above -margin × production's CTR; one look) -> promote, else rollback;
 8. otherwise continue.
 """
 
@@ -31,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from scipy.stats import norm
 
 from canary.decide import CONTINUE, PROMOTE, ROLLBACK, Check, Verdict
 from canary.guardrails import GuardrailGates, check_guardrails
@@ -45,13 +50,20 @@ class OnlineGates:
     min_users: int = 200
     min_impressions: int = 2000
     # Fixed horizon: with this many impressions per arm and no significant difference,
-    # decide by non-inferiority.
+    # decide by non-inferiority (`noninferiority_horizon`: later where the margin needs it).
     max_impressions: int = 20000
     alpha: float = 0.05  # the sequential test, the confidence sequence and the fixed test
     tau: float = 0.02  # mSPRT mixture scale: the CTR difference (absolute) we care about
     # Non-inferiority margin, relative to production's CTR: 0.10 = the canary may be at
-    # most 10% worse, with the always-valid confidence at 1 - alpha.
+    # most 10% worse. Tested once, at the horizon, as a fixed-horizon one-sided test at
+    # alpha: one look needs no always-valid width, which is wider than the margin there.
     noninferiority_margin: float = 0.10
+    # The chance that a canary as good as production is shown non-inferior at the horizon.
+    # A twin that fails is rolled back, so 1 - power is spent of the false-rollback budget.
+    noninferiority_power: float = 0.99
+    # Where the observed variance says max_impressions is too few for the margin, the
+    # horizon moves out to the sample it needs, at most this many times max_impressions.
+    max_horizon_factor: float = 3.0
     cuped: bool = True  # each user's pre-canary behaviour as the covariate
     srm_alpha: float = 0.001  # the usual SRM alarm level: a broken split, not bad luck
     min_srm_users: int = 50  # below this many users the chi-square is not meaningful
@@ -61,11 +73,19 @@ class OnlineGates:
     require_serving_metrics: bool = True
     # Online fairness: the canary's min/max CTR ratio across groups of an attribute may not
     # fall below production's by more than this, where the fall is also significant (the
-    # user-clustered upper bound of the difference below 0, canary.group_ratio_ci); groups
-    # need min_group_impressions each.
+    # user-clustered, bias-corrected, always-valid upper bound of the difference below 0,
+    # canary.group_ratio_ci; the mixture scale is this drop); groups need
+    # min_group_impressions each.
     max_group_ratio_drop: float = 0.2
     min_group_impressions: int = 300
     fairness_attributes: tuple[str, ...] = ("gender", "age_bucket")
+    # The fairness test's share of the false-rollback budget, split over the attributes.
+    fairness_alpha: float = 0.01
+
+    @property
+    def fairness_level(self) -> float:
+        """The always-valid level of each attribute's fairness bound (Bonferroni)."""
+        return self.fairness_alpha / max(1, len(self.fairness_attributes))
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,10 @@ class OnlineEvidence:
 
 def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     """promote, rollback or continue (module docstring, rules 1-8)."""
+    # A twin may be rolled back by any rule, so each rule that can roll back holds its own
+    # level over every look (always-valid tests, or one fixed look at the horizon), and
+    # the levels add up to about alpha: the losing side of the mSPRT, fairness_alpha,
+    # 1 - noninferiority_power, and the guardrails' small alarm levels.
     guard = check_guardrails(ev.serving_canary, ev.serving_production, gates.guardrails)
     checks: list[Check] = list(guard.checks)
     if guard.failed:
@@ -176,19 +200,35 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
         return Verdict(CONTINUE, ("no CTR comparison yet",), tuple(checks))
     if significant and seq.direction > 0:
         return Verdict(PROMOTE, (f"canary wins: {checks[-1].reason}",), tuple(checks))
-    if min(a.impressions, b.impressions) >= gates.max_impressions:
+    n_now = min(a.impressions, b.impressions)
+    if n_now >= gates.max_impressions:
         margin = gates.noninferiority_margin * t.rate_a
-        ok = seq.ci_low > -margin
+        z = float(norm.ppf(1 - gates.alpha))
+        horizon = noninferiority_horizon(n_now, se=t.se, margin=margin, gates=gates)
+        if n_now < horizon:
+            return Verdict(
+                CONTINUE,
+                (
+                    f"horizon extended to {horizon} impressions per arm: the "
+                    f"{gates.noninferiority_margin:.0%} margin ({margin:.4f}) needs it at the "
+                    f"observed standard error {t.se:.4f} (power "
+                    f"{gates.noninferiority_power:.0%}); {text}",
+                ),
+                tuple(checks),
+            )
+        low = t.diff - z * t.se
+        ok = low > -margin
         checks.append(
             Check(
                 "noninferiority",
-                seq.ci_low,
+                low,
                 -margin,
                 ok,
-                f"horizon reached ({gates.max_impressions} impressions per arm), no significant "
-                f"difference; always-valid CTR diff interval [{seq.ci_low:+.4f}, "
-                f"{seq.ci_high:+.4f}] vs margin -{margin:.4f} "
-                f"({gates.noninferiority_margin:.0%} of production's {t.rate_a:.4f})",
+                f"horizon reached ({n_now} impressions per arm, planned {horizon}), no "
+                f"significant difference; fixed-horizon one-sided {1 - gates.alpha:.0%} lower "
+                f"bound of the CTR diff {low:+.4f} (diff {t.diff:+.4f}, se {t.se:.4f}) vs "
+                f"margin -{margin:.4f} ({gates.noninferiority_margin:.0%} of production's "
+                f"{t.rate_a:.4f})",
             )
         )
         verb = "non-inferior" if ok else "not shown non-inferior"
@@ -200,6 +240,23 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
         (f"no decision yet: {text}; always-valid p {seq.p_value:.3g} >= {gates.alpha}",),
         tuple(checks),
     )
+
+
+def noninferiority_horizon(n_now: int, *, se: float, margin: float, gates: OnlineGates) -> int:
+    """Impressions per arm at which the non-inferiority test is run: `max_impressions`, or
+    more where the observed variance says the margin needs more (capped).
+
+    With a standard error se at n impressions (se ∝ 1/√n), a canary as good as production
+    is shown non-inferior with probability `noninferiority_power` at
+        n' = n · ((z_(1-α) + z_power) · se / margin)²
+    The sample size is re-estimated from the variance only, never from the difference (an
+    internal pilot), so the single test at n' keeps its level."""
+    if se <= 0 or margin <= 0:
+        return gates.max_impressions
+    z = float(norm.ppf(1 - gates.alpha) + norm.ppf(gates.noninferiority_power))
+    needed = n_now * (z * se / margin) ** 2
+    cap = gates.max_horizon_factor * gates.max_impressions
+    return math.ceil(min(max(needed, gates.max_impressions), cap))
 
 
 _DIRECTION = {1: "canary better", -1: "canary worse", 0: "no direction yet"}

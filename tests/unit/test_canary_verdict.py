@@ -9,7 +9,13 @@ from canary.decide import CONTINUE, PROMOTE, ROLLBACK
 from canary.guardrails import GuardrailGates, check_guardrails
 from canary.inference import ArmUsers, SequentialState, delta_test, sequential_update
 from canary.stats import srm_chi2
-from canary.verdict import Arm, OnlineEvidence, OnlineGates, online_decision
+from canary.verdict import (
+    Arm,
+    OnlineEvidence,
+    OnlineGates,
+    noninferiority_horizon,
+    online_decision,
+)
 from serving.metrics import LATENCY_BUCKETS_MS, VersionMetrics
 
 BOUNDS = np.array([*LATENCY_BUCKETS_MS, np.inf], dtype=float)
@@ -144,3 +150,39 @@ def test_evidence_serialises_with_per_user_sizes_and_serving_metrics():
     d = _ev(0.10, 0.20).to_dict()
     assert d["ctr_test"]["users_a"] == 200 and d["ctr_test"]["design_effect"] > 1
     assert d["sequential"]["looks"] == 1 and d["serving"]["canary"]["requests"] == 1000
+
+
+def test_one_early_error_is_not_a_broken_canary():
+    # One error in the canary's first 90 users is above 1%, but production fails as often.
+    early = _serving(requests=90, errors={"failed": 1}, seed=3)
+    prod = _serving(requests=900, errors={"failed": 1}, seed=2)
+    g = check_guardrails(early, prod, GuardrailGates())
+    assert not g.failed, [c.reason for c in g.checks]
+    # the same rate as production above the limit is production's problem, not the canary's
+    both = check_guardrails(
+        _serving(requests=500, errors={"failed": 10}, seed=3),
+        _serving(requests=4500, errors={"failed": 90}, seed=2),
+        GuardrailGates(),
+    )
+    assert not both.failed, [c.reason for c in both.checks]
+
+
+def test_a_canary_failing_a_fifth_of_its_requests_is_rolled_back_at_the_first_look():
+    broken = _serving(requests=90, errors={"failed": 18}, seed=3)
+    prod = _serving(requests=900, errors={"failed": 1}, seed=2)
+    v = online_decision(_ev(users=(5, 5), serving_canary=broken, serving_production=prod), GATES)
+    assert v.action == ROLLBACK and v.failures[0].name == "error_rate", v.reasons
+    assert "always-valid p" in v.reasons[0]
+
+
+def test_the_horizon_moves_out_when_the_margin_needs_more_impressions():
+    # 6,000 impressions an arm are past max_impressions, but too few for a 10% margin.
+    ev = _ev(0.15, 0.15, users=(300, 300), seed=8)
+    v = online_decision(ev, GATES)
+    cap = int(GATES.max_horizon_factor * GATES.max_impressions)
+    assert v.action == CONTINUE and f"horizon extended to {cap}" in v.reasons[0], v.reasons
+    t = ev.test
+    margin = GATES.noninferiority_margin * t.rate_a
+    assert noninferiority_horizon(6000, se=t.se, margin=margin, gates=GATES) == cap
+    # a precise enough estimate keeps the planned horizon
+    assert noninferiority_horizon(6000, se=margin / 10, margin=margin, gates=GATES) == 5000
