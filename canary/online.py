@@ -154,7 +154,7 @@ def group_ratios(
 ) -> dict[str, dict[str, float | None]]:
     """Per attribute and arm: min/max CTR across groups with enough impressions
     (fairness.online_by_group's per-version figures), and "diff_upper": the user-clustered
-    one-sided upper bound of canary ratio - production ratio (`canary.group_ratio_ci`)."""
+    always-valid upper bound of canary ratio - production ratio (`canary.group_ratio_ci`)."""
     if users is None or labels.empty:
         return {}
     from canary.group_ratio_ci import per_user_groups, ratio_diff_upper

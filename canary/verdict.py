@@ -109,7 +109,7 @@ class OnlineEvidence:
     srm: SRM | None
     serving_production: VersionMetrics | None = None
     serving_canary: VersionMetrics | None = None
-    # attribute -> {"production": min/max CTR ratio, "canary": ..., "diff_upper": one-sided
+    # attribute -> {"production": min/max CTR ratio, "canary": ..., "diff_upper": always-valid
     # upper bound of canary - production}; None when too small
     fairness: dict[str, dict[str, float | None]] = field(default_factory=dict)
     value_test: DeltaTest | None = None  # engaged value per impression: reported
