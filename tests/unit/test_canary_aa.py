@@ -8,6 +8,7 @@ with probability 0.001), on fixed seeds, so the outcome is the same on every mac
 `python -m canary.aa` prints the same rates for the results page.
 """
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -29,7 +30,9 @@ def statistics():
 
 @pytest.fixture(scope="module")
 def verdicts():
-    return run_aa(AAConfig(runs=VERDICT_RUNS, seed=1))
+    # Each run looks until the horizon the margin needs; the runs' seeds are their own, so
+    # sharing them over the cores gives the same result.
+    return run_aa(AAConfig(runs=VERDICT_RUNS, seed=1), jobs=min(2, os.cpu_count() or 1))
 
 
 def _bound(res, count: int, n: int | None = None) -> str:
@@ -78,12 +81,14 @@ def test_the_harness_sees_a_real_loss():
     assert worse.outcomes.get("rollback: sequential", 0) >= 8, worse.outcomes
 
 
+@pytest.mark.timeout(1800)  # the verdicts fixture: many looks per run on a shared machine
 def test_the_verdict_rarely_promotes_a_twin_as_a_winner(verdicts):
     limit = max_count_under(verdicts.alpha, verdicts.runs)
     assert verdicts.false_promote <= limit, _bound(verdicts, verdicts.false_promote)
     assert verdicts.undecided == 0, verdicts.outcomes  # the horizon always decides
 
 
+@pytest.mark.timeout(1800)
 def test_the_verdict_rolls_back_a_twin_at_most_alpha_of_the_time(verdicts):
     """Every rule that can roll back, over every look: fairness, the error guardrail and
     non-inferiority at the horizon included."""
