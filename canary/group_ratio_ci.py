@@ -7,8 +7,8 @@ point estimates move a lot from look to look: a canary that is better for every 
 read 0.76 against production's 0.99 on 150 users a group. Rolling back on that is
 rejecting good models on noise.
 
-The interval here is a user-clustered bootstrap: each arm's users are resampled with
-replacement (users are what the routing hash assigns, so they are the independent unit),
+The interval here is a user-clustered bootstrap: each arm's users are resampled (users
+are what the routing hash assigns, so they are the independent unit),
 their clicks and impressions summed per group, and the ratio recomputed over the groups
 the point estimate used. The arms are independent samples, so they are resampled
 independently. The bound is always-valid (`ratio_diff_upper`): the guardrail reads it at
@@ -63,7 +63,10 @@ def _resampled_ratio(
     onehot[np.flatnonzero(keep), col[keep]] = 1.0
     clicks = onehot * arm["clicks"].to_numpy()[:, None]  # (n, G)
     imps = onehot * arm["impressions"].to_numpy(np.float64)[:, None]
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, n)
+    # Poisson(1) weights per user: the bootstrap that resamples each arm's users without
+    # fixing their number (Hanley & MacGibbon 2006), which a ratio of sums does not need,
+    # and far cheaper to draw than a multinomial over thousands of users at every look.
+    weights = rng.poisson(1.0, size=(n_boot, n)).astype(np.float64)  # (B, n)
     return _ratio(weights @ clicks, weights @ imps)
 
 
@@ -75,7 +78,7 @@ def ratio_diff_upper(
     groups_canary: list[str],
     alpha: float,
     tau: float,
-    n_boot: int = 400,
+    n_boot: int = 200,
     seed: int = 0,
 ) -> float | None:
     """Always-valid one-sided (1 - alpha) upper bound of canary ratio - production ratio.
