@@ -67,7 +67,7 @@ class AAConfig:
     visits_per_look: float = 0.2  # requests per user between two looks
     pre_share: float = 0.7  # users with a pre-period (the CUPED covariate)
     pre_visits: float = 2.0  # their requests before the canary started
-    # Past the nominal horizon the verdict may move it out (`noninferiority_horizon`), so
+    # Past the nominal horizon the verdict may move it out (`margin_resolved`), so
     # the looks go on until at least max_horizon_factor horizons.
     max_looks: int = 90
     # 1: A/A. Below 1 the canary's users click less after the start: the check that the

@@ -23,9 +23,12 @@ Rules, first match wins:
    continue, "cannot decide": nothing is promoted on missing numbers;
 5. fewer than `min_users` users in an arm -> continue;
 6. significantly better -> promote;
-7. both arms past the horizon (`max_impressions`, moved out by `noninferiority_horizon`
-   where the margin needs more): non-inferior (the fixed-horizon one-sided lower bound
-   above -margin × production's CTR; one look) -> promote, else rollback;
+7. both arms past the horizon (`max_impressions`, moved out up to `max_horizon_factor`
+   times while the observed variance is too large for the margin, `margin_resolved`), one
+   fixed-horizon test: non-inferior (the one-sided lower bound above -margin × production's
+   CTR) -> promote; inferior by more than the margin (the upper bound below it) ->
+   rollback; neither -> continue, "hold": inconclusive, production keeps the canary at its
+   share until a person decides or an always-valid rule fires;
 8. otherwise continue.
 """
 
@@ -49,7 +52,7 @@ class OnlineGates:
     min_users: int = 200
     min_impressions: int = 2000
     # Fixed horizon: with this many impressions per arm and no significant difference,
-    # decide by non-inferiority (`noninferiority_horizon`: later where the margin needs it).
+    # decide by non-inferiority (`margin_resolved`: later where the margin needs it).
     max_impressions: int = 20000
     alpha: float = 0.05  # the sequential test, the confidence sequence and the fixed test
     tau: float = 0.02  # mSPRT mixture scale: the CTR difference (absolute) we care about
@@ -57,8 +60,8 @@ class OnlineGates:
     # most 10% worse. Tested once, at the horizon, as a fixed-horizon one-sided test at
     # alpha: one look needs no always-valid width, which is wider than the margin there.
     noninferiority_margin: float = 0.10
-    # The chance that a canary as good as production is shown non-inferior at the horizon.
-    # A twin that fails is rolled back, so 1 - power is spent of the false-rollback budget.
+    # The chance that a canary as good as production is shown non-inferior at the horizon:
+    # the horizon moves out until the observed variance allows it (or the cap).
     noninferiority_power: float = 0.99
     # Where the observed variance says max_impressions is too few for the margin, the
     # horizon moves out to the sample it needs, at most this many times max_impressions.
@@ -71,8 +74,8 @@ class OnlineGates:
     # for offline replays of labels where no server ran.
     require_serving_metrics: bool = True
     # Online fairness: the canary's min/max CTR ratio across groups of an attribute may not
-    # fall below production's by more than this, where the fall is also significant (the
-    # user-clustered, bias-corrected, always-valid upper bound of the difference below 0,
+    # fall below production's by more than this, credibly (the user-clustered,
+    # bias-corrected, always-valid upper bound of the difference below minus this,
     # canary.group_ratio_ci; the mixture scale is this drop); groups need
     # min_group_impressions each.
     max_group_ratio_drop: float = 0.2
@@ -135,8 +138,9 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     """promote, rollback or continue (module docstring, rules 1-8)."""
     # A twin may be rolled back by any rule, so each rule that can roll back holds its own
     # level over every look (always-valid tests, or one fixed look at the horizon), and
-    # the levels add up to about alpha: the losing side of the mSPRT, fairness_alpha,
-    # 1 - noninferiority_power, and the guardrails' small alarm levels.
+    # the levels add up to about alpha: the losing side of the mSPRT, fairness_alpha, the
+    # horizon's inferiority bound (beyond the margin, so a twin almost never reaches it),
+    # and the guardrails' small alarm levels.
     guard = check_guardrails(ev.serving_canary, ev.serving_production, gates.guardrails)
     checks: list[Check] = list(guard.checks)
     if guard.failed:
@@ -203,36 +207,46 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     if n_now >= gates.max_impressions:
         margin = gates.noninferiority_margin * t.rate_a
         z = _Z.inv_cdf(1 - gates.alpha)
-        horizon = noninferiority_horizon(n_now, se=t.se, margin=margin, gates=gates)
-        if n_now < horizon:
+        cap = math.ceil(gates.max_horizon_factor * gates.max_impressions)
+        if not margin_resolved(t.se, margin, gates) and n_now < cap:
             return Verdict(
                 CONTINUE,
                 (
-                    f"horizon extended to {horizon} impressions per arm: the "
-                    f"{gates.noninferiority_margin:.0%} margin ({margin:.4f}) needs it at the "
-                    f"observed standard error {t.se:.4f} (power "
-                    f"{gates.noninferiority_power:.0%}); {text}",
+                    f"horizon extended (up to {cap} impressions per arm): at the observed "
+                    f"standard error {t.se:.4f} a canary as good as production would not be "
+                    f"shown within the {gates.noninferiority_margin:.0%} margin ({margin:.4f}) "
+                    f"with power {gates.noninferiority_power:.0%}; {text}",
                 ),
                 tuple(checks),
             )
-        low = t.diff - z * t.se
+        low, high = t.diff - z * t.se, t.diff + z * t.se
         ok = low > -margin
+        worse = high < -margin
         checks.append(
             Check(
                 "noninferiority",
                 low,
                 -margin,
-                ok,
-                f"horizon reached ({n_now} impressions per arm, planned {horizon}), no "
-                f"significant difference; fixed-horizon one-sided {1 - gates.alpha:.0%} lower "
-                f"bound of the CTR diff {low:+.4f} (diff {t.diff:+.4f}, se {t.se:.4f}) vs "
-                f"margin -{margin:.4f} ({gates.noninferiority_margin:.0%} of production's "
-                f"{t.rate_a:.4f})",
+                not worse,
+                f"horizon reached ({n_now} impressions per arm), no significant difference "
+                f"on the always-valid test; fixed-horizon one-sided {1 - gates.alpha:.0%} bounds "
+                f"of the CTR diff [{low:+.4f}, {high:+.4f}] (diff {t.diff:+.4f}, se "
+                f"{t.se:.4f}) vs margin -{margin:.4f} ({gates.noninferiority_margin:.0%} of "
+                f"production's {t.rate_a:.4f})",
             )
         )
-        verb = "non-inferior" if ok else "not shown non-inferior"
+        if ok:
+            return Verdict(PROMOTE, (f"canary non-inferior: {checks[-1].reason}",), tuple(checks))
+        if worse:
+            return Verdict(
+                ROLLBACK,
+                (f"canary inferior by more than the margin: {checks[-1].reason}",),
+                tuple(checks),
+            )
         return Verdict(
-            PROMOTE if ok else ROLLBACK, (f"canary {verb}: {checks[-1].reason}",), tuple(checks)
+            CONTINUE,
+            (f"hold, inconclusive at the horizon (not shown non-inferior): {checks[-1].reason}",),
+            tuple(checks),
         )
     return Verdict(
         CONTINUE,
@@ -241,21 +255,13 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     )
 
 
-def noninferiority_horizon(n_now: int, *, se: float, margin: float, gates: OnlineGates) -> int:
-    """Impressions per arm at which the non-inferiority test is run: `max_impressions`, or
-    more where the observed variance says the margin needs more (capped).
-
-    With a standard error se at n impressions (se ∝ 1/√n), a canary as good as production
-    is shown non-inferior with probability `noninferiority_power` at
-        n' = n · ((z_(1-α) + z_power) · se / margin)²
-    The sample size is re-estimated from the variance only, never from the difference (an
-    internal pilot), so the single test at n' keeps its level."""
-    if se <= 0 or margin <= 0:
-        return gates.max_impressions
+def margin_resolved(se: float, margin: float, gates: OnlineGates) -> bool:
+    """Whether the observed standard error is small enough for the horizon test: a canary as
+    good as production is shown within the margin with probability `noninferiority_power`
+    when (z_(1-α) + z_power) · se <= margin. Decided on the variance only, never on the
+    difference (an internal pilot), so the one test at the horizon keeps its level."""
     z = _Z.inv_cdf(1 - gates.alpha) + _Z.inv_cdf(gates.noninferiority_power)
-    needed = n_now * (z * se / margin) ** 2
-    cap = gates.max_horizon_factor * gates.max_impressions
-    return math.ceil(min(max(needed, gates.max_impressions), cap))
+    return z * se <= margin
 
 
 _Z = NormalDist()  # the standard normal (statistics' is far lighter per call than scipy's)
@@ -288,7 +294,8 @@ def _fairness_checks(ev: OnlineEvidence, gates: OnlineGates, checks: list[Check]
         upper = ratios.get("diff_upper")
         material = rc < rp - gates.max_group_ratio_drop
         # Without an interval (evidence from before it existed) the point estimate decides.
-        significant = upper is None or upper < 0
+        # Credibly worse than production by more than the margin, not merely below it.
+        significant = upper is None or upper < -gates.max_group_ratio_drop
         ok = not (material and significant)
         bound = "" if upper is None else f"; upper bound of the difference {upper:+.3f}"
         noise = " (not significant: kept)" if material and not significant else ""

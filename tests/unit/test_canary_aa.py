@@ -85,7 +85,7 @@ def test_the_harness_sees_a_real_loss():
 def test_the_verdict_rarely_promotes_a_twin_as_a_winner(verdicts):
     limit = max_count_under(verdicts.alpha, verdicts.runs)
     assert verdicts.false_promote <= limit, _bound(verdicts, verdicts.false_promote)
-    assert verdicts.undecided == 0, verdicts.outcomes  # the horizon always decides
+    # An inconclusive twin at the horizon is held (continue), not decided: not counted here.
 
 
 @pytest.mark.timeout(1800)

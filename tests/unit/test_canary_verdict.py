@@ -13,7 +13,7 @@ from canary.verdict import (
     Arm,
     OnlineEvidence,
     OnlineGates,
-    noninferiority_horizon,
+    margin_resolved,
     online_decision,
 )
 from serving.metrics import LATENCY_BUCKETS_MS, VersionMetrics
@@ -79,8 +79,15 @@ def test_horizon_decides_by_relative_non_inferiority():
     v = online_decision(ev, gates)
     assert v.action == PROMOTE and "non-inferior" in v.reasons[0], v.reasons
     assert "10% of production" in v.reasons[0]
+    # Not shown non-inferior is no evidence of harm: held, not rolled back (the old rule
+    # rolled back every inconclusive canary, production's twin included).
     strict = online_decision(ev, replace(gates, noninferiority_margin=0.001))
-    assert strict.action == ROLLBACK and "not shown non-inferior" in strict.reasons[0]
+    assert strict.action == CONTINUE and strict.reasons[0].startswith("hold, inconclusive")
+    # Shown worse by more than the margin at the horizon's one look: rolled back.
+    worse = _ev(0.15, 0.12, users=(8000, 8000), seed=4)
+    worse = replace(worse, sequential=SequentialState(looks=1))  # not significant yet
+    v = online_decision(worse, gates)
+    assert v.action == ROLLBACK and v.reasons[0].startswith("canary inferior"), v.reasons
 
 
 def test_missing_serving_metrics_is_cannot_decide_never_a_pass():
@@ -142,7 +149,11 @@ def test_a_group_gap_within_its_noise_does_not_roll_a_winner_back():
     win = online_decision(_ev(0.10, 0.20, fairness=noisy), GATES)
     assert win.action != ROLLBACK
     assert any("not significant" in c.reason for c in win.checks)
-    real = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.1}}
+    # Below 0 but not below minus the margin: not credibly worse by more than the margin
+    # (the old rule rolled this back; a twin's noisy ratio crossed 0 that way).
+    near = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.1}}
+    assert online_decision(_ev(0.10, 0.20, fairness=near), GATES).action != ROLLBACK
+    real = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.25}}
     assert online_decision(_ev(0.10, 0.20, fairness=real), GATES).action == ROLLBACK
 
 
@@ -180,9 +191,7 @@ def test_the_horizon_moves_out_when_the_margin_needs_more_impressions():
     ev = _ev(0.15, 0.15, users=(300, 300), seed=8)
     v = online_decision(ev, GATES)
     cap = int(GATES.max_horizon_factor * GATES.max_impressions)
-    assert v.action == CONTINUE and f"horizon extended to {cap}" in v.reasons[0], v.reasons
-    t = ev.test
-    margin = GATES.noninferiority_margin * t.rate_a
-    assert noninferiority_horizon(6000, se=t.se, margin=margin, gates=GATES) == cap
-    # a precise enough estimate keeps the planned horizon
-    assert noninferiority_horizon(6000, se=margin / 10, margin=margin, gates=GATES) == 5000
+    assert v.action == CONTINUE and f"horizon extended (up to {cap}" in v.reasons[0], v.reasons
+    margin = GATES.noninferiority_margin * ev.test.rate_a
+    assert not margin_resolved(ev.test.se, margin, GATES)
+    assert margin_resolved(margin / 10, margin, GATES)
