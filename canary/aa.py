@@ -31,6 +31,7 @@ import json
 import math
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -66,13 +67,20 @@ class AAConfig:
     visits_per_look: float = 0.2  # requests per user between two looks
     pre_share: float = 0.7  # users with a pre-period (the CUPED covariate)
     pre_visits: float = 2.0  # their requests before the canary started
-    max_looks: int = 60
+    # Past the nominal horizon the verdict may move it out (`margin_resolved`), so
+    # the looks go on until at least max_horizon_factor horizons.
+    max_looks: int = 90
     # 1: A/A. Below 1 the canary's users click less after the start: the check that the
     # harness can see a real loss at all.
     canary_ctr_factor: float = 1.0
+    # Not A/A: the canary multiplies one group's CTR by a factor, (attribute, group index,
+    # factor), and scales the attribute's other groups so that its mean CTR stays
+    # production's: a canary as good overall that is unfair, which only fairness can see.
+    canary_group_factor: tuple[str, int, float] | None = None
     latency_ms: float = 20.0  # lognormal median, both arms
     latency_sigma: float = 0.4
     error_rate: float = 0.001  # failed requests, both arms
+    canary_error_rate: float | None = None  # not A/A: the canary's own (None: error_rate)
 
     def __post_init__(self) -> None:
         if not 0 < self.canary_percent < 100:
@@ -176,13 +184,21 @@ def _world(cfg: AAConfig, rng: np.random.Generator) -> _World:
         r = pre_y[seen].sum() / pre_n[seen].sum()
         x[seen] = (pre_y[seen] - r * pre_n[seen]) / pre_n[seen].mean()
     groups = {"gender": (GENDERS, gender), "age_bucket": (AGE_BUCKETS, age)}
-    p_test = np.clip(p * np.where(canary, cfg.canary_ctr_factor, 1.0), 0, 1)
+    shift = np.where(canary, cfg.canary_ctr_factor, 1.0)
+    if cfg.canary_group_factor is not None:
+        attr, group, f = cfg.canary_group_factor
+        hit = groups[attr][1] == group
+        rest = (p.sum() - f * p[hit].sum()) / p[~hit].sum()  # keeps the mean propensity
+        shift = shift * np.where(canary, np.where(hit, f, rest), 1.0)
+    p_test = np.clip(p * shift, 0, 1)
     return _World(canary, p_test, groups, x)
 
 
-def _serving(cfg: AAConfig, requests: int, rng: np.random.Generator, m: VersionMetrics) -> None:
-    """Add `requests` requests from the one distribution both arms share."""
-    failed = int(rng.binomial(requests, cfg.error_rate))
+def _serving(
+    cfg: AAConfig, requests: int, rng: np.random.Generator, m: VersionMetrics, error_rate: float
+) -> None:
+    """Add `requests` requests from the latency distribution both arms share."""
+    failed = int(rng.binomial(requests, error_rate))
     lat = rng.lognormal(math.log(cfg.latency_ms), cfg.latency_sigma, requests - failed)
     m.requests += requests
     if failed:
@@ -230,7 +246,8 @@ def _fairness(
             rows["canary"],
             groups_production=eligible["production"],
             groups_canary=eligible["canary"],
-            alpha=gates.alpha,
+            alpha=gates.fairness_level,
+            tau=gates.max_group_ratio_drop,
         )
     return out
 
@@ -284,8 +301,12 @@ def simulate_run(cfg: AAConfig, rng: np.random.Generator, *, verdict: bool = Tru
         n += imps
         y += rng.binomial(imps, w.p)
         if verdict:
-            for m, arm in zip(serving, (~w.canary, w.canary), strict=True):
-                _serving(cfg, int((visits[arm] > 0).sum()), rng, m)
+            canary_errors = (
+                cfg.error_rate if cfg.canary_error_rate is None else cfg.canary_error_rate
+            )
+            rates = (cfg.error_rate, canary_errors)
+            for m, arm, e in zip(serving, (~w.canary, w.canary), rates, strict=True):
+                _serving(cfg, int((visits[arm] > 0).sum()), rng, m, e)
         ev = _evidence(cfg, w, y, n, seq, serving, with_fairness=verdict and decided is None)
         if ev.test is not None:
             seq = sequential_update(
@@ -305,7 +326,7 @@ def simulate_run(cfg: AAConfig, rng: np.random.Generator, *, verdict: bool = Tru
                 rule = failed[0].name if failed else v.checks[-1].name if v.checks else "none"
                 decided = (v.action, rule, look)
         horizon = min(ev.canary.impressions, ev.production.impressions) >= g.max_impressions
-        if horizon and ev.test is not None:
+        if horizon and ev.test is not None and fixed is None:  # the one look at the horizon
             fixed = ev.test.p_value < g.alpha
         if (decided is not None or not verdict) and horizon:
             break
@@ -313,13 +334,21 @@ def simulate_run(cfg: AAConfig, rng: np.random.Generator, *, verdict: bool = Tru
     return RunOutcome(action, rule, at, ever, direction, cs_miss, fixed)
 
 
-def run_aa(cfg: AAConfig, *, verdict: bool = True) -> AAResult:
+def _one(cfg: AAConfig, i: int, verdict: bool) -> RunOutcome:
+    return simulate_run(cfg, np.random.default_rng([cfg.seed, i]), verdict=verdict)
+
+
+def run_aa(cfg: AAConfig, *, verdict: bool = True, jobs: int = 1) -> AAResult:
     """`cfg.runs` A/A canaries, each on its own seed (cfg.seed, run index); verdict=False:
-    the statistics alone, every run to the horizon (no verdict outcomes)."""
-    outs = [
-        simulate_run(cfg, np.random.default_rng([cfg.seed, i]), verdict=verdict)
-        for i in range(cfg.runs)
-    ]
+    the statistics alone, every run to the horizon (no verdict outcomes). `jobs` processes
+    share the runs; each run's seed is its own, so the result does not depend on them."""
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            outs = list(
+                pool.map(_one, *zip(*((cfg, i, verdict) for i in range(cfg.runs)), strict=True))
+            )
+    else:
+        outs = [_one(cfg, i, verdict) for i in range(cfg.runs)]
     counts = Counter(f"{o.action}: {o.rule}" for o in outs)
     decided = [o.look for o in outs if o.action != CONTINUE]
     fixed = [o.fixed_rejected for o in outs if o.fixed_rejected is not None]
@@ -346,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=AAConfig.runs)
     p.add_argument("--seed", type=int, default=AAConfig.seed)
     p.add_argument("--statistics-only", action="store_true", help="no verdict: the tests alone")
+    p.add_argument("--jobs", type=int, default=1, help="processes (the result is the same)")
     args = p.parse_args(argv)
-    res = run_aa(AAConfig(runs=args.runs, seed=args.seed), verdict=not args.statistics_only)
+    cfg = AAConfig(runs=args.runs, seed=args.seed)
+    res = run_aa(cfg, verdict=not args.statistics_only, jobs=args.jobs)
     json.dump(res.to_dict(), sys.stdout, indent=1, default=str)
     print()
     return 0

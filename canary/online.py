@@ -160,7 +160,7 @@ def group_ratios(
 ) -> dict[str, dict[str, float | None]]:
     """Per attribute and arm: min/max CTR across groups with enough impressions
     (fairness.online_by_group's per-version figures), and "diff_upper": the user-clustered
-    one-sided upper bound of canary ratio - production ratio (`canary.group_ratio_ci`)."""
+    always-valid upper bound of canary ratio - production ratio (`canary.group_ratio_ci`)."""
     if users is None or labels.empty:
         return {}
 
@@ -190,7 +190,8 @@ def group_ratios(
             pu[pu_version == str(versions["canary"])],
             groups_production=eligible["production"],
             groups_canary=eligible["canary"],
-            alpha=gates.alpha,
+            alpha=gates.fairness_level,
+            tau=gates.max_group_ratio_drop,
         )
     return out
 

@@ -4,6 +4,7 @@ test checks it against numbers worked out by hand.
 - `two_proportion_z`: the fixed-horizon test of CTR(canary) vs CTR(production).
 - `msprt`: the always-valid (sequential) test, safe to look at after every evaluation.
 - `srm_chi2`: sample-ratio mismatch of the observed split vs the configured one.
+- `binomial_excess`: the always-valid test that a rate (errors, fallbacks) exceeds a null rate.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.special import betaincc, betaln
 from scipy.stats import chi2, norm
 
 
@@ -121,3 +123,48 @@ def srm_chi2(*, observed: list[int] | tuple[int, ...], shares: list[float]) -> S
     stat = float(((obs - exp) ** 2 / np.where(exp > 0, exp, 1.0)).sum()) if n > 0 else 0.0
     p = float(chi2.sf(stat, len(obs) - 1)) if n > 0 else 1.0
     return SRM(stat, p, tuple(int(x) for x in obs), tuple(float(x) for x in exp))
+
+
+@dataclass(frozen=True)
+class Excess:
+    successes: int
+    trials: int
+    null_rate: float
+    likelihood_ratio: float  # the mixture martingale at this look
+    p_value: float  # always-valid: min(1, 1 / likelihood_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def binomial_excess(*, successes: int, trials: int, null_rate: float) -> Excess:
+    """Always-valid one-sided test that a Bernoulli rate exceeds `null_rate` (q).
+
+    H0: p <= q. The alternative is mixed uniformly over p in (q, 1):
+
+        Λ_n = [∫_q^1 p^k (1-p)^(n-k) dp / (1 - q)] / [q^k (1-q)^(n-k)]
+            = B(k+1, n-k+1) · (1 - I_q(k+1, n-k+1)) / ((1 - q) q^k (1-q)^(n-k))
+
+    (k successes of n, I the regularised incomplete beta). Λ_n is a mixture of likelihood
+    ratios p vs q, so it is a martingale under p = q and a supermartingale under p < q;
+    by Ville's inequality P(Λ_n >= 1/α at any n) <= α, so the test may be looked at after
+    every request without raising its type-I error. It needs no separate minimum count: a
+    few successes cannot move Λ past 1/α unless q is small enough that they are unlikely.
+    """
+    if not 0 <= successes <= trials:
+        raise ValueError(f"binomial_excess: {successes} of {trials}; expected 0 <= k <= n")
+    if not 0 < null_rate < 1:
+        raise ValueError(f"binomial_excess: null_rate={null_rate}; expected 0 < q < 1")
+    k, n, q = successes, trials, null_rate
+    upper = float(betaincc(k + 1, n - k + 1, q))
+    if upper <= 0:
+        return Excess(k, n, q, 0.0, 1.0)
+    log_lr = (
+        float(betaln(k + 1, n - k + 1))
+        + math.log(upper)
+        - math.log1p(-q)
+        - k * math.log(q)
+        - (n - k) * math.log1p(-q)
+    )
+    lr = math.exp(min(log_lr, 700.0))
+    return Excess(k, n, q, lr, float(min(1.0, 1.0 / lr)) if lr > 0 else 1.0)

@@ -12,17 +12,23 @@ file or a server. The evidence is what `canary.online.gather_evidence` measured:
 - per-group CTR ratios (online fairness).
 
 Rules, first match wins:
-1. a serving guardrail fails (errors, fallbacks, latency) -> rollback;
+1. a serving guardrail fails (errors or fallbacks significantly above production's or the
+   limit, always-valid; latency) -> rollback;
 2. the split itself is broken (sample-ratio mismatch on users) -> rollback;
 3. the canary is significantly worse (always-valid, in the direction it was reached) or
-   hurts a user group (its CTR ratio across groups falls by more than the margin, and
-   significantly: `canary.group_ratio_ci`) -> rollback, every reason listed;
+   hurts a user group (its CTR ratio across groups falls below production's by more than
+   the margin, and significantly, always-valid: `canary.group_ratio_ci`) -> rollback,
+   every reason listed;
 4. the guardrails cannot vouch for the canary yet (no metrics, too few requests) ->
    continue, "cannot decide": nothing is promoted on missing numbers;
 5. fewer than `min_users` users in an arm -> continue;
 6. significantly better -> promote;
-7. both arms past `max_impressions`: non-inferior (the confidence sequence's lower end
-   above -margin × production's CTR) -> promote, else rollback;
+7. both arms past the horizon (`max_impressions`, moved out up to `max_horizon_factor`
+   times while the observed variance is too large for the margin, `margin_resolved`), one
+   fixed-horizon test: non-inferior (the one-sided lower bound above -margin × production's
+   CTR) -> promote; inferior by more than the margin (the upper bound below it) ->
+   rollback; neither -> continue, "hold": inconclusive, production keeps the canary at its
+   share until a person decides or an always-valid rule fires;
 8. otherwise continue.
 """
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 from canary.decide import CONTINUE, PROMOTE, ROLLBACK, Check, Verdict
@@ -45,13 +52,20 @@ class OnlineGates:
     min_users: int = 200
     min_impressions: int = 2000
     # Fixed horizon: with this many impressions per arm and no significant difference,
-    # decide by non-inferiority.
+    # decide by non-inferiority (`margin_resolved`: later where the margin needs it).
     max_impressions: int = 20000
     alpha: float = 0.05  # the sequential test, the confidence sequence and the fixed test
     tau: float = 0.02  # mSPRT mixture scale: the CTR difference (absolute) we care about
     # Non-inferiority margin, relative to production's CTR: 0.10 = the canary may be at
-    # most 10% worse, with the always-valid confidence at 1 - alpha.
+    # most 10% worse. Tested once, at the horizon, as a fixed-horizon one-sided test at
+    # alpha: one look needs no always-valid width, which is wider than the margin there.
     noninferiority_margin: float = 0.10
+    # The chance that a canary as good as production is shown non-inferior at the horizon:
+    # the horizon moves out until the observed variance allows it (or the cap).
+    noninferiority_power: float = 0.99
+    # Where the observed variance says max_impressions is too few for the margin, the
+    # horizon moves out to the sample it needs, at most this many times max_impressions.
+    max_horizon_factor: float = 3.0
     cuped: bool = True  # each user's pre-canary behaviour as the covariate
     srm_alpha: float = 0.001  # the usual SRM alarm level: a broken split, not bad luck
     min_srm_users: int = 50  # below this many users the chi-square is not meaningful
@@ -60,12 +74,20 @@ class OnlineGates:
     # for offline replays of labels where no server ran.
     require_serving_metrics: bool = True
     # Online fairness: the canary's min/max CTR ratio across groups of an attribute may not
-    # fall below production's by more than this, where the fall is also significant (the
-    # user-clustered upper bound of the difference below 0, canary.group_ratio_ci); groups
-    # need min_group_impressions each.
+    # fall below production's by more than this, credibly (the user-clustered,
+    # bias-corrected, always-valid upper bound of the difference below minus this,
+    # canary.group_ratio_ci; the mixture scale is this drop); groups need
+    # min_group_impressions each.
     max_group_ratio_drop: float = 0.2
     min_group_impressions: int = 300
     fairness_attributes: tuple[str, ...] = ("gender", "age_bucket")
+    # The fairness test's share of the false-rollback budget, split over the attributes.
+    fairness_alpha: float = 0.01
+
+    @property
+    def fairness_level(self) -> float:
+        """The always-valid level of each attribute's fairness bound (Bonferroni)."""
+        return self.fairness_alpha / max(1, len(self.fairness_attributes))
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,7 @@ class OnlineEvidence:
     srm: SRM | None
     serving_production: VersionMetrics | None = None
     serving_canary: VersionMetrics | None = None
-    # attribute -> {"production": min/max CTR ratio, "canary": ..., "diff_upper": one-sided
+    # attribute -> {"production": min/max CTR ratio, "canary": ..., "diff_upper": always-valid
     # upper bound of canary - production}; None when too small
     fairness: dict[str, dict[str, float | None]] = field(default_factory=dict)
     value_test: DeltaTest | None = None  # engaged value per impression: reported
@@ -114,6 +136,11 @@ class OnlineEvidence:
 
 def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     """promote, rollback or continue (module docstring, rules 1-8)."""
+    # A twin may be rolled back by any rule, so each rule that can roll back holds its own
+    # level over every look (always-valid tests, or one fixed look at the horizon), and
+    # the levels add up to about alpha: the losing side of the mSPRT, fairness_alpha, the
+    # horizon's inferiority bound (beyond the margin, so a twin almost never reaches it),
+    # and the guardrails' small alarm levels.
     guard = check_guardrails(ev.serving_canary, ev.serving_production, gates.guardrails)
     checks: list[Check] = list(guard.checks)
     if guard.failed:
@@ -176,24 +203,50 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
         return Verdict(CONTINUE, ("no CTR comparison yet",), tuple(checks))
     if significant and seq.direction > 0:
         return Verdict(PROMOTE, (f"canary wins: {checks[-1].reason}",), tuple(checks))
-    if min(a.impressions, b.impressions) >= gates.max_impressions:
+    n_now = min(a.impressions, b.impressions)
+    if n_now >= gates.max_impressions:
         margin = gates.noninferiority_margin * t.rate_a
-        ok = seq.ci_low > -margin
+        z = _Z.inv_cdf(1 - gates.alpha)
+        cap = math.ceil(gates.max_horizon_factor * gates.max_impressions)
+        if not margin_resolved(t.se, margin, gates) and n_now < cap:
+            return Verdict(
+                CONTINUE,
+                (
+                    f"horizon extended (up to {cap} impressions per arm): at the observed "
+                    f"standard error {t.se:.4f} a canary as good as production would not be "
+                    f"shown within the {gates.noninferiority_margin:.0%} margin ({margin:.4f}) "
+                    f"with power {gates.noninferiority_power:.0%}; {text}",
+                ),
+                tuple(checks),
+            )
+        low, high = t.diff - z * t.se, t.diff + z * t.se
+        ok = low > -margin
+        worse = high < -margin
         checks.append(
             Check(
                 "noninferiority",
-                seq.ci_low,
+                low,
                 -margin,
-                ok,
-                f"horizon reached ({gates.max_impressions} impressions per arm), no significant "
-                f"difference; always-valid CTR diff interval [{seq.ci_low:+.4f}, "
-                f"{seq.ci_high:+.4f}] vs margin -{margin:.4f} "
-                f"({gates.noninferiority_margin:.0%} of production's {t.rate_a:.4f})",
+                not worse,
+                f"horizon reached ({n_now} impressions per arm), no significant difference "
+                f"on the always-valid test; fixed-horizon one-sided {1 - gates.alpha:.0%} bounds "
+                f"of the CTR diff [{low:+.4f}, {high:+.4f}] (diff {t.diff:+.4f}, se "
+                f"{t.se:.4f}) vs margin -{margin:.4f} ({gates.noninferiority_margin:.0%} of "
+                f"production's {t.rate_a:.4f})",
             )
         )
-        verb = "non-inferior" if ok else "not shown non-inferior"
+        if ok:
+            return Verdict(PROMOTE, (f"canary non-inferior: {checks[-1].reason}",), tuple(checks))
+        if worse:
+            return Verdict(
+                ROLLBACK,
+                (f"canary inferior by more than the margin: {checks[-1].reason}",),
+                tuple(checks),
+            )
         return Verdict(
-            PROMOTE if ok else ROLLBACK, (f"canary {verb}: {checks[-1].reason}",), tuple(checks)
+            CONTINUE,
+            (f"hold, inconclusive at the horizon (not shown non-inferior): {checks[-1].reason}",),
+            tuple(checks),
         )
     return Verdict(
         CONTINUE,
@@ -202,6 +255,16 @@ def online_decision(ev: OnlineEvidence, gates: OnlineGates) -> Verdict:
     )
 
 
+def margin_resolved(se: float, margin: float, gates: OnlineGates) -> bool:
+    """Whether the observed standard error is small enough for the horizon test: a canary as
+    good as production is shown within the margin with probability `noninferiority_power`
+    when (z_(1-α) + z_power) · se <= margin. Decided on the variance only, never on the
+    difference (an internal pilot), so the one test at the horizon keeps its level."""
+    z = _Z.inv_cdf(1 - gates.alpha) + _Z.inv_cdf(gates.noninferiority_power)
+    return z * se <= margin
+
+
+_Z = NormalDist()  # the standard normal (statistics' is far lighter per call than scipy's)
 _DIRECTION = {1: "canary better", -1: "canary worse", 0: "no direction yet"}
 
 
@@ -231,7 +294,8 @@ def _fairness_checks(ev: OnlineEvidence, gates: OnlineGates, checks: list[Check]
         upper = ratios.get("diff_upper")
         material = rc < rp - gates.max_group_ratio_drop
         # Without an interval (evidence from before it existed) the point estimate decides.
-        significant = upper is None or upper < 0
+        # Credibly worse than production by more than the margin, not merely below it.
+        significant = upper is None or upper < -gates.max_group_ratio_drop
         ok = not (material and significant)
         bound = "" if upper is None else f"; upper bound of the difference {upper:+.3f}"
         noise = " (not significant: kept)" if material and not significant else ""

@@ -8,6 +8,7 @@ with probability 0.001), on fixed seeds, so the outcome is the same on every mac
 `python -m canary.aa` prints the same rates for the results page.
 """
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -29,7 +30,9 @@ def statistics():
 
 @pytest.fixture(scope="module")
 def verdicts():
-    return run_aa(AAConfig(runs=VERDICT_RUNS, seed=1))
+    # Each run looks until the horizon the margin needs; the runs' seeds are their own, so
+    # sharing them over the cores gives the same result.
+    return run_aa(AAConfig(runs=VERDICT_RUNS, seed=1), jobs=min(2, os.cpu_count() or 1))
 
 
 def _bound(res, count: int, n: int | None = None) -> str:
@@ -78,22 +81,32 @@ def test_the_harness_sees_a_real_loss():
     assert worse.outcomes.get("rollback: sequential", 0) >= 8, worse.outcomes
 
 
+@pytest.mark.timeout(1800)  # the verdicts fixture: many looks per run on a shared machine
 def test_the_verdict_rarely_promotes_a_twin_as_a_winner(verdicts):
     limit = max_count_under(verdicts.alpha, verdicts.runs)
     assert verdicts.false_promote <= limit, _bound(verdicts, verdicts.false_promote)
-    assert verdicts.undecided == 0, verdicts.outcomes  # the horizon always decides
+    # An inconclusive twin at the horizon is held (continue), not decided: not counted here.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a known finding: with a 10% canary the verdict rolls back production's twin far "
-    "more often than alpha (online fairness on the small arm's min/max group ratio, "
-    "non-inferiority at the horizon, the error-rate guardrail on the first requests); "
-    "see `python -m canary.aa` for the breakdown",
-)
+@pytest.mark.timeout(1800)
 def test_the_verdict_rolls_back_a_twin_at_most_alpha_of_the_time(verdicts):
+    """Every rule that can roll back, over every look: fairness, the error guardrail and
+    non-inferiority at the horizon included."""
     limit = max_count_under(verdicts.alpha, verdicts.runs)
     assert verdicts.false_rollback <= limit, _bound(verdicts, verdicts.false_rollback)
+
+
+def test_an_unfair_canary_as_good_overall_is_rolled_back_for_fairness():
+    """One gender's CTR halved, the others raised so the mean CTR is production's: the CTR
+    test cannot see it, the fairness guardrail must."""
+    res = run_aa(AAConfig(runs=10, seed=3, canary_group_factor=("gender", 1, 0.5)))
+    assert res.outcomes.get("rollback: fairness_gender", 0) >= 8, res.outcomes
+
+
+def test_an_error_spiking_canary_is_rolled_back_at_an_early_look():
+    res = run_aa(AAConfig(runs=10, seed=4, canary_error_rate=0.2))
+    assert res.outcomes == {"rollback: error_rate": 10}, res.outcomes
+    assert res.mean_decision_look <= 2, res.mean_decision_look
 
 
 def test_runs_are_deterministic_for_their_seed():

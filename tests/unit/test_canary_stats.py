@@ -4,8 +4,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 
-from canary.stats import msprt, srm_chi2, two_proportion_z
+from canary.stats import binomial_excess, msprt, srm_chi2, two_proportion_z
 
 
 def test_two_proportion_z_hand_computed():
@@ -82,3 +83,32 @@ def test_srm_chi2_hand_computed():
     assert r.chi2 == pytest.approx(4.44444, abs=1e-4)
     with pytest.raises(ValueError):
         srm_chi2(observed=[1, 2], shares=[1, 0])
+
+
+def test_binomial_excess_matches_its_closed_form_and_needs_a_few_successes():
+    # k = n: Λ = ((1 - q^(k+1)) / (k+1)) / ((1 - q) q^k), by hand
+    for k in (1, 3, 4):
+        t = binomial_excess(successes=k, trials=k, null_rate=0.1)
+        assert t.likelihood_ratio == pytest.approx((1 - 0.1 ** (k + 1)) / (k + 1) / 0.9 / 0.1**k)
+    # three of three at a 10% share is not yet an alarm at 0.001, four are
+    assert binomial_excess(successes=3, trials=3, null_rate=0.1).p_value > 0.001
+    assert binomial_excess(successes=4, trials=4, null_rate=0.1).p_value < 0.001
+    # at the null rate there is no evidence, and nothing is no evidence
+    assert binomial_excess(successes=10, trials=100, null_rate=0.1).p_value == 1.0
+    assert binomial_excess(successes=0, trials=0, null_rate=0.1).p_value == 1.0
+
+
+def test_binomial_excess_keeps_its_level_over_every_look():
+    """At the null rate, crossing 1/alpha at ANY of 500 looks happens at most alpha of the
+    time (Ville's inequality), with a binomial margin for the replications."""
+    rng = np.random.default_rng(0)
+    alpha, q, reps = 0.05, 0.1, 400
+    crossed = 0
+    for _ in range(reps):
+        k = np.cumsum(rng.random(500) < q)
+        p = [
+            binomial_excess(successes=int(k[i]), trials=i + 1, null_rate=q).p_value
+            for i in range(0, 500, 5)
+        ]
+        crossed += min(p) < alpha
+    assert crossed <= binom.ppf(0.999, reps, alpha), crossed

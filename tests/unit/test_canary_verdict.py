@@ -9,7 +9,13 @@ from canary.decide import CONTINUE, PROMOTE, ROLLBACK
 from canary.guardrails import GuardrailGates, check_guardrails
 from canary.inference import ArmUsers, SequentialState, delta_test, sequential_update
 from canary.stats import srm_chi2
-from canary.verdict import Arm, OnlineEvidence, OnlineGates, online_decision
+from canary.verdict import (
+    Arm,
+    OnlineEvidence,
+    OnlineGates,
+    margin_resolved,
+    online_decision,
+)
 from serving.metrics import LATENCY_BUCKETS_MS, VersionMetrics
 
 BOUNDS = np.array([*LATENCY_BUCKETS_MS, np.inf], dtype=float)
@@ -73,8 +79,15 @@ def test_horizon_decides_by_relative_non_inferiority():
     v = online_decision(ev, gates)
     assert v.action == PROMOTE and "non-inferior" in v.reasons[0], v.reasons
     assert "10% of production" in v.reasons[0]
+    # Not shown non-inferior is no evidence of harm: held, not rolled back (the old rule
+    # rolled back every inconclusive canary, production's twin included).
     strict = online_decision(ev, replace(gates, noninferiority_margin=0.001))
-    assert strict.action == ROLLBACK and "not shown non-inferior" in strict.reasons[0]
+    assert strict.action == CONTINUE and strict.reasons[0].startswith("hold, inconclusive")
+    # Shown worse by more than the margin at the horizon's one look: rolled back.
+    worse = _ev(0.15, 0.12, users=(8000, 8000), seed=4)
+    worse = replace(worse, sequential=SequentialState(looks=1))  # not significant yet
+    v = online_decision(worse, gates)
+    assert v.action == ROLLBACK and v.reasons[0].startswith("canary inferior"), v.reasons
 
 
 def test_missing_serving_metrics_is_cannot_decide_never_a_pass():
@@ -136,7 +149,11 @@ def test_a_group_gap_within_its_noise_does_not_roll_a_winner_back():
     win = online_decision(_ev(0.10, 0.20, fairness=noisy), GATES)
     assert win.action != ROLLBACK
     assert any("not significant" in c.reason for c in win.checks)
-    real = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.1}}
+    # Below 0 but not below minus the margin: not credibly worse by more than the margin
+    # (the old rule rolled this back; a twin's noisy ratio crossed 0 that way).
+    near = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.1}}
+    assert online_decision(_ev(0.10, 0.20, fairness=near), GATES).action != ROLLBACK
+    real = {"gender": {"production": 0.9, "canary": 0.5, "diff_upper": -0.25}}
     assert online_decision(_ev(0.10, 0.20, fairness=real), GATES).action == ROLLBACK
 
 
@@ -144,3 +161,37 @@ def test_evidence_serialises_with_per_user_sizes_and_serving_metrics():
     d = _ev(0.10, 0.20).to_dict()
     assert d["ctr_test"]["users_a"] == 200 and d["ctr_test"]["design_effect"] > 1
     assert d["sequential"]["looks"] == 1 and d["serving"]["canary"]["requests"] == 1000
+
+
+def test_one_early_error_is_not_a_broken_canary():
+    # One error in the canary's first 90 users is above 1%, but production fails as often.
+    early = _serving(requests=90, errors={"failed": 1}, seed=3)
+    prod = _serving(requests=900, errors={"failed": 1}, seed=2)
+    g = check_guardrails(early, prod, GuardrailGates())
+    assert not g.failed, [c.reason for c in g.checks]
+    # the same rate as production above the limit is production's problem, not the canary's
+    both = check_guardrails(
+        _serving(requests=500, errors={"failed": 10}, seed=3),
+        _serving(requests=4500, errors={"failed": 90}, seed=2),
+        GuardrailGates(),
+    )
+    assert not both.failed, [c.reason for c in both.checks]
+
+
+def test_a_canary_failing_a_fifth_of_its_requests_is_rolled_back_at_the_first_look():
+    broken = _serving(requests=90, errors={"failed": 18}, seed=3)
+    prod = _serving(requests=900, errors={"failed": 1}, seed=2)
+    v = online_decision(_ev(users=(5, 5), serving_canary=broken, serving_production=prod), GATES)
+    assert v.action == ROLLBACK and v.failures[0].name == "error_rate", v.reasons
+    assert "always-valid p" in v.reasons[0]
+
+
+def test_the_horizon_moves_out_when_the_margin_needs_more_impressions():
+    # 6,000 impressions an arm are past max_impressions, but too few for a 10% margin.
+    ev = _ev(0.15, 0.15, users=(300, 300), seed=8)
+    v = online_decision(ev, GATES)
+    cap = int(GATES.max_horizon_factor * GATES.max_impressions)
+    assert v.action == CONTINUE and f"horizon extended (up to {cap}" in v.reasons[0], v.reasons
+    margin = GATES.noninferiority_margin * ev.test.rate_a
+    assert not margin_resolved(ev.test.se, margin, GATES)
+    assert margin_resolved(margin / 10, margin, GATES)

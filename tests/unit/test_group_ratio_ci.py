@@ -35,6 +35,7 @@ def _upper(prod, canary):
         groups_production=groups,
         groups_canary=groups,
         alpha=0.05,
+        tau=0.2,
     )
 
 
@@ -59,5 +60,6 @@ def test_one_group_is_no_ratio():
     prod = _arm(1, {"F": 0.12}, users=50, per_user=10, seed=6)
     pu = per_user_groups(prod, prod["group"])
     assert (
-        ratio_diff_upper(pu, pu, groups_production=["F"], groups_canary=["F"], alpha=0.05) is None
+        ratio_diff_upper(pu, pu, groups_production=["F"], groups_canary=["F"], alpha=0.05, tau=0.2)
+        is None
     )
