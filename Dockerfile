@@ -51,7 +51,8 @@ RUN if [ "$TARGET" = cpu ]; then \
 
 # The project modules the Python models import, and nothing else (no torch, no training).
 WORKDIR /opt/northstar
-COPY common/__init__.py common/files.py common/config.py common/stub_python.py common/
+COPY common/__init__.py common/files.py common/config.py common/stub_python.py \
+     common/redact.py common/
 COPY online/__init__.py online/cache.py online/config.py online/rows.py online/state.py \
      online/store.py online/view.py online/routing_store.py online/
 COPY models/__init__.py models/features.py models/onnx_session.py models/snapshot.py \
@@ -62,7 +63,7 @@ COPY serving/__init__.py serving/auth.py serving/backend.py serving/core_slots.p
 # Impression logging (recommend) and interaction ingest (the feedback model).
 COPY feedback/__init__.py feedback/events.py feedback/sink.py feedback/sink_api.py feedback/hook.py \
      feedback/explore.py feedback/ids.py feedback/ingest.py feedback/live.py \
-     feedback/stream.py feedback/consume.py feedback/lag.py feedback/
+     feedback/stream.py feedback/consume.py feedback/lag.py feedback/lake.py feedback/
 # A .pth file rather than PYTHONPATH: the backend stub imports from the interpreter's own
 # site-packages, which is what a .pth extends.
 RUN python3 -c "import site; print(site.getsitepackages()[0])" \
