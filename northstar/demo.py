@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from common import config as config_mod
@@ -26,9 +27,12 @@ class DemoConfig:
     """`northstar demo --config FILE` (a [demo] table or top level) and `--set KEY=VALUE`;
     the flags are shorthands for some fields. These defaults are the only ones."""
 
-    dir: str = "demo"  # everything the demo writes, except model versions, lives here
+    dir: str = "demo"  # everything the demo writes lives here
     preset: str = "demo"  # synth world size: tiny | small | demo | large
-    repo: str = "model_repository"  # the repository `northstar serve` uses by default
+    # The Triton model repository; empty = DIR/model_repository. The demo's own, so a
+    # second run starts its loop from version 1 instead of serving what the last one
+    # promoted (export without --url only publishes once a repository has routing).
+    repo: str = ""
     seed: int = 0
     show_users: int = 3  # users whose recommendations are printed, plus one unknown user
     k: int = 10
@@ -65,6 +69,35 @@ class Clock:
         self._name = None
 
 
+# What one demo run's loop writes. The world (data/) and the trained model (run/) are
+# reused when their settings match; everything the loop grows from them starts anew, so
+# every run shows the same acts from the same start.
+LOOP_STATE = (
+    "events.db",
+    "events.db-wal",
+    "events.db-shm",
+    "labels",
+    "canary",
+    "reports",
+    "north_star.json",
+    "canary_scenario.json",
+    "loop.html",
+)
+
+
+def fresh_loop(root: Path, own_repo: Path | None) -> None:
+    """Remove the last run's loop state under `root`, and its model repository when it is
+    the demo's own (a repository named with --repo is the user's and is left alone)."""
+    for name in LOOP_STATE:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if own_repo is not None and own_repo.exists():
+        shutil.rmtree(own_repo)
+
+
 def run_demo(cfg: DemoConfig) -> int:
     # Heavy imports here, not at the top: `northstar --help` imports this module.
     from loadtest.scenario import unexpected
@@ -78,6 +111,9 @@ def run_demo(cfg: DemoConfig) -> int:
 
     root = Path(cfg.dir)
     data, run = root / "data", root / "run"
+    repo = Path(cfg.repo) if cfg.repo else root / "model_repository"
+    fresh_loop(root, repo if not cfg.repo else None)
+    cfg = replace(cfg, repo=str(repo))
     t0 = time.perf_counter()
     clock = Clock()
 
@@ -266,7 +302,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", help=f"output folder (dir; default {DemoConfig.dir})")
     p.add_argument("--preset", help=f"tiny | small | demo | large (default {DemoConfig.preset})")
-    p.add_argument("--repo", help=f"Triton model repository (default {DemoConfig.repo})")
+    p.add_argument("--repo", help="Triton model repository (default DIR/model_repository)")
     p.add_argument("--seed", type=int, help=f"seed (default {DemoConfig.seed})")
     config_mod.add_config_args(p, "DemoConfig", "sim_users=500 sim_requests=1000 k=5")
     p.set_defaults(func=lambda a: run_demo(demo_config(a)))
