@@ -121,51 +121,62 @@ def bench_concurrent(path: Path, *, writers: int, events: int, batch: int) -> di
     }
 
 
-def bench_join(root: Path, *, impressions: int, k: int, click_rate: float, seed: int) -> dict:
-    """Log `impressions` (requests of k items over 2 h) and their clicks, then join them."""
+def synthetic_log(
+    sink, *, impressions: int, k: int, click_rate: float, seed: int, step: int
+) -> int:
+    """Write `impressions` (requests of k items over 2 h) and their clicks into `sink`
+    (the SQLite log or a Parquet lake), `step` requests a write; returns the clicks.
+
+    Some clicks land after the attribution window (lognormal delays), and 30% carry no
+    request id, so the join attributes them by (user, item)."""
     rng = np.random.default_rng(seed)
-    log = root / "join-events.db"
     n_req = impressions // k
-    t0 = 1_750_000_000.0
-    req_ts = np.sort(t0 + rng.uniform(0, 7200, n_req))
+    req_ts = np.sort(1_750_000_000.0 + rng.uniform(0, 7200, n_req))
     users = rng.integers(1, 200_000, n_req)
     request_ids = uuid7_batch(n_req, ts=req_ts, rng=rng)
     items = rng.integers(1, 20_000, (n_req, k))
-    t = time.perf_counter()
     clicks = 0
+    for s in range(0, n_req, step):
+        sl = slice(s, s + step)
+        sink.write_impressions(
+            impression_rows(
+                request_ids=request_ids[sl],
+                user_ids=users[sl],
+                item_ids=items[sl],
+                scores=rng.random(items[sl].shape),
+                model_version=1,
+                propensity=np.ones(items[sl].shape),
+                ts=req_ts[sl],
+            )
+        )
+        r, p = np.nonzero(rng.random(items[sl].shape) < click_rate)  # (b, k) clicked
+        n = len(r)
+        ts = req_ts[sl][r] + rng.lognormal(np.log(120), 1.5, n)
+        keep_req = rng.random(n) < 0.7
+        sink.write_interactions(
+            {
+                "event_id": uuid7_batch(n, ts=ts, rng=rng),
+                "user_id": users[sl][r],
+                "item_id": items[sl][r, p],
+                "type": np.full(n, "click", dtype=object),
+                "value": np.ones(n),
+                "ts": ts,
+                "request_id": np.where(keep_req, request_ids[sl][r], "").astype(object),
+            }
+        )
+        clicks += n
+    return clicks
+
+
+def bench_join(root: Path, *, impressions: int, k: int, click_rate: float, seed: int) -> dict:
+    """Log `impressions` (requests of k items over 2 h) and their clicks, then join them."""
+    log = root / "join-events.db"
+    n_req = impressions // k
+    t = time.perf_counter()
     with open_sink(log) as sink:
-        step = 5_000
-        for s in range(0, n_req, step):
-            sl = slice(s, s + step)
-            sink.write_impressions(
-                impression_rows(
-                    request_ids=request_ids[sl],
-                    user_ids=users[sl],
-                    item_ids=items[sl],
-                    scores=rng.random(items[sl].shape),
-                    model_version=1,
-                    propensity=np.ones(items[sl].shape),
-                    ts=req_ts[sl],
-                )
-            )
-            click = rng.random(items[sl].shape) < click_rate  # (b, k)
-            r, p = np.nonzero(click)
-            n = len(r)
-            delay = rng.lognormal(np.log(120), 1.5, n)  # some land after the window
-            keep_req = rng.random(n) < 0.7  # the rest are attributed by (user, item)
-            ts = req_ts[sl][r] + delay
-            sink.write_interactions(
-                {
-                    "event_id": uuid7_batch(n, ts=ts, rng=rng),
-                    "user_id": users[sl][r],
-                    "item_id": items[sl][r, p],
-                    "type": np.full(n, "click", dtype=object),
-                    "value": np.ones(n),
-                    "ts": ts,
-                    "request_id": np.where(keep_req, request_ids[sl][r], "").astype(object),
-                }
-            )
-            clicks += n
+        clicks = synthetic_log(
+            sink, impressions=impressions, k=k, click_rate=click_rate, seed=seed, step=5_000
+        )
     load_s = time.perf_counter() - t
     out = root / "labels"
     rep = run_join(JoinConfig(log=str(log), out=str(out), window_s=1800, as_of=float("inf")))

@@ -23,15 +23,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import ray
 
+from feedback.bench import synthetic_log
 from feedback.engine_ray import read_worker_peaks, run_join_ray
-from feedback.ids import uuid7_batch
 from feedback.join import JoinConfig, read_labels, read_statuses, run_join
 from feedback.lake import ParquetLake
-from feedback.sink import impression_rows
 
 # The issue's scale: 1e9 requests a day, 10 items each.
 DAY_ROWS = 10_000_000_000
@@ -58,45 +56,17 @@ class RayBenchConfig:
 def write_lake(root: Path, cfg: RayBenchConfig) -> dict:
     """Requests over 2 h with clicks (some late, 30% without a request id), in commits of
     50k requests, as a log-writer consumer would commit them."""
-    rng = np.random.default_rng(cfg.seed)
     n_req = cfg.impressions // cfg.k
-    t0 = 1_750_000_000.0
-    req_ts = np.sort(t0 + rng.uniform(0, 7200, n_req))
-    users = rng.integers(1, 200_000, n_req)
-    request_ids = uuid7_batch(n_req, ts=req_ts, rng=rng)
-    items = rng.integers(1, 20_000, (n_req, cfg.k))
     lake = ParquetLake(root, buckets=cfg.buckets)
-    clicks = 0
     t = time.perf_counter()
-    step = 50_000
-    for s in range(0, n_req, step):
-        sl = slice(s, s + step)
-        lake.write_impressions(
-            impression_rows(
-                request_ids=request_ids[sl],
-                user_ids=users[sl],
-                item_ids=items[sl],
-                scores=rng.random(items[sl].shape),
-                model_version=1,
-                propensity=np.ones(items[sl].shape),
-                ts=req_ts[sl],
-            )
-        )
-        r, p = np.nonzero(rng.random(items[sl].shape) < cfg.click_rate)
-        n = len(r)
-        ts = req_ts[sl][r] + rng.lognormal(np.log(120), 1.5, n)
-        lake.write_interactions(
-            {
-                "event_id": uuid7_batch(n, ts=ts, rng=rng),
-                "user_id": users[sl][r],
-                "item_id": items[sl][r, p],
-                "type": np.full(n, "click", dtype=object),
-                "value": np.ones(n),
-                "ts": ts,
-                "request_id": np.where(rng.random(n) < 0.7, request_ids[sl][r], "").astype(object),
-            }
-        )
-        clicks += n
+    clicks = synthetic_log(
+        lake,
+        impressions=cfg.impressions,
+        k=cfg.k,
+        click_rate=cfg.click_rate,
+        seed=cfg.seed,
+        step=50_000,
+    )
     lake.close()
     return {
         "impressions": n_req * cfg.k,
